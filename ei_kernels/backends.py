@@ -53,10 +53,11 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [name for name in BACKENDS if unavailable_reason(name, device) is None]
 
 
-def resolve(name: str, device: torch.device) -> str:
+def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """Turn "auto" into a concrete backend for `device`, or raise why `name` cannot run there."""
     if name == "auto":
-        if device.type != "cuda":
+        # The fused kernels cover fp16/bf16/fp32; fp64 (gradcheck, references) stays in torch.
+        if device.type != "cuda" or dtype == torch.float64:
             return "torch"
         return next(b for b in _CUDA_PREFERENCE if unavailable_reason(b, device) is None)
     reason = unavailable_reason(name, device)

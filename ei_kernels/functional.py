@@ -41,7 +41,7 @@ def mor_linear_fwd(
 ) -> Tuple[Tensor, Tensor]:
     """x [N, K] -> (y [N, O], probs [N, groups * router outputs] in fp32, fp64 for fp64 x)."""
     spec = _spec(ranks, scalings, bypass, groups, router_weight is not None)
-    impl = backends.implementation(backends.resolve(backend, x.device))
+    impl = backends.implementation(backends.resolve(backend, x.device, x.dtype))
     return impl.forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec)
 
 
@@ -75,7 +75,7 @@ def mor_linear_bwd(
     Router gradients are 0-row tensors when there is no router; dx is 0-row when not needed.
     """
     spec = _spec(ranks, scalings, bypass, groups, router_weight is not None)
-    impl = backends.implementation(backends.resolve(backend, x.device))
+    impl = backends.implementation(backends.resolve(backend, x.device, x.dtype))
     return impl.backward(
         dy, x, probs, weight, lora_a, lora_b, router_weight, spec, compute_dx
     )
@@ -165,7 +165,7 @@ def mor_linear_with_routing(
         (x, weight, bias, lora_a, lora_b, router_weight, router_bias), x.device.type
     )
     check_mor_inputs(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec)
-    backends.resolve(backend, x.device)  # raises a clear error now rather than inside the op
+    backends.resolve(backend, x.device, x.dtype)  # raises a clear error now rather than inside the op
     lead = x.shape[:-1]
     y, probs = mor_linear_fwd(
         x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, router_weight, router_bias,
