@@ -1,0 +1,1 @@
+"""EI: Early Intervention for multimodal imaging based disease recognition."""

@@ -1,0 +1,144 @@
+"""Parse annotation files and label maps (EI_SPEC "Datasets and annotation format").
+
+One sample per line::
+
+    <modality 1 paths>,<modality 2 paths>[,...]<TAB><label>[,<label>...]
+
+Several images of one modality are separated by spaces. An empty label field means
+"no positive label" (a normal case in multi-label data). Blank lines are skipped.
+Paths are relative to a data root (absolute paths are kept as they are).
+
+Every problem raises a :class:`DataError` whose message names the file and 1-based line,
+so a bad split fails before training starts rather than hours into it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """Bad dataset input: annotation line, label map or image file."""
+
+
+class AnnotationError(DataError):
+    """A malformed annotation line or label map."""
+
+
+class ImageError(DataError):
+    """A referenced image or volume is missing or cannot be read."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One annotation line: per modality the image paths as written, and label indices."""
+
+    paths: tuple[tuple[str, ...], ...]
+    labels: tuple[int, ...]
+    source: str
+    line: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+
+def load_label_map(path: str | Path) -> dict[str, int]:
+    """Read a {"label": index} JSON file; indices must be exactly 0..K-1."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise AnnotationError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict) or not data:
+        raise AnnotationError(f'{path}: expected a non-empty JSON object {{"label": index}}')
+    return check_label_map(data, str(path))
+
+
+def check_label_map(label_map: Mapping[str, int], source: str = "label map") -> dict[str, int]:
+    """Validate a label map given as a dict; returns a plain copy."""
+    for name, index in label_map.items():
+        # bool is an int subclass; reject it so `true` in JSON is not read as class 1.
+        if not isinstance(name, str) or not isinstance(index, int) or isinstance(index, bool):
+            raise AnnotationError(f"{source}: entry {name!r}: {index!r} must map a name to an int")
+    indices = sorted(label_map.values())
+    if indices != list(range(len(indices))):
+        raise AnnotationError(
+            f"{source}: indices must be 0..{len(indices) - 1}, each used once; got {indices}"
+        )
+    return dict(label_map)
+
+
+def class_names(label_map: Mapping[str, int]) -> list[str]:
+    """Class names ordered by index."""
+    return sorted(label_map, key=label_map.__getitem__)
+
+
+def parse_line(
+    text: str,
+    label_map: Mapping[str, int],
+    modalities: Sequence[str],
+    multi_label: bool,
+    source: str,
+    line: int,
+) -> Sample:
+    """Parse one non-blank annotation line; raise AnnotationError naming source:line."""
+
+    def fail(what: str) -> AnnotationError:
+        return AnnotationError(f"{source}:{line}: {what}: {text!r}")
+
+    fields = text.split("\t")
+    if len(fields) != 2:
+        problem = "no TAB" if len(fields) == 1 else f"{len(fields) - 1} TABs"
+        raise fail(f"expected '<paths>\\t<labels>' (exactly one TAB), found {problem}")
+    path_field, label_field = fields
+
+    per_modality = path_field.split(",")
+    if len(per_modality) != len(modalities):
+        raise fail(
+            f"expected {len(modalities)} modalities ({', '.join(modalities)}) separated by ',', "
+            f"found {len(per_modality)}"
+        )
+    paths = []
+    for name, field in zip(modalities, per_modality):
+        images = tuple(field.split())
+        if not images:
+            raise fail(f"modality {name!r} has no image path")
+        paths.append(images)
+
+    labels: list[int] = []
+    if label_field.strip():
+        for token in label_field.split(","):
+            token = token.strip()
+            if not token:
+                raise fail("empty label between ','")
+            if token not in label_map:
+                raise fail(f"unknown label {token!r}; known labels: {', '.join(class_names(label_map))}")
+            if label_map[token] in labels:
+                raise fail(f"label {token!r} listed twice")
+            labels.append(label_map[token])
+    if not multi_label and len(labels) != 1:
+        raise fail(f"single-label data needs exactly one label, found {len(labels)}")
+    return Sample(tuple(paths), tuple(labels), source, line)
+
+
+def read_annotations(
+    path: str | Path,
+    label_map: Mapping[str, int],
+    modalities: Sequence[str],
+    multi_label: bool,
+) -> list[Sample]:
+    """Parse a whole annotation file; blank lines are skipped, an empty file is an error."""
+    path = Path(path)
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for number, raw in enumerate(f, start=1):
+            text = raw.rstrip("\r\n")
+            if text.strip():
+                samples.append(parse_line(text, label_map, modalities, multi_label, str(path), number))
+    if not samples:
+        raise AnnotationError(f"{path}: no samples")
+    return samples

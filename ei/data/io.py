@@ -1,0 +1,66 @@
+"""Read images and volumes; every failure names the full path (and the annotation line)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .annotations import ImageError
+
+
+def _error(path: Path, where: str, what: str) -> ImageError:
+    ref = f" (referenced by {where})" if where else ""
+    return ImageError(f"{path}: {what}{ref}")
+
+
+def check_file(path: Path, kind: str, where: str = "") -> None:
+    """Fail early on a missing file or one whose header cannot be read (cheap: no decoding)."""
+    if not path.is_file():
+        raise _error(path, where, "file not found")
+    if kind == "volume":
+        open_volume(path, where)
+        return
+    try:
+        with Image.open(path):
+            pass
+    except Exception as e:  # PIL and the OS raise many types; all mean "unreadable"
+        raise _error(path, where, f"cannot read image ({e})") from e
+
+
+def load_image(path: Path, where: str = "") -> torch.Tensor:
+    """An RGB image as float (3, H, W) in [0, 1]."""
+    try:
+        with Image.open(path) as img:
+            array = np.array(img.convert("RGB"))
+    except Exception as e:
+        raise _error(path, where, f"cannot read image ({e})") from e
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+
+
+def open_volume(path: Path, where: str = "") -> np.ndarray:
+    """A memory-mapped S x H x W volume: only the slices used are read from disk."""
+    try:
+        volume = np.load(path, mmap_mode="r")
+        if volume.ndim != 3 or 0 in volume.shape:
+            raise ValueError(f"expected a volume S x H x W, got shape {volume.shape}")
+    except Exception as e:
+        raise _error(path, where, f"cannot read volume ({e})") from e
+    return volume
+
+
+def volume_slices(volume: np.ndarray, indices: list[int]) -> torch.Tensor:
+    """Chosen slices as float (len(indices), H, W) in [0, 1].
+
+    uint8 volumes (MRNet) are divided by 255; other dtypes are min-max scaled over the
+    whole volume so that all slices of one volume share one scale.
+    """
+    slices = np.asarray(volume[indices], dtype=np.float32)
+    if volume.dtype == np.uint8:
+        return torch.from_numpy(slices / 255.0)
+    lo, hi = float(volume.min()), float(volume.max())
+    if hi <= lo:
+        return torch.zeros(slices.shape)
+    return torch.from_numpy((slices - lo) / (hi - lo))
