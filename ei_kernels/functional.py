@@ -8,6 +8,7 @@ forward op; it saves x and the router probabilities p only (never an N x O tenso
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -168,7 +169,7 @@ def mor_linear_with_routing(
     backends.resolve(backend, x.device, x.dtype)  # raises a clear error now rather than inside the op
     lead = x.shape[:-1]
     y, probs = mor_linear_fwd(
-        x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, router_weight, router_bias,
+        x.reshape(math.prod(lead), x.shape[-1]), weight, bias, lora_a, lora_b, router_weight, router_bias,
         list(spec.ranks), list(spec.scalings), spec.bypass, spec.groups, backend,
     )
     return y.view(*lead, weight.shape[0]), probs.view(*lead, spec.groups, spec.num_logits)

@@ -57,7 +57,8 @@ def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: M
         logits = shrink[:, gr:].to(acc)
         if router_bias is not None:
             logits = logits + router_bias.to(acc)
-        probs = torch.softmax(logits.view(n, spec.groups, spec.num_logits), dim=-1).view(n, -1)
+        probs = torch.softmax(logits.view(n, spec.groups, spec.num_logits), dim=-1)
+        probs = probs.view(n, spec.groups * spec.num_logits)
     else:
         probs = x.new_empty((n, 0), dtype=acc)
     coef = branch_coefficients(probs, spec, n)
