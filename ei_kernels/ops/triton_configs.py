@@ -1,0 +1,95 @@
+"""Launch configurations of the Triton MoR kernels (`triton_mor.py`): small static tables.
+
+One table per architecture family (sm80 for Ampere/Ada and as the conservative default, sm90
+for Hopper), keyed by kernel, dtype class and shape class. Nothing is autotuned in the autograd
+path: a new shape never triggers benchmarking, only (at most) one compilation.
+
+Block meanings per kernel (every kernel tiles tokens by `block_m`):
+    fwd       block_n: output columns per tile (inside one group), block_k: step over K.
+    bwd_rows  block_n: step over one group's output columns (the dy loop), block_k: step over K.
+    bwd_dx    block_n: dx columns (over K) per tile, block_k: step over O (the dy W reduction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Below this many tokens a layer is "small": smaller token tiles so that the grid still fills
+# the 108-132 SMs of an A100/H100 (ViT-B at batch 8 has 1576 tokens).
+SMALL_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8  # row blocks that sweep all column tiles together (L2 reuse of W and x)
+
+
+_C = KernelConfig
+
+# (kernel, dtype class, shape class) -> config. "16" is fp16/bf16, "32" is fp32 (TF32 or IEEE).
+# sm90: 227 KiB of shared memory per SM; the fp16/bf16 forward uses the wide 128 x 256 tile so
+# that the redundant per-tile shrink (32 extra columns) costs 12.5 % of the tile's MMA work
+# rather than 25 % with 128 x 128.
+_SM90 = {
+    ("fwd", "16", "large"): _C(128, 256, 64, 8, 3),
+    ("fwd", "16", "small"): _C(64, 128, 64, 4, 4),
+    ("fwd", "32", "large"): _C(128, 128, 32, 8, 3),
+    ("fwd", "32", "small"): _C(64, 128, 32, 4, 3),
+    ("bwd_rows", "16", "large"): _C(64, 64, 64, 4, 3),
+    ("bwd_rows", "16", "small"): _C(32, 64, 64, 4, 3),
+    ("bwd_rows", "32", "large"): _C(64, 64, 32, 4, 3),
+    ("bwd_rows", "32", "small"): _C(32, 64, 32, 4, 3),
+    ("bwd_dx", "16", "large"): _C(128, 128, 64, 8, 4),
+    ("bwd_dx", "16", "small"): _C(64, 128, 64, 4, 4),
+    ("bwd_dx", "32", "large"): _C(128, 128, 32, 8, 3),
+    ("bwd_dx", "32", "small"): _C(64, 128, 32, 4, 3),
+}
+
+# sm80 (A100: 164 KiB shared memory; sm86/sm89 have about 100 KiB, hence BK=32 and 3 stages).
+_SM80 = {
+    ("fwd", "16", "large"): _C(128, 128, 32, 8, 3),
+    ("fwd", "16", "small"): _C(64, 128, 32, 4, 3),
+    ("fwd", "32", "large"): _C(128, 64, 32, 4, 3),
+    ("fwd", "32", "small"): _C(64, 64, 32, 4, 3),
+    ("bwd_rows", "16", "large"): _C(64, 64, 32, 4, 3),
+    ("bwd_rows", "16", "small"): _C(32, 64, 32, 4, 3),
+    ("bwd_rows", "32", "large"): _C(64, 32, 32, 4, 3),
+    ("bwd_rows", "32", "small"): _C(32, 32, 32, 4, 3),
+    ("bwd_dx", "16", "large"): _C(128, 128, 32, 8, 3),
+    ("bwd_dx", "16", "small"): _C(64, 128, 32, 4, 3),
+    ("bwd_dx", "32", "large"): _C(128, 64, 32, 4, 3),
+    ("bwd_dx", "32", "small"): _C(64, 64, 32, 4, 3),
+}
+
+# TRITON_INTERPRET=1 on CPU: the smallest tiles tl.dot accepts, so that the tiny test shapes
+# (K=40, O=24, N=33) cross several tiles and every masked edge is exercised.
+_INTERPRETER = {
+    "fwd": _C(16, 16, 32, 1, 1),
+    "bwd_rows": _C(16, 16, 32, 1, 1),
+    "bwd_dx": _C(16, 32, 16, 1, 1, group_m=2),
+}
+
+TABLES = {"sm80": _SM80, "sm90": _SM90}
+
+
+def arch_name(capability: tuple[int, int]) -> str:
+    """Table of a compute capability: Hopper gets sm90, everything else the conservative sm80."""
+    return "sm90" if capability[0] == 9 else "sm80"
+
+
+def launch_config(
+    kernel: str, capability: tuple[int, int] | None, n_rows: int, dtype: torch.dtype
+) -> KernelConfig:
+    """Config of `kernel` for `n_rows` tokens; capability None means the CPU interpreter."""
+    if capability is None:
+        return _INTERPRETER[kernel]
+    dtype_class = "32" if dtype == torch.float32 else "16"
+    shape_class = "small" if n_rows <= SMALL_ROWS else "large"
+    return TABLES[arch_name(capability)][(kernel, dtype_class, shape_class)]

@@ -1,0 +1,471 @@
+"""The "triton" backend: fused MoR forward and backward kernels (MOR_MATH.md), Liger style.
+
+Same contract as `torch_mor` (forward / backward). Three kernels:
+
+`_mor_fwd_kernel` (one pass over x). A tile is BLOCK_M tokens x BLOCK_N output columns of
+    ONE group g (tiles never straddle groups: the grid is rows x groups x tiles per group, a
+    group's last tile is masked at its edge). Its K loop accumulates the base GEMM x W^T and the
+    shrink of group g, u = x A_g^T and l = x R_g^T (rank and router columns padded to 16 for
+    tl.dot), from the same x tile. Epilogue: fp32 softmax of l + c, p_k * s_k per rank column,
+    z = u * coef, the rank-r expand z B_g^T into the same accumulator, bias, one store of y.
+    The tile of a group's first columns also stores p. Every column tile recomputes the shrink
+    of its rows: 2 * BLOCK_M * K * (BLOCK_R + BLOCK_L) extra MMA work per tile (12.5 % of a
+    128 x 256 tile for r + L <= 32), cheaper than the two-kernel form, whose separate shrink
+    kernel reads x once more from HBM (a second N x K read is about a third of the base GEMM's
+    time at ViT-B widths, where that GEMM is close to memory bound).
+`_mor_bwd_rows_kernel` (one program per token block and group). Recomputes u = x A_g^T (the op
+    saves only x and p), z = u * coef; one read of the group's dy columns gives both
+    g = dy B_g and the dB_g = dy^T z contribution of these tokens; then the fp32 softmax
+    backward. Stores d_shrink = [du | dl] (x.dtype, N x G*(r+L): the operand of the next
+    kernel) and the per-block contributions to dB and dc.
+`_mor_bwd_dx_kernel` (one program per token block and dx column tile). dx = dy W + d_shrink
+    [A_cat; R] as one GEMM whose reduction over O is extended by the G*(r+L) shrink columns;
+    its epilogue loads the x tile of the same (rows, columns) and adds d_shrink^T x, the tile's
+    contribution to dA_cat and dR: the "one reduction over x" rides on the dgrad GEMM's grid.
+    Without dx (x needs no gradient) only that reduction runs.
+
+Token reductions (dB, dA_cat, dR, dc) accumulate in fp32. `DETERMINISTIC` (default True; env
+EI_KERNELS_TRITON_DETERMINISTIC=0 turns it off) writes one fp32 slot per token block and sums
+the slots with torch (bitwise reproducible); off, the kernels use fp32 atomics into one zeroed
+buffer (less memory, order-dependent rounding). Atomics are not the default because their
+speed-up has not been measured.
+
+`POISON_OUTPUTS` (env EI_KERNELS_TRITON_POISON=1) fills every buffer the kernels write with NaN
+before launch, so a test sees any element a kernel forgot to write.
+
+Launch configs come from `triton_configs` (per-architecture tables, no autotuning); launches
+go on the current stream with no host synchronisation, so they are CUDA-graph capturable.
+x, dy and the weights may have any strides (the kernels take strides, no copies).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..spec import MoRSpec
+from .triton_configs import launch_config
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DETERMINISTIC = os.environ.get("EI_KERNELS_TRITON_DETERMINISTIC", "1") != "0"
+POISON_OUTPUTS = os.environ.get("EI_KERNELS_TRITON_POISON", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mor_branch_coef(
+    p,  # [BLOCK_M, BLOCK_L] fp32 probabilities of one group (0 in padded columns)
+    col_logit,  # [BLOCK_R] int32: router output weighting each rank column (-1: padding)
+    col_scale,  # [BLOCK_R] fp32: s_k of each rank column (0: padding)
+    L: tl.constexpr,
+    ROUTER: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """[BLOCK_M, BLOCK_R] fp32 p_k(j) * s_k(j) per rank column j (s_k(j) alone without router)."""
+    if ROUTER:
+        cl = tl.arange(0, BLOCK_L)
+        coef = tl.zeros((p.shape[0], col_logit.shape[0]), dtype=tl.float32)
+        # A register tensor cannot be gathered along columns: broadcast p_c to the rank columns
+        # of branch c, one router output at a time (L is 2..5 in practice).
+        for c in tl.static_range(L):
+            p_c = tl.sum(tl.where(cl[None, :] == c, p, 0.0), axis=1)  # [BLOCK_M]
+            coef = tl.where(col_logit[None, :] == c, p_c[:, None], coef)
+        return coef * col_scale[None, :]
+    else:
+        return tl.zeros((p.shape[0], col_scale.shape[0]), dtype=tl.float32) + col_scale[None, :]
+
+
+@triton.jit
+def _mor_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, a_ptr, rw_ptr, rb_ptr, b_ptr, col_logit_ptr, col_scale_ptr,
+    y_ptr, p_ptr,
+    N, K, OG, G, TILES_PER_GROUP,
+    stride_xm, stride_xk, stride_wo, stride_wk, stride_am, stride_ak, stride_rm, stride_rk,
+    stride_bo, stride_br, stride_ym, stride_yo, stride_pm, stride_pl,
+    R: tl.constexpr, L: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ROUTER: tl.constexpr, HAS_ROUTER_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row blocks sweep all column tiles, so their x rows and the
+    # W tiles stay in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(N, BLOCK_M)
+    num_n = G * TILES_PER_GROUP
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    g = pid_n // TILES_PER_GROUP
+    tile = pid_n % TILES_PER_GROUP
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)  # N * stride can exceed 2**31
+    cols_g = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # column inside group g
+    col_ok = cols_g < OG
+    cols = g * OG + cols_g
+    cr = tl.arange(0, BLOCK_R)
+    r_ok = cr < R
+    cl = tl.arange(0, BLOCK_L)
+    l_ok = cl < L
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc_l = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+        w = tl.load(w_ptr + cols[None, :] * stride_wo + ks[:, None] * stride_wk,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BK, BN]
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        a = tl.load(a_ptr + (g * R + cr)[None, :] * stride_am + ks[:, None] * stride_ak,
+                    mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, BR]
+        acc_u = tl.dot(x, a, acc_u, input_precision=DOT_PRECISION)
+        if ROUTER:
+            rw = tl.load(rw_ptr + (g * L + cl)[None, :] * stride_rm + ks[:, None] * stride_rk,
+                         mask=k_ok[:, None] & l_ok[None, :], other=0.0)  # [BK, BL]
+            acc_l = tl.dot(x, rw, acc_l, input_precision=DOT_PRECISION)
+
+    col_logit = tl.load(col_logit_ptr + cr, mask=r_ok, other=-1)  # [BR]
+    col_scale = tl.load(col_scale_ptr + cr, mask=r_ok, other=0.0)  # [BR]
+    p = acc_l
+    if ROUTER:
+        logits = acc_l
+        if HAS_ROUTER_BIAS:
+            logits += tl.load(rb_ptr + g * L + cl, mask=l_ok, other=0.0).to(tl.float32)[None, :]
+        logits = tl.where(l_ok[None, :], logits, float("-inf"))
+        e = tl.exp(logits - tl.max(logits, axis=1)[:, None])  # [BM, BL], 0 in padded columns
+        p = e / tl.sum(e, axis=1)[:, None]
+        # The group's first column tile owns the probabilities of these rows.
+        tl.store(p_ptr + rows64[:, None] * stride_pm + (g * L + cl)[None, :] * stride_pl, p,
+                 mask=row_ok[:, None] & l_ok[None, :] & (tile == 0))
+    coef = _mor_branch_coef(p, col_logit, col_scale, L, ROUTER, BLOCK_L)
+    z = (acc_u * coef).to(x_ptr.dtype.element_ty)  # [BM, BR], rounded like the torch backend
+    bt = tl.load(b_ptr + cols[None, :] * stride_bo + cr[:, None] * stride_br,
+                 mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # [BR, BN]
+    acc = tl.dot(z, bt, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows64[:, None] * stride_ym + cols[None, :] * stride_yo,
+             acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _mor_bwd_rows_kernel(
+    x_ptr, dy_ptr, p_ptr, a_ptr, b_ptr, col_logit_ptr, col_scale_ptr,
+    ds_ptr, db_ptr, dc_ptr,
+    N, K, OG, G,
+    stride_xm, stride_xk, stride_dym, stride_dyo, stride_pm, stride_pl,
+    stride_am, stride_ak, stride_bo, stride_br, stride_dsm,
+    stride_db_slot, stride_dc_slot,
+    R: tl.constexpr, L: tl.constexpr, ROUTER: tl.constexpr, USE_ATOMICS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    # The groups of one token block are neighbouring programs: they share the x rows in L2.
+    pid = tl.program_id(0)
+    g = pid % G
+    pid_m = pid // G
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    cr = tl.arange(0, BLOCK_R)
+    r_ok = cr < R
+    cl = tl.arange(0, BLOCK_L)
+    l_ok = cl < L
+
+    # u = x A_g^T, recomputed (the forward saves x and p only).
+    acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+        a = tl.load(a_ptr + (g * R + cr)[None, :] * stride_am + ks[:, None] * stride_ak,
+                    mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, BR]
+        acc_u = tl.dot(x, a, acc_u, input_precision=DOT_PRECISION)
+
+    col_logit = tl.load(col_logit_ptr + cr, mask=r_ok, other=-1)  # [BR]
+    col_scale = tl.load(col_scale_ptr + cr, mask=r_ok, other=0.0)  # [BR]
+    # Rows past N and padded columns load p = 0, so they contribute nothing below.
+    p = tl.load(p_ptr + rows64[:, None] * stride_pm + (g * L + cl)[None, :] * stride_pl,
+                mask=row_ok[:, None] & l_ok[None, :], other=0.0)  # [BM, BL] fp32
+    coef = _mor_branch_coef(p, col_logit, col_scale, L, ROUTER, BLOCK_L)  # [BM, BR]
+    z = (acc_u * coef).to(x_ptr.dtype.element_ty)  # the forward's z, for dB = dy^T z
+
+    # One read of the group's dy columns: g = dy B_g and this block's share of dB_g.
+    acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for o0 in range(0, OG, BLOCK_N):
+        cols = g * OG + o0 + tl.arange(0, BLOCK_N)
+        o_ok = o0 + tl.arange(0, BLOCK_N) < OG
+        dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + cols[None, :] * stride_dyo,
+                     mask=row_ok[:, None] & o_ok[None, :], other=0.0)  # [BM, BN]
+        b = tl.load(b_ptr + cols[:, None] * stride_bo + cr[None, :] * stride_br,
+                    mask=o_ok[:, None] & r_ok[None, :], other=0.0)  # [BN, BR]
+        acc_g = tl.dot(dy, b, acc_g, input_precision=DOT_PRECISION)
+        db = tl.dot(tl.trans(dy), z, input_precision=DOT_PRECISION)  # [BN, BR] fp32
+        db_ptrs = db_ptr + pid_m * stride_db_slot + cols[:, None] * R + cr[None, :]
+        db_mask = o_ok[:, None] & r_ok[None, :]
+        if USE_ATOMICS:
+            tl.atomic_add(db_ptrs, db, mask=db_mask)
+        else:
+            tl.store(db_ptrs, db, mask=db_mask)
+
+    du = acc_g * coef  # [BM, BR]
+    ds_row = ds_ptr + rows64[:, None] * stride_dsm
+    tl.store(ds_row + (g * R + cr)[None, :], du.to(ds_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & r_ok[None, :])
+    if ROUTER:
+        # dp_k = s_k * sum_{j in branch k} g_j u_j (dp of the bypass stays 0), then the softmax
+        # backward dl = p * (dp - sum_i p_i dp_i), all in fp32.
+        gu = acc_g * acc_u * col_scale[None, :]  # [BM, BR]
+        dp = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
+        for c in tl.static_range(L):
+            dp_c = tl.sum(tl.where(col_logit[None, :] == c, gu, 0.0), axis=1)  # [BM]
+            dp = tl.where(cl[None, :] == c, dp_c[:, None], dp)
+        dl = p * (dp - tl.sum(p * dp, axis=1)[:, None])  # [BM, BL]
+        tl.store(ds_row + (G * R + g * L + cl)[None, :], dl.to(ds_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & l_ok[None, :])
+        dc_ptrs = dc_ptr + pid_m * stride_dc_slot + g * L + cl
+        if USE_ATOMICS:
+            tl.atomic_add(dc_ptrs, tl.sum(dl, axis=0), mask=l_ok)
+        else:
+            tl.store(dc_ptrs, tl.sum(dl, axis=0), mask=l_ok)
+
+
+@triton.jit
+def _mor_bwd_dx_kernel(
+    dy_ptr, w_ptr, ds_ptr, a_ptr, rw_ptr, x_ptr, dx_ptr, dar_ptr,
+    N, K, O, EA, ET, NUM_K_TILES,
+    stride_dym, stride_dyo, stride_wo, stride_wk, stride_dsm, stride_am, stride_ak,
+    stride_rm, stride_rk, stride_xm, stride_xk, stride_dxm, stride_dxk, stride_dar_slot,
+    COMPUTE_DX: tl.constexpr, USE_ATOMICS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(N, BLOCK_M)
+    width = GROUP_M * NUM_K_TILES
+    first_m = (pid // width) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # dx columns, i.e. over K
+    col_ok = cols < K
+
+    if COMPUTE_DX:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for o0 in range(0, O, BLOCK_K):
+            offs_o = o0 + tl.arange(0, BLOCK_K)
+            o_ok = offs_o < O
+            dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + offs_o[None, :] * stride_dyo,
+                         mask=row_ok[:, None] & o_ok[None, :], other=0.0)  # [BM, BK]
+            w = tl.load(w_ptr + offs_o[:, None] * stride_wo + cols[None, :] * stride_wk,
+                        mask=o_ok[:, None] & col_ok[None, :], other=0.0)  # [BK, BN]
+            acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+
+    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk,
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [BM, BN]
+    # The K-extension: shrink columns e < EA are rows of A_cat, EA <= e < ET rows of R.
+    for e0 in range(0, ET, BLOCK_E):
+        es = e0 + tl.arange(0, BLOCK_E)
+        e_ok = es < ET
+        ds = tl.load(ds_ptr + rows64[:, None] * stride_dsm + es[None, :],
+                     mask=row_ok[:, None] & e_ok[None, :], other=0.0)  # [BM, BE]
+        if COMPUTE_DX:
+            is_a = es < EA
+            ar = tl.load(a_ptr + es[:, None] * stride_am + cols[None, :] * stride_ak,
+                         mask=is_a[:, None] & col_ok[None, :], other=0.0)  # [BE, BN]
+            ar += tl.load(rw_ptr + (es - EA)[:, None] * stride_rm + cols[None, :] * stride_rk,
+                          mask=(~is_a & e_ok)[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(ds, ar, acc, input_precision=DOT_PRECISION)
+        dar = tl.dot(tl.trans(ds), x, input_precision=DOT_PRECISION)  # [BE, BN] fp32
+        dar_ptrs = dar_ptr + pid_m * stride_dar_slot + es[:, None] * K + cols[None, :]
+        dar_mask = e_ok[:, None] & col_ok[None, :]
+        if USE_ATOMICS:
+            tl.atomic_add(dar_ptrs, dar, mask=dar_mask)
+        else:
+            tl.store(dar_ptrs, dar, mask=dar_mask)
+
+    if COMPUTE_DX:
+        tl.store(dx_ptr + rows64[:, None] * stride_dxm + cols[None, :] * stride_dxk,
+                 acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_dtype(x: Tensor) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"backend='triton' supports {SUPPORTED_DTYPES}, got {x.dtype}; use backend='torch' "
+            f"(or 'auto', which picks torch for float64)"
+        )
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        raise TypeError("backend='triton' under TRITON_INTERPRET=1 (CPU) has no bfloat16 support")
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def _config(kernel: str, x: Tensor):
+    return launch_config(kernel, _capability(x.device), x.shape[0], x.dtype)
+
+
+def _dot_precision(x: Tensor) -> str:
+    # fp32 matmuls use TF32 only when PyTorch's own matmuls would; ignored for fp16/bf16.
+    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+@functools.lru_cache(maxsize=None)
+def _branch_table(spec: MoRSpec, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per rank column j of a group: the router output weighting it, bypass + k(j) (int32), and
+    its scaling s_k(j) (fp32). Built with device fills, no host-to-device copy."""
+    first = int(spec.bypass)
+    logit = [torch.full((r,), first + k, dtype=torch.int32, device=device)
+             for k, r in enumerate(spec.ranks)]
+    scale = [torch.full((r,), s, dtype=torch.float32, device=device)
+             for r, s in zip(spec.ranks, spec.scalings)]
+    return torch.cat(logit), torch.cat(scale)
+
+
+def _alloc(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A buffer every element of which a kernel writes (NaN-filled under POISON_OUTPUTS)."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _reduction_buffer(slots: int, shape, device: torch.device) -> Tensor:
+    """fp32 per-block slots (deterministic) or one zeroed slot the kernels add into atomically."""
+    if DETERMINISTIC:
+        return _alloc((slots, *shape), torch.float32, device)
+    return torch.zeros((1, *shape), dtype=torch.float32, device=device)
+
+
+def _pad(n: int) -> int:
+    """Padded width of a tl.dot operand (at least 16)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: MoRSpec):
+    _check_dtype(x)
+    n, k = x.shape
+    o = weight.shape[0]
+    G, R, L = spec.groups, spec.rank, spec.num_logits
+    y = _alloc((n, o), x.dtype, x.device)
+    probs = _alloc((n, G * L), torch.float32, x.device)
+    if n == 0:
+        return y, probs
+    og = o // G
+    cfg = _config("fwd", x)
+    # At least one tile per group, so that probs are written even with no output columns.
+    tiles = max(1, triton.cdiv(og, cfg.block_n))
+    col_logit, col_scale = _branch_table(spec, x.device)
+    rw = router_weight if router_weight is not None else lora_a  # placeholders are never read
+    grid = (triton.cdiv(n, cfg.block_m) * G * tiles,)
+    _mor_fwd_kernel[grid](
+        x, weight, bias if bias is not None else x, lora_a, rw,
+        router_bias if router_bias is not None else x, lora_b, col_logit, col_scale, y, probs,
+        n, k, og, G, tiles,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        lora_a.stride(0), lora_a.stride(1), rw.stride(0), rw.stride(1),
+        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+        probs.stride(0), probs.stride(1),
+        R=R, L=L, HAS_BIAS=bias is not None, ROUTER=spec.router,
+        HAS_ROUTER_BIAS=router_bias is not None, DOT_PRECISION=_dot_precision(x),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_R=_pad(R), BLOCK_L=_pad(L), GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y, probs
+
+
+def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec, compute_dx):
+    _check_dtype(x)
+    n, k = x.shape
+    o = weight.shape[0]
+    G, R, L = spec.groups, spec.rank, spec.num_logits
+    ea, et = G * R, G * (R + L)
+    dev, dtype = x.device, x.dtype
+    if n == 0:  # no tokens: every weight gradient is an empty sum
+        return (
+            x.new_empty((0, k)), torch.zeros_like(lora_a), torch.zeros_like(lora_b),
+            x.new_zeros((G * L, k)), x.new_zeros((G * L,)),
+        )
+    col_logit, col_scale = _branch_table(spec, dev)
+    precision = _dot_precision(x)
+
+    rows_cfg = _config("bwd_rows", x)
+    rows_blocks = triton.cdiv(n, rows_cfg.block_m)
+    d_shrink = _alloc((n, et), dtype, dev)
+    db_buf = _reduction_buffer(rows_blocks, (o, R), dev)
+    dc_buf = _reduction_buffer(rows_blocks, (G * L,), dev)
+    _mor_bwd_rows_kernel[(rows_blocks * G,)](
+        x, dy, probs, lora_a, lora_b, col_logit, col_scale, d_shrink, db_buf, dc_buf,
+        n, k, o // G, G,
+        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+        probs.stride(0), probs.stride(1),
+        lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
+        d_shrink.stride(0),
+        db_buf.stride(0) if DETERMINISTIC else 0, dc_buf.stride(0) if DETERMINISTIC else 0,
+        R=R, L=L, ROUTER=spec.router, USE_ATOMICS=not DETERMINISTIC, DOT_PRECISION=precision,
+        BLOCK_M=rows_cfg.block_m, BLOCK_N=rows_cfg.block_n, BLOCK_K=rows_cfg.block_k,
+        BLOCK_R=_pad(R), BLOCK_L=_pad(L),
+        num_warps=rows_cfg.num_warps, num_stages=rows_cfg.num_stages,
+    )
+
+    dx_cfg = _config("bwd_dx", x)
+    dx_blocks = triton.cdiv(n, dx_cfg.block_m)
+    k_tiles = max(1, triton.cdiv(k, dx_cfg.block_n))
+    dx = _alloc((n, k) if compute_dx else (0, k), dtype, dev)
+    dar_buf = _reduction_buffer(dx_blocks, (et, k), dev)
+    rw = router_weight if router_weight is not None else lora_a  # never read when L == 0
+    _mor_bwd_dx_kernel[(dx_blocks * k_tiles,)](
+        dy, weight, d_shrink, lora_a, rw, x, dx if compute_dx else x, dar_buf,
+        n, k, o, ea, et, k_tiles,
+        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), d_shrink.stride(0),
+        lora_a.stride(0), lora_a.stride(1), rw.stride(0), rw.stride(1),
+        x.stride(0), x.stride(1),
+        dx.stride(0) if compute_dx else 0, dx.stride(1) if compute_dx else 0,
+        dar_buf.stride(0) if DETERMINISTIC else 0,
+        COMPUTE_DX=compute_dx, USE_ATOMICS=not DETERMINISTIC, DOT_PRECISION=precision,
+        BLOCK_M=dx_cfg.block_m, BLOCK_N=dx_cfg.block_n, BLOCK_K=dx_cfg.block_k,
+        BLOCK_E=min(64, _pad(et)), GROUP_M=dx_cfg.group_m,
+        num_warps=dx_cfg.num_warps, num_stages=dx_cfg.num_stages,
+    )
+
+    # Slot sums run in a fixed order (torch reductions use no atomics): reproducible.
+    d_shrink_weight = dar_buf.sum(0)  # [G*(r+L), K] fp32
+    d_lora_a = d_shrink_weight[:ea].to(dtype)
+    # Op outputs must not alias each other (for fp32 `.to` would return views of one tensor).
+    d_router_weight = d_shrink_weight[ea:].to(dtype, copy=True)
+    d_lora_b = db_buf.sum(0).to(dtype)
+    d_router_bias = dc_buf.sum(0).to(dtype)
+    return dx, d_lora_a, d_lora_b, d_router_weight, d_router_bias
