@@ -1,0 +1,236 @@
+"""The Triton backend on CPU under TRITON_INTERPRET=1: forward and every gradient against the
+torch backend and an fp64 computation, every flag variant, tiny odd shapes (K=40, O=24,
+N in 0, 1, 33) that cross tile edges, with every kernel output buffer poisoned with NaN."""
+
+import os
+
+import pytest
+import torch
+
+# The interpreter must be chosen before triton compiles anything (tests/conftest.py does the
+# same; repeated here so that this file also runs alone). On a GPU machine the real compiler
+# runs and tests/gpu covers the kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from ei_kernels import FusedMoRLinear, mor_linear_with_routing  # noqa: E402
+from ei_kernels.backends import unavailable_reason  # noqa: E402
+from ei_kernels.spec import MoRSpec  # noqa: E402
+
+_REASON = unavailable_reason("triton", "cpu")
+pytestmark = [
+    pytest.mark.interpreter,
+    pytest.mark.skipif(
+        _REASON is not None,
+        reason=f"needs TRITON_INTERPRET=1 set before triton is imported: {_REASON}",
+    ),
+]
+
+K, O = 40, 24
+RANKS = (2, 4, 8)
+# Distinct scalings, so that a rank column weighted by the wrong branch cannot go unnoticed.
+SCALINGS = (2.0, 1.0, 0.5)
+GRADS = ("x", "lora_a", "lora_b", "router_weight", "router_bias")
+
+VARIANTS = {
+    "default": {},
+    "groups3": {"groups": 3},
+    "no-bypass": {"bypass": False},
+    "plain-lora": {"router": False},
+    "no-bias": {"bias": False},
+    "non-contiguous": {"non_contiguous": True},
+}
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """Every buffer a kernel writes starts as NaN: an element left unwritten shows up."""
+    from ei_kernels.ops import triton_mor
+
+    monkeypatch.setattr(triton_mor, "POISON_OUTPUTS", True)
+    return triton_mor
+
+
+def _make(n, cfg, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    G = cfg.get("groups", 1)
+    router, bypass = cfg.get("router", True), cfg.get("bypass", True)
+    r, L = sum(RANKS), (len(RANKS) + bypass) if router else 0
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    inputs = dict(
+        x=rnd(n, K),
+        weight=rnd(O, K, scale=K ** -0.5),
+        bias=rnd(O) if cfg.get("bias", True) else None,
+        lora_a=rnd(G * r, K, scale=K ** -0.5),
+        lora_b=rnd(O, r, scale=0.5),
+        router_weight=rnd(G * L, K, scale=2 * K ** -0.5) if router else None,
+        router_bias=rnd(G * L) if router else None,
+    )
+    dy = rnd(n, O)
+    return inputs, dy
+
+
+def _strided(t):
+    """The same values with non-unit strides in both dimensions (a column-major slice)."""
+    buf = torch.zeros(2 * t.shape[1], t.shape[0] + 3, dtype=t.dtype)
+    view = buf[::2, 3:].t()
+    view.copy_(t)
+    return view
+
+
+def _run(backend, inputs, dy, cfg, dtype=None):
+    """(y, probs, grads) of one backend; dtype casts the inputs (fp64 reference)."""
+    leaves = {}
+    for name, v in inputs.items():
+        if v is None:
+            leaves[name] = None
+            continue
+        v = v.detach().to(dtype or v.dtype)
+        if cfg.get("non_contiguous") and name in ("x", "weight", "lora_a", "lora_b"):
+            v = _strided(v)
+        leaves[name] = v.requires_grad_(name in GRADS)
+    if cfg.get("non_contiguous"):
+        assert leaves["x"].stride(1) != 1 and leaves["weight"].stride(1) != 1
+    y, probs = mor_linear_with_routing(
+        *leaves.values(), ranks=RANKS, scalings=SCALINGS, bypass=cfg.get("bypass", True),
+        groups=cfg.get("groups", 1), backend=backend,
+    )
+    dy = dy.to(y.dtype)
+    y.backward(_strided(dy) if cfg.get("non_contiguous") else dy)
+    grads = {name: leaves[name].grad for name in GRADS if leaves[name] is not None}
+    return y.detach(), probs, grads
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _check(name, ours, torch_out, exact, dtype):
+    assert ours.shape == exact.shape and ours.dtype == torch_out.dtype, name
+    assert not ours.isnan().any(), f"{name}: NaN left in a poisoned output"
+    scale = exact.abs().max().item() if exact.numel() else 0.0
+    # Kernel error at most twice PyTorch's own in the same dtype, plus one ulp of the largest
+    # value as a floor for outputs that PyTorch happens to round exactly.
+    eps = torch.finfo(torch_out.dtype).eps
+    limit = 2 * _err(torch_out, exact) + eps * scale
+    assert _err(ours, exact) <= limit, f"{name}: err {_err(ours, exact):.3g} > {limit:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("n", [0, 1, 33])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_forward_and_grads_match_torch_and_fp64(variant, n, dtype):
+    cfg = VARIANTS[variant]
+    inputs, dy = _make(n, cfg, dtype)
+    y, probs, grads = _run("triton", inputs, dy, cfg)
+    y_t, probs_t, grads_t = _run("torch", inputs, dy, cfg)
+    y_x, probs_x, grads_x = _run("torch", inputs, dy, cfg, dtype=torch.float64)
+    assert y.dtype == dtype and probs.dtype == torch.float32
+    _check("y", y, y_t, y_x, dtype)
+    _check("probs", probs, probs_t, probs_x, dtype)
+    assert grads.keys() == grads_t.keys()
+    for name in grads:
+        _check(name, grads[name], grads_t[name], grads_x[name], dtype)
+
+
+def _direct_inputs(n=33, cfg=None, dtype=torch.float32):
+    cfg = cfg or {}
+    inputs, dy = _make(n, cfg, dtype, seed=1)
+    spec = MoRSpec.build(RANKS, SCALINGS, bypass=cfg.get("bypass", True),
+                         router=cfg.get("router", True), groups=cfg.get("groups", 1))
+    return inputs, dy, spec
+
+
+def _backward(mod, inputs, dy, spec, compute_dx=True):
+    _, probs = mod.forward(*inputs.values(), spec)
+    i = inputs
+    return mod.backward(dy, i["x"], probs, i["weight"], i["lora_a"], i["lora_b"],
+                        i["router_weight"], spec, compute_dx)
+
+
+def test_outputs_do_not_alias_each_other_or_inputs(poisoned):
+    inputs, dy, spec = _direct_inputs()
+    y, probs = poisoned.forward(*inputs.values(), spec)
+    grads = _backward(poisoned, inputs, dy, spec)
+    ptrs = [t.data_ptr() for t in (y, probs, *grads)]
+    ptrs += [t.data_ptr() for t in (*inputs.values(), dy) if t is not None]
+    assert len(set(ptrs)) == len(ptrs)
+
+
+def test_without_dx_the_weight_gradients_are_unchanged(poisoned):
+    inputs, dy, spec = _direct_inputs(cfg={"groups": 3})
+    with_dx = _backward(poisoned, inputs, dy, spec, compute_dx=True)
+    without = _backward(poisoned, inputs, dy, spec, compute_dx=False)
+    assert without[0].shape == (0, K)
+    for a, b in zip(with_dx[1:], without[1:]):
+        assert torch.equal(a, b)
+
+
+def test_router_without_bias_matches_torch_backend(poisoned):
+    """router_bias=None through the backend functions (the autograd path always has one)."""
+    from ei_kernels.ops import torch_mor
+
+    inputs, dy, spec = _direct_inputs()
+    inputs["router_bias"] = None
+    ours = (*poisoned.forward(*inputs.values(), spec), *_backward(poisoned, inputs, dy, spec))
+    ref = (*torch_mor.forward(*inputs.values(), spec), *_backward(torch_mor, inputs, dy, spec))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_deterministic_reduction_is_bitwise_reproducible(poisoned):
+    inputs, dy, spec = _direct_inputs()
+    first, second = (_backward(poisoned, inputs, dy, spec) for _ in range(2))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_atomic_reduction_matches_deterministic(poisoned, monkeypatch):
+    inputs, dy, spec = _direct_inputs(cfg={"groups": 3})
+    deterministic = _backward(poisoned, inputs, dy, spec)
+    monkeypatch.setattr(poisoned, "DETERMINISTIC", False)
+    atomic = _backward(poisoned, inputs, dy, spec)
+    for a, b in zip(deterministic, atomic):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_expanded_upstream_gradient():
+    """y.sum() hands backward a dy with zero strides."""
+    cfg = {"groups": 3}
+    inputs, _ = _make(33, cfg, torch.float32)
+    grads = {}
+    for backend in ("triton", "torch"):
+        leaves = {k: v.clone().requires_grad_(k in GRADS) if v is not None else None
+                  for k, v in inputs.items()}
+        y, _ = mor_linear_with_routing(*leaves.values(), ranks=RANKS, scalings=SCALINGS,
+                                       groups=3, backend=backend)
+        y.sum().backward()
+        grads[backend] = [leaves[k].grad for k in GRADS]
+    for a, b in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_module_with_default_config_and_3d_input():
+    torch.manual_seed(0)
+    layers = {b: FusedMoRLinear(K, O, backend=b) for b in ("triton", "torch")}
+    torch.nn.init.normal_(layers["torch"].lora_b)  # zeros would hide the expand
+    layers["triton"].load_state_dict(layers["torch"].state_dict())
+    x = torch.randn(2, 5, K)
+    outs = {}
+    for b, layer in layers.items():
+        xb = x.clone().requires_grad_()
+        y = layer(xb)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        outs[b] = [y, xb.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+    for a, b in zip(outs["triton"], outs["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
+def test_unsupported_dtype_raises_type_error(poisoned, dtype):
+    inputs, _, spec = _direct_inputs(n=2, dtype=dtype)
+    with pytest.raises(TypeError, match="triton"):
+        poisoned.forward(*inputs.values(), spec)
