@@ -1,0 +1,65 @@
+"""Reading weight files and loading them strictly, with errors that name what does not fit."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+
+def _is_torchscript(path: Path) -> bool:
+    # OpenAI's CLIP releases are TorchScript archives; torch.load(weights_only=True) refuses them.
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") for name in archive.namelist())
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a checkpoint file: .safetensors, a torch.save'd dict (a state dict, or one
+    under "state_dict" / "model"), or a TorchScript archive (original OpenAI CLIP files)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no file at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if _is_torchscript(path):
+        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"checkpoint {path}: expected a mapping of names to tensors")
+    return dict(obj)
+
+
+def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], what: str) -> None:
+    """`module.load_state_dict(state_dict)` that raises KeyError (missing / unexpected keys) or
+    ValueError (a shape) with `what` and the offending keys in the message."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        raise KeyError(
+            f"{what}: checkpoint does not fit: missing keys {_short(missing)}, "
+            f"unexpected keys {_short(unexpected)}"
+        )
+    for key, value in state_dict.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(
+                f"{what}: checkpoint does not fit: {key!r} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(own[key].shape)}"
+            )
+    module.load_state_dict(state_dict)
+
+
+def _short(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"[{shown}{more}]"
