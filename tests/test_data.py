@@ -62,7 +62,8 @@ def derm_root(tmp_path):
 
 
 def test_parse_good_file(tmp_path):
-    ann = write(tmp_path / "a.txt", "c0.png,d0.jpg\tMEL\n\n  \nc1.png,d1.jpg\tBCC\r\nc2.png,d2.jpg\tSK")
+    text = "c0.png,d0.jpg\tMEL\n\n  \nc1.png,d1.jpg\tBCC\r\nc2.png,d2.jpg\tSK"
+    ann = write(tmp_path / "a.txt", text)
     samples = read_annotations(ann, DERM_LABELS, DERM.modalities, multi_label=False)
     assert [s.paths for s in samples] == [
         (("c0.png",), ("d0.jpg",)), (("c1.png",), ("d1.jpg",)), (("c2.png",), ("d2.jpg",))
@@ -140,7 +141,8 @@ def test_bad_label_map(tmp_path, text, message):
 
 def test_label_map_class_count_must_match_preset(derm_root):
     ann = write(derm_root / "a.txt", "c0.png,d0.jpg\ta\n")
-    with pytest.raises(AnnotationError, match="label map has 2 classes, preset 'derm7pt' expects 5"):
+    message = "label map has 2 classes, preset 'derm7pt' expects 5"
+    with pytest.raises(AnnotationError, match=message):
         MultimodalDataset(ann, {"a": 0, "b": 1}, derm_root, DERM, train=False)
 
 
@@ -151,7 +153,8 @@ def test_missing_image_fails_at_construction(derm_root):
     ann = write(derm_root / "a.txt", "c0.png,d0.jpg\tMEL\nc1.png,sub/nope.jpg\tNEV\n")
     with pytest.raises(ImageError) as err:
         MultimodalDataset(ann, None, derm_root, DERM, train=True)
-    assert f"{derm_root / 'sub' / 'nope.jpg'}: file not found (referenced by {ann}:2)" in str(err.value)
+    missing = derm_root / "sub" / "nope.jpg"
+    assert f"{missing}: file not found (referenced by {ann}:2)" in str(err.value)
     assert isinstance(err.value, DataError)
 
 
@@ -185,7 +188,8 @@ def test_bad_volumes(tmp_path):
     np.save(tmp_path / "flat.npy", np.zeros((4, 4), np.uint8))
     (tmp_path / "junk.npy").write_bytes(b"junk")
     np.save(tmp_path / "ok.npy", np.zeros((3, 4, 4), np.uint8))
-    for bad, message in [("flat.npy", "expected a volume S x H x W"), ("junk.npy", "cannot read volume")]:
+    bad_files = [("flat.npy", "expected a volume S x H x W"), ("junk.npy", "cannot read volume")]
+    for bad, message in bad_files:
         ann = write(tmp_path / "a.txt", f"ok.npy,{bad},ok.npy\tacl\n")
         with pytest.raises(ImageError, match=message) as err:
             MultimodalDataset(ann, None, tmp_path, preset, train=False)
@@ -214,7 +218,7 @@ def test_presets():
     ({"kinds": ("image",)}, "1 kinds for 2 modalities"),
     ({"kinds": ("image", "video")}, "unknown kind 'video'"),
     ({"kinds": ("image", "pick"), "images_per_modality": 2}, "'pick' needs images_per_modality=1"),
-    ({"modalities": ("a", "label")}, "must be unique and not"),
+    ({"modalities": ("a", "label")}, "must be unique, not"),
 ])
 def test_bad_preset(kwargs, message):
     base = {"name": "p", "modalities": ("a", "b"), "classes": ("x", "y"), "image_size": 8}
@@ -256,7 +260,8 @@ def test_eval_transform_resizes_and_normalises():
 
 
 def test_single_label_items_and_batches(derm_root):
-    ann = write(derm_root / "a.txt", "".join(f"c{i}.png,d{i}.jpg\t{DERM.classes[i]}\n" for i in range(4)))
+    text = "".join(f"c{i}.png,d{i}.jpg\t{DERM.classes[i]}\n" for i in range(4))
+    ann = write(derm_root / "a.txt", text)
     labels = write(derm_root / "labels.json", json.dumps(DERM_LABELS))
     ds = MultimodalDataset(ann, labels, derm_root, DERM, train=False)
     item = ds[2]
@@ -265,7 +270,8 @@ def test_single_label_items_and_batches(derm_root):
     assert item["label"].dtype == torch.long and item["label"].shape == () and item["label"] == 2
     assert item["index"] == 2
     # Eval: resize + normalise only, so a constant image stays the same constant.
-    assert torch.allclose(unnormalise(item["clinical"][0])[:, 0, 0], torch.tensor([80, 0, 0]) / 255, atol=1e-6)
+    pixel = unnormalise(item["clinical"][0])[:, 0, 0]
+    assert torch.allclose(pixel, torch.tensor([80, 0, 0]) / 255, atol=1e-6)
     batch = collate([ds[i] for i in range(3)])
     assert batch["clinical"].shape == (3, 1, 3, 16, 16)
     assert batch["label"].tolist() == [0, 1, 2] and batch["label"].dtype == torch.long
@@ -294,13 +300,15 @@ def test_pick_one_oct_scan(tmp_path):
     png(tmp_path / "cfp.png")
     for k in range(5):
         png(tmp_path / f"oct{k}.png", (k * 50, k * 50, k * 50), size=(10 + k, 12))
-    ann = write(tmp_path / "a.txt", "cfp.png,oct0.png oct1.png oct2.png oct3.png oct4.png\tpcv\n" * 40)
+    scans = " ".join(f"oct{k}.png" for k in range(5))
+    ann = write(tmp_path / "a.txt", f"cfp.png,{scans}\tpcv\n" * 40)
     first = MultimodalDataset(ann, None, tmp_path, preset, train=False)[0]["oct"]
     assert first.shape == (1, 3, 8, 8)
     assert torch.allclose(unnormalise(first), torch.zeros(1, 3, 8, 8), atol=1e-6)
     # Training picks a B-scan at random: recover which one from the (un-jittered) mean
     # brightness, using a preset without augmentation.
-    train = MultimodalDataset(ann, None, tmp_path, dataclasses.replace(preset, augment=False), train=True)
+    plain = dataclasses.replace(preset, augment=False)
+    train = MultimodalDataset(ann, None, tmp_path, plain, train=True)
     picked = {round(unnormalise(train[i]["oct"]).mean().item() * 255 / 50) for i in range(40)}
     assert picked == {0, 1, 2, 3, 4}
 
@@ -308,7 +316,8 @@ def test_pick_one_oct_scan(tmp_path):
 def test_mrnet_volumes(tmp_path):
     preset = dataclasses.replace(get_preset("mrnet"), image_size=12)
     depth = 10
-    volume = np.broadcast_to((np.arange(depth) * 20).astype(np.uint8)[:, None, None], (depth, 14, 16))
+    values = (np.arange(depth) * 20).astype(np.uint8)
+    volume = np.broadcast_to(values[:, None, None], (depth, 14, 16))
     for name in preset.modalities:
         np.save(tmp_path / f"{name}.npy", volume)
     np.save(tmp_path / "float.npy", volume.astype(np.float32) - 50)  # non-uint8: min-max scaled
@@ -318,10 +327,12 @@ def test_mrnet_volumes(tmp_path):
     item = ds[0]
     assert item["axial"].shape == (4, 3, 12, 12)
     grey = unnormalise(item["axial"])
-    assert torch.allclose(grey[:, 0], grey[:, 1], atol=1e-5) and torch.allclose(grey[:, 0], grey[:, 2], atol=1e-5)
+    assert torch.allclose(grey[:, 0], grey[:, 1], atol=1e-5)
+    assert torch.allclose(grey[:, 0], grey[:, 2], atol=1e-5)
     # Centres of 4 equal segments of 10 slices: 1, 3, 6, 8.
     assert torch.allclose(grey[:, 0, 0, 0], torch.tensor([1, 3, 6, 8]) * 20 / 255, atol=1e-5)
-    assert torch.allclose(unnormalise(ds[1]["sagittal"])[:, 0, 0, 0], torch.tensor([1, 3, 6, 8]) / 9, atol=1e-5)
+    scaled = unnormalise(ds[1]["sagittal"])[:, 0, 0, 0]
+    assert torch.allclose(scaled, torch.tensor([1, 3, 6, 8]) / 9, atol=1e-5)
     assert item["label"].dtype == torch.float32 and item["label"].tolist() == [1.0, 0.0, 1.0]
     assert ds[1]["label"].tolist() == [0.0, 0.0, 0.0]
     batch = collate([ds[0], ds[1]])

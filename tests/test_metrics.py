@@ -98,12 +98,14 @@ def test_single_label_against_brute_force(seed):
 def test_multi_label_threshold_and_accuracies():
     targets = np.array([[1, 0, 1], [0, 0, 0], [1, 1, 0], [0, 0, 1]])
     scores = np.array([[0.9, 0.2, 0.5], [0.1, 0.4, 0.2], [0.7, 0.3, 0.1], [0.6, 0.1, 0.8]])
-    m = compute_metrics(targets, scores, multi_label=True, class_names=["abnormal", "meniscus", "acl"])
+    names = ["abnormal", "meniscus", "acl"]
+    m = compute_metrics(targets, scores, multi_label=True, class_names=names)
     # Predictions at >= 0.5: [1,0,1] [0,0,0] [1,0,0] [1,0,1]: rows 0 and 1 exactly right.
     assert m["accuracy"] == pytest.approx(0.5)
     assert m["label_accuracy"] == pytest.approx(10 / 12)
     meniscus = m["per_class"][1]
-    assert meniscus["sensitivity"] == 0.0 and meniscus["specificity"] == 1.0 and meniscus["f1"] == 0.0
+    assert meniscus["sensitivity"] == 0.0 and meniscus["specificity"] == 1.0
+    assert meniscus["f1"] == 0.0
     for c in range(3):
         assert same(m["per_class"][c]["auc"], brute_auc(targets[:, c], scores[:, c]))
         assert same(m["per_class"][c]["ap"], brute_ap(targets[:, c], scores[:, c]))
@@ -127,8 +129,10 @@ def test_table_and_csv(tmp_path):
     m = compute_metrics(targets, scores, multi_label=False, class_names=["no_amd", "pcv", "wet"])
     table = format_table(m)
     lines = table.splitlines()
-    assert lines[0].split() == ["class", "support", "ap", "auc", "sensitivity", "specificity", "f1", "accuracy"]
-    assert [line.split()[0] for line in lines if line[0].isalpha()][1:] == ["no_amd", "pcv", "wet", "overall"]
+    header = ["class", "support", "ap", "auc", "sensitivity", "specificity", "f1", "accuracy"]
+    assert lines[0].split() == header
+    names = [line.split()[0] for line in lines if line[0].isalpha()][1:]
+    assert names == ["no_amd", "pcv", "wet", "overall"]
     assert f"{m['mAP']:.4f}" in lines[-1]
     write_csv(m, tmp_path / "m.csv")
     with open(tmp_path / "m.csv", newline="") as f:

@@ -18,7 +18,8 @@ SMALL = {"n_train": 24, "n_val": 8, "n_test": 8}
 
 
 def tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,8 @@ def test_default_root(monkeypatch, tmp_path):
 
 def test_written_in_annotation_format_and_loadable(full):
     root, scenes = full
-    assert json.loads((root / "labels.json").read_text()) == {c: i for i, c in enumerate(PRESET.classes)}
+    labels = json.loads((root / "labels.json").read_text())
+    assert labels == {c: i for i, c in enumerate(PRESET.classes)}
     sizes = {"train": 600, "val": 150, "test": 150}
     for split, n in sizes.items():
         lines = (root / f"{split}.txt").read_text().splitlines()
@@ -111,7 +113,10 @@ def read_patterns(appearance):
         dx, dy = np.abs(np.diff(q, axis=1)).mean(), np.abs(np.diff(q, axis=0)).mean()
         # Fit of horizontal stripes, vertical stripes, checkerboard, solid.
         energy.append([dy - dx, dx - dy, dx + dy, -(dx + dy)])
-    return max(itertools.permutations(range(4)), key=lambda p: sum(energy[q][p[q]] for q in range(4)))
+    def fit(perm):
+        return sum(energy[q][perm[q]] for q in range(4))
+
+    return max(itertools.permutations(range(4)), key=fit)
 
 
 def load(root, split, modality, i):

@@ -116,7 +116,8 @@ def parse_line(
             if not token:
                 raise fail("empty label between ','")
             if token not in label_map:
-                raise fail(f"unknown label {token!r}; known labels: {', '.join(class_names(label_map))}")
+                known = ", ".join(class_names(label_map))
+                raise fail(f"unknown label {token!r}; known labels: {known}")
             if label_map[token] in labels:
                 raise fail(f"label {token!r} listed twice")
             labels.append(label_map[token])
@@ -138,7 +139,9 @@ def read_annotations(
         for number, raw in enumerate(f, start=1):
             text = raw.rstrip("\r\n")
             if text.strip():
-                samples.append(parse_line(text, label_map, modalities, multi_label, str(path), number))
+                samples.append(
+                    parse_line(text, label_map, modalities, multi_label, str(path), number)
+                )
     if not samples:
         raise AnnotationError(f"{path}: no samples")
     return samples

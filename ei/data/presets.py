@@ -42,8 +42,9 @@ class Preset:
                 raise ValueError(f"preset {self.name}: unknown kind {kind!r}; use one of {KINDS}")
             if kind == "pick" and self.images_per_modality != 1:
                 raise ValueError(f"preset {self.name}: kind 'pick' needs images_per_modality=1")
-        if len(set(self.modalities)) != len(self.modalities) or set(self.modalities) & set(RESERVED):
-            raise ValueError(f"preset {self.name}: modality names must be unique and not {RESERVED}")
+        names = set(self.modalities)
+        if len(names) != len(self.modalities) or names & set(RESERVED):
+            raise ValueError(f"preset {self.name}: modality names must be unique, not {RESERVED}")
         if self.images_per_modality < 1 or self.image_size < 1:
             raise ValueError(f"preset {self.name}: image_size and images_per_modality must be >= 1")
 

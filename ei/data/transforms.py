@@ -39,7 +39,9 @@ class EvalTransform:
 
     size: int
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         return _normalise(_resize(images, self.size))
 
 
