@@ -135,7 +135,8 @@ def read_annotations(
     """Parse a whole annotation file; blank lines are skipped, an empty file is an error."""
     path = Path(path)
     samples = []
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: files saved by some Windows editors start with a byte-order mark.
+    with open(path, encoding="utf-8-sig") as f:
         for number, raw in enumerate(f, start=1):
             text = raw.rstrip("\r\n")
             if text.strip():

@@ -22,8 +22,9 @@ that sees one modality is at chance (25 %); one that combines both can be near p
 Files are written in the annotation format of EI_SPEC (``train.txt``, ``val.txt``,
 ``test.txt``, ``labels.json``, PNGs under ``images/``) plus ``scenes.json`` (the drawn
 quadrant, arrangement and label of every sample) and ``manifest.json`` (version, seed,
-parameters), so the real loader path runs. Generation takes about a second; it is redone
-only when the manifest differs from what is asked for.
+parameters), so the real loader path runs. Generation takes a few seconds; it is redone
+only when the manifest differs from what is asked for. With several processes (torchrun),
+call it on rank 0 first and let the others wait at a barrier.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ PRESET = get_preset("synthetic")
 PATTERNS = PRESET.classes  # horizontal, vertical, checker, solid: the class names
 SIZE = PRESET.image_size
 SPLITS = ("train", "val", "test")
+# Pixel coordinates of the whole image and of one quadrant, computed once.
+_Y, _X = np.mgrid[:SIZE, :SIZE]
+_QY, _QX = np.mgrid[: SIZE // 2, : SIZE // 2]
 
 
 def default_root() -> Path:
@@ -56,16 +60,15 @@ def default_root() -> Path:
     return Path.home() / ".cache" / "ei" / "synthetic"
 
 
-def _pattern(kind: int, rng: np.random.Generator, half: int) -> np.ndarray:
-    """One half x half x 3 quadrant of the appearance image, in [0, 1]."""
+def _pattern(kind: int, rng: np.random.Generator) -> np.ndarray:
+    """One quadrant (SIZE/2 x SIZE/2 x 3) of the appearance image, in [0, 1]."""
     base = rng.uniform(0.2, 0.8, size=3)
     contrast = rng.uniform(0.25, 0.5)
     width = int(rng.integers(2, 4))
     phase_y, phase_x = rng.integers(0, 2 * width, size=2)
-    y, x = np.mgrid[:half, :half]
-    bands_y = ((y + phase_y) // width) % 2
-    bands_x = ((x + phase_x) // width) % 2
-    on = {0: bands_y, 1: bands_x, 2: bands_y ^ bands_x, 3: np.zeros_like(y)}[kind]
+    bands_y = ((_QY + phase_y) // width) % 2
+    bands_x = ((_QX + phase_x) // width) % 2
+    on = {0: bands_y, 1: bands_x, 2: bands_y ^ bands_x, 3: np.zeros_like(_QY)}[kind]
     return base + contrast * (on[..., None] - 0.5)
 
 
@@ -76,8 +79,7 @@ def _locator(quadrant: int, rng: np.random.Generator) -> np.ndarray:
     # Keep the whole disk inside its quadrant.
     cy = (quadrant // 2) * half + rng.integers(radius, half - radius)
     cx = (quadrant % 2) * half + rng.integers(radius, half - radius)
-    y, x = np.mgrid[:SIZE, :SIZE]
-    image[(y - cy) ** 2 + (x - cx) ** 2 <= radius**2] = rng.uniform(0.75, 1.0, size=3)
+    image[(_Y - cy) ** 2 + (_X - cx) ** 2 <= radius**2] = rng.uniform(0.75, 1.0, size=3)
     return image
 
 
@@ -86,7 +88,7 @@ def _appearance(arrangement: np.ndarray, rng: np.random.Generator) -> np.ndarray
     image = np.empty((SIZE, SIZE, 3))
     for quadrant, kind in enumerate(arrangement):
         r, c = (quadrant // 2) * half, (quadrant % 2) * half
-        image[r : r + half, c : c + half] = _pattern(int(kind), rng, half)
+        image[r : r + half, c : c + half] = _pattern(int(kind), rng)
     return image
 
 
@@ -156,6 +158,8 @@ def ensure_synthetic_dataset(
         (tmp / "labels.json").write_text(json.dumps(labels, indent=1), encoding="utf-8")
         (tmp / "scenes.json").write_text(json.dumps(scenes), encoding="utf-8")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        if _is_current(root, manifest):  # another process finished first: keep its copy
+            return root
         if root.exists():
             stale = root.with_name(f"{tmp.name}-stale")
             os.replace(root, stale)
