@@ -1,0 +1,214 @@
+// The fused MoR op as a sequence of kernel launches on one stream (MOR_MATH.md):
+//
+// forward   (1) [u | l] = x [A_cat; R]^T               skinny GEMM, fp32 out
+//           (2) p = softmax(l + c), z = p s u           route_forward_kernel
+//           (3) y = [x | z] [W | B_cat]^T + b           GEMM with the K-extension, per group
+// backward  (1) u = x A_cat^T                           recomputed (only x and p are saved)
+//           (2) g = dy B_cat                            per group
+//           (3) z, du, dl                               route_backward_kernel
+//           (4) dx = [dy | du dl] [W ; A_cat ; R]       GEMM with the K-extension
+//           (5) d[A_cat; R] = [du | dl]^T x, dB_cat = dy^T z, dc = sum dl
+//                                                       split-K partials, fixed-order sums
+//
+// Every kernel is a template over the element type; this file instantiates each for fp16,
+// bf16 and fp32 through one dtype switch.
+#include <algorithm>
+#include <type_traits>
+
+#include "gemm.cuh"
+#include "mor_kernels.h"
+#include "routing.cuh"
+
+namespace ei {
+namespace {
+
+constexpr int kRouteThreads = 128;
+constexpr int kSumThreads = 256;
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kHalf:
+      return f(TypeTag<__half>{});
+    case DType::kBFloat16:
+      return f(TypeTag<__nv_bfloat16>{});
+    case DType::kFloat:
+      return f(TypeTag<float>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Calls f(router, bypass) with compile-time flags; without a router there is no bypass.
+template <typename F>
+void dispatch_routing(const MorDims& d, F&& f) {
+  if (!d.router) {
+    f(std::false_type{}, std::false_type{});
+  } else if (d.bypass) {
+    f(std::true_type{}, std::true_type{});
+  } else {
+    f(std::true_type{}, std::false_type{});
+  }
+}
+
+unsigned blocks_for(int64_t work, int threads) { return unsigned((work + threads - 1) / threads); }
+
+template <typename T>
+void forward_impl(const MorDims& d, const MorForwardArgs& a, cudaStream_t stream) {
+  const int m = int(d.tokens), K = d.in_features, O = d.out_features, G = d.groups;
+  const int r = d.rank, gr = G * r, S = d.shrink_width(), og = O / G;
+  const T* const x = static_cast<const T*>(a.x);
+  T* const z = static_cast<T*>(a.z);
+  if (m == 0) return;
+
+  GemmArgs<T, float> shrink{};
+  shrink.m = m, shrink.n = S, shrink.k = K, shrink.k_per_split = K;
+  shrink.a = dense(x, K);
+  shrink.b = stacked(static_cast<const T*>(a.lora_a), static_cast<const T*>(a.router_weight), gr,
+                     K);
+  shrink.c = a.shrink, shrink.ldc = S, shrink.batches = 1, shrink.splits = 1;
+  launch_gemm<TallTile, true, true>(shrink, stream);
+
+  dispatch_routing(d, [&](auto router, auto bypass) {
+    route_forward_kernel<T, decltype(router)::value, decltype(bypass)::value>
+        <<<blocks_for(d.tokens * G, kRouteThreads), kRouteThreads, 0, stream>>>(
+            d, a.shrink, static_cast<const T*>(a.router_bias), a.probs, z);
+  });
+
+  // B_cat is block-diagonal: batch entry g computes output columns [g*og, (g+1)*og) from
+  // W's rows of that slice and z's rank columns of group g.
+  GemmArgs<T, T> y{};
+  y.m = m, y.n = og, y.k = K, y.k2 = r, y.k_per_split = K;
+  y.a = dense(x, K);
+  y.b = dense(static_cast<const T*>(a.weight), K, int64_t(og) * K);
+  y.a2 = dense<T>(z, gr, r);
+  y.b2 = dense(static_cast<const T*>(a.lora_b), r, int64_t(og) * r);
+  y.bias = static_cast<const T*>(a.bias), y.bias_batch_stride = og;
+  y.c = static_cast<T*>(a.y), y.ldc = O, y.c_batch_stride = og;
+  y.batches = G, y.splits = 1;
+  launch_gemm<BigTile, true, true>(y, stream);
+}
+
+template <typename T>
+void sum_splits(const float* partial, int splits, int64_t rows, int cols, int64_t row_split,
+                void* lo, void* hi, cudaStream_t stream) {
+  const int64_t count = rows * cols;
+  if (count == 0) return;
+  const unsigned blocks = unsigned(std::min<int64_t>(blocks_for(count, kSumThreads), 4096));
+  sum_splits_kernel<T><<<blocks, kSumThreads, 0, stream>>>(
+      partial, splits, rows, cols, row_split, static_cast<T*>(lo), static_cast<T*>(hi));
+}
+
+template <typename T>
+void backward_impl(const MorDims& d, const ReductionPlan& plan, const MorBackwardArgs& a,
+                   cudaStream_t stream) {
+  const int m = int(d.tokens), K = d.in_features, O = d.out_features, G = d.groups;
+  const int r = d.rank, gr = G * r, S = d.shrink_width(), og = O / G;
+  const T* const x = static_cast<const T*>(a.x);
+  const T* const dy = static_cast<const T*>(a.dy);
+  const T* const lora_a = static_cast<const T*>(a.lora_a);
+  const T* const lora_b = static_cast<const T*>(a.lora_b);
+  const T* const router_weight = static_cast<const T*>(a.router_weight);
+  T* const z = static_cast<T*>(a.z);
+  T* const d_shrink = static_cast<T*>(a.d_shrink);
+
+  if (m > 0) {
+    GemmArgs<T, float> u{};
+    u.m = m, u.n = gr, u.k = K, u.k_per_split = K;
+    u.a = dense(x, K), u.b = dense(lora_a, K);
+    u.c = a.u, u.ldc = gr, u.batches = 1, u.splits = 1;
+    launch_gemm<TallTile, true, true>(u, stream);
+
+    // Batch entry g: g[:, group g's rank columns] = dy[:, output slice g] lora_b[slice g].
+    GemmArgs<T, float> g{};
+    g.m = m, g.n = r, g.k = og, g.k_per_split = og;
+    g.a = dense(dy, O, og), g.b = dense(lora_b, r, int64_t(og) * r);
+    g.c = a.g, g.ldc = gr, g.c_batch_stride = r, g.batches = G, g.splits = 1;
+    launch_gemm<TallTile, true, false>(g, stream);
+
+    dispatch_routing(d, [&](auto router, auto bypass) {
+      route_backward_kernel<T, decltype(router)::value, decltype(bypass)::value>
+          <<<blocks_for(d.tokens * G, kRouteThreads), kRouteThreads, 0, stream>>>(
+              d, a.u, a.g, a.probs, z, d_shrink, a.dl);
+    });
+
+    if (a.dx) {
+      GemmArgs<T, T> dx{};
+      dx.m = m, dx.n = K, dx.k = O, dx.k2 = S, dx.k_per_split = O;
+      dx.a = dense(dy, O), dx.b = dense(static_cast<const T*>(a.weight), K);
+      dx.a2 = dense<T>(d_shrink, S), dx.b2 = stacked(lora_a, router_weight, gr, K);
+      dx.c = static_cast<T*>(a.dx), dx.ldc = K, dx.batches = 1, dx.splits = 1;
+      launch_gemm<BigTile, true, false>(dx, stream);
+    }
+  }
+
+  // Token reductions (they also run for zero tokens: the gradients are then zeros).
+  GemmArgs<T, float> dw{};
+  dw.m = S, dw.n = K, dw.k = m, dw.k_per_split = split_length<T>(m, plan.shrink_splits);
+  dw.a = dense<T>(d_shrink, S), dw.b = dense(x, K);
+  dw.c = a.shrink_partial, dw.ldc = K, dw.c_split_stride = int64_t(S) * K;
+  dw.batches = 1, dw.splits = plan.shrink_splits;
+  launch_gemm<WideTile, false, false>(dw, stream);
+  sum_splits<T>(a.shrink_partial, plan.shrink_splits, S, K, gr, a.d_lora_a, a.d_router_weight,
+                stream);
+
+  GemmArgs<T, float> db{};
+  db.m = og, db.n = r, db.k = m, db.k_per_split = split_length<T>(m, plan.lora_b_splits);
+  db.a = dense(dy, O, og), db.b = dense<T>(z, gr, r);
+  db.c = a.lora_b_partial, db.ldc = r, db.c_batch_stride = int64_t(og) * r;
+  db.c_split_stride = int64_t(O) * r, db.batches = G, db.splits = plan.lora_b_splits;
+  launch_gemm<TallTile, false, false>(db, stream);
+  sum_splits<T>(a.lora_b_partial, plan.lora_b_splits, O, r, O, a.d_lora_b, nullptr, stream);
+
+  if (d.router) {
+    column_sum_kernel<T><<<G * d.logits, kColumnSumThreads, 0, stream>>>(
+        a.dl, d.tokens, G * d.logits, static_cast<T*>(a.d_router_bias));
+  }
+}
+
+// Two waves of blocks on the device, but at least 256 tokens per split so that the partial
+// sums stay a small fraction of the work.
+int splits_for(int64_t tiles, int64_t tokens, int sms) {
+  const int64_t want = (2 * int64_t(sms) + tiles - 1) / tiles;
+  const int64_t cap = std::max<int64_t>(1, tokens / 256);
+  return int(std::clamp<int64_t>(std::min(want, cap), 1, 64));
+}
+
+}  // namespace
+
+cudaError_t plan_reductions(const MorDims& d, int device, ReductionPlan* plan) {
+  int sms = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const auto tiles = [](int64_t rows, int64_t cols, int bm, int bn) {
+    return std::max<int64_t>(1, ((rows + bm - 1) / bm) * ((cols + bn - 1) / bn));
+  };
+  const int og = d.out_features / d.groups;
+  plan->shrink_splits = splits_for(
+      tiles(d.shrink_width(), d.in_features, WideTile::BM, WideTile::BN), d.tokens, sms);
+  plan->lora_b_splits = splits_for(
+      d.groups * tiles(og, d.rank, TallTile::BM, TallTile::BN), d.tokens, sms);
+  return cudaSuccess;
+}
+
+cudaError_t mor_forward(DType dtype, const MorDims& dims, const MorForwardArgs& args,
+                        cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    forward_impl<typename decltype(tag)::type>(dims, args, stream);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t mor_backward(DType dtype, const MorDims& dims, const ReductionPlan& plan,
+                         const MorBackwardArgs& args, cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    backward_impl<typename decltype(tag)::type>(dims, plan, args, stream);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace ei

@@ -1,0 +1,88 @@
+// The interface between the torch binding (binding.cpp) and the CUDA kernels (mor_kernels.cu).
+//
+// Plain C++ with raw pointers on purpose: the .cu file then needs no torch headers, which keeps
+// the nvcc part of the build short. The binding validates every tensor and allocates every
+// output and workspace before calling in here, so these functions only launch kernels.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace ei {
+
+enum class DType { kHalf, kBFloat16, kFloat };
+
+// Branches per group the routing kernels hold in registers (the paper uses 3).
+constexpr int kMaxBranches = 16;
+
+// Sizes and routing configuration of one MoR layer call (MOR_MATH.md symbols).
+struct MorDims {
+  int64_t tokens;    // N
+  int in_features;   // K
+  int out_features;  // O, a multiple of groups
+  int groups;        // G
+  int rank;          // r = sum of the branch ranks, per group
+  int branches;      // E
+  int logits;        // L = E + bypass router outputs per group, 0 without a router
+  bool router;
+  bool bypass;
+  int start[kMaxBranches + 1];  // rank columns of branch k: [start[k], start[k+1])
+  float scale[kMaxBranches];    // s_k
+
+  int shrink_width() const { return groups * (rank + logits); }  // S: columns of [u | l]
+};
+
+// Split-K factors of the two token reductions of the backward (deterministic: fixed per shape
+// and device, partial sums added in a fixed order).
+struct ReductionPlan {
+  int shrink_splits;  // d[A_cat; R] = [du | dl]^T x
+  int lora_b_splits;  // dB_cat = dy^T z
+};
+
+struct MorForwardArgs {
+  const void* x;              // [N, K]
+  const void* weight;         // [O, K]
+  const void* bias;           // [O] or null
+  const void* lora_a;         // [G*r, K]
+  const void* lora_b;         // [O, r]
+  const void* router_weight;  // [G*L, K] or null
+  const void* router_bias;    // [G*L] or null
+  void* y;                    // out [N, O]
+  float* probs;               // out [N, G*L]
+  float* shrink;              // workspace [N, S]: [u | l] in fp32
+  void* z;                    // workspace [N, G*r]
+};
+
+struct MorBackwardArgs {
+  const void* dy;             // [N, O]
+  const void* x;              // [N, K]
+  const float* probs;         // [N, G*L]
+  const void* weight;         // [O, K]
+  const void* lora_a;         // [G*r, K]
+  const void* lora_b;         // [O, r]
+  const void* router_weight;  // [G*L, K] or null
+  void* dx;                   // out [N, K], or null when not needed
+  void* d_lora_a;             // out [G*r, K]
+  void* d_lora_b;             // out [O, r]
+  void* d_router_weight;      // out [G*L, K] (unused without a router)
+  void* d_router_bias;        // out [G*L]
+  float* u;                   // workspace [N, G*r]: x A_cat^T recomputed
+  float* g;                   // workspace [N, G*r]: dy B_cat
+  void* z;                    // workspace [N, G*r]
+  void* d_shrink;             // workspace [N, S]: [du | dl] in the input dtype
+  float* dl;                  // workspace [N, G*L]: dl in fp32 for dc
+  float* shrink_partial;      // workspace [shrink_splits, S, K]
+  float* lora_b_partial;      // workspace [lora_b_splits, O, r]
+};
+
+// Reads the device's SM count (no stream work, so it is safe during CUDA graph capture).
+cudaError_t plan_reductions(const MorDims& dims, int device, ReductionPlan* plan);
+
+// Both return the first launch error (cudaSuccess when every kernel was queued).
+cudaError_t mor_forward(DType dtype, const MorDims& dims, const MorForwardArgs& args,
+                        cudaStream_t stream);
+cudaError_t mor_backward(DType dtype, const MorDims& dims, const ReductionPlan& plan,
+                         const MorBackwardArgs& args, cudaStream_t stream);
+
+}  // namespace ei

@@ -1,0 +1,197 @@
+// The per-token routing math between the GEMMs, in fp32 registers (MOR_MATH.md), and the two
+// small deterministic reductions of the backward. One thread handles one (token, group): the
+// work per thread is r + L values, tiny next to the GEMMs around it.
+//
+// ROUTER and BYPASS are template flags so that plain LoRA and LoRAMoE-style routing compile to
+// straight-line code; the branch count is a runtime value bounded by kMaxBranches, with loops
+// unrolled to that bound so the per-branch values stay in registers.
+#pragma once
+
+#include <cstdint>
+
+#include "mor_kernels.h"
+#include "numeric.cuh"
+
+namespace ei {
+
+// p = softmax(l + c) per group; z_j = p_k(j) s_k(j) u_j. `shrink` is [u | l] = x [A_cat; R]^T.
+template <typename T, bool ROUTER, bool BYPASS>
+__global__ void route_forward_kernel(const MorDims d, const float* __restrict__ shrink,
+                                     const T* __restrict__ router_bias, float* __restrict__ probs,
+                                     T* __restrict__ z) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= d.tokens * d.groups) return;
+  const int64_t t = idx / d.groups;
+  const int g = int(idx % d.groups);
+  const int gr = d.groups * d.rank;
+  const float* const row = shrink + t * (gr + d.groups * d.logits);
+  const float* const u = row + g * d.rank;
+
+  float coef[kMaxBranches];
+  if constexpr (ROUTER) {
+    const float* const l = row + gr + g * d.logits;
+    float p[kMaxBranches + 1];
+    float top = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kMaxBranches + 1; ++i) {
+      if (i < d.logits) {
+        p[i] = l[i] + (router_bias ? to_float(router_bias[g * d.logits + i]) : 0.0f);
+        top = fmaxf(top, p[i]);
+      }
+    }
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kMaxBranches + 1; ++i) {
+      if (i < d.logits) {
+        p[i] = expf(p[i] - top);
+        sum += p[i];
+      }
+    }
+    float* const out = probs + t * d.groups * d.logits + g * d.logits;
+#pragma unroll
+    for (int i = 0; i < kMaxBranches + 1; ++i) {
+      if (i < d.logits) {
+        p[i] /= sum;
+        out[i] = p[i];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kMaxBranches; ++k) {
+      if (k < d.branches) coef[k] = p[k + BYPASS] * d.scale[k];  // p_0 (bypass) weighs nothing
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kMaxBranches; ++k) {
+      if (k < d.branches) coef[k] = d.scale[k];
+    }
+  }
+
+  T* const zr = z + t * gr + g * d.rank;
+#pragma unroll
+  for (int k = 0; k < kMaxBranches; ++k) {
+    if (k < d.branches) {
+      for (int j = d.start[k]; j < d.start[k + 1]; ++j) zr[j] = from_float<T>(coef[k] * u[j]);
+    }
+  }
+}
+
+// From u = x A_cat^T and g = dy B_cat (fp32) and the saved p:
+//   z_j = c_j u_j,  du_j = c_j g_j  with c_j = p_k(j) s_k(j)
+//   dp_k = s_k sum_{j in k} g_j u_j,  dp_bypass = 0,  dl = p (dp - sum_i p_i dp_i)
+// writes z and [du | dl] in the input dtype (operands of the GEMMs that follow) and dl in fp32
+// (for dc, summed over tokens in fp32).
+template <typename T, bool ROUTER, bool BYPASS>
+__global__ void route_backward_kernel(const MorDims d, const float* __restrict__ u_all,
+                                      const float* __restrict__ g_all,
+                                      const float* __restrict__ probs, T* __restrict__ z,
+                                      T* __restrict__ d_shrink, float* __restrict__ dl) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= d.tokens * d.groups) return;
+  const int64_t t = idx / d.groups;
+  const int g = int(idx % d.groups);
+  const int gr = d.groups * d.rank;
+  const int64_t offset = t * gr + g * d.rank;
+  const float* const u = u_all + offset;
+  const float* const gy = g_all + offset;
+
+  float p[kMaxBranches + 1];
+  float coef[kMaxBranches];
+  if constexpr (ROUTER) {
+    const float* const pr = probs + t * d.groups * d.logits + g * d.logits;
+#pragma unroll
+    for (int i = 0; i < kMaxBranches + 1; ++i) {
+      if (i < d.logits) p[i] = pr[i];
+    }
+#pragma unroll
+    for (int k = 0; k < kMaxBranches; ++k) {
+      if (k < d.branches) coef[k] = p[k + BYPASS] * d.scale[k];
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kMaxBranches; ++k) {
+      if (k < d.branches) coef[k] = d.scale[k];
+    }
+  }
+
+  T* const zr = z + offset;
+  T* const shrink_row = d_shrink + t * (gr + d.groups * d.logits);
+  T* const du = shrink_row + g * d.rank;
+  float dp[kMaxBranches];
+#pragma unroll
+  for (int k = 0; k < kMaxBranches; ++k) {
+    if (k < d.branches) {
+      float gu = 0.0f;
+      for (int j = d.start[k]; j < d.start[k + 1]; ++j) {
+        zr[j] = from_float<T>(coef[k] * u[j]);
+        du[j] = from_float<T>(coef[k] * gy[j]);
+        gu = fmaf(gy[j], u[j], gu);
+      }
+      dp[k] = gu * d.scale[k];
+    }
+  }
+
+  if constexpr (ROUTER) {
+    float dot = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kMaxBranches; ++k) {
+      if (k < d.branches) dot = fmaf(p[k + BYPASS], dp[k], dot);
+    }
+    T* const dl_t = shrink_row + gr + g * d.logits;
+    float* const dl_f = dl + t * d.groups * d.logits + g * d.logits;
+    if constexpr (BYPASS) {
+      const float v = -p[0] * dot;
+      dl_t[0] = from_float<T>(v);
+      dl_f[0] = v;
+    }
+#pragma unroll
+    for (int k = 0; k < kMaxBranches; ++k) {
+      if (k < d.branches) {
+        const float v = p[k + BYPASS] * (dp[k] - dot);
+        dl_t[k + BYPASS] = from_float<T>(v);
+        dl_f[k + BYPASS] = v;
+      }
+    }
+  }
+}
+
+constexpr int kColumnSumThreads = 256;
+
+// out[c] = sum_r src[r, c] (src fp32 [rows, cols]); one block per column. The thread of each
+// row and the tree are fixed, so the result is the same on every run.
+template <typename T>
+__global__ void __launch_bounds__(kColumnSumThreads)
+    column_sum_kernel(const float* __restrict__ src, int64_t rows, int cols, T* __restrict__ out) {
+  __shared__ float partial[kColumnSumThreads];
+  const int col = blockIdx.x;
+  float acc = 0.0f;
+  for (int64_t r = threadIdx.x; r < rows; r += kColumnSumThreads) acc += src[r * cols + col];
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+#pragma unroll
+  for (int s = kColumnSumThreads / 2; s > 0; s /= 2) {
+    if (int(threadIdx.x) < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[col] = from_float<T>(partial[0]);
+}
+
+// out = sum over splits of partial[s] ([rows, cols] fp32 each), in split order; stored rows
+// below row_split go to `lo`, the rest to `hi` (d[A_cat; R] -> d_lora_a and d_router_weight,
+// which must not share storage).
+template <typename T>
+__global__ void sum_splits_kernel(const float* __restrict__ partial, int splits, int64_t rows,
+                                  int cols, int64_t row_split, T* __restrict__ lo,
+                                  T* __restrict__ hi) {
+  const int64_t count = rows * cols;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < count; idx += stride) {
+    float acc = 0.0f;
+    for (int s = 0; s < splits; ++s) acc += partial[s * count + idx];
+    const int64_t r = idx / cols;
+    const int c = int(idx % cols);
+    T* const dst = r < row_split ? lo + r * cols : hi + (r - row_split) * cols;
+    dst[c] = from_float<T>(acc);
+  }
+}
+
+}  // namespace ei

@@ -1,0 +1,41 @@
+"""The "cuda" backend: the hand-written kernels of csrc/ (ops `ei_kernels_cuda::mor_fwd` and
+`mor_bwd` of the compiled extension), behind the contract of `torch_mor`.
+
+The kernels read dense row-major operands. Inputs are passed through `.contiguous()`, a no-op
+for the usual layouts; a transposed or sliced x (or an expanded dy from autograd) is copied
+once here. float16, bfloat16 and float32 run on the GPU; float64 is refused (backend "torch").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cuda_extension import cuda_extension_info
+from ..spec import MoRSpec
+
+
+def _ops():
+    info = cuda_extension_info()
+    if not info["loaded"]:
+        raise RuntimeError(f"the cuda backend needs the compiled extension: {info['reason']}")
+    return torch.ops.ei_kernels_cuda
+
+
+def _dense(t):
+    return None if t is None else t.contiguous()
+
+
+def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: MoRSpec):
+    return _ops().mor_fwd(
+        x.contiguous(), weight.contiguous(), _dense(bias), lora_a.contiguous(),
+        lora_b.contiguous(), _dense(router_weight), _dense(router_bias),
+        list(spec.ranks), list(spec.scalings), spec.bypass, spec.groups,
+    )
+
+
+def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec, compute_dx):
+    return _ops().mor_bwd(
+        dy.contiguous(), x.contiguous(), probs.contiguous(), weight.contiguous(),
+        lora_a.contiguous(), lora_b.contiguous(), _dense(router_weight),
+        list(spec.ranks), list(spec.scalings), spec.bypass, spec.groups, compute_dx,
+    )
