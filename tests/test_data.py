@@ -325,7 +325,8 @@ def test_mrnet_volumes(tmp_path):
                                     "axial.npy,coronal.npy,float.npy\t\n")
     ds = MultimodalDataset(ann, None, tmp_path, preset, train=False)
     item = ds[0]
-    assert item["axial"].shape == (4, 3, 12, 12)
+    assert item["axial"].shape == (4, 3, 12, 12) and item["axial"].dtype == torch.float32
+    assert ds[1]["sagittal"].dtype == torch.float32
     grey = unnormalise(item["axial"])
     assert torch.allclose(grey[:, 0], grey[:, 1], atol=1e-5)
     assert torch.allclose(grey[:, 0], grey[:, 2], atol=1e-5)
