@@ -1,0 +1,179 @@
+"""The compiled CUDA extension on a machine without a GPU (CI builds it first with
+scripts/build_cuda_ext.sh): it loads, registers the expected op schemas, its fake functions
+give the right shapes, and CPU tensors get a clear error. Plus the build switches of
+csrc/build.py, which need no compiled code."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import ei_kernels
+from ei_kernels import backends, mor_linear
+
+ROOT = Path(__file__).resolve().parent.parent
+INFO = ei_kernels.cuda_extension_info()
+needs_extension = [
+    pytest.mark.cuda_ext,
+    pytest.mark.skipif(not INFO["built"], reason=f"the CUDA extension is not built: {INFO['reason']}"),
+]
+
+FWD_SCHEMA = (
+    "ei_kernels_cuda::mor_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, "
+    "Tensor lora_b, Tensor? router_weight, Tensor? router_bias, int[] ranks, float[] scalings, "
+    "bool bypass, int groups) -> (Tensor, Tensor)"
+)
+BWD_SCHEMA = (
+    "ei_kernels_cuda::mor_bwd(Tensor dy, Tensor x, Tensor probs, Tensor weight, Tensor lora_a, "
+    "Tensor lora_b, Tensor? router_weight, int[] ranks, float[] scalings, bool bypass, "
+    "int groups, bool compute_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+RANKS, SCALINGS = [2, 4, 8], [2.0, 2.0, 2.0]
+
+# (groups, router, bypass, bias)
+CONFIGS = [
+    pytest.param(1, True, True, True, id="default"),
+    pytest.param(3, True, True, True, id="groups3"),
+    pytest.param(1, True, False, False, id="no-bypass-no-bias"),
+    pytest.param(1, False, False, True, id="plain-lora"),
+]
+
+
+def _inputs(n, k, o, groups, router, bypass, bias, dtype=torch.bfloat16, device="cpu"):
+    r, L = sum(RANKS), len(RANKS) + int(bypass)
+
+    def t(*shape):
+        return torch.randn(*shape, dtype=torch.float32).to(dtype=dtype, device=device)
+
+    return dict(
+        x=t(n, k), weight=t(o, k), bias=t(o) if bias else None, lora_a=t(groups * r, k),
+        lora_b=t(o, r), router_weight=t(groups * L, k) if router else None,
+        router_bias=t(groups * L) if router else None,
+    )
+
+
+def _fwd_args(inp, bypass, groups):
+    return (*inp.values(), RANKS, SCALINGS, bypass, groups)
+
+
+def _bwd_args(inp, bypass, groups, compute_dx, logits):
+    x = inp["x"]
+    dy = x.new_empty((x.shape[0], inp["weight"].shape[0]))
+    probs = x.new_empty((x.shape[0], logits), dtype=torch.float32)
+    return (dy, x, probs, inp["weight"], inp["lora_a"], inp["lora_b"], inp["router_weight"],
+            RANKS, SCALINGS, bypass, groups, compute_dx)
+
+
+def test_info_has_the_documented_keys():
+    assert set(INFO) == {"built", "loaded", "path", "reason"}
+    assert (INFO["reason"] is None) == INFO["loaded"]
+
+
+def test_backend_cuda_on_cpu_tensors_is_refused_before_the_op():
+    assert "needs CUDA tensors" in backends.unavailable_reason("cuda", "cpu")
+    inp = _inputs(4, 16, 12, 1, True, True, True, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
+        mor_linear(*inp.values(), ranks=RANKS, scalings=SCALINGS, backend="cuda")
+
+
+class TestCompiledExtension:
+    pytestmark = needs_extension
+
+    def test_loads_from_the_package(self):
+        assert INFO["loaded"], INFO["reason"]
+        assert INFO["reason"] is None
+        assert Path(INFO["path"]).is_file()
+        import ei_kernels._C  # noqa: F401  (imports torch first through the package)
+
+    def test_schemas(self):
+        assert str(torch.ops.ei_kernels_cuda.mor_fwd.default._schema) == FWD_SCHEMA
+        assert str(torch.ops.ei_kernels_cuda.mor_bwd.default._schema) == BWD_SCHEMA
+
+    @pytest.mark.parametrize("groups, router, bypass, bias", CONFIGS)
+    def test_fake_forward_shapes(self, groups, router, bypass, bias):
+        logits = groups * (len(RANKS) + int(bypass)) if router else 0
+        with FakeTensorMode():
+            inp = _inputs(37, 100, 36, groups, router, bypass, bias, device="cuda")
+            y, probs = torch.ops.ei_kernels_cuda.mor_fwd(*_fwd_args(inp, bypass, groups))
+        assert (y.shape, y.dtype, y.device.type) == ((37, 36), torch.bfloat16, "cuda")
+        assert (probs.shape, probs.dtype) == ((37, logits), torch.float32)
+
+    @pytest.mark.parametrize("compute_dx", [True, False])
+    @pytest.mark.parametrize("groups, router, bypass, bias", CONFIGS)
+    def test_fake_backward_shapes(self, groups, router, bypass, bias, compute_dx):
+        logits = groups * (len(RANKS) + int(bypass)) if router else 0
+        with FakeTensorMode():
+            inp = _inputs(37, 100, 36, groups, router, bypass, bias, device="cuda")
+            out = torch.ops.ei_kernels_cuda.mor_bwd(
+                *_bwd_args(inp, bypass, groups, compute_dx, logits)
+            )
+        dx, d_a, d_b, d_rw, d_rb = out
+        assert dx.shape == ((37 if compute_dx else 0), 100)
+        assert d_a.shape == inp["lora_a"].shape and d_b.shape == inp["lora_b"].shape
+        assert d_rw.shape == (logits, 100) and d_rb.shape == (logits,)
+        assert all(t.dtype == torch.bfloat16 for t in out)
+
+    @pytest.mark.parametrize("groups, router, bypass, bias", CONFIGS)
+    def test_opcheck_schema_and_fake_tensor(self, groups, router, bypass, bias):
+        # On meta tensors the "real" op is the registered fake: this checks that it agrees
+        # with the schema (no mutation, no aliasing) and with FakeTensor propagation.
+        logits = groups * (len(RANKS) + int(bypass)) if router else 0
+        inp = _inputs(5, 24, 12, groups, router, bypass, bias, device="meta")
+        tests = ("test_schema", "test_faketensor")
+        torch.library.opcheck(torch.ops.ei_kernels_cuda.mor_fwd.default,
+                              _fwd_args(inp, bypass, groups), test_utils=tests)
+        torch.library.opcheck(torch.ops.ei_kernels_cuda.mor_bwd.default,
+                              _bwd_args(inp, bypass, groups, True, logits), test_utils=tests)
+
+    def test_cpu_tensors_raise_a_clear_error(self):
+        inp = _inputs(4, 16, 12, 1, True, True, True)
+        with pytest.raises(RuntimeError, match="mor_fwd: expected CUDA tensors, got x on cpu"):
+            torch.ops.ei_kernels_cuda.mor_fwd(*_fwd_args(inp, True, 1))
+        with pytest.raises(RuntimeError, match="mor_bwd: expected CUDA tensors, got x on cpu"):
+            torch.ops.ei_kernels_cuda.mor_bwd(*_bwd_args(inp, True, 1, True, 4))
+
+
+def _build_module():
+    spec = importlib.util.spec_from_file_location("ei_cuda_build", ROOT / "csrc" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class TestBuildSwitches:
+    def test_default_targets_are_sm80_sm90a_and_ptx(self, monkeypatch):
+        monkeypatch.delenv("EI_KERNELS_CUDA_ARCHS", raising=False)
+        assert _build_module().gencode_flags() == [
+            "-gencode=arch=compute_80,code=sm_80",
+            "-gencode=arch=compute_90a,code=sm_90a",
+            "-gencode=arch=compute_90,code=compute_90",
+        ]
+
+    def test_targets_can_be_narrowed(self, monkeypatch):
+        monkeypatch.setenv("EI_KERNELS_CUDA_ARCHS", "90a")
+        assert _build_module().gencode_flags() == ["-gencode=arch=compute_90a,code=sm_90a"]
+
+    def test_bad_target_names_the_variable(self, monkeypatch):
+        monkeypatch.setenv("EI_KERNELS_CUDA_ARCHS", "sm90")
+        with pytest.raises(ValueError, match="EI_KERNELS_CUDA_ARCHS"):
+            _build_module().gencode_flags()
+
+    def test_skip_switch_wins(self, monkeypatch):
+        monkeypatch.setenv("EI_KERNELS_SKIP_CUDA_BUILD", "1")
+        monkeypatch.setenv("EI_KERNELS_FORCE_CUDA_BUILD", "1")
+        assert _build_module().build_decision() == (False, "EI_KERNELS_SKIP_CUDA_BUILD=1")
+
+    def test_no_gpu_and_no_force_skips_with_a_reason(self, monkeypatch):
+        monkeypatch.delenv("EI_KERNELS_SKIP_CUDA_BUILD", raising=False)
+        monkeypatch.delenv("EI_KERNELS_FORCE_CUDA_BUILD", raising=False)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        wanted, reason = _build_module().build_decision()
+        assert not wanted and reason
+
+    def test_warnings_are_errors(self):
+        args = _build_module().compile_args()
+        assert "-Werror" in args["cxx"]
+        nvcc = args["nvcc"]
+        assert nvcc[nvcc.index("-Werror") + 1] == "all-warnings"
