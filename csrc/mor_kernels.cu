@@ -13,6 +13,7 @@
 // Every kernel is a template over the element type; this file instantiates each for fp16,
 // bf16 and fp32 through one dtype switch.
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 
 #include "gemm.cuh"
@@ -178,11 +179,22 @@ int splits_for(int64_t tiles, int64_t tokens, int sms) {
   return int(std::clamp<int64_t>(std::min(want, cap), 1, 64));
 }
 
+// SM count per device, queried once: later calls (e.g. inside a CUDA graph capture) make no
+// CUDA API call at all.
+cudaError_t multiprocessor_count(int device, int* sms) {
+  static std::atomic<int> cache[64];
+  const bool cached = device >= 0 && device < 64;
+  if (cached && (*sms = cache[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
+  const cudaError_t err = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess && cached) cache[device].store(*sms, std::memory_order_relaxed);
+  return err;
+}
+
 }  // namespace
 
 cudaError_t plan_reductions(const MorDims& d, int device, ReductionPlan* plan) {
   int sms = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const cudaError_t err = multiprocessor_count(device, &sms);
   if (err != cudaSuccess) return err;
   const auto tiles = [](int64_t rows, int64_t cols, int bm, int bn) {
     return std::max<int64_t>(1, ((rows + bm - 1) / bm) * ((cols + bn - 1) / bn));
