@@ -1,0 +1,70 @@
+"""``ei evaluate``: metrics of a run's trained models on one split, as tables and CSV files."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ei.metrics import compute_metrics, format_table, write_csv
+from ei.train.config import Config
+from ei.train.data import build_splits, make_loader, resolve_preset
+from ei.train.inference import collect_scores, resolve_precision
+from ei.train.pipeline import stage_label
+from ei.train.restore import Restored, restore, trained_stages
+from ei.train.rundir import RunDir, RunDirError
+
+
+def evaluate_stage(restored: Restored, split: str, splits=None) -> dict:
+    config: Config = restored.config
+    splits = splits or build_splits(config, restored.world)
+    loader = make_loader(splits.get(split), config, config.ei.eval_batch_size or config.ei.batch_size,
+                         restored.world, train=False, seed=config.seed)
+    precision = resolve_precision(config.runtime.precision, restored.world.device)
+    scores, targets, _ = collect_scores(restored.model, restored.task, loader, restored.world,
+                                        precision)
+    return compute_metrics(targets, scores, restored.task.multi_label, splits.class_names)
+
+
+def evaluate_run(run_path: str | Path, split: str = "test", stages: list[str] | None = None,
+                 device: str = "auto", out_dir: str | Path | None = None) -> dict[str, dict]:
+    """Metrics of each stage (default: every trained one); prints a table per stage and writes
+    <out_dir or run/eval>/<stage>_<split>.csv."""
+    run = RunDir.open(run_path)
+    config = run.load_config()
+    if stages is None:
+        stages = trained_stages(run, config, resolve_preset(config))
+        if not stages:
+            raise RunDirError(f"no trained model in {run.path} (no best.pt in any stage folder)")
+    out = Path(out_dir) if out_dir is not None else run.path / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    results, splits = {}, None
+    for stage in stages:
+        restored = restore(run.path, stage, device)
+        splits = splits or build_splits(config, restored.world)
+        metrics = evaluate_stage(restored, split, splits)
+        path = out / f"{stage.replace('/', '_')}_{split}.csv"
+        write_csv(metrics, path)
+        print(f"\n{stage_label(stage)} on {split} ({metrics['num_samples']} samples): "
+              f"mAP {metrics['mAP']:.4f}, accuracy {metrics['accuracy']:.4f}")
+        print(format_table(metrics))
+        print(f"-> {path}")
+        results[stage] = metrics
+    return results
+
+
+def _run(args: argparse.Namespace) -> None:
+    evaluate_run(args.run, args.split, None if args.stage == "all" else [args.stage], args.device,
+                 args.out)
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser(
+        "evaluate", help="per-class AP, AUC, sensitivity, specificity, F1, accuracy, mAP",
+        description="Evaluate the best checkpoints of a run on a split of its data.")
+    p.add_argument("run", metavar="RUN", help="a run directory written by ei train")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--stage", default="all",
+                   help="ei, late_fusion, single/<modality> or all (default: every trained one)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", metavar="DIR", help="where the CSV files go (default: RUN/eval)")
+    p.set_defaults(func=_run)

@@ -1,0 +1,81 @@
+"""``ei predict``: class probabilities of every sample of an annotation file, as CSV."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from ei.data import MultimodalDataset
+from ei.train.data import data_root
+from ei.train.inference import collect_scores, resolve_precision
+from ei.train.restore import restore
+from torch.utils.data import DataLoader, SequentialSampler
+
+from ei.data import collate
+
+
+def predict(run_path: str | Path, annotations: str | Path, root: str | Path | None = None,
+            stage: str = "ei", out: str | Path | None = None, device: str = "auto",
+            batch_size: int = 32) -> Path:
+    """Write one CSV row per annotation line: its paths, its labels (if given), a probability
+    per class and the prediction. Returns the CSV path (default RUN/predictions/<file>_<stage>.csv).
+
+    The label field may be empty (the line still needs its TAB): the model does not use it.
+    """
+    restored = restore(run_path, stage, device)
+    config, preset = restored.config, restored.preset
+    root = Path(root) if root is not None else data_root(config, restored.world)
+    labels = root / config.data.labels if config.data.labels else None
+    # Read as multi-label so that an empty label field is accepted; labels are only echoed.
+    dataset = MultimodalDataset(annotations, labels, root,
+                                dataclasses.replace(preset, multi_label=True), train=False,
+                                seed=config.seed)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=SequentialSampler(dataset),
+                        collate_fn=collate, num_workers=config.data.workers)
+    precision = resolve_precision(config.runtime.precision, restored.world.device)
+    scores, _, indices = collect_scores(restored.model, restored.task, loader, restored.world,
+                                        precision)
+
+    names = dataset.class_names
+    out = Path(out) if out is not None else (
+        restored.run.path / "predictions" / f"{Path(annotations).stem}_{stage.replace('/', '_')}.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "line", *preset.modalities, "labels",
+                         *(f"p_{n}" for n in names), "predicted"])
+        for row, i in zip(scores, indices):
+            sample = dataset.samples[i]
+            if preset.multi_label:
+                predicted = ",".join(n for n, p in zip(names, row) if p >= 0.5)
+            else:
+                predicted = names[int(np.argmax(row))]
+            writer.writerow([int(i), sample.line, *(" ".join(p) for p in sample.paths),
+                             ",".join(names[k] for k in sample.labels),
+                             *(f"{p:.6f}" for p in row), predicted])
+    return out
+
+
+def _run(args: argparse.Namespace) -> None:
+    path = predict(args.run, args.annotations, args.root, args.stage, args.out, args.device,
+                   args.batch_size)
+    print(f"Predictions: {path}")
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser(
+        "predict", help="class probabilities per sample to CSV",
+        description="Predict with a trained run on the samples of an annotation file "
+                    "('<paths>\\t<labels, possibly empty>' per line).")
+    p.add_argument("run", metavar="RUN", help="a run directory written by ei train")
+    p.add_argument("--annotations", required=True, metavar="FILE")
+    p.add_argument("--root", metavar="DIR", help="data root of the paths (default: the run's)")
+    p.add_argument("--stage", default="ei", help="ei, late_fusion or single/<modality>")
+    p.add_argument("--out", metavar="CSV")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=_run)

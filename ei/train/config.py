@@ -1,0 +1,333 @@
+"""The run configuration: dataclasses with the reference settings as defaults, YAML loading,
+and dotted ``key=value`` command-line overrides.
+
+Every key and value is checked while the configuration is built, before any data is read or
+model created: an unknown key or a bad value raises :class:`ConfigError` naming the dotted key
+(``single.lr``), so a typo costs a second rather than a training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import timm
+import yaml
+
+from ei.data import get_preset
+from ei.model import ALIASES, MoRConfig
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message starts with the dotted key."""
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class SyntheticConfig:
+    """Parameters of the bundled synthetic dataset (``data.preset: synthetic`` only)."""
+
+    seed: int = 0
+    n_train: int = 600
+    n_val: int = 150
+    n_test: int = 150
+    noise: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("n_train", "n_val", "n_test"):
+            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _check(self.noise >= 0, "noise", f"must be >= 0, got {self.noise}")
+
+
+@dataclass
+class DataConfig:
+    """Where the data is. Annotation and label-map paths are relative to ``root``."""
+
+    preset: str = "synthetic"
+    # None: the synthetic dataset's default location; required for the other presets.
+    root: Optional[str] = None
+    train: str = "train.txt"
+    val: str = "val.txt"
+    test: str = "test.txt"
+    labels: Optional[str] = "labels.json"  # None: the preset's classes in order
+    image_size: Optional[int] = None  # None: the preset's size
+    balanced: bool = False  # repeat samples of rare classes in the training split
+    workers: int = 0  # DataLoader worker processes
+    # Keep decoded items in memory across epochs. Only for splits without random choices:
+    # evaluation splits, and training splits of presets that do not augment.
+    cache: bool = False
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        try:
+            get_preset(self.preset)
+        except ValueError as err:
+            raise ConfigError(f"preset: {err}") from None
+        _check(self.image_size is None or self.image_size >= 1, "image_size",
+               f"must be >= 1, got {self.image_size}")
+        _check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+
+
+@dataclass
+class ModelConfig:
+    """The backbone (any timm ViT or an alias of ei.model.ALIASES), its adaptation, and EI."""
+
+    backbone: str = "dinov2"
+    pretrained: bool = True  # timm's weights (downloaded); False: random init
+    checkpoint: Optional[str] = None  # or a local weight file
+    timm_kwargs: dict = field(default_factory=dict)
+    mor: MoRConfig = field(default_factory=MoRConfig)
+    grad_checkpointing: bool = False  # recompute blocks in backward: less memory, more time
+    inject_layer: Optional[int] = 0  # block the [INT] tokens join before
+    int_position: str = "append"
+    adapter_hidden: int = 384
+
+    def __post_init__(self) -> None:
+        timm_name = ALIASES.get(self.backbone, (self.backbone, {}))[0]
+        _check(timm.is_model(timm_name), "backbone",
+               f"{self.backbone!r} is neither an alias {sorted(ALIASES)} nor a timm model")
+        _check(not (self.pretrained and self.checkpoint), "pretrained",
+               "give one source of weights: pretrained or checkpoint, not both")
+        _check(self.inject_layer is None or self.inject_layer >= 0, "inject_layer",
+               f"must be a block index >= 0 or null (late fusion), got {self.inject_layer}")
+        _check(self.int_position in ("append", "prepend"), "int_position",
+               f"expected 'append' or 'prepend', got {self.int_position!r}")
+
+
+@dataclass
+class LossConfig:
+    """Weights of the EI loss terms (EI_SPEC, Losses)."""
+
+    fused_weight: float = 1.0
+    main_weight: float = 1.0
+    aux_weight: float = 0.3
+    gate_weight: float = 0.1
+    use_aux: bool = True
+    use_gate: bool = True
+    # The modality whose prior is lowered; None: the single-modality model with the best
+    # validation mAP in stage one.
+    best_modality: Optional[str] = None
+    prior_low: float = 1e-3
+
+
+@dataclass
+class OptimConfig:
+    """One stage's optimisation: SGD with momentum, linear warm-up then cosine, per iteration."""
+
+    epochs: int = 50
+    batch_size: int = 8  # per process
+    eval_batch_size: Optional[int] = None  # None: batch_size
+    lr: float = 1e-3
+    momentum: float = 0.95
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-7
+    patience: int = 10  # validations without improvement before stopping; 0: never stop early
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _check(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size",
+               f"must be >= 1, got {self.eval_batch_size}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _check(self.patience >= 0, "patience", f"must be >= 0, got {self.patience}")
+
+
+@dataclass
+class RuntimeConfig:
+    """How to run: none of these change what is computed, except precision."""
+
+    device: str = "auto"  # auto: cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
+    precision: str = "auto"  # auto: bf16 autocast on CUDA when supported, else fp32
+    threads: Optional[int] = None  # CPU threads per process; None: torch's default
+    progress: bool = True
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
+
+    def __post_init__(self) -> None:
+        _check(self.precision in PRECISIONS, "precision",
+               f"expected one of {PRECISIONS}, got {self.precision!r}")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               "device", f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
+
+
+@dataclass
+class Config:
+    name: str = "ei"
+    seed: int = 0
+    out_dir: str = "runs"  # a run goes to <out_dir>/<name>-<timestamp> unless --run-dir is given
+    late_fusion: bool = True  # also train the late-fusion baseline (EI without [INT] tokens)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    single: OptimConfig = field(default_factory=OptimConfig)  # stage one: per modality
+    ei: OptimConfig = field(default_factory=OptimConfig)  # stage two: EI and late fusion
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        modalities = get_preset(self.data.preset).modalities
+        best = self.loss.best_modality
+        _check(best is None or best in modalities, "loss.best_modality",
+               f"{best!r} is not a modality of preset {self.data.preset!r}: {list(modalities)}")
+        _check(self.data.root is not None or self.data.preset == "synthetic", "data.root",
+               f"preset {self.data.preset!r} needs the directory of its data")
+
+    @property
+    def image_size(self) -> int:
+        return self.data.image_size or get_preset(self.data.preset).image_size
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass conversion with checked keys and types
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """`value` as type `hint`, or ConfigError naming `key`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {hint.__name__} fields, got {value!r}")
+        return from_dict(hint, value, key + ".")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: expected {' or '.join(map(_type_name, args))}, got {value!r}")
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        # YAML 1.1 reads 1e-3 (no dot) as a string: accept any number-like text.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    raise TypeError(f"{key}: no conversion for type {hint!r}")  # a bug in a dataclass, not input
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`; missing keys take their defaults."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; expected one of {', '.join(names)}")
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        # Errors of __post_init__ name the field; give them the full dotted path.
+        raise ConfigError(f"{prefix}{err}") from None
+    except (ValueError, TypeError, KeyError) as err:
+        # Dataclasses of the model layer raise their own errors ("mor.mode: ...").
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def to_dict(config: Any) -> dict:
+    """Plain YAML-able data (tuples become lists) that `from_dict` turns back into `config`."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted keys in nested `data` from ``key=value`` strings; values are YAML."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. single.epochs=3")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: cannot read value {text!r} ({err})") from None
+        parts = key.split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file (if any) <- overrides."""
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(Config, apply_overrides(data, list(overrides)))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,56 @@
+"""Scores of a model on a loader, gathered from every rank: what validation, evaluation and
+prediction all compute."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .config import ConfigError
+from .distributed import World, all_gather_objects
+from .tasks import probabilities, to_device
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a resolved precision (fp32, bf16 or fp16)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """auto: bf16 on a CUDA device that supports it, else fp32. fp16 needs CUDA."""
+    if requested == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if cuda_bf16 else "fp32"
+    if requested == "fp16" and device.type != "cuda":
+        raise ConfigError(f"runtime.precision: fp16 needs a CUDA device, the run uses {device}")
+    return requested
+
+
+@torch.no_grad()
+def collect_scores(model: nn.Module, task, loader: DataLoader, world: World, precision: str,
+                   progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores (N, K), targets, sample indices), sorted by index, over the whole dataset."""
+    model.eval()
+    scores, targets, indices = [], [], []
+    for batch in loader:
+        batch = to_device(batch, world.device)
+        with autocast(world.device, precision):
+            logits = task.logits(model, batch)
+        scores.append(probabilities(logits, task.multi_label).cpu())
+        targets.append(batch["label"].cpu())
+        indices.append(batch["index"].cpu())
+        if progress is not None:
+            progress.update(len(batch["index"]))
+    local = (torch.cat(scores).numpy(), torch.cat(targets).numpy(), torch.cat(indices).numpy())
+    parts = all_gather_objects(local, world)
+    s, t, i = (np.concatenate([p[k] for p in parts]) for k in range(3))
+    # A padded shard repeats samples: keep the first copy of each index.
+    i, first = np.unique(i, return_index=True)
+    return s[first], t[first], i

@@ -1,0 +1,239 @@
+"""One stage's training: epochs of SGD, validation every epoch, best checkpoint by val mAP,
+early stopping, and a checkpoint at every epoch end that a killed run resumes from.
+
+Files in the stage directory (written by rank 0 only):
+  last.pt        full training state at the end of the last finished epoch (resume point)
+  best.pt        the model's state dict at its best validation mAP
+  metrics.jsonl  one record per epoch; rewritten from the checkpointed history, so a resumed
+                 run never has duplicate or orphaned lines
+  curves.png     training curves, drawn when the stage ends
+
+Why a resume ends exactly where an uninterrupted run would: the data order comes from
+DistributedSampler(seed, epoch), each sample's augmentation from (seed, epoch, index), the
+learning rate from the iteration count, and every RNG state, the optimizer's momentum and the
+model are saved at the epoch end the resumed run restarts from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ei.metrics import compute_metrics
+
+from . import checkpoint
+from .config import OptimConfig
+from .curves import plot_curves
+from .distributed import World, barrier
+from .inference import autocast, collect_scores
+from .schedule import WarmupCosine
+from .tasks import to_device
+
+
+@dataclass
+class StageSpec:
+    """What a stage needs besides its model: where it writes, its task, how it runs."""
+
+    name: str
+    directory: Path
+    task: object
+    optim: OptimConfig
+    world: World
+    precision: str  # resolved: fp32, bf16 or fp16
+    seed: int
+    progress: bool = True
+    find_unused_parameters: bool = False
+
+
+def _metrics_summary(metrics: dict) -> dict:
+    return {"mAP": metrics["mAP"], "accuracy": metrics["accuracy"], "mAUC": metrics["mAUC"]}
+
+
+def _fmt(value: float) -> str:
+    return "nan" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+class StageTrainer:
+    def __init__(self, spec: StageSpec, model: nn.Module, train_loader, val_loader,
+                 class_names: list[str]) -> None:
+        self.spec, self.model, self.class_names = spec, model, class_names
+        self.train_loader, self.val_loader = train_loader, val_loader
+        world, optim = spec.world, spec.optim
+        model.to(world.device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"{spec.name}: the model has no trainable parameter")
+        self.net = model
+        if world.distributed:
+            ids = [world.device.index] if world.device.type == "cuda" else None
+            self.net = DistributedDataParallel(model, device_ids=ids,
+                                               find_unused_parameters=spec.find_unused_parameters)
+        self.optimizer = torch.optim.SGD(self.params, lr=optim.lr, momentum=optim.momentum,
+                                         weight_decay=optim.weight_decay)
+        per_epoch = len(train_loader)
+        self.scheduler = WarmupCosine(self.optimizer, optim.lr, optim.min_lr,
+                                      warmup=round(optim.warmup_epochs * per_epoch),
+                                      total=optim.epochs * per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda") if spec.precision == "fp16" else None
+        self.epoch = 0  # epochs finished
+        self.best = -math.inf
+        self.best_epoch = -1
+        self.bad_epochs = 0  # validations since the last improvement
+        self.stopped = False
+        self.history: list[dict] = []
+
+    # -- checkpointing ----------------------------------------------------------------------
+
+    @property
+    def last_path(self) -> Path:
+        return self.spec.directory / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.spec.directory / "best.pt"
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "rng": checkpoint.rng_state(),
+            "epoch": self.epoch,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "stopped": self.stopped,
+            "history": json.dumps(self.history),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        self.epoch, self.best = state["epoch"], state["best"]
+        self.best_epoch, self.bad_epochs = state["best_epoch"], state["bad_epochs"]
+        self.stopped, self.history = state["stopped"], json.loads(state["history"])
+
+    def resume_if_possible(self) -> bool:
+        """Load last.pt when the stage has one; every rank reads the same file."""
+        if not self.last_path.is_file():
+            return False
+        self.load_state_dict(checkpoint.load(self.last_path))
+        return True
+
+    def _write_epoch_files(self, improved: bool) -> None:
+        if not self.spec.world.is_main:
+            return
+        # best.pt first: if the run dies between the two writes, the resumed run redoes this
+        # epoch and writes the same best.pt again.
+        if improved:
+            checkpoint.atomic_save(self.model.state_dict(), self.best_path)
+        checkpoint.atomic_save(self.state_dict(), self.last_path)
+        lines = "".join(json.dumps(record) + "\n" for record in self.history)
+        checkpoint.atomic_write_text(lines, self.spec.directory / "metrics.jsonl")
+
+    # -- training ---------------------------------------------------------------------------
+
+    def _bar(self, total: int, desc: str, unit: str = "sample"):
+        show = self.spec.progress and self.spec.world.is_main
+        return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not show,
+                    dynamic_ncols=True)
+
+    def train_epoch(self) -> dict:
+        spec, world, loader = self.spec, self.spec.world, self.train_loader
+        loader.sampler.set_epoch(self.epoch)
+        # Augmentation and random image choices are seeded by the dataset's epoch.
+        dataset = loader.dataset
+        while not hasattr(dataset, "set_epoch") and hasattr(dataset, "dataset"):
+            dataset = dataset.dataset
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.epoch)
+
+        self.net.train()
+        totals: dict[str, float] = {}
+        seen, start = 0, time.perf_counter()
+        desc = f"{spec.name} epoch {self.epoch + 1}/{spec.optim.epochs}"
+        with self._bar(len(loader.sampler), desc) as bar:
+            for batch in loader:
+                batch = to_device(batch, world.device)
+                with autocast(world.device, spec.precision):
+                    loss, terms = spec.task.loss(self.net, batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    self.optimizer.step()
+                self.scheduler.step()
+                n = len(batch["index"])
+                seen += n
+                for key, value in {"loss": loss.detach(), **terms}.items():
+                    totals[key] = totals.get(key, 0.0) + float(value) * n
+                rate = seen * world.size / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
+                bar.update(n)
+        elapsed = time.perf_counter() - start
+        # Loss means of this rank's shard; the shards are the same size, close enough for a log.
+        record = {f"train_{k}": v / max(1, seen) for k, v in totals.items()}
+        record["samples_per_s"] = seen * world.size / elapsed
+        return record
+
+    def validate(self) -> dict:
+        bar = self._bar(len(self.val_loader.sampler), f"{self.spec.name} validation")
+        with bar:
+            scores, targets, _ = collect_scores(self.net, self.spec.task, self.val_loader,
+                                                self.spec.world, self.spec.precision, bar)
+        return compute_metrics(targets, scores, self.spec.task.multi_label, self.class_names)
+
+    def fit(self) -> dict:
+        """Train until the epochs are done or early stopping; returns the stage summary."""
+        spec = self.spec
+        if spec.world.is_main:
+            spec.directory.mkdir(parents=True, exist_ok=True)
+        barrier(spec.world)
+        while self.epoch < spec.optim.epochs and not self.stopped:
+            start = time.perf_counter()
+            record = {"epoch": self.epoch + 1, "lr": self.scheduler.lr, **self.train_epoch()}
+            val = self.validate()
+            record.update({f"val_{k}": v for k, v in _metrics_summary(val).items()})
+            # nan (no positive in the split) never counts as an improvement, except that the
+            # first epoch always gives a best.pt to evaluate.
+            improved = self.best_epoch < 0 or val["mAP"] > self.best
+            if improved:
+                self.best = val["mAP"] if not math.isnan(val["mAP"]) else -math.inf
+                self.best_epoch, self.bad_epochs = self.epoch + 1, 0
+            else:
+                self.bad_epochs += 1
+            self.epoch += 1
+            patience = spec.optim.patience
+            self.stopped = patience > 0 and self.bad_epochs >= patience
+            record["seconds"] = time.perf_counter() - start
+            self.history.append(record)
+            self._write_epoch_files(improved)
+            if spec.world.is_main and spec.progress:
+                tqdm.write(
+                    f"{spec.name} epoch {self.epoch}/{spec.optim.epochs}: loss "
+                    f"{record['train_loss']:.4f}, val mAP {_fmt(val['mAP'])} acc "
+                    f"{_fmt(val['accuracy'])} (best {_fmt(self.best)} at epoch {self.best_epoch}), "
+                    f"{record['samples_per_s']:.0f} samples/s"
+                    + (", early stop" if self.stopped else "")
+                )
+            barrier(spec.world)
+        if spec.world.is_main:
+            plot_curves(self.history, spec.directory / "curves.png", spec.name)
+        return {"best_epoch": self.best_epoch, "best_val_mAP": self.best,
+                "epochs_run": self.epoch, "stopped_early": self.stopped}

@@ -1,0 +1,49 @@
+"""Rebuild a trained stage's model from a run directory, for evaluate, predict and attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ei.data import Preset
+from ei.model import load_strict
+
+from . import checkpoint
+from .config import Config, ConfigError
+from .data import resolve_preset
+from .distributed import World, pick_device
+from .models import build_model, build_task, stage_names
+from .rundir import RunDir
+
+
+@dataclass
+class Restored:
+    run: RunDir
+    config: Config
+    preset: Preset
+    stage: str
+    model: nn.Module
+    task: object
+    world: World
+
+
+def trained_stages(run: RunDir, config: Config, preset: Preset) -> list[str]:
+    return [s for s in stage_names(config, preset) if (run.stage_dir(s) / "best.pt").is_file()]
+
+
+def restore(run_path, stage: str, device: str = "auto") -> Restored:
+    """The best checkpoint of `stage` in the run at `run_path`, on `device`, in eval mode."""
+    run = RunDir.open(run_path)
+    config = run.load_config()
+    preset = resolve_preset(config)
+    known = stage_names(config, preset)
+    if stage not in known:
+        raise ConfigError(f"stage: {stage!r} is not a stage of this run; its stages: {', '.join(known)}")
+    path = run.checkpoint(stage)
+    # Weights come from the checkpoint: no pretrained download, no backbone file needed.
+    model = build_model(config, preset, stage, with_weights=False)
+    load_strict(model, checkpoint.load(path), f"{stage} checkpoint {path}")
+    world = World(device=pick_device(device, 0))
+    model.to(world.device).eval()
+    return Restored(run, config, preset, stage, model, build_task(config, preset, stage), world)
