@@ -51,7 +51,7 @@ def poisoned(monkeypatch):
     return triton_mor
 
 
-def _make(n, cfg, dtype, seed=0):
+def _make(n, cfg, dtype, seed=0, o=O):
     gen = torch.Generator().manual_seed(seed)
     G = cfg.get("groups", 1)
     router, bypass = cfg.get("router", True), cfg.get("bypass", True)
@@ -62,14 +62,14 @@ def _make(n, cfg, dtype, seed=0):
 
     inputs = dict(
         x=rnd(n, K),
-        weight=rnd(O, K, scale=K ** -0.5),
-        bias=rnd(O) if cfg.get("bias", True) else None,
+        weight=rnd(o, K, scale=K ** -0.5),
+        bias=rnd(o) if cfg.get("bias", True) else None,
         lora_a=rnd(G * r, K, scale=K ** -0.5),
-        lora_b=rnd(O, r, scale=0.5),
+        lora_b=rnd(o, r, scale=0.5),
         router_weight=rnd(G * L, K, scale=2 * K ** -0.5) if router else None,
         router_bias=rnd(G * L) if router else None,
     )
-    dy = rnd(n, O)
+    dy = rnd(n, o)
     return inputs, dy
 
 
@@ -134,6 +134,19 @@ def test_forward_and_grads_match_torch_and_fp64(variant, n, dtype):
     assert grads.keys() == grads_t.keys()
     for name in grads:
         _check(name, grads[name], grads_t[name], grads_x[name], dtype)
+
+
+@pytest.mark.parametrize("variant", ["default", "groups3"])
+def test_more_output_tiles_than_dx_column_tiles(variant):
+    """O=72: each backward column tile takes several of the dB tiles of a group."""
+    cfg = VARIANTS[variant]
+    inputs, dy = _make(33, cfg, torch.float32, o=72)
+    y, probs, grads = _run("triton", inputs, dy, cfg)
+    y_t, probs_t, grads_t = _run("torch", inputs, dy, cfg)
+    y_x, probs_x, grads_x = _run("torch", inputs, dy, cfg, dtype=torch.float64)
+    _check("y", y, y_t, y_x, torch.float32)
+    for name in grads:
+        _check(name, grads[name], grads_t[name], grads_x[name], torch.float32)
 
 
 def _direct_inputs(n=33, cfg=None, dtype=torch.float32):

@@ -6,8 +6,8 @@ path: a new shape never triggers benchmarking, only (at most) one compilation.
 
 Block meanings per kernel (every kernel tiles tokens by `block_m`):
     fwd       block_n: output columns per tile (inside one group), block_k: step over K.
-    bwd_rows  block_n: step over one group's output columns (the dy loop), block_k: step over K.
-    bwd_dx    block_n: dx columns (over K) per tile, block_k: step over O (the dy W reduction).
+    bwd       block_n: dx columns (over K) per tile, block_k: step over O (the dy loops) and over
+              K (the u recompute).
 """
 
 from __future__ import annotations
@@ -42,14 +42,10 @@ _SM90 = {
     ("fwd", "16", "small"): _C(64, 128, 64, 4, 4),
     ("fwd", "32", "large"): _C(128, 128, 32, 8, 3),
     ("fwd", "32", "small"): _C(64, 128, 32, 4, 3),
-    ("bwd_rows", "16", "large"): _C(64, 64, 64, 4, 3),
-    ("bwd_rows", "16", "small"): _C(32, 64, 64, 4, 3),
-    ("bwd_rows", "32", "large"): _C(64, 64, 32, 4, 3),
-    ("bwd_rows", "32", "small"): _C(32, 64, 32, 4, 3),
-    ("bwd_dx", "16", "large"): _C(128, 128, 64, 8, 4),
-    ("bwd_dx", "16", "small"): _C(64, 128, 64, 4, 4),
-    ("bwd_dx", "32", "large"): _C(128, 128, 32, 8, 3),
-    ("bwd_dx", "32", "small"): _C(64, 128, 32, 4, 3),
+    ("bwd", "16", "large"): _C(128, 128, 64, 8, 4),
+    ("bwd", "16", "small"): _C(64, 128, 64, 4, 4),
+    ("bwd", "32", "large"): _C(128, 128, 32, 8, 3),
+    ("bwd", "32", "small"): _C(64, 128, 32, 4, 3),
 }
 
 # sm80 (A100: 164 KiB shared memory; sm86/sm89 have about 100 KiB, hence BK=32 and 3 stages).
@@ -58,22 +54,17 @@ _SM80 = {
     ("fwd", "16", "small"): _C(64, 128, 32, 4, 3),
     ("fwd", "32", "large"): _C(128, 64, 32, 4, 3),
     ("fwd", "32", "small"): _C(64, 64, 32, 4, 3),
-    ("bwd_rows", "16", "large"): _C(64, 64, 32, 4, 3),
-    ("bwd_rows", "16", "small"): _C(32, 64, 32, 4, 3),
-    ("bwd_rows", "32", "large"): _C(64, 32, 32, 4, 3),
-    ("bwd_rows", "32", "small"): _C(32, 32, 32, 4, 3),
-    ("bwd_dx", "16", "large"): _C(128, 128, 32, 8, 3),
-    ("bwd_dx", "16", "small"): _C(64, 128, 32, 4, 3),
-    ("bwd_dx", "32", "large"): _C(128, 64, 32, 4, 3),
-    ("bwd_dx", "32", "small"): _C(64, 64, 32, 4, 3),
+    ("bwd", "16", "large"): _C(128, 128, 32, 8, 3),
+    ("bwd", "16", "small"): _C(64, 128, 32, 4, 3),
+    ("bwd", "32", "large"): _C(128, 64, 32, 4, 3),
+    ("bwd", "32", "small"): _C(64, 64, 32, 4, 3),
 }
 
 # TRITON_INTERPRET=1 on CPU: the smallest tiles tl.dot accepts, so that the tiny test shapes
 # (K=40, O=24, N=33) cross several tiles and every masked edge is exercised.
 _INTERPRETER = {
     "fwd": _C(16, 16, 32, 1, 1),
-    "bwd_rows": _C(16, 16, 32, 1, 1),
-    "bwd_dx": _C(16, 32, 16, 1, 1, group_m=2),
+    "bwd": _C(16, 16, 16, 1, 1, group_m=2),
 }
 
 TABLES = {"sm80": _SM80, "sm90": _SM90}

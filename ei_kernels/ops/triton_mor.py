@@ -1,6 +1,6 @@
 """The "triton" backend: fused MoR forward and backward kernels (MOR_MATH.md), Liger style.
 
-Same contract as `torch_mor` (forward / backward). Three kernels:
+Same contract as `torch_mor` (forward / backward). Two kernels:
 
 `_mor_fwd_kernel` (one pass over x). A tile is BLOCK_M tokens x BLOCK_N output columns of
     ONE group g (tiles never straddle groups: the grid is rows x groups x tiles per group, a
@@ -10,19 +10,22 @@ Same contract as `torch_mor` (forward / backward). Three kernels:
     z = u * coef, the rank-r expand z B_g^T into the same accumulator, bias, one store of y.
     The tile of a group's first columns also stores p. Every column tile recomputes the shrink
     of its rows: 2 * BLOCK_M * K * (BLOCK_R + BLOCK_L) extra MMA work per tile (12.5 % of a
-    128 x 256 tile for r + L <= 32), cheaper than the two-kernel form, whose separate shrink
-    kernel reads x once more from HBM (a second N x K read is about a third of the base GEMM's
-    time at ViT-B widths, where that GEMM is close to memory bound).
-`_mor_bwd_rows_kernel` (one program per token block and group). Recomputes u = x A_g^T (the op
-    saves only x and p), z = u * coef; one read of the group's dy columns gives both
-    g = dy B_g and the dB_g = dy^T z contribution of these tokens; then the fp32 softmax
-    backward. Stores d_shrink = [du | dl] (x.dtype, N x G*(r+L): the operand of the next
-    kernel) and the per-block contributions to dB and dc.
-`_mor_bwd_dx_kernel` (one program per token block and dx column tile). dx = dy W + d_shrink
-    [A_cat; R] as one GEMM whose reduction over O is extended by the G*(r+L) shrink columns;
-    its epilogue loads the x tile of the same (rows, columns) and adds d_shrink^T x, the tile's
-    contribution to dA_cat and dR: the "one reduction over x" rides on the dgrad GEMM's grid.
-    Without dx (x needs no gradient) only that reduction runs.
+    128 x 256 tile for r + L <= 32). The two-kernel form (a shrink kernel, then the GEMM with z
+    as a K-extension) would save that work but reads x once more from HBM, about a third of the
+    base GEMM's time at ViT-B widths where that GEMM is close to memory bound; it is not used.
+`_mor_bwd_kernel` (one pass over dy; W frozen, no dW). A tile is BLOCK_M tokens x BLOCK_N
+    columns of dx. Per group: recompute u = x A_g^T over all K (the op saves x and p only; the
+    x rows are shared by the row block's column tiles, so they come mostly from L2) and
+    z = u * coef; then one loop over the group's dy columns accumulates both the dgrad GEMM
+    dy W and g = dy B_g from the same dy tile. Epilogue per group: du, the fp32 softmax
+    backward dl, the K-extension [du | dl] [A_g; R_g] of dx, and this tile's share of the
+    weight gradients from the x tile of the same (rows, columns): dA_g = du^T x, dR_g = dl^T x;
+    dB_g = dy^T z is split over the row block's column tiles (each takes every NUM_N_TILES-th
+    dy tile of the group, re-read from L2), dc is summed by the first column tile. Nothing of
+    size N x (r + L) goes through HBM. Each column tile redoes u and g, about
+    2 * 16 / BLOCK_N extra MMA work over the dgrad GEMM, instead of a separate pass that
+    would read x and dy again from HBM. Without dx (x needs no gradient) the dy W GEMM and the
+    K-extension are compiled out.
 
 Token reductions (dB, dA_cat, dR, dc) accumulate in fp32. `DETERMINISTIC` (default True; env
 EI_KERNELS_TRITON_DETERMINISTIC=0 turns it off) writes one fp32 slot per token block and sums
@@ -165,103 +168,21 @@ def _mor_fwd_kernel(
 
 
 @triton.jit
-def _mor_bwd_rows_kernel(
-    x_ptr, dy_ptr, p_ptr, a_ptr, b_ptr, col_logit_ptr, col_scale_ptr,
-    ds_ptr, db_ptr, dc_ptr,
-    N, K, OG, G,
-    stride_xm, stride_xk, stride_dym, stride_dyo, stride_pm, stride_pl,
-    stride_am, stride_ak, stride_bo, stride_br, stride_dsm,
-    stride_db_slot, stride_dc_slot,
-    R: tl.constexpr, L: tl.constexpr, ROUTER: tl.constexpr, USE_ATOMICS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+def _mor_bwd_kernel(
+    x_ptr, dy_ptr, p_ptr, w_ptr, a_ptr, rw_ptr, b_ptr, col_logit_ptr, col_scale_ptr,
+    dx_ptr, dar_ptr, db_ptr, dc_ptr,
+    N, K, OG, G, NUM_N_TILES, O_TILES,
+    stride_xm, stride_xk, stride_dym, stride_dyo, stride_pm, stride_pl, stride_wo, stride_wk,
+    stride_am, stride_ak, stride_rm, stride_rk, stride_bo, stride_br, stride_dxm, stride_dxk,
+    stride_dar_slot, stride_db_slot, stride_dc_slot,
+    R: tl.constexpr, L: tl.constexpr, ROUTER: tl.constexpr, COMPUTE_DX: tl.constexpr,
+    USE_ATOMICS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
-):
-    # The groups of one token block are neighbouring programs: they share the x rows in L2.
-    pid = tl.program_id(0)
-    g = pid % G
-    pid_m = pid // G
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    rows64 = rows.to(tl.int64)
-    cr = tl.arange(0, BLOCK_R)
-    r_ok = cr < R
-    cl = tl.arange(0, BLOCK_L)
-    l_ok = cl < L
-
-    # u = x A_g^T, recomputed (the forward saves x and p only).
-    acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-        a = tl.load(a_ptr + (g * R + cr)[None, :] * stride_am + ks[:, None] * stride_ak,
-                    mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, BR]
-        acc_u = tl.dot(x, a, acc_u, input_precision=DOT_PRECISION)
-
-    col_logit = tl.load(col_logit_ptr + cr, mask=r_ok, other=-1)  # [BR]
-    col_scale = tl.load(col_scale_ptr + cr, mask=r_ok, other=0.0)  # [BR]
-    # Rows past N and padded columns load p = 0, so they contribute nothing below.
-    p = tl.load(p_ptr + rows64[:, None] * stride_pm + (g * L + cl)[None, :] * stride_pl,
-                mask=row_ok[:, None] & l_ok[None, :], other=0.0)  # [BM, BL] fp32
-    coef = _mor_branch_coef(p, col_logit, col_scale, L, ROUTER, BLOCK_L)  # [BM, BR]
-    z = (acc_u * coef).to(x_ptr.dtype.element_ty)  # the forward's z, for dB = dy^T z
-
-    # One read of the group's dy columns: g = dy B_g and this block's share of dB_g.
-    acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for o0 in range(0, OG, BLOCK_N):
-        cols = g * OG + o0 + tl.arange(0, BLOCK_N)
-        o_ok = o0 + tl.arange(0, BLOCK_N) < OG
-        dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + cols[None, :] * stride_dyo,
-                     mask=row_ok[:, None] & o_ok[None, :], other=0.0)  # [BM, BN]
-        b = tl.load(b_ptr + cols[:, None] * stride_bo + cr[None, :] * stride_br,
-                    mask=o_ok[:, None] & r_ok[None, :], other=0.0)  # [BN, BR]
-        acc_g = tl.dot(dy, b, acc_g, input_precision=DOT_PRECISION)
-        db = tl.dot(tl.trans(dy), z, input_precision=DOT_PRECISION)  # [BN, BR] fp32
-        db_ptrs = db_ptr + pid_m * stride_db_slot + cols[:, None] * R + cr[None, :]
-        db_mask = o_ok[:, None] & r_ok[None, :]
-        if USE_ATOMICS:
-            tl.atomic_add(db_ptrs, db, mask=db_mask)
-        else:
-            tl.store(db_ptrs, db, mask=db_mask)
-
-    du = acc_g * coef  # [BM, BR]
-    ds_row = ds_ptr + rows64[:, None] * stride_dsm
-    tl.store(ds_row + (g * R + cr)[None, :], du.to(ds_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & r_ok[None, :])
-    if ROUTER:
-        # dp_k = s_k * sum_{j in branch k} g_j u_j (dp of the bypass stays 0), then the softmax
-        # backward dl = p * (dp - sum_i p_i dp_i), all in fp32.
-        gu = acc_g * acc_u * col_scale[None, :]  # [BM, BR]
-        dp = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
-        for c in tl.static_range(L):
-            dp_c = tl.sum(tl.where(col_logit[None, :] == c, gu, 0.0), axis=1)  # [BM]
-            dp = tl.where(cl[None, :] == c, dp_c[:, None], dp)
-        dl = p * (dp - tl.sum(p * dp, axis=1)[:, None])  # [BM, BL]
-        tl.store(ds_row + (G * R + g * L + cl)[None, :], dl.to(ds_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & l_ok[None, :])
-        dc_ptrs = dc_ptr + pid_m * stride_dc_slot + g * L + cl
-        if USE_ATOMICS:
-            tl.atomic_add(dc_ptrs, tl.sum(dl, axis=0), mask=l_ok)
-        else:
-            tl.store(dc_ptrs, tl.sum(dl, axis=0), mask=l_ok)
-
-
-@triton.jit
-def _mor_bwd_dx_kernel(
-    dy_ptr, w_ptr, ds_ptr, a_ptr, rw_ptr, x_ptr, dx_ptr, dar_ptr,
-    N, K, O, EA, ET, NUM_K_TILES,
-    stride_dym, stride_dyo, stride_wo, stride_wk, stride_dsm, stride_am, stride_ak,
-    stride_rm, stride_rk, stride_xm, stride_xk, stride_dxm, stride_dxk, stride_dar_slot,
-    COMPUTE_DX: tl.constexpr, USE_ATOMICS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(N, BLOCK_M)
-    width = GROUP_M * NUM_K_TILES
+    width = GROUP_M * NUM_N_TILES
     first_m = (pid // width) * GROUP_M
     size_m = min(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % size_m
@@ -269,43 +190,113 @@ def _mor_bwd_dx_kernel(
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
-    rows64 = rows.to(tl.int64)
+    rows64 = rows.to(tl.int64)  # N * stride can exceed 2**31
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # dx columns, i.e. over K
     col_ok = cols < K
+    cr = tl.arange(0, BLOCK_R)
+    r_ok = cr < R
+    cl = tl.arange(0, BLOCK_L)
+    l_ok = cl < L
+    col_logit = tl.load(col_logit_ptr + cr, mask=r_ok, other=-1)  # [BR]
+    col_scale = tl.load(col_scale_ptr + cr, mask=r_ok, other=0.0)  # [BR]
+    dtype = x_ptr.dtype.element_ty
 
-    if COMPUTE_DX:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for o0 in range(0, O, BLOCK_K):
-            offs_o = o0 + tl.arange(0, BLOCK_K)
-            o_ok = offs_o < O
-            dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + offs_o[None, :] * stride_dyo,
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for grp in range(G):
+        # u = x A_grp^T over all of K, recomputed (the op saves x and p only); these x rows are
+        # read by all column tiles of the row block at about the same time, so mostly from L2.
+        acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+            a = tl.load(a_ptr + (grp * R + cr)[None, :] * stride_am + ks[:, None] * stride_ak,
+                        mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, BR]
+            acc_u = tl.dot(x, a, acc_u, input_precision=DOT_PRECISION)
+        # Rows past N and padded columns load p = 0, so they contribute nothing below.
+        p = tl.load(p_ptr + rows64[:, None] * stride_pm + (grp * L + cl)[None, :] * stride_pl,
+                    mask=row_ok[:, None] & l_ok[None, :], other=0.0)  # [BM, BL] fp32
+        coef = _mor_branch_coef(p, col_logit, col_scale, L, ROUTER, BLOCK_L)  # [BM, BR]
+        z = (acc_u * coef).to(dtype)  # the forward's z, for dB = dy^T z
+
+        # The group's dy columns: g = dy B_grp, and the dgrad GEMM dy W on the same tiles.
+        acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for t in range(0, O_TILES):
+            o_loc = t * BLOCK_K + tl.arange(0, BLOCK_K)
+            o_ok = o_loc < OG
+            os_ = grp * OG + o_loc
+            dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + os_[None, :] * stride_dyo,
                          mask=row_ok[:, None] & o_ok[None, :], other=0.0)  # [BM, BK]
-            w = tl.load(w_ptr + offs_o[:, None] * stride_wo + cols[None, :] * stride_wk,
-                        mask=o_ok[:, None] & col_ok[None, :], other=0.0)  # [BK, BN]
-            acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+            b = tl.load(b_ptr + os_[:, None] * stride_bo + cr[None, :] * stride_br,
+                        mask=o_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, BR]
+            acc_g = tl.dot(dy, b, acc_g, input_precision=DOT_PRECISION)
+            if COMPUTE_DX:
+                w = tl.load(w_ptr + os_[:, None] * stride_wo + cols[None, :] * stride_wk,
+                            mask=o_ok[:, None] & col_ok[None, :], other=0.0)  # [BK, BN]
+                acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
 
-    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk,
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [BM, BN]
-    # The K-extension: shrink columns e < EA are rows of A_cat, EA <= e < ET rows of R.
-    for e0 in range(0, ET, BLOCK_E):
-        es = e0 + tl.arange(0, BLOCK_E)
-        e_ok = es < ET
-        ds = tl.load(ds_ptr + rows64[:, None] * stride_dsm + es[None, :],
-                     mask=row_ok[:, None] & e_ok[None, :], other=0.0)  # [BM, BE]
+        # dB_grp = dy^T z: every column tile of the row block takes every NUM_N_TILES-th dy
+        # tile of the group (re-read from L2), so this block's share is computed exactly once
+        # and the main loop above stays free of conditionals.
+        first = (pid_n + NUM_N_TILES - (grp * O_TILES) % NUM_N_TILES) % NUM_N_TILES
+        for t in range(first, O_TILES, NUM_N_TILES):
+            o_loc = t * BLOCK_K + tl.arange(0, BLOCK_K)
+            o_ok = o_loc < OG
+            os_ = grp * OG + o_loc
+            dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + os_[None, :] * stride_dyo,
+                         mask=row_ok[:, None] & o_ok[None, :], other=0.0)  # [BM, BK]
+            db = tl.dot(tl.trans(dy), z, input_precision=DOT_PRECISION)  # [BK, BR] fp32
+            db_ptrs = db_ptr + pid_m * stride_db_slot + os_[:, None] * R + cr[None, :]
+            if USE_ATOMICS:
+                tl.atomic_add(db_ptrs, db, mask=o_ok[:, None] & r_ok[None, :])
+            else:
+                tl.store(db_ptrs, db, mask=o_ok[:, None] & r_ok[None, :])
+
+        # du, and the dx K-extension and dA_grp share of this tile: rounded to the input dtype
+        # first, as the torch backend does.
+        x_tile = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk,
+                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [BM, BN]
+        du = (acc_g * coef).to(dtype)  # [BM, BR]
         if COMPUTE_DX:
-            is_a = es < EA
-            ar = tl.load(a_ptr + es[:, None] * stride_am + cols[None, :] * stride_ak,
-                         mask=is_a[:, None] & col_ok[None, :], other=0.0)  # [BE, BN]
-            ar += tl.load(rw_ptr + (es - EA)[:, None] * stride_rm + cols[None, :] * stride_rk,
-                          mask=(~is_a & e_ok)[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(ds, ar, acc, input_precision=DOT_PRECISION)
-        dar = tl.dot(tl.trans(ds), x, input_precision=DOT_PRECISION)  # [BE, BN] fp32
-        dar_ptrs = dar_ptr + pid_m * stride_dar_slot + es[:, None] * K + cols[None, :]
-        dar_mask = e_ok[:, None] & col_ok[None, :]
+            a = tl.load(a_ptr + (grp * R + cr)[:, None] * stride_am + cols[None, :] * stride_ak,
+                        mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # [BR, BN]
+            acc = tl.dot(du, a, acc, input_precision=DOT_PRECISION)
+        da = tl.dot(tl.trans(du), x_tile, input_precision=DOT_PRECISION)  # [BR, BN] fp32
+        da_ptrs = dar_ptr + pid_m * stride_dar_slot + (grp * R + cr)[:, None] * K + cols[None, :]
         if USE_ATOMICS:
-            tl.atomic_add(dar_ptrs, dar, mask=dar_mask)
+            tl.atomic_add(da_ptrs, da, mask=r_ok[:, None] & col_ok[None, :])
         else:
-            tl.store(dar_ptrs, dar, mask=dar_mask)
+            tl.store(da_ptrs, da, mask=r_ok[:, None] & col_ok[None, :])
+
+        if ROUTER:
+            # dp_k = s_k * sum_{j in branch k} g_j u_j (dp of the bypass stays 0), then the
+            # softmax backward dl = p * (dp - sum_i p_i dp_i), all in fp32.
+            gu = acc_g * acc_u * col_scale[None, :]  # [BM, BR]
+            dp = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
+            for c in tl.static_range(L):
+                dp_c = tl.sum(tl.where(col_logit[None, :] == c, gu, 0.0), axis=1)  # [BM]
+                dp = tl.where(cl[None, :] == c, dp_c[:, None], dp)
+            dl = p * (dp - tl.sum(p * dp, axis=1)[:, None])  # [BM, BL] fp32
+            # dc: the row block's sum, stored by its first column tile only.
+            dc_ptrs = dc_ptr + pid_m * stride_dc_slot + grp * L + cl
+            if USE_ATOMICS:
+                tl.atomic_add(dc_ptrs, tl.sum(dl, axis=0), mask=l_ok & (pid_n == 0))
+            else:
+                tl.store(dc_ptrs, tl.sum(dl, axis=0), mask=l_ok & (pid_n == 0))
+            dl_c = dl.to(dtype)
+            if COMPUTE_DX:
+                rw = tl.load(rw_ptr + (grp * L + cl)[:, None] * stride_rm
+                             + cols[None, :] * stride_rk,
+                             mask=l_ok[:, None] & col_ok[None, :], other=0.0)  # [BL, BN]
+                acc = tl.dot(dl_c, rw, acc, input_precision=DOT_PRECISION)
+            dr = tl.dot(tl.trans(dl_c), x_tile, input_precision=DOT_PRECISION)  # [BL, BN]
+            dr_ptrs = (dar_ptr + pid_m * stride_dar_slot + (G * R + grp * L + cl)[:, None] * K
+                       + cols[None, :])
+            if USE_ATOMICS:
+                tl.atomic_add(dr_ptrs, dr, mask=l_ok[:, None] & col_ok[None, :])
+            else:
+                tl.store(dr_ptrs, dr, mask=l_ok[:, None] & col_ok[None, :])
 
     if COMPUTE_DX:
         tl.store(dx_ptr + rows64[:, None] * stride_dxm + cols[None, :] * stride_dxk,
@@ -412,60 +403,45 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
     n, k = x.shape
     o = weight.shape[0]
     G, R, L = spec.groups, spec.rank, spec.num_logits
-    ea, et = G * R, G * (R + L)
     dev, dtype = x.device, x.dtype
     if n == 0:  # no tokens: every weight gradient is an empty sum
         return (
             x.new_empty((0, k)), torch.zeros_like(lora_a), torch.zeros_like(lora_b),
             x.new_zeros((G * L, k)), x.new_zeros((G * L,)),
         )
+    og = o // G
+    cfg = _config("bwd", x)
+    blocks = triton.cdiv(n, cfg.block_m)
+    # At least one column tile, so that dB and dc are computed even when K == 0.
+    n_tiles = max(1, triton.cdiv(k, cfg.block_n))
     col_logit, col_scale = _branch_table(spec, dev)
-    precision = _dot_precision(x)
-
-    rows_cfg = _config("bwd_rows", x)
-    rows_blocks = triton.cdiv(n, rows_cfg.block_m)
-    d_shrink = _alloc((n, et), dtype, dev)
-    db_buf = _reduction_buffer(rows_blocks, (o, R), dev)
-    dc_buf = _reduction_buffer(rows_blocks, (G * L,), dev)
-    _mor_bwd_rows_kernel[(rows_blocks * G,)](
-        x, dy, probs, lora_a, lora_b, col_logit, col_scale, d_shrink, db_buf, dc_buf,
-        n, k, o // G, G,
-        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-        probs.stride(0), probs.stride(1),
-        lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
-        d_shrink.stride(0),
-        db_buf.stride(0) if DETERMINISTIC else 0, dc_buf.stride(0) if DETERMINISTIC else 0,
-        R=R, L=L, ROUTER=spec.router, USE_ATOMICS=not DETERMINISTIC, DOT_PRECISION=precision,
-        BLOCK_M=rows_cfg.block_m, BLOCK_N=rows_cfg.block_n, BLOCK_K=rows_cfg.block_k,
-        BLOCK_R=_pad(R), BLOCK_L=_pad(L),
-        num_warps=rows_cfg.num_warps, num_stages=rows_cfg.num_stages,
-    )
-
-    dx_cfg = _config("bwd_dx", x)
-    dx_blocks = triton.cdiv(n, dx_cfg.block_m)
-    k_tiles = max(1, triton.cdiv(k, dx_cfg.block_n))
     dx = _alloc((n, k) if compute_dx else (0, k), dtype, dev)
-    dar_buf = _reduction_buffer(dx_blocks, (et, k), dev)
-    rw = router_weight if router_weight is not None else lora_a  # never read when L == 0
-    _mor_bwd_dx_kernel[(dx_blocks * k_tiles,)](
-        dy, weight, d_shrink, lora_a, rw, x, dx if compute_dx else x, dar_buf,
-        n, k, o, ea, et, k_tiles,
-        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), d_shrink.stride(0),
-        lora_a.stride(0), lora_a.stride(1), rw.stride(0), rw.stride(1),
-        x.stride(0), x.stride(1),
+    dar_buf = _reduction_buffer(blocks, (G * (R + L), k), dev)
+    db_buf = _reduction_buffer(blocks, (o, R), dev)
+    dc_buf = _reduction_buffer(blocks, (G * L,), dev)
+    rw = router_weight if router_weight is not None else lora_a  # never read without router
+    slot = (lambda buf: buf.stride(0)) if DETERMINISTIC else (lambda buf: 0)
+    _mor_bwd_kernel[(blocks * n_tiles,)](
+        x, dy, probs, weight, lora_a, rw, lora_b, col_logit, col_scale,
+        dx if compute_dx else x, dar_buf, db_buf, dc_buf,
+        n, k, og, G, n_tiles, triton.cdiv(og, cfg.block_k),
+        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), probs.stride(0), probs.stride(1),
+        weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
+        rw.stride(0), rw.stride(1), lora_b.stride(0), lora_b.stride(1),
         dx.stride(0) if compute_dx else 0, dx.stride(1) if compute_dx else 0,
-        dar_buf.stride(0) if DETERMINISTIC else 0,
-        COMPUTE_DX=compute_dx, USE_ATOMICS=not DETERMINISTIC, DOT_PRECISION=precision,
-        BLOCK_M=dx_cfg.block_m, BLOCK_N=dx_cfg.block_n, BLOCK_K=dx_cfg.block_k,
-        BLOCK_E=min(64, _pad(et)), GROUP_M=dx_cfg.group_m,
-        num_warps=dx_cfg.num_warps, num_stages=dx_cfg.num_stages,
+        slot(dar_buf), slot(db_buf), slot(dc_buf),
+        R=R, L=L, ROUTER=spec.router, COMPUTE_DX=compute_dx, USE_ATOMICS=not DETERMINISTIC,
+        DOT_PRECISION=_dot_precision(x),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_R=_pad(R), BLOCK_L=_pad(L), GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
     # Slot sums run in a fixed order (torch reductions use no atomics): reproducible.
     d_shrink_weight = dar_buf.sum(0)  # [G*(r+L), K] fp32
-    d_lora_a = d_shrink_weight[:ea].to(dtype)
+    d_lora_a = d_shrink_weight[: G * R].to(dtype)
     # Op outputs must not alias each other (for fp32 `.to` would return views of one tensor).
-    d_router_weight = d_shrink_weight[ea:].to(dtype, copy=True)
+    d_router_weight = d_shrink_weight[G * R :].to(dtype, copy=True)
     d_lora_b = db_buf.sum(0).to(dtype)
     d_router_bias = dc_buf.sum(0).to(dtype)
     return dx, d_lora_a, d_lora_b, d_router_weight, d_router_bias
