@@ -53,7 +53,7 @@ def _upsample(grid: torch.Tensor, backbone) -> torch.Tensor:
 
 def _image(x: torch.Tensor) -> torch.Tensor:
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
-    return (x.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
+    return (x.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
 @torch.no_grad()
@@ -102,7 +102,7 @@ def draw(run_path: str | Path, out_dir: str | Path, split: str = "test", count: 
             panels = [("image", None), ("CLS attention without [INT]", maps["without"][n]),
                       (f"with [INT] ({maps['int_share'][n]:.0%} on [INT])", maps["with"][n])]
             # One colour scale for both maps of a row, so that they compare.
-            overlays = [_upsample(g.float().cpu(), backbone) for _, g in panels[1:]]
+            overlays = [_upsample(g.float().cpu(), backbone).numpy() for _, g in panels[1:]]
             low = min(float(o.min()) for o in overlays)
             high = max(float(o.max()) for o in overlays)
             for col, (title, _) in enumerate(panels):

@@ -17,7 +17,8 @@ from .distributed import World, barrier
 class CachedDataset(Dataset):
     """Keeps each decoded item after its first use. Only for splits whose items never change
     (no augmentation, no random image or slice choice): then a cached item is exactly what the
-    dataset would return again, and reading PNGs no longer costs every epoch."""
+    dataset would return again, and reading PNGs no longer costs every epoch and stage.
+    Other attributes (samples, targets, class_names, ...) are the wrapped dataset's."""
 
     def __init__(self, dataset: MultimodalDataset) -> None:
         self.dataset = dataset
@@ -25,6 +26,12 @@ class CachedDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        # Only called for attributes not found on the wrapper itself.
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
     def __getitem__(self, index: int):
         if self.items[index] is None:
@@ -66,12 +73,12 @@ def data_root(config: Config, world: World) -> Path:
 class Splits:
     preset: Preset
     root: Path
-    train: MultimodalDataset
-    val: MultimodalDataset
-    test: MultimodalDataset
+    train: Dataset  # MultimodalDataset, or a CachedDataset of one
+    val: Dataset
+    test: Dataset
     class_names: list[str]
 
-    def get(self, split: str) -> MultimodalDataset:
+    def get(self, split: str) -> Dataset:
         if split not in ("train", "val", "test"):
             raise ValueError(f"split: expected train, val or test, got {split!r}")
         return getattr(self, split)
@@ -80,7 +87,9 @@ class Splits:
 def open_dataset(config: Config, root: Path, preset: Preset, annotations: str | Path,
                  train: bool) -> MultimodalDataset:
     labels = root / config.data.labels if config.data.labels else None
-    return MultimodalDataset(root / annotations, labels, root, preset, train=train, seed=config.seed)
+    dataset = MultimodalDataset(root / annotations, labels, root, preset, train=train,
+                                seed=config.seed)
+    return CachedDataset(dataset) if config.data.cache and is_deterministic(dataset) else dataset
 
 
 def build_splits(config: Config, world: World) -> Splits:
@@ -92,13 +101,11 @@ def build_splits(config: Config, world: World) -> Splits:
     return Splits(preset, root, train, val, test, train.class_names)
 
 
-def make_loader(dataset: MultimodalDataset, config: Config, batch_size: int, world: World,
+def make_loader(dataset: Dataset, config: Config, batch_size: int, world: World,
                 train: bool, seed: int) -> DataLoader:
     """A loader sharded over the world's ranks. The sampler's order depends on (seed, epoch)
     only, so an epoch is the same after a resume; call loader.sampler.set_epoch(epoch)."""
-    source: Dataset = dataset
-    if config.data.cache and is_deterministic(dataset):
-        source = CachedDataset(dataset)
+    source = dataset
     if train and config.data.balanced:
         source = Subset(source, balanced_indices(dataset.targets))
     # Evaluation shards are padded to equal size by repeating samples; the gathered results are

@@ -88,7 +88,7 @@ def run_stage(stage: str, config: Config, splits: Splits, run: RunDir, world: Wo
     val_loader = make_loader(splits.val, config, optim.eval_batch_size or optim.batch_size, world,
                              train=False, seed=seed)
     trainer = StageTrainer(spec, model, train_loader, val_loader, splits.class_names)
-    if trainer.resume_if_possible() and world.is_main and config.runtime.progress:
+    if trainer.resume_if_possible() and world.is_main:
         print(f"{stage}: resumed after epoch {trainer.epoch}", flush=True)
     summary = trainer.fit()
 

@@ -1,0 +1,221 @@
+"""ei.train: configuration, schedule, atomic checkpoints, and a micro end-to-end run with
+evaluate, predict and attention on its run directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ei.data import ensure_synthetic_dataset
+from ei.train import checkpoint
+from ei.train.config import Config, ConfigError, load_config, save_config
+from ei.train.schedule import WarmupCosine, lr_at
+from micro_run import MICRO, write_micro_config
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    syn = MICRO["data"]["synthetic"]
+    return ensure_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic", **syn)
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+def test_defaults_are_the_reference_settings():
+    c = Config()
+    assert (c.single.lr, c.single.momentum, c.single.weight_decay, c.single.batch_size) == (
+        1e-3, 0.95, 1e-4, 8)
+    assert (c.single.epochs, c.single.warmup_epochs, c.single.min_lr, c.single.patience) == (
+        50, 1.0, 1e-7, 10)
+    assert (c.loss.aux_weight, c.loss.gate_weight, c.loss.prior_low) == (0.3, 0.1, 1e-3)
+    assert c.model.mor.targets == ("fc1", "fc2") and c.model.inject_layer == 0
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    # 1e-3 without a dot is a string in YAML 1.1: it must still be read as a number.
+    path.write_text("single: {lr: 1e-3, epochs: 3}\nmodel: {mor: {targets: [fc1]}}\n")
+    c = load_config(path, ["single.epochs=5", "ei.lr=0.5", "model.inject_layer=null",
+                           "model.mor.ranks=[2,4]", "model.timm_kwargs={depth: 2}"])
+    assert c.single.lr == 1e-3 and c.single.epochs == 5 and c.ei.lr == 0.5
+    assert c.model.inject_layer is None and c.model.mor.targets == ("fc1",)
+    assert c.model.mor.ranks == (2, 4) and c.model.timm_kwargs == {"depth": 2}
+
+
+def test_saved_config_loads_back_equal(tmp_path):
+    c = load_config(None, ["single.epochs=7", "model.mor.targets=[qkv,fc1]", "data.image_size=16"])
+    save_config(c, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == c
+
+
+@pytest.mark.parametrize("override, key", [
+    ("single.lrr=1", "single.lrr"),
+    ("single.lr=fast", "single.lr"),
+    ("single.lr=-1", "single.lr"),
+    ("single.epochs=2.5", "single.epochs"),
+    ("ei.batch_size=0", "ei.batch_size"),
+    ("runtime.precision=fp8", "runtime.precision"),
+    ("runtime.device=tpu", "runtime.device"),
+    ("model.backbone=no_such_vit", "model.backbone"),
+    ("model.mor.mode=adapter", "model.mor"),
+    ("model.mor.ranks=4", "model.mor.ranks"),
+    ("data.preset=imagenet", "data.preset"),
+    ("data.preset=derm7pt", "data.root"),
+    ("loss.best_modality=oct", "loss.best_modality"),
+    ("late_fusion=maybe", "late_fusion"),
+    ("single=3", "single"),
+    ("single.lr.x=1", "single.lr"),
+])
+def test_bad_keys_and_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key}\b"):
+        load_config(None, [override])
+
+
+def test_bad_files_name_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="nothere.yaml"):
+        load_config(tmp_path / "nothere.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("single: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["single.epochs"])
+
+
+# -- schedule ------------------------------------------------------------------------------
+
+
+def test_schedule_warms_up_linearly_then_follows_the_cosine():
+    base, floor, warmup, total = 0.1, 1e-7, 10, 111
+    lrs = [lr_at(i, base, floor, warmup, total) for i in range(total + 5)]
+    assert lrs[0] == pytest.approx(base / warmup)
+    assert lrs[4] == pytest.approx(base * 5 / warmup)
+    assert lrs[warmup - 1] == pytest.approx(base) and lrs[warmup] == pytest.approx(base)
+    middle = warmup + (total - 1 - warmup) // 2
+    assert lrs[middle] == pytest.approx((base + floor) / 2, rel=1e-3)
+    assert lrs[total - 1] == pytest.approx(floor) and lrs[total + 4] == pytest.approx(floor)
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
+
+
+def test_scheduler_state_resumes_the_same_curve():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    s = WarmupCosine(opt, 0.1, 0.0, 3, 20)
+    for _ in range(7):
+        s.step()
+    opt2 = torch.optim.SGD([p], lr=1.0)
+    s2 = WarmupCosine(opt2, 0.1, 0.0, 3, 20)
+    s2.load_state_dict(s.state_dict())
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == lr_at(7, 0.1, 0.0, 3, 20)
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.atomic_save({"epoch": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    state = checkpoint.load(path)
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope.pt")):
+        checkpoint.load(tmp_path / "nope.pt")
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    checkpoint.atomic_save({"rng": checkpoint.rng_state()}, tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "rng.pt")["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    assert got[2] == expected[2]
+
+
+# -- end to end ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory, data_root):
+    from ei.cli import main
+
+    tmp = tmp_path_factory.mktemp("run")
+    config = write_micro_config(tmp, data_root)
+    assert main(["train", str(config), "--run-dir", str(tmp / "run")]) == 0
+    return tmp / "run"
+
+
+def test_training_writes_every_stage(micro_run, capsys):
+    stages = ["single/locator", "single/appearance", "ei", "late_fusion"]
+    for stage in stages:
+        d = micro_run.joinpath(*stage.split("/"))
+        for name in ("last.pt", "best.pt", "metrics.jsonl", "curves.png", "result.json"):
+            assert (d / name).is_file(), d / name
+        records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in records] == [1, 2]
+        assert all(math.isfinite(r["train_loss"]) for r in records)
+    rows = json.loads((micro_run / "summary.json").read_text())
+    assert [r["stage"] for r in rows] == stages
+    assert all(0 <= r["test_mAP"] <= 1 and 0 <= r["test_accuracy"] <= 1 for r in rows)
+    ei_result = json.loads((micro_run / "ei" / "result.json").read_text())
+    assert ei_result["best_modality"] in ("locator", "appearance")
+
+
+def test_evaluate_prints_and_writes_per_class_metrics(micro_run, capsys):
+    from ei.cli import main
+
+    assert main(["evaluate", str(micro_run), "--split", "test", "--stage", "ei"]) == 0
+    out = capsys.readouterr().out
+    assert "EI on test (12 samples)" in out and "overall" in out
+    with open(micro_run / "eval" / "ei_test.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["class"] for r in rows] == ["horizontal", "vertical", "checker", "solid", "overall"]
+    assert set(rows[0]) >= {"ap", "auc", "sensitivity", "specificity", "f1", "accuracy"}
+    summary = json.loads((micro_run / "summary.json").read_text())
+    ei_row = next(r for r in summary if r["stage"] == "ei")
+    assert float(rows[-1]["ap"]) == pytest.approx(ei_row["test_mAP"])
+
+
+def test_predict_writes_probabilities_for_unlabelled_lines(micro_run, data_root, tmp_path):
+    from ei.cli import main
+
+    lines = (data_root / "test.txt").read_text().splitlines()[:5]
+    unlabelled = tmp_path / "new.txt"
+    unlabelled.write_text("".join(line.split("\t")[0] + "\t\n" for line in lines))
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(micro_run), "--annotations", str(unlabelled), "--root",
+                 str(data_root), "--out", str(out)]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 and all(r["labels"] == "" for r in rows)
+    probs = np.array([[float(r[f"p_{c}"]) for c in ("horizontal", "vertical", "checker", "solid")]
+                      for r in rows])
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_attention_overlays_exist(micro_run, tmp_path):
+    from ei.cli import main
+
+    assert main(["attention", str(micro_run), "--out", str(tmp_path / "att"), "--count", "2"]) == 0
+    pngs = sorted((tmp_path / "att").glob("*.png"))
+    assert len(pngs) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
