@@ -71,12 +71,14 @@ def _mor_branch_coef(
     col_scale,  # [BLOCK_R] fp32: s_k of each rank column (0: padding)
     L: tl.constexpr,
     ROUTER: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
     """[BLOCK_M, BLOCK_R] fp32 p_k(j) * s_k(j) per rank column j (s_k(j) alone without router)."""
     if ROUTER:
         cl = tl.arange(0, BLOCK_L)
-        coef = tl.zeros((p.shape[0], col_logit.shape[0]), dtype=tl.float32)
+        coef = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         # A register tensor cannot be gathered along columns: broadcast p_c to the rank columns
         # of branch c, one router output at a time (L is 2..5 in practice).
         for c in tl.static_range(L):
@@ -84,7 +86,7 @@ def _mor_branch_coef(
             coef = tl.where(col_logit[None, :] == c, p_c[:, None], coef)
         return coef * col_scale[None, :]
     else:
-        return tl.zeros((p.shape[0], col_scale.shape[0]), dtype=tl.float32) + col_scale[None, :]
+        return tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32) + col_scale[None, :]
 
 
 @triton.jit
@@ -156,7 +158,7 @@ def _mor_fwd_kernel(
         # The group's first column tile owns the probabilities of these rows.
         tl.store(p_ptr + rows64[:, None] * stride_pm + (g * L + cl)[None, :] * stride_pl, p,
                  mask=row_ok[:, None] & l_ok[None, :] & (tile == 0))
-    coef = _mor_branch_coef(p, col_logit, col_scale, L, ROUTER, BLOCK_L)
+    coef = _mor_branch_coef(p, col_logit, col_scale, L, ROUTER, BLOCK_M, BLOCK_R, BLOCK_L)
     z = (acc_u * coef).to(x_ptr.dtype.element_ty)  # [BM, BR], rounded like the torch backend
     bt = tl.load(b_ptr + cols[None, :] * stride_bo + cr[:, None] * stride_br,
                  mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # [BR, BN]
@@ -200,6 +202,8 @@ def _mor_bwd_kernel(
     col_logit = tl.load(col_logit_ptr + cr, mask=r_ok, other=-1)  # [BR]
     col_scale = tl.load(col_scale_ptr + cr, mask=r_ok, other=0.0)  # [BR]
     dtype = x_ptr.dtype.element_ty
+    # This row block's fp32 slot of the reduction buffers (all slots alias one in atomic mode).
+    slot = pid_m.to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for grp in range(G):
@@ -217,7 +221,7 @@ def _mor_bwd_kernel(
         # Rows past N and padded columns load p = 0, so they contribute nothing below.
         p = tl.load(p_ptr + rows64[:, None] * stride_pm + (grp * L + cl)[None, :] * stride_pl,
                     mask=row_ok[:, None] & l_ok[None, :], other=0.0)  # [BM, BL] fp32
-        coef = _mor_branch_coef(p, col_logit, col_scale, L, ROUTER, BLOCK_L)  # [BM, BR]
+        coef = _mor_branch_coef(p, col_logit, col_scale, L, ROUTER, BLOCK_M, BLOCK_R, BLOCK_L)
         z = (acc_u * coef).to(dtype)  # the forward's z, for dB = dy^T z
 
         # The group's dy columns: g = dy B_grp, and the dgrad GEMM dy W on the same tiles.
@@ -247,7 +251,7 @@ def _mor_bwd_kernel(
             dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + os_[None, :] * stride_dyo,
                          mask=row_ok[:, None] & o_ok[None, :], other=0.0)  # [BM, BK]
             db = tl.dot(tl.trans(dy), z, input_precision=DOT_PRECISION)  # [BK, BR] fp32
-            db_ptrs = db_ptr + pid_m * stride_db_slot + os_[:, None] * R + cr[None, :]
+            db_ptrs = db_ptr + slot * stride_db_slot + os_[:, None] * R + cr[None, :]
             if USE_ATOMICS:
                 tl.atomic_add(db_ptrs, db, mask=o_ok[:, None] & r_ok[None, :])
             else:
@@ -259,11 +263,12 @@ def _mor_bwd_kernel(
                          mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [BM, BN]
         du = (acc_g * coef).to(dtype)  # [BM, BR]
         if COMPUTE_DX:
-            a = tl.load(a_ptr + (grp * R + cr)[:, None] * stride_am + cols[None, :] * stride_ak,
-                        mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # [BR, BN]
-            acc = tl.dot(du, a, acc, input_precision=DOT_PRECISION)
+            a_cols = tl.load(a_ptr + (grp * R + cr)[:, None] * stride_am
+                             + cols[None, :] * stride_ak,
+                             mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # [BR, BN]
+            acc = tl.dot(du, a_cols, acc, input_precision=DOT_PRECISION)
         da = tl.dot(tl.trans(du), x_tile, input_precision=DOT_PRECISION)  # [BR, BN] fp32
-        da_ptrs = dar_ptr + pid_m * stride_dar_slot + (grp * R + cr)[:, None] * K + cols[None, :]
+        da_ptrs = dar_ptr + slot * stride_dar_slot + (grp * R + cr)[:, None] * K + cols[None, :]
         if USE_ATOMICS:
             tl.atomic_add(da_ptrs, da, mask=r_ok[:, None] & col_ok[None, :])
         else:
@@ -279,19 +284,19 @@ def _mor_bwd_kernel(
                 dp = tl.where(cl[None, :] == c, dp_c[:, None], dp)
             dl = p * (dp - tl.sum(p * dp, axis=1)[:, None])  # [BM, BL] fp32
             # dc: the row block's sum, stored by its first column tile only.
-            dc_ptrs = dc_ptr + pid_m * stride_dc_slot + grp * L + cl
+            dc_ptrs = dc_ptr + slot * stride_dc_slot + grp * L + cl
             if USE_ATOMICS:
                 tl.atomic_add(dc_ptrs, tl.sum(dl, axis=0), mask=l_ok & (pid_n == 0))
             else:
                 tl.store(dc_ptrs, tl.sum(dl, axis=0), mask=l_ok & (pid_n == 0))
             dl_c = dl.to(dtype)
             if COMPUTE_DX:
-                rw = tl.load(rw_ptr + (grp * L + cl)[:, None] * stride_rm
-                             + cols[None, :] * stride_rk,
-                             mask=l_ok[:, None] & col_ok[None, :], other=0.0)  # [BL, BN]
-                acc = tl.dot(dl_c, rw, acc, input_precision=DOT_PRECISION)
+                rw_cols = tl.load(rw_ptr + (grp * L + cl)[:, None] * stride_rm
+                                  + cols[None, :] * stride_rk,
+                                  mask=l_ok[:, None] & col_ok[None, :], other=0.0)  # [BL, BN]
+                acc = tl.dot(dl_c, rw_cols, acc, input_precision=DOT_PRECISION)
             dr = tl.dot(tl.trans(dl_c), x_tile, input_precision=DOT_PRECISION)  # [BL, BN]
-            dr_ptrs = (dar_ptr + pid_m * stride_dar_slot + (G * R + grp * L + cl)[:, None] * K
+            dr_ptrs = (dar_ptr + slot * stride_dar_slot + (G * R + grp * L + cl)[:, None] * K
                        + cols[None, :])
             if USE_ATOMICS:
                 tl.atomic_add(dr_ptrs, dr, mask=l_ok[:, None] & col_ok[None, :])
