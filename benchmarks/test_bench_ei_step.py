@@ -1,7 +1,8 @@
 """One EI training step (M=2, I=1, batch 8): authors-style eager MoR layers vs our fused layers.
 
 GPU (when present): the paper's setting, DINOv2 ViT-B/14 at 448 px, bf16 autocast; peak memory
-is torch.cuda.max_memory_allocated over one step (weights, gradients and SGD state included).
+is torch.cuda.max_memory_allocated over one step (weights, gradients and SGD state included);
+a last case adds activation checkpointing to the default fused backend.
 CPU: fp32, a ViT-S-like backbone (384 wide, 6 blocks, patch 16) at 96 px; the memory figure is
 the bytes of the tensors autograd saves for backward in one forward (unique storages, frozen
 weights excluded): the activation memory a step holds at its peak, not the process RSS.
@@ -13,6 +14,7 @@ EI_BENCH_QUICK=1: a toy size and 2 rounds, to check that the benchmark runs.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -35,6 +37,9 @@ ROUNDS = 2 if QUICK else 5
 # The Triton interpreter on CPU is a correctness tool, far too slow to time a model with.
 BACKENDS = [b for b in available_backends(DEVICE) if not (DEVICE.type == "cpu" and b == "triton")]
 IMPLS = ["eager", *BACKENDS]
+if DEVICE.type == "cuda":
+    # Activation checkpointing, for cards with less memory: the cost in time of the saving.
+    IMPLS.append("auto+checkpointing")
 _medians: dict[str, float] = {}
 
 pytestmark = pytest.mark.benchmark(group=f"ei_step_{DEVICE.type}", warmup=False)
@@ -77,7 +82,9 @@ def saved_activation_bytes(step_forward) -> int:
 @pytest.mark.parametrize("impl", IMPLS)
 def test_ei_train_step(benchmark, impl):
     torch.manual_seed(0)
-    config = EIConfig(("a", "b"), CLASSES, backbone=BACKBONE)
+    backend, _, checkpointing = impl.partition("+")
+    backbone = replace(BACKBONE, grad_checkpointing=bool(checkpointing))
+    config = EIConfig(("a", "b"), CLASSES, backbone=backbone)
     with torch.device(DEVICE):
         model = EIModel(config)
     g = torch.Generator().manual_seed(1)
@@ -98,7 +105,7 @@ def test_ei_train_step(benchmark, impl):
     else:
         for layer in model.modules():
             if isinstance(layer, FusedMoRLinear):
-                layer.backend = impl
+                layer.backend = backend
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=1e-3, momentum=0.95, weight_decay=1e-4)
 

@@ -302,10 +302,31 @@ def test_reference_checkpoint_that_does_not_fit():
         load_reference_state_dict(lora, state)
 
 
-def test_timm_and_original_dinov2_checkpoints(tmp_path):
+def _openai_clip_layout(state: dict) -> dict:
+    """A timm CLIP ViT's state dict in OpenAI's original layout (the inverse of timm's filter),
+    with a projection head and a text tower that loading must ignore."""
+    swaps = [("patch_embed.proj", "conv1"), ("blocks.", "transformer.resblocks."),
+             ("norm_pre", "ln_pre"), ("attn.qkv.", "attn.in_proj_"), ("attn.proj", "attn.out_proj"),
+             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"), ("norm1", "ln_1"), ("norm2", "ln_2")]
+    out = {"visual.proj": torch.randn(64, 16), "token_embedding.weight": torch.randn(10, 16)}
+    for key, value in state.items():
+        if key == "cls_token":
+            key, value = "class_embedding", value.reshape(-1)
+        elif key == "pos_embed":
+            key, value = "positional_embedding", value[0]
+        elif key.startswith("norm."):
+            key = "ln_post." + key[len("norm."):]
+        for timm_name, openai_name in swaps:
+            key = key.replace(timm_name, openai_name)
+        out["visual." + key] = value
+    return out
+
+
+def test_timm_and_original_checkpoints(tmp_path):
+    x = torch.randn(2, 3, SIZE, SIZE)
     torch.manual_seed(0)
-    source = create_vit("tiny", SIZE).eval()
-    state = source.state_dict()
+    dinov2 = create_vit("tiny", SIZE).eval()
+    state = dinov2.state_dict()
     torch.save({"state_dict": state}, tmp_path / "timm.pth")
     # The original DINOv2 layout: registers as register_tokens, a position embedding entry for
     # the CLS token, a mask token; timm's filter converts it back.
@@ -313,9 +334,12 @@ def test_timm_and_original_dinov2_checkpoints(tmp_path):
     original.update(register_tokens=state["reg_token"], mask_token=torch.zeros(1, 64),
                     pos_embed=torch.cat([torch.zeros(1, 1, 64), state["pos_embed"]], 1))
     torch.save(original, tmp_path / "dinov2.pth")
-    x = torch.randn(2, 3, SIZE, SIZE)
-    for file in ("timm.pth", "dinov2.pth"):
-        loaded = create_vit("tiny", SIZE, checkpoint=tmp_path / file).eval()
+    clip = create_vit("clip", SIZE, **TINY_CLIP).eval()
+    torch.save(_openai_clip_layout(clip.state_dict()), tmp_path / "clip.pth")
+    for name, kwargs, source, file in [("tiny", {}, dinov2, "timm.pth"),
+                                       ("tiny", {}, dinov2, "dinov2.pth"),
+                                       ("clip", TINY_CLIP, clip, "clip.pth")]:
+        loaded = create_vit(name, SIZE, checkpoint=tmp_path / file, **kwargs).eval()
         with torch.no_grad():
             torch.testing.assert_close(loaded.forward_features(x), source.forward_features(x))
     with pytest.raises(KeyError, match="checkpoint"):

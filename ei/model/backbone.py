@@ -26,6 +26,8 @@ from .checkpoint import load_strict, read_state_dict
 from .mor import MoRConfig, apply_mor
 
 DINOV2 = "vit_base_patch14_reg4_dinov2"
+# The name the reference uses. OpenAI trained with QuickGELU, which this timm variant replaces
+# by GELU; "vit_base_patch16_clip_quickgelu_224.openai" is the activation-exact one.
 CLIP = "vit_base_patch16_clip_224.openai"
 # Short names -> (timm model name, architecture overrides).
 ALIASES: dict[str, tuple[str, dict]] = {
