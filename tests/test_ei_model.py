@@ -8,7 +8,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -104,7 +103,8 @@ def test_gradient_routing():
     target = torch.tensor([0, 2])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     # Backbones are frozen except their MoR tensors.
-    backbone = _under(trainable, "aux.", "main.") - _under(trainable, *(f"aux.{m}.classifier" for m in mods))
+    classifiers = _under(trainable, *(f"aux.{m}.classifier" for m in mods))
+    backbone = _under(trainable, "aux.", "main.") - classifiers
     assert backbone and all(n.rsplit(".", 1)[1] in {"lora_a", "lora_b", "router_weight",
                                                     "router_bias"} for n in backbone)
 
@@ -307,7 +307,8 @@ def _openai_clip_layout(state: dict) -> dict:
     with a projection head and a text tower that loading must ignore."""
     swaps = [("patch_embed.proj", "conv1"), ("blocks.", "transformer.resblocks."),
              ("norm_pre", "ln_pre"), ("attn.qkv.", "attn.in_proj_"), ("attn.proj", "attn.out_proj"),
-             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"), ("norm1", "ln_1"), ("norm2", "ln_2")]
+             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"), ("norm1", "ln_1"),
+             ("norm2", "ln_2")]
     out = {"visual.proj": torch.randn(64, 16), "token_embedding.weight": torch.randn(10, 16)}
     for key, value in state.items():
         if key == "cls_token":

@@ -1,6 +1,13 @@
 """The EI model layer: timm ViT backbones with MoR, the single-modality and EI models, the loss."""
 
-from .backbone import ALIASES, BackboneConfig, ViTBackbone, build_backbone, create_vit, load_vit_weights
+from .backbone import (
+    ALIASES,
+    BackboneConfig,
+    ViTBackbone,
+    build_backbone,
+    create_vit,
+    load_vit_weights,
+)
 from .checkpoint import load_strict, read_state_dict
 from .ei_model import EIConfig, EIModel, EIOutput, IntAdapter
 from .loss import EILossConfig, ei_loss, modality_prior

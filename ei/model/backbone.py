@@ -140,10 +140,11 @@ class ViTBackbone(nn.Module):
         """(N, 3, H, W) images -> (N, prefix + patches, D) tokens, as timm's forward_features
         starts: patch embedding, position embedding with CLS/registers, patch dropout, norm_pre."""
         channels = self.vit.patch_embed.proj.in_channels
-        if images.dim() != 4 or images.shape[1] != channels or tuple(images.shape[2:]) != self.input_size:
+        shape = tuple(images.shape)
+        if len(shape) != 4 or shape[1] != channels or shape[2:] != self.input_size:
             raise ValueError(
                 f"images: expected shape (N, {channels}, {self.input_size[0]}, "
-                f"{self.input_size[1]}), got {tuple(images.shape)}"
+                f"{self.input_size[1]}), got {shape}"
             )
         if any(self.padding):
             images = F.pad(images, self.padding)
@@ -177,7 +178,8 @@ class ViTBackbone(nn.Module):
 
     def _check_tokens(self, tokens: Tensor, x: Tensor, inject_at: int) -> None:
         if not 0 <= inject_at <= self.depth:
-            raise ValueError(f"inject_at: expected a block index in 0..{self.depth}, got {inject_at}")
+            raise ValueError(f"inject_at: expected a block index in 0..{self.depth}, "
+                             f"got {inject_at}")
         if tokens.dim() != 3 or tokens.shape[0] != x.shape[0] or tokens.shape[2] != x.shape[2]:
             raise ValueError(
                 f"tokens: expected shape ({x.shape[0]}, T, {x.shape[2]}), got {tuple(tokens.shape)}"

@@ -34,10 +34,12 @@ class EIConfig:
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
         if len(self.modalities) < 2 or len(set(self.modalities)) != len(self.modalities):
-            raise ValueError(f"modalities: expected at least 2 distinct names, got {self.modalities}")
+            raise ValueError(f"modalities: expected at least 2 distinct names, "
+                             f"got {self.modalities}")
         for m in self.modalities:
             if not isinstance(m, str) or not m or "." in m:
-                raise ValueError(f"modalities: names must be non-empty strings without '.', got {m!r}")
+                raise ValueError(f"modalities: names must be non-empty strings without '.', "
+                                 f"got {m!r}")
         if isinstance(self.backbone, dict):
             self.backbone = BackboneConfig(**self.backbone)
         if isinstance(self.inject_layer, str) and self.inject_layer.lower() == "none":
@@ -46,9 +48,11 @@ class EIConfig:
             isinstance(self.inject_layer, bool) or not isinstance(self.inject_layer, int)
             or self.inject_layer < 0
         ):
-            raise ValueError(f"inject_layer: expected a block index >= 0 or None, got {self.inject_layer!r}")
+            raise ValueError(f"inject_layer: expected a block index >= 0 or None, "
+                             f"got {self.inject_layer!r}")
         if self.int_position not in INT_POSITIONS:
-            raise ValueError(f"int_position: expected one of {INT_POSITIONS}, got {self.int_position!r}")
+            raise ValueError(f"int_position: expected one of {INT_POSITIONS}, "
+                             f"got {self.int_position!r}")
 
     @property
     def late_fusion(self) -> bool:
@@ -87,7 +91,8 @@ class EIModel(nn.Module):
         super().__init__()
         self.config = config
         mods, classes = config.modalities, config.num_classes
-        self.aux = nn.ModuleDict({m: SingleModalityModel.build(config.backbone, classes) for m in mods})
+        self.aux = nn.ModuleDict(
+            {m: SingleModalityModel.build(config.backbone, classes) for m in mods})
         self.main = nn.ModuleDict({m: build_backbone(config.backbone) for m in mods})
         first = self.main[mods[0]]
         dim, depth = first.embed_dim, first.depth
@@ -139,7 +144,8 @@ class EIModel(nn.Module):
                 raise ValueError(f"images[{m!r}]: expected shape (B, I, 3, {size[0]}, {size[1]}), "
                                  f"got {tuple(x.shape)}")
             if batch is not None and x.shape[0] != batch:
-                raise ValueError(f"images[{m!r}]: batch size {x.shape[0]}, other modalities {batch}")
+                raise ValueError(f"images[{m!r}]: batch size {x.shape[0]}, "
+                                 f"other modalities {batch}")
             batch = x.shape[0]
         return batch
 
@@ -148,7 +154,8 @@ class EIModel(nn.Module):
         if self.adapters is None:
             return None
         sources = [s for s in self.config.modalities if s != target]
-        return torch.stack([self.adapters[adapter_name(target, s)](features[s]) for s in sources], 1)
+        tokens = [self.adapters[adapter_name(target, s)](features[s]) for s in sources]
+        return torch.stack(tokens, dim=1)
 
     def forward(self, images: Mapping[str, Tensor], return_attention: bool = False) -> EIOutput:
         self.check_inputs(images)

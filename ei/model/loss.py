@@ -1,6 +1,7 @@
 """The EI loss (EI_SPEC.md, Losses):
 
-    L = w_f CE(fused) + w_p sum_t CE(y_t) + w_aa sum_t CE(stage1_t) + w_ag NLL(log(alpha + eps), best)
+    L = w_f CE(fused) + w_p sum_t CE(y_t) + w_aa sum_t CE(stage1_t)
+      + w_ag NLL(log(alpha + eps), best)
 
 best = argmin_t CE(y_t, label) * prior_t per sample, without gradient; prior_t = 1 except
 `prior_low` for the modality that was best on the training set. Multi-label data use BCE
@@ -65,7 +66,8 @@ def ei_loss(output: EIOutput, target: Tensor, config: Optional[EILossConfig] = N
     config = config or EILossConfig()
     mods = list(output.stage2)
     ml = config.multi_label
-    main = torch.stack([per_sample_loss(output.stage2[m], target, ml) for m in mods], dim=1)  # (B, M)
+    # (B, M) per-sample losses of the stage-2 logits
+    main = torch.stack([per_sample_loss(output.stage2[m], target, ml) for m in mods], dim=1)
     terms = {"fused": per_sample_loss(output.fused, target, ml).mean(), "main": main.mean(0).sum()}
     total = config.fused_weight * terms["fused"] + config.main_weight * terms["main"]
     per_modality = {f"main/{m}": main[:, k].mean() for k, m in enumerate(mods)}

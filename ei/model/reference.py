@@ -75,12 +75,14 @@ def load_reference_state_dict(backbone: nn.Module, state_dict: Mapping[str, Tens
     for key, value in rest.items():
         if tuple(value.shape) != tuple(plain[key].shape):
             raise ValueError(f"reference checkpoint: {prefix + key!r} has shape "
-                             f"{tuple(value.shape)}, the backbone expects {tuple(plain[key].shape)}")
+                             f"{tuple(value.shape)}, the backbone expects "
+                             f"{tuple(plain[key].shape)}")
     for name, layer in layers.items():
         try:
             layer.load_reference_state_dict(per_layer[name])
         except KeyError as err:
-            raise KeyError(f"reference checkpoint, layer {prefix + name!r}: {err.args[0]}") from None
+            message = f"reference checkpoint, layer {prefix + name!r}: {err.args[0]}"
+            raise KeyError(message) from None
         except ValueError as err:
             raise ValueError(f"reference checkpoint, layer {prefix + name!r}: {err}") from None
     with torch.no_grad():
