@@ -219,3 +219,18 @@ def test_attention_overlays_exist(micro_run, tmp_path):
     assert main(["attention", str(micro_run), "--out", str(tmp_path / "att"), "--count", "2"]) == 0
     pngs = sorted((tmp_path / "att").glob("*.png"))
     assert len(pngs) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_precision_and_activation_checkpointing_options():
+    from ei.data import get_preset
+    from ei.train.inference import resolve_precision
+    from ei.train.models import build_model
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ConfigError, match="runtime.precision: fp16 needs a CUDA device"):
+        resolve_precision("fp16", cpu)
+    config = load_config(None, ["model.backbone=tiny", "model.pretrained=false",
+                                "model.grad_checkpointing=true", "data.image_size=16"])
+    model = build_model(config, get_preset("synthetic"), "single/locator")
+    assert model.backbone.vit.grad_checkpointing
