@@ -8,7 +8,6 @@ The title of the last panel gives the share of the CLS attention that goes to th
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import matplotlib
@@ -124,21 +123,3 @@ def draw(run_path: str | Path, out_dir: str | Path, split: str = "test", count: 
         written.append(path)
     return written
 
-
-def _run(args: argparse.Namespace) -> None:
-    paths = draw(args.run, args.out, args.split, args.count, args.stage, args.device)
-    print(f"{len(paths)} attention overlays in {args.out}")
-
-
-def add_parser(commands) -> None:
-    p = commands.add_parser(
-        "attention", help="PNG overlays of the main backbone's CLS attention, with/without [INT]",
-        description="Draw what the CLS token of each main backbone attends to in its last "
-                    "block, without and with the [INT] tokens (the paper's Fig. 2).")
-    p.add_argument("run", metavar="RUN", help="a run directory written by ei train")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--count", type=int, default=8, help="how many samples (the first ones)")
-    p.add_argument("--stage", default="ei")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=_run)

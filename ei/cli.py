@@ -90,6 +90,28 @@ def cmd_train(args: argparse.Namespace) -> None:
         distributed.shutdown(world)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from ei.evaluate import evaluate_run
+
+    evaluate_run(args.run, args.split, None if args.stage == "all" else [args.stage], args.device,
+                 args.out)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from ei.predict import predict
+
+    path = predict(args.run, args.annotations, args.root, args.stage, args.out, args.device,
+                   args.batch_size)
+    print(f"Predictions: {path}")
+
+
+def cmd_attention(args: argparse.Namespace) -> None:
+    from ei.attention import draw
+
+    paths = draw(args.run, args.out, args.split, args.count, args.stage, args.device)
+    print(f"{len(paths)} attention overlays in {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ei", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,21 +128,52 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the run goes (default: <out_dir>/<name>-<timestamp>)")
     train.set_defaults(func=cmd_train)
 
-    from ei.evaluate import add_parser as add_evaluate
-    from ei.predict import add_parser as add_predict
-    from ei.attention import add_parser as add_attention
+    evaluate = commands.add_parser(
+        "evaluate", help="per-class AP, AUC, sensitivity, specificity, F1, accuracy, mAP",
+        description="Evaluate the best checkpoints of a run on a split of its data: a table per "
+                    "model, and CSV files.")
+    evaluate.add_argument("run", metavar="RUN", help="a run directory written by ei train")
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
+    evaluate.add_argument("--stage", default="all",
+                          help="ei, late_fusion, single/<modality> or all (default: every trained one)")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--out", metavar="DIR", help="where the CSV files go (default: RUN/eval)")
+    evaluate.set_defaults(func=cmd_evaluate)
 
-    add_evaluate(commands)
-    add_predict(commands)
-    add_attention(commands)
+    predict = commands.add_parser(
+        "predict", help="class probabilities per sample to CSV",
+        description="Predict with a trained run on the samples of an annotation file "
+                    "('<paths>\\t<labels, possibly empty>' per line).")
+    predict.add_argument("run", metavar="RUN", help="a run directory written by ei train")
+    predict.add_argument("--annotations", required=True, metavar="FILE")
+    predict.add_argument("--root", metavar="DIR", help="data root of the paths (default: the run's)")
+    predict.add_argument("--stage", default="ei", help="ei, late_fusion or single/<modality>")
+    predict.add_argument("--out", metavar="CSV",
+                         help="default: RUN/predictions/<annotation file>_<stage>.csv")
+    predict.add_argument("--device", default="auto")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.set_defaults(func=cmd_predict)
+
+    attention = commands.add_parser(
+        "attention", help="PNG overlays of the main backbone's CLS attention, with/without [INT]",
+        description="Draw what the CLS token of each main backbone attends to in its last "
+                    "block, without and with the [INT] tokens (the paper's Fig. 2).")
+    attention.add_argument("run", metavar="RUN", help="a run directory written by ei train")
+    attention.add_argument("--out", required=True, metavar="DIR")
+    attention.add_argument("--split", default="test", choices=("train", "val", "test"))
+    attention.add_argument("--count", type=int, default=8, help="how many samples (the first ones)")
+    attention.add_argument("--stage", default="ei")
+    attention.add_argument("--device", default="auto")
+    attention.set_defaults(func=cmd_attention)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Imported after parsing, so that --help does not wait for torch.
     from ei.data import DataError
     from ei.train.config import ConfigError
 
-    args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (ConfigError, DataError, FileNotFoundError) as err:

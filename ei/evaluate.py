@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ei.metrics import compute_metrics, format_table, write_csv
@@ -51,20 +50,3 @@ def evaluate_run(run_path: str | Path, split: str = "test", stages: list[str] | 
         results[stage] = metrics
     return results
 
-
-def _run(args: argparse.Namespace) -> None:
-    evaluate_run(args.run, args.split, None if args.stage == "all" else [args.stage], args.device,
-                 args.out)
-
-
-def add_parser(commands) -> None:
-    p = commands.add_parser(
-        "evaluate", help="per-class AP, AUC, sensitivity, specificity, F1, accuracy, mAP",
-        description="Evaluate the best checkpoints of a run on a split of its data.")
-    p.add_argument("run", metavar="RUN", help="a run directory written by ei train")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--stage", default="all",
-                   help="ei, late_fusion, single/<modality> or all (default: every trained one)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", metavar="DIR", help="where the CSV files go (default: RUN/eval)")
-    p.set_defaults(func=_run)

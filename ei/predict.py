@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 from pathlib import Path
 
 import numpy as np
+from torch.utils.data import DataLoader, SequentialSampler
 
-from ei.data import MultimodalDataset
+from ei.data import MultimodalDataset, collate
 from ei.train.data import data_root
 from ei.train.inference import collect_scores, resolve_precision
 from ei.train.restore import restore
-from torch.utils.data import DataLoader, SequentialSampler
-
-from ei.data import collate
 
 
 def predict(run_path: str | Path, annotations: str | Path, root: str | Path | None = None,
@@ -59,23 +56,3 @@ def predict(run_path: str | Path, annotations: str | Path, root: str | Path | No
                              *(f"{p:.6f}" for p in row), predicted])
     return out
 
-
-def _run(args: argparse.Namespace) -> None:
-    path = predict(args.run, args.annotations, args.root, args.stage, args.out, args.device,
-                   args.batch_size)
-    print(f"Predictions: {path}")
-
-
-def add_parser(commands) -> None:
-    p = commands.add_parser(
-        "predict", help="class probabilities per sample to CSV",
-        description="Predict with a trained run on the samples of an annotation file "
-                    "('<paths>\\t<labels, possibly empty>' per line).")
-    p.add_argument("run", metavar="RUN", help="a run directory written by ei train")
-    p.add_argument("--annotations", required=True, metavar="FILE")
-    p.add_argument("--root", metavar="DIR", help="data root of the paths (default: the run's)")
-    p.add_argument("--stage", default="ei", help="ei, late_fusion or single/<modality>")
-    p.add_argument("--out", metavar="CSV")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.set_defaults(func=_run)

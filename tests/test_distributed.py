@@ -52,7 +52,7 @@ def _worker(rank: int, port: int, config_path: str, out_dir: str) -> None:
     model = build_model(config, splits.preset, stage)
     spec = StageSpec(stage, Path(out_dir) / "run" / "single" / "locator",
                      build_task(config, splits.preset, stage), config.single, world, "fp32",
-                     seed=0, progress=False)
+                     progress=False)
     loader = make_loader(splits.train, config, 8, world, train=True, seed=0)
     val_loader = make_loader(splits.val, config, 8, world, train=False, seed=0)
     trainer = StageTrainer(spec, model, loader, val_loader, splits.class_names)

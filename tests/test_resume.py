@@ -77,8 +77,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
         assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
-def test_resume_of_a_missing_run_names_the_path(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "ei.cli", "train", "--resume",
-                          str(tmp_path / "gone")], capture_output=True, text=True)
-    assert out.returncode == 2
-    assert f"run directory not found: {tmp_path / 'gone'}" in out.stderr
+def test_resume_of_a_missing_run_names_the_path(tmp_path, capsys):
+    from ei.cli import main
+
+    assert main(["train", "--resume", str(tmp_path / "gone")]) == 2
+    assert f"run directory not found: {tmp_path / 'gone'}" in capsys.readouterr().err

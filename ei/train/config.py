@@ -209,12 +209,11 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _convert(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: expected {' or '.join(map(_type_name, args))}, got {value!r}")
     if hint is Any:
         return value

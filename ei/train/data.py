@@ -59,8 +59,11 @@ def data_root(config: Config, world: World) -> Path:
             raise FileNotFoundError(f"data.root: no directory at {root}")
         return root
     s = data.synthetic
-    make = lambda: ensure_synthetic_dataset(data.root, seed=s.seed, n_train=s.n_train,  # noqa: E731
-                                            n_val=s.n_val, n_test=s.n_test, noise=s.noise)
+
+    def make() -> Path:
+        return ensure_synthetic_dataset(data.root, seed=s.seed, n_train=s.n_train,
+                                        n_val=s.n_val, n_test=s.n_test, noise=s.noise)
+
     if world.is_main:
         root = make()
     barrier(world)

@@ -48,7 +48,6 @@ class StageSpec:
     optim: OptimConfig
     world: World
     precision: str  # resolved: fp32, bf16 or fp16
-    seed: int
     progress: bool = True
     find_unused_parameters: bool = False
 

@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import math
-from pathlib import Path
 
 import torch
 
@@ -83,7 +82,7 @@ def run_stage(stage: str, config: Config, splits: Splits, run: RunDir, world: Wo
     precision = resolve_precision(config.runtime.precision, world.device)
     spec = StageSpec(
         name=stage, directory=directory, task=task, optim=optim, world=world,
-        precision=precision, seed=seed, progress=config.runtime.progress,
+        precision=precision, progress=config.runtime.progress,
         # Without L_aa the auxiliary classifiers get no gradient, which DDP must be told.
         find_unused_parameters=not stage.startswith(SINGLE_PREFIX) and not config.loss.use_aux,
     )
