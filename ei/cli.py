@@ -58,22 +58,22 @@ def _resume_config(run, overrides: list[str]):
 
 def cmd_train(args: argparse.Namespace) -> None:
     from ei.train import distributed
-    from ei.train.config import load_config
+    from ei.train.config import ConfigError, load_config
     from ei.train.pipeline import format_summary, train_all
     from ei.train.rundir import RunDir
 
     config_name, overrides = _split_items(args.items)
-    if args.resume:
-        if config_name or args.run_dir:
-            raise SystemExit("ei train: --resume takes the config of the run; give no config file "
-                             "or --run-dir with it")
-        run = RunDir.open(args.resume)
+    if args.resume and (config_name or args.run_dir):
+        raise ConfigError("--resume: the run has its own config and directory; give no config "
+                          "file or --run-dir with it")
+    run = RunDir.open(args.resume) if args.resume else None
+    if run is not None:
         config = _resume_config(run, overrides)
     else:
         config = load_config(resolve_config(config_name), overrides)
     world = distributed.init(config.runtime.device)
     try:
-        if not args.resume:
+        if run is None:
             # Rank 0 names and creates the directory; the others take its choice.
             run = RunDir.create(config, args.run_dir) if world.is_main else None
             run = distributed.all_gather_objects(run, world)[0]
@@ -86,6 +86,10 @@ def cmd_train(args: argparse.Namespace) -> None:
                   f"of each model by validation mAP):")
             print(format_summary(results))
             print(f"\nRun directory: {run.path}")
+    except KeyboardInterrupt:
+        if run is not None and world.is_main:
+            print(f"\nStopped. Continue with: ei train --resume {run.path}", file=sys.stderr)
+        raise
     finally:
         distributed.shutdown(world)
 

@@ -96,3 +96,8 @@ def test_a_run_directory_is_never_overwritten(capsys, untrained_run):
 def test_resume_only_changes_runtime_settings(capsys, untrained_run):
     _fails(["train", "--resume", str(untrained_run), "single.lr=1"], capsys,
            "single.lr: cannot change when resuming")
+
+
+def test_resume_takes_no_other_config(capsys, untrained_run):
+    _fails(["train", "other.yaml", "--resume", str(untrained_run)], capsys,
+           "--resume: the run has its own config")

@@ -196,6 +196,8 @@ class Config:
 
 
 def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
