@@ -1,5 +1,10 @@
 """Launch configurations of the Triton MoR kernels (`triton_mor.py`): small static tables.
 
+Every entry compiles for its architecture within the shared-memory limit, without register
+spills for one group and with at most a few hundred bytes for groups=3 (the backward unrolls
+its group loop): `python scripts/tune_triton.py check` verifies this without a GPU. The
+timings behind the choices are not measured yet (`tune_triton.py tune` on a GPU does it).
+
 One table per architecture family (sm80 for Ampere/Ada and as the conservative default, sm90
 for Hopper), keyed by kernel, dtype class and shape class. Nothing is autotuned in the autograd
 path: a new shape never triggers benchmarking, only (at most) one compilation.
@@ -33,31 +38,43 @@ class KernelConfig:
 
 _C = KernelConfig
 
-# (kernel, dtype class, shape class) -> config. "16" is fp16/bf16, "32" is fp32 (TF32 or IEEE).
-# sm90: 227 KiB of shared memory per SM; the fp16/bf16 forward uses the wide 128 x 256 tile so
+# fp32 without TF32 runs tl.dot on CUDA cores (FMA): operands live in registers, so its tiles
+# are much smaller.
+_IEEE32 = {
+    ("fwd", "fp32", "large"): _C(128, 64, 16, 8, 3),
+    ("fwd", "fp32", "small"): _C(64, 64, 16, 4, 3),
+    ("bwd", "fp32", "large"): _C(32, 64, 16, 4, 3),
+    ("bwd", "fp32", "small"): _C(32, 64, 16, 4, 3),
+}
+
+# (kernel, dtype class, shape class) -> config; dtype class "16" is fp16/bf16, "tf32" is fp32
+# with TF32 allowed, "fp32" is IEEE fp32.
+# sm90 (227 KiB shared memory per SM): the fp16/bf16 forward uses the wide 128 x 256 tile so
 # that the redundant per-tile shrink (32 extra columns) costs 12.5 % of the tile's MMA work
-# rather than 25 % with 128 x 128.
+# rather than 25 % with 128 x 128 (156 KiB shared memory, 212 registers).
 _SM90 = {
     ("fwd", "16", "large"): _C(128, 256, 64, 8, 3),
     ("fwd", "16", "small"): _C(64, 128, 64, 4, 4),
-    ("fwd", "32", "large"): _C(128, 128, 32, 8, 3),
-    ("fwd", "32", "small"): _C(64, 128, 32, 4, 3),
+    ("fwd", "tf32", "large"): _C(128, 128, 32, 8, 3),
+    ("fwd", "tf32", "small"): _C(64, 128, 32, 4, 3),
     ("bwd", "16", "large"): _C(128, 128, 64, 8, 4),
-    ("bwd", "16", "small"): _C(64, 128, 64, 4, 4),
-    ("bwd", "32", "large"): _C(128, 128, 32, 8, 3),
-    ("bwd", "32", "small"): _C(64, 128, 32, 4, 3),
+    ("bwd", "16", "small"): _C(64, 128, 64, 8, 4),
+    ("bwd", "tf32", "large"): _C(64, 128, 32, 8, 3),
+    ("bwd", "tf32", "small"): _C(64, 128, 32, 8, 3),
+    **_IEEE32,
 }
 
-# sm80 (A100: 164 KiB shared memory; sm86/sm89 have about 100 KiB, hence BK=32 and 3 stages).
+# sm80 (A100: 164 KiB shared memory; sm86/sm89 have about 100 KiB: every config needs less).
 _SM80 = {
-    ("fwd", "16", "large"): _C(128, 128, 32, 8, 3),
+    ("fwd", "16", "large"): _C(128, 128, 64, 8, 3),
     ("fwd", "16", "small"): _C(64, 128, 32, 4, 3),
-    ("fwd", "32", "large"): _C(128, 64, 32, 4, 3),
-    ("fwd", "32", "small"): _C(64, 64, 32, 4, 3),
+    ("fwd", "tf32", "large"): _C(128, 128, 32, 8, 3),
+    ("fwd", "tf32", "small"): _C(64, 128, 32, 4, 3),
     ("bwd", "16", "large"): _C(128, 128, 32, 8, 3),
-    ("bwd", "16", "small"): _C(64, 128, 32, 4, 3),
-    ("bwd", "32", "large"): _C(128, 64, 32, 4, 3),
-    ("bwd", "32", "small"): _C(64, 64, 32, 4, 3),
+    ("bwd", "16", "small"): _C(64, 128, 32, 8, 3),
+    ("bwd", "tf32", "large"): _C(64, 64, 32, 8, 3),
+    ("bwd", "tf32", "small"): _C(64, 64, 32, 8, 3),
+    **_IEEE32,
 }
 
 # TRITON_INTERPRET=1 on CPU: the smallest tiles tl.dot accepts, so that the tiny test shapes
@@ -76,11 +93,16 @@ def arch_name(capability: tuple[int, int]) -> str:
 
 
 def launch_config(
-    kernel: str, capability: tuple[int, int] | None, n_rows: int, dtype: torch.dtype
+    kernel: str, capability: tuple[int, int] | None, n_rows: int, dtype: torch.dtype,
+    precision: str,
 ) -> KernelConfig:
-    """Config of `kernel` for `n_rows` tokens; capability None means the CPU interpreter."""
+    """Config of `kernel` for `n_rows` tokens of `dtype`, tl.dot `precision` ("tf32" or "ieee",
+    which only matters for fp32); capability None means the CPU interpreter."""
     if capability is None:
         return _INTERPRETER[kernel]
-    dtype_class = "32" if dtype == torch.float32 else "16"
+    if dtype != torch.float32:
+        dtype_class = "16"
+    else:
+        dtype_class = "tf32" if precision == "tf32" else "fp32"
     shape_class = "small" if n_rows <= SMALL_ROWS else "large"
     return TABLES[arch_name(capability)][(kernel, dtype_class, shape_class)]

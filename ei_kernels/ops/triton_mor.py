@@ -27,6 +27,11 @@ Same contract as `torch_mor` (forward / backward). Two kernels:
     would read x and dy again from HBM. Without dx (x needs no gradient) the dy W GEMM and the
     K-extension are compiled out.
 
+Variants are constexpr specialisations of the same two kernels, never copies: router on/off,
+router bias, base bias, groups (backward), rank r and router outputs L, dx on/off, atomics;
+the output dtype follows the pointer type. The bypass needs no flag: a small per-spec table
+maps each rank column to the router output weighting it (bypass + k) and its scaling s_k.
+
 Token reductions (dB, dA_cat, dR, dc) accumulate in fp32. `DETERMINISTIC` (default True; env
 EI_KERNELS_TRITON_DETERMINISTIC=0 turns it off) writes one fp32 slot per token block and sums
 the slots with torch (bitwise reproducible); off, the kernels use fp32 atomics into one zeroed
@@ -173,11 +178,12 @@ def _mor_fwd_kernel(
 def _mor_bwd_kernel(
     x_ptr, dy_ptr, p_ptr, w_ptr, a_ptr, rw_ptr, b_ptr, col_logit_ptr, col_scale_ptr,
     dx_ptr, dar_ptr, db_ptr, dc_ptr,
-    N, K, OG, G, NUM_N_TILES, O_TILES,
+    N, K, OG, NUM_N_TILES, O_TILES,
     stride_xm, stride_xk, stride_dym, stride_dyo, stride_pm, stride_pl, stride_wo, stride_wk,
     stride_am, stride_ak, stride_rm, stride_rk, stride_bo, stride_br, stride_dxm, stride_dxk,
     stride_dar_slot, stride_db_slot, stride_dc_slot,
-    R: tl.constexpr, L: tl.constexpr, ROUTER: tl.constexpr, COMPUTE_DX: tl.constexpr,
+    G: tl.constexpr, R: tl.constexpr, L: tl.constexpr, ROUTER: tl.constexpr,
+    COMPUTE_DX: tl.constexpr,
     USE_ATOMICS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, GROUP_M: tl.constexpr,
@@ -206,7 +212,8 @@ def _mor_bwd_kernel(
     slot = pid_m.to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for grp in range(G):
+    # Unrolled (G is 1 or 3 in practice): a runtime loop carrying acc spills more registers.
+    for grp in tl.static_range(G):
         # u = x A_grp^T over all of K, recomputed (the op saves x and p only); these x rows are
         # read by all column tiles of the row block at about the same time, so mostly from L2.
         acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -329,7 +336,7 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
 
 
 def _config(kernel: str, x: Tensor):
-    return launch_config(kernel, _capability(x.device), x.shape[0], x.dtype)
+    return launch_config(kernel, _capability(x.device), x.shape[0], x.dtype, _dot_precision(x))
 
 
 def _dot_precision(x: Tensor) -> str:
@@ -429,13 +436,13 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
     _mor_bwd_kernel[(blocks * n_tiles,)](
         x, dy, probs, weight, lora_a, rw, lora_b, col_logit, col_scale,
         dx if compute_dx else x, dar_buf, db_buf, dc_buf,
-        n, k, og, G, n_tiles, triton.cdiv(og, cfg.block_k),
+        n, k, og, n_tiles, triton.cdiv(og, cfg.block_k),
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), probs.stride(0), probs.stride(1),
         weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
         rw.stride(0), rw.stride(1), lora_b.stride(0), lora_b.stride(1),
         dx.stride(0) if compute_dx else 0, dx.stride(1) if compute_dx else 0,
         slot(dar_buf), slot(db_buf), slot(dc_buf),
-        R=R, L=L, ROUTER=spec.router, COMPUTE_DX=compute_dx, USE_ATOMICS=not DETERMINISTIC,
+        G=G, R=R, L=L, ROUTER=spec.router, COMPUTE_DX=compute_dx, USE_ATOMICS=not DETERMINISTIC,
         DOT_PRECISION=_dot_precision(x),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_R=_pad(R), BLOCK_L=_pad(L), GROUP_M=cfg.group_m,

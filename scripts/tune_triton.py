@@ -1,0 +1,224 @@
+"""Offline checks and tuning of the Triton MoR launch tables (ei_kernels/ops/triton_configs.py).
+
+    python scripts/tune_triton.py check [--arch sm90 sm80]
+        No GPU needed: compiles every table entry for its architecture (sm_90a / sm_80) the way
+        a real call specialises it (ViT-B shapes, unit strides, 16-byte alignment) and reports
+        shared memory, registers and spills from ptxas. Fails on a compile error, a spill or
+        shared memory over the architecture's limit.
+
+    python scripts/tune_triton.py tune [--out DIR]
+        On a GPU: times candidate configs of every (kernel, dtype class, shape class) entry of
+        this GPU's table at ViT-B shapes (median of CUDA-event timings after warm-up), prints
+        the table with the winners and writes it to DIR/triton_configs_<arch>.json. Paste the
+        printed lines into triton_configs.py; nothing reads the JSON at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from itertools import product
+
+import torch
+
+from ei_kernels.spec import MoRSpec
+
+# Representative (tokens, K, O, groups) per shape class: ViT-B at batch 64 and at batch 8, a
+# plain layer and qkv (groups=3 compiles another backward kernel: its group loop is unrolled).
+SHAPES = {
+    "large": [(12608, 768, 768, 1), (12608, 768, 2304, 3)],
+    "small": [(1576, 768, 768, 1), (1576, 768, 2304, 3)],
+}
+DTYPES = {"16": torch.bfloat16, "tf32": torch.float32, "fp32": torch.float32}
+SMEM_LIMIT_KIB = {"sm90": 227, "sm80": 99}  # sm80 table must also fit sm86/sm89
+# A few spilled registers in the backward's per-group epilogue cost little (they stay in L1);
+# more than this means the tile is too big for the kernel.
+SPILL_LIMIT_BYTES = 256
+CAPABILITY = {"sm90": (9, 0), "sm80": (8, 0)}
+
+
+def _inputs(shape, dtype, device):
+    n, k, o, groups = shape
+    spec = MoRSpec.build((2, 4, 8), (2.0, 2.0, 2.0), groups=groups)
+    r, L = spec.rank, spec.num_logits
+
+    def t(*s):
+        return torch.randn(*s, device=device).to(dtype) * 0.05
+
+    tensors = dict(x=t(n, k), weight=t(o, k), bias=t(o), lora_a=t(groups * r, k),
+                   lora_b=t(o, r), router_weight=t(groups * L, k), router_bias=t(groups * L))
+    probs = torch.softmax(torch.randn(n, groups * L, device=device), -1)
+    return spec, tensors, probs, t(n, o)
+
+
+def _call(tm, kernel, spec, tensors, probs, dy):
+    if kernel == "fwd":
+        tm.forward(*tensors.values(), spec)
+    else:
+        tm.backward(dy, tensors["x"], probs, tensors["weight"], tensors["lora_a"],
+                    tensors["lora_b"], tensors["router_weight"], spec, True)
+
+
+# --------------------------------------------------------------------------------- check ----
+
+
+class _Capture:
+    """Stands in for a kernel: records the launch arguments instead of launching."""
+
+    def __init__(self, jit_fn):
+        self.jit_fn, self.launch = jit_fn, None
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            self.launch = (args, dict(kwargs))
+        return record
+
+
+def _compile(jit_fn, args, kwargs, dtype, arch):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    type_name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+                 torch.int32: "i32"}
+    options = dict(num_warps=kwargs.pop("num_warps"), num_stages=kwargs.pop("num_stages"))
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(jit_fn.arg_names):
+        value = kwargs[name] if name in kwargs else args[i]
+        if name in kwargs or (isinstance(value, int) and value == 1):
+            signature[name], constexprs[name] = "constexpr", value  # as the JIT specialises 1
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + type_name[dtype if value.dtype == torch.float32 and
+                                              name not in _FP32_BUFFERS else value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i64" if value >= 2 ** 31 else "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    cap = CAPABILITY[arch][0] * 10
+    compiled = triton.compile(ASTSource(jit_fn, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", cap, 32), options=options)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(compiled.asm["ptx"])
+        f.flush()
+        log = subprocess.run([ptxas, f"-arch=sm_{cap}{'a' if cap == 90 else ''}", "-v", f.name,
+                              "-o", os.devnull], capture_output=True, text=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", log).group(1))
+    return compiled.metadata.shared // 1024, regs, spills
+
+
+# Buffers that stay fp32 whatever the input dtype (the capture runs everything in fp32 on CPU).
+_FP32_BUFFERS = ("p_ptr", "col_scale_ptr", "dar_ptr", "db_ptr", "dc_ptr")
+
+
+def check(archs) -> int:
+    os.environ.pop("TRITON_INTERPRET", None)
+    from ei_kernels.ops import triton_configs, triton_mor as tm
+
+    kernels = {"fwd": _Capture(tm._mor_fwd_kernel), "bwd": _Capture(tm._mor_bwd_kernel)}
+    tm._mor_fwd_kernel, tm._mor_bwd_kernel = kernels["fwd"], kernels["bwd"]
+    failures = 0
+    for arch in archs:
+        for (kernel, dtype_class, shape_class), cfg in triton_configs.TABLES[arch].items():
+            for shape in SHAPES[shape_class]:
+                tm.launch_config = lambda *a, cfg=cfg: cfg
+                spec, tensors, probs, dy = _inputs(shape, torch.float32, "cpu")
+                _call(tm, kernel, spec, tensors, probs, dy)
+                args, kwargs = kernels[kernel].launch
+                kwargs["DOT_PRECISION"] = "tf32" if dtype_class == "tf32" else "ieee"
+                label = f"{arch} {kernel} {dtype_class:4s} {shape_class:5s} G={shape[3]} {cfg}"
+                try:
+                    smem, regs, spills = _compile(kernels[kernel].jit_fn, args, kwargs,
+                                                  DTYPES[dtype_class], arch)
+                except Exception as e:  # report every entry, then fail
+                    print(f"FAIL {label}: {type(e).__name__}: {e}", flush=True)
+                    failures += 1
+                    continue
+                bad = spills > SPILL_LIMIT_BYTES or smem > SMEM_LIMIT_KIB[arch]
+                failures += bad
+                print(f"{'FAIL' if bad else 'ok  '} {label}: smem {smem} KiB, {regs} registers, "
+                      f"{spills} B spilled", flush=True)
+    return 1 if failures else 0
+
+
+# ---------------------------------------------------------------------------------- tune ----
+
+CANDIDATES = {
+    "16": list(product((64, 128), (64, 128, 256), (32, 64), (4, 8), (3, 4))),
+    "tf32": list(product((64, 128), (64, 128), (32,), (4, 8), (3,))),
+    "fp32": list(product((32, 64, 128), (32, 64), (16,), (4, 8), (3,))),
+}
+
+
+def _time_ms(fn, reps=20):
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def tune(out_dir) -> int:
+    from ei_kernels.ops import triton_configs, triton_mor as tm
+
+    arch = triton_configs.arch_name(torch.cuda.get_device_capability())
+    table = dict(triton_configs.TABLES[arch])
+    for (kernel, dtype_class, shape_class), current in table.items():
+        torch.backends.cuda.matmul.allow_tf32 = dtype_class == "tf32"
+        spec, tensors, probs, dy = _inputs(SHAPES[shape_class][0], DTYPES[dtype_class], "cuda")
+        results = []
+        for bm, bn, bk, warps, stages in CANDIDATES[dtype_class]:
+            cfg = triton_configs.KernelConfig(bm, bn, bk, warps, stages)
+            tm.launch_config = lambda *a, cfg=cfg: cfg
+            try:
+                ms = _time_ms(lambda: _call(tm, kernel, spec, tensors, probs, dy))
+            except Exception:  # out of shared memory or registers on this GPU
+                continue
+            results.append((ms, cfg))
+        best_ms, best = min(results, key=lambda r: r[0])
+        tm.launch_config = lambda *a, cfg=current: cfg
+        current_ms = _time_ms(lambda: _call(tm, kernel, spec, tensors, probs, dy))
+        table[(kernel, dtype_class, shape_class)] = best
+        print(f"    {(kernel, dtype_class, shape_class)!r}: _C({best.block_m}, {best.block_n}, "
+              f"{best.block_k}, {best.num_warps}, {best.num_stages}),  # {best_ms:.3f} ms, "
+              f"table had {current_ms:.3f} ms", flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"triton_configs_{arch}.json")
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "table": [[*key, vars(cfg)] for key, cfg in table.items()]}, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_check = sub.add_parser("check", help="compile every table entry (no GPU needed)")
+    p_check.add_argument("--arch", nargs="+", default=["sm90", "sm80"], choices=CAPABILITY)
+    p_tune = sub.add_parser("tune", help="time candidate configs on this GPU")
+    p_tune.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    if args.command == "check":
+        return check(args.arch)
+    if not torch.cuda.is_available():
+        print("tune needs a CUDA GPU", file=sys.stderr)
+        return 2
+    return tune(args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
