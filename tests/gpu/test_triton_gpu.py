@@ -17,7 +17,8 @@ GRADS = ("x", "lora_a", "lora_b", "router_weight", "router_bias")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # (tokens, K, O, config, dtype): ViT-B layers (1576 tokens = batch 8, 12608 = batch 64) and an
-# odd shape whose every dimension ends in a partial tile.
+# odd shape whose every dimension ends in a partial tile. Every flag variant also runs under the
+# interpreter; here each case is a new compilation, so the list stays short.
 CASES = [
     pytest.param(1576, 768, 768, {}, "fp32", id="default-fp32"),
     pytest.param(1576, 768, 768, {}, "bf16", id="default-bf16"),
@@ -25,12 +26,10 @@ CASES = [
     pytest.param(1576, 768, 2304, {"groups": 3}, "bf16", id="qkv-groups3-bf16"),
     pytest.param(1576, 768, 768, {"bypass": False}, "bf16", id="no-bypass-bf16"),
     pytest.param(1576, 768, 768, {"router": False}, "bf16", id="plain-lora-bf16"),
-    pytest.param(1576, 768, 768, {"bias": False}, "bf16", id="no-bias-bf16"),
     pytest.param(1576, 768, 768, {"non_contiguous": True}, "fp16", id="non-contiguous-fp16"),
     pytest.param(12608, 768, 3072, {}, "bf16", id="mlp-fc1-12608-bf16"),
     pytest.param(12608, 3072, 768, {}, "fp32", id="mlp-fc2-12608-fp32"),
     pytest.param(333, 100, 120, {"groups": 3}, "bf16", id="odd-groups3-bf16"),
-    pytest.param(333, 100, 120, {}, "fp32", id="odd-fp32"),
 ]
 
 
