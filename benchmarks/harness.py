@@ -36,13 +36,18 @@ def machine_name(device: torch.device) -> str:
 
 
 class Timer:
-    """Times one call of `fn` per round: CUDA events on a GPU (the median is taken from them),
-    the wall clock on a CPU. Used as the function that pytest-benchmark's pedantic mode runs."""
+    """Times one call of `fn` per round: CUDA events on a GPU, the wall clock on a CPU. Used as
+    the function that pytest-benchmark's pedantic mode runs; its first `warmup` calls (the
+    pedantic warm-up rounds) are not kept."""
 
-    def __init__(self, fn, device: torch.device):
-        self.fn, self.device, self.ms = fn, device, []
+    def __init__(self, fn, device: torch.device, warmup: int = 0):
+        self.fn, self.device, self.ms, self.skip = fn, device, [], warmup
 
     def __call__(self):
+        if self.skip:
+            self.skip -= 1
+            self.fn()
+            return
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -57,6 +62,10 @@ class Timer:
 
     def median_ms(self) -> float:
         return statistics.median(self.ms)
+
+    def min_ms(self) -> float:
+        """The least disturbed round: on a shared CPU the ratio of minima is the steadier one."""
+        return min(self.ms)
 
 
 def saved_activation_bytes(run_forward, parameters) -> int:

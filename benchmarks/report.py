@@ -21,10 +21,11 @@ def layer_table(records: list[dict]) -> str:
     providers = sorted({r["provider"] for r in records},
                        key=lambda p: (p != "linear", p != "eager", p != "compiled-eager", p))
     fused = [p for p in providers if p.startswith("fused-")]
-    rows = defaultdict(dict)
+    rows, minima = defaultdict(dict), defaultdict(dict)
     saved = defaultdict(dict)
     for r in records:
         rows[(r["shape"], r["mode"])][r["provider"]] = r["median_ms"]
+        minima[(r["shape"], r["mode"])][r["provider"]] = r.get("min_ms")
         if r.get("saved_bytes") is not None:
             saved[r["shape"]][r["provider"]] = (r["saved_bytes"], r["x_bytes"], r["n"])
 
@@ -45,12 +46,16 @@ def layer_table(records: list[dict]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
 
     lines.append("")
-    lines.append("Geometric means over shapes:")
+    lines.append("Geometric means over shapes, of medians (and of minima, steadier on a shared CPU):")
     for (p, mode, base), values in sorted(ratios.items()):
         g = _geomean(values)
         if g is not None:
-            what = f"{p} / linear" if base == "linear" else f"eager / {p}"
-            lines.append(f"- {mode}: {what} = {g:.3f}")
+            num, den = ("eager", p) if base == "eager" else (p, "linear")
+            g_min = _geomean([t[num] / t[den] for (_, m), t in minima.items()
+                              if m == mode and t.get(num) and t.get(den)])
+            what = f"{num} / {den}"
+            extra = f" (minima {g_min:.3f})" if g_min else ""
+            lines.append(f"- {mode}: {what} = {g:.3f}{extra}")
 
     lines.append("")
     lines.append("Saved for backward (bytes beyond x, per token):")

@@ -10,7 +10,7 @@ from .layer_providers import build, layer_shapes, provider_names
 DEVICE = bench_device()
 QUICK = quick_mode()
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-ROUNDS, WARMUP = (1, 1) if QUICK else ((50, 10) if DEVICE.type == "cuda" else (5, 2))
+ROUNDS, WARMUP = (1, 1) if QUICK else ((50, 10) if DEVICE.type == "cuda" else (15, 3))
 
 
 def _shape_id(shape):
@@ -36,14 +36,14 @@ def test_layer(benchmark, bench_results, shape, provider, mode):
         layer.zero_grad(set_to_none=True)
         layer(x).backward(dy)
 
-    timer = Timer(step, DEVICE)
+    timer = Timer(step, DEVICE, WARMUP)
     benchmark.pedantic(timer, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
     saved = None
     if mode == "fwd+bwd" and provider != "compiled-eager":  # hooks do not see inside a graph
         saved = saved_activation_bytes(lambda: layer(x), layer.parameters())
     record = dict(shape=_shape_id(shape), k=k, o=o, groups=groups, n=n, provider=provider,
                   mode=mode, dtype=str(DTYPE).removeprefix("torch."),
-                  median_ms=timer.median_ms(), saved_bytes=saved,
+                  median_ms=timer.median_ms(), min_ms=timer.min_ms(), saved_bytes=saved,
                   x_bytes=x.numel() * x.element_size())
     benchmark.extra_info.update(record)
     bench_results.append(record)

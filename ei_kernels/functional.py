@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import backends
 from .checks import check_mor_inputs
+from .ops import torch_mor
 from .ops.torch_mor import acc_dtype
 from .spec import MoRSpec
 
@@ -23,6 +24,22 @@ from .spec import MoRSpec
 def _spec(ranks, scalings, bypass, groups, router) -> MoRSpec:
     # Values were validated by MoRSpec.build in mor_linear; rebuilt here from op arguments.
     return MoRSpec(tuple(ranks), tuple(scalings), bypass, router, groups)
+
+
+def _run_forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, ranks, scalings,
+                 bypass, groups, backend):
+    spec = _spec(ranks, scalings, bypass, groups, router_weight is not None)
+    impl = backends.implementation(backends.resolve(backend, x.device, x.dtype))
+    return impl.forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec)
+
+
+def _run_backward(dy, x, probs, weight, lora_a, lora_b, router_weight, ranks, scalings, bypass,
+                  groups, backend, compute_dx, **kept):
+    """`kept`: what the forward kept for this backend's backward (torch: u)."""
+    spec = _spec(ranks, scalings, bypass, groups, router_weight is not None)
+    impl = backends.implementation(backends.resolve(backend, x.device, x.dtype))
+    return impl.backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec, compute_dx,
+                         **kept)
 
 
 @torch.library.custom_op("ei_kernels::mor_linear_fwd", mutates_args=())
@@ -41,9 +58,8 @@ def mor_linear_fwd(
     backend: str,
 ) -> Tuple[Tensor, Tensor]:
     """x [N, K] -> (y [N, O], probs [N, groups * router outputs] in fp32, fp64 for fp64 x)."""
-    spec = _spec(ranks, scalings, bypass, groups, router_weight is not None)
-    impl = backends.implementation(backends.resolve(backend, x.device, x.dtype))
-    return impl.forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec)
+    return _run_forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, ranks,
+                        scalings, bypass, groups, backend)
 
 
 @mor_linear_fwd.register_fake
@@ -75,11 +91,8 @@ def mor_linear_bwd(
 
     Router gradients are 0-row tensors when there is no router; dx is 0-row when not needed.
     """
-    spec = _spec(ranks, scalings, bypass, groups, router_weight is not None)
-    impl = backends.implementation(backends.resolve(backend, x.device, x.dtype))
-    return impl.backward(
-        dy, x, probs, weight, lora_a, lora_b, router_weight, spec, compute_dx
-    )
+    return _run_backward(dy, x, probs, weight, lora_a, lora_b, router_weight, ranks, scalings,
+                         bypass, groups, backend, compute_dx)
 
 
 @mor_linear_bwd.register_fake
@@ -96,40 +109,75 @@ def _(dy, x, probs, weight, lora_a, lora_b, router_weight, ranks, scalings, bypa
     )
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, router_weight, _, ranks, scalings, bypass, groups, backend = (
-        inputs
-    )
-    _, probs = output
+def _save(ctx, x, probs, weight, lora_a, lora_b, router_weight, router_bias, config, u=None):
     ctx.mark_non_differentiable(probs)
-    ctx.save_for_backward(x, probs, weight, lora_a, lora_b, router_weight)
-    ctx.config = (list(ranks), list(scalings), bypass, groups, backend)
+    ctx.save_for_backward(x, probs, weight, lora_a, lora_b, router_weight, u)
+    ctx.config = config  # (ranks, scalings, bypass, groups, backend)
+    ctx.has_router_bias = router_bias is not None
 
 
-def _backward(ctx, dy, _dprobs):
-    x, probs, weight, lora_a, lora_b, router_weight = ctx.saved_tensors
+def _input_grads(ctx, dy, run_backward):
+    """Gradients of (x, weight, bias, lora_a, lora_b, router_weight, router_bias)."""
+    x, probs, weight, lora_a, lora_b, router_weight, u = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, d_lora_a, d_lora_b, d_router_weight, d_router_bias = mor_linear_bwd(
-        dy, x, probs, weight, lora_a, lora_b, router_weight, *ctx.config, compute_dx=need[0]
+    dx, d_lora_a, d_lora_b, d_router_weight, d_router_bias = run_backward(
+        dy, x, probs, weight, lora_a, lora_b, router_weight, *ctx.config, compute_dx=need[0],
+        **({} if u is None else {"u": u}),
     )
     # The base layer is frozen by design; if a caller unfreezes it, its gradients are still
     # exact, computed here with plain PyTorch (they are outside the fused plan).
     d_weight = dy.t() @ x if need[1] else None
     d_bias = dy.sum(0) if need[2] else None
-    has_router = router_weight is not None
     return (
         dx if need[0] else None,
         d_weight,
         d_bias,
         d_lora_a,
         d_lora_b,
-        d_router_weight if has_router else None,
-        d_router_bias if has_router else None,
-        None, None, None, None, None,
+        d_router_weight if router_weight is not None else None,
+        d_router_bias if ctx.has_router_bias else None,
     )
 
 
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, router_weight, router_bias, *config = inputs
+    _save(ctx, x, output[1], weight, lora_a, lora_b, router_weight, router_bias, tuple(config))
+
+
+def _backward(ctx, dy, _dprobs):
+    return (*_input_grads(ctx, dy, mor_linear_bwd), None, None, None, None, None)
+
+
 mor_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerMoRFunction(torch.autograd.Function):
+    """Eager autograd for the op: the same backend calls and saved tensors as the custom ops.
+
+    torch.library's generic dispatch and autograd wrapper cost about 1 ms of Python per layer
+    step, a few percent of a ViT layer on a CPU; outside torch.compile this path skips them.
+    The torch backend also keeps u from its forward when it fits the memory contract
+    (`torch_mor.keeps_u`) instead of recomputing it. Under torch.compile
+    `mor_linear_with_routing` calls the registered custom op instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, router_weight, router_bias, *config):
+        ranks, scalings, bypass, groups, backend = config
+        spec = _spec(ranks, scalings, bypass, groups, router_weight is not None)
+        u = None
+        if backend == "torch" and torch_mor.keeps_u(spec):
+            y, probs, u = torch_mor.forward(x, weight, bias, lora_a, lora_b, router_weight,
+                                            router_bias, spec, keep_u=True)
+        else:
+            y, probs = _run_forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias,
+                                    *config)
+        _save(ctx, x, probs, weight, lora_a, lora_b, router_weight, router_bias, config, u)
+        return y, probs
+
+    @staticmethod
+    def backward(ctx, dy, _dprobs):
+        return (*_input_grads(ctx, dy, _run_backward), None, None, None, None, None)
 
 
 def _autocast(tensors: Sequence[Optional[Tensor]], device_type: str) -> list:
@@ -166,12 +214,15 @@ def mor_linear_with_routing(
         (x, weight, bias, lora_a, lora_b, router_weight, router_bias), x.device.type
     )
     check_mor_inputs(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec)
-    backends.resolve(backend, x.device, x.dtype)  # raises a clear error now rather than inside the op
     lead = x.shape[:-1]
-    y, probs = mor_linear_fwd(
-        x.reshape(math.prod(lead), x.shape[-1]), weight, bias, lora_a, lora_b, router_weight, router_bias,
-        list(spec.ranks), list(spec.scalings), spec.bypass, spec.groups, backend,
-    )
+    args = (x.reshape(math.prod(lead), x.shape[-1]), weight, bias, lora_a, lora_b, router_weight,
+            router_bias, list(spec.ranks), list(spec.scalings), spec.bypass, spec.groups)
+    if torch.compiler.is_compiling():
+        # The backend is chosen when the graph runs (resolving imports modules Dynamo can't trace).
+        y, probs = mor_linear_fwd(*args, backend)
+    else:
+        # Resolved here so that an unavailable backend raises a clear error before any work.
+        y, probs = _EagerMoRFunction.apply(*args, backends.resolve(backend, x.device, x.dtype))
     return y.view(*lead, weight.shape[0]), probs.view(*lead, spec.groups, spec.num_logits)
 
 

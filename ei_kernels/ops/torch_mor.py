@@ -2,16 +2,24 @@
 
 Runs on any device. Instead of E separate LoRA branches it does one shrink matmul
 x [A_cat; R]^T, an fp32 softmax, the per-column scaling, and accumulates the rank-r expand
-into the base output. Backward saves only x and p: u = x A_cat^T is recomputed (a thin matmul)
-so that nothing of size N x O or N x r is kept between forward and backward.
+into the base output. Backward needs x, p and u = x A_cat^T: u is kept from the forward when
+u and p together fit in SAVED_PER_TOKEN elements per token (one group: r + L = 18 with the
+default ranks), and recomputed with a thin matmul otherwise (qkv: 3 * 18). Nothing of size
+N x O is ever kept between forward and backward.
 
 Shapes (one group g of G; O_g = O / G):
     x [N, K]   weight [O, K]   lora_a [G*r, K]   lora_b [O, r]   router_weight [G*L, K]
     probs [N, G*L]  with L = E + bypass router outputs per group (0 without a router).
 Routing math runs in fp32 (fp64 for fp64 inputs): `acc_dtype`.
+
+Every op here costs a dispatch, and at ViT sizes on a CPU those add up to a visible share of
+the layer, so the per-branch bookkeeping is folded into one small matrix S (see
+`branch_matrix`) and the thin GEMMs run in the orientation BLAS handles best.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -19,78 +27,98 @@ from torch import Tensor
 from ..spec import MoRSpec
 
 
+# Activation elements per token autograd may keep beyond x (the memory contract of the op).
+SAVED_PER_TOKEN = 32
+
+
+def keeps_u(spec: MoRSpec) -> bool:
+    """Whether `forward(..., keep_u=True)` is within budget: u [N, G*r] shares the storage of
+    the shrink output [N, G*(r + L)], which is what stays alive."""
+    return spec.groups * (spec.rank + spec.num_logits) <= SAVED_PER_TOKEN
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision of the router softmax, the probabilities and the token reductions."""
     return torch.promote_types(dtype, torch.float32)
 
 
-def branch_coefficients(probs: Tensor, spec: MoRSpec, n: int) -> Tensor:
-    """fp32 [N, G, r] (or [1, 1, r] without a router): p_k(j) * s_k(j) for every rank column j."""
-    spans = spec.branch_spans()
-    if not spec.router:
-        cols = [torch.full((1, 1, end - start), s, dtype=probs.dtype, device=probs.device) for start, end, s in spans]
-        return torch.cat(cols, dim=-1)
-    p = probs.view(n, spec.groups, spec.num_logits)
-    first = int(spec.bypass)  # the bypass probability p_0 weights no branch
-    cols = [
-        (p[..., first + k : first + k + 1] * s).expand(n, spec.groups, end - start)
-        for k, (start, end, s) in enumerate(spans)
-    ]
-    return torch.cat(cols, dim=-1)
+@functools.lru_cache(maxsize=64)
+def branch_matrix(spec: MoRSpec, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """S [L, r] with S[l, j] = s_k when rank column j belongs to branch k routed by logit l.
+
+    It turns the per-branch bookkeeping into two tiny matmuls: the column coefficients are
+    coef = p S ([N, G, r], p_k s_k repeated over branch k's columns), and the gradient of the
+    routing weights is dp = (g * u) S^T, whose bypass column is zero (the bypass weights no
+    branch). Without a router it is the single row of scalings.
+    """
+    first = int(spec.bypass)
+    s = torch.zeros(max(spec.num_logits, 1), spec.rank, dtype=torch.float64)
+    for k, (start, end, scaling) in enumerate(spec.branch_spans()):
+        s[first + k if spec.router else 0, start:end] = scaling
+    return s.to(device=device, dtype=dtype)
 
 
 def _shrink_weight(lora_a: Tensor, router_weight: Tensor | None) -> Tensor:
     return lora_a if router_weight is None else torch.cat([lora_a, router_weight])
 
 
-def _group_slices(spec: MoRSpec, out_features: int):
-    """(output columns, rank columns) of each group: the expand is block-diagonal."""
-    og, r = out_features // spec.groups, spec.rank
-    return [(slice(g * og, (g + 1) * og), slice(g * r, (g + 1) * r)) for g in range(spec.groups)]
+def _coefficients(probs: Tensor, spec: MoRSpec, n: int, acc: torch.dtype) -> Tensor:
+    """[N, G, r] (or [1, 1, r] without a router): p_k(j) * s_k(j) for every rank column j."""
+    s = branch_matrix(spec, probs.device, acc)
+    if not spec.router:
+        return s.view(1, 1, spec.rank)
+    return probs.view(n, spec.groups, spec.num_logits) @ s
 
 
-def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: MoRSpec):
-    n, gr = x.shape[0], spec.groups * spec.rank
+def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: MoRSpec,
+            keep_u: bool = False):
+    """-> (y, probs), or (y, probs, u) with keep_u, u to be handed back to `backward`."""
+    n, G, r, L = x.shape[0], spec.groups, spec.rank, spec.num_logits
     acc = acc_dtype(x.dtype)
     shrink = x @ _shrink_weight(lora_a, router_weight).t()  # [N, G*r + G*L]
     if spec.router:
-        logits = shrink[:, gr:].to(acc)
+        logits = shrink[:, G * r :].to(acc)
         if router_bias is not None:
             logits = logits + router_bias.to(acc)
-        probs = torch.softmax(logits.view(n, spec.groups, spec.num_logits), dim=-1)
-        probs = probs.view(n, spec.groups * spec.num_logits)
+        probs = torch.softmax(logits.view(n, G, L), dim=-1).view(n, G * L)
     else:
         probs = x.new_empty((n, 0), dtype=acc)
-    coef = branch_coefficients(probs, spec, n)
-    z = (shrink[:, :gr].to(acc).view(n, spec.groups, spec.rank) * coef).to(x.dtype).view(n, gr)
+    coef = _coefficients(probs, spec, n, acc)
+    u = shrink[:, : G * r]
+    z = (u.to(acc).view(n, G, r) * coef).to(x.dtype).view(n, G * r)
 
     y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
-    for cols, rcols in _group_slices(spec, weight.shape[0]):
-        y[:, cols].addmm_(z[:, rcols], lora_b[cols].t())
-    return y, probs
+    og = weight.shape[0] // G
+    for i in range(G):  # the expand is block-diagonal over the groups
+        cols, rows = slice(i * og, (i + 1) * og), slice(i * r, (i + 1) * r)
+        y[:, cols].addmm_(z[:, rows], lora_b[cols].t())
+    return (y, probs, u) if keep_u else (y, probs)
 
 
-def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec, compute_dx):
+def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec, compute_dx,
+             u=None):
+    """u: the one `forward(..., keep_u=True)` returned, or None to recompute it."""
     n, G, r, L = x.shape[0], spec.groups, spec.rank, spec.num_logits
-    groups = _group_slices(spec, weight.shape[0])
-    u = (x @ lora_a.t()).to(probs.dtype).view(n, G, r)
-    coef = branch_coefficients(probs, spec, n)
+    og = weight.shape[0] // G
+    acc = probs.dtype
+    u = (x @ lora_a.t() if u is None else u).to(acc).view(n, G, r)
+    coef = _coefficients(probs, spec, n, acc)
     z = (u * coef).to(x.dtype).view(n, G * r)
 
-    g = torch.empty((n, G * r), dtype=dy.dtype, device=dy.device)  # dy B_cat, per group
-    d_lora_b = torch.empty_like(lora_b)
-    for cols, rcols in groups:
-        torch.mm(dy[:, cols], lora_b[cols], out=g[:, rcols])
-        torch.mm(dy[:, cols].t(), z[:, rcols], out=d_lora_b[cols])
-    g = g.to(probs.dtype).view(n, G, r)
+    # g = dy B_cat and dB = dy^T z, per group. Both are thin GEMMs over the wide dy; BLAS runs
+    # them faster as r-row products (B^T dy^T and z^T dy) whose results are transposed views.
+    g_t = torch.empty((G * r, n), dtype=dy.dtype, device=dy.device)
+    d_lora_b_t = torch.empty((G, r, og), dtype=dy.dtype, device=dy.device)
+    for i in range(G):
+        cols, rows = slice(i * og, (i + 1) * og), slice(i * r, (i + 1) * r)
+        torch.mm(lora_b[cols].t(), dy[:, cols].t(), out=g_t[rows])
+        torch.mm(z[:, rows].t(), dy[:, cols], out=d_lora_b_t[i])
+    d_lora_b = d_lora_b_t.transpose(1, 2).reshape(G * og, r).contiguous()  # [O, r], small
+    g = g_t.t().to(acc).view(n, G, r)
 
     du = (g * coef).view(n, G * r)
     if spec.router:
-        gu = g * u
-        dw = [gu[..., start:end].sum(-1, keepdim=True) * s for start, end, s in spec.branch_spans()]
-        if spec.bypass:
-            dw.insert(0, torch.zeros_like(dw[0]))
-        dp = torch.cat(dw, dim=-1)  # [N, G, L]
+        dp = (g * u) @ branch_matrix(spec, x.device, acc).t()  # [N, G, L]
         p = probs.view(n, G, L)
         dl = (p * (dp - (p * dp).sum(-1, keepdim=True))).view(n, G * L)
         d_shrink = torch.cat([du, dl], dim=1).to(x.dtype)
