@@ -55,6 +55,8 @@ def test_the_default_config_is_the_synthetic_demo():
     assert path.name == "synthetic.yaml"
     config = load_config(path)
     assert config.data.preset == "synthetic" and config.late_fusion
+    # Pretrained on generic scenes here (a frozen random backbone leaves every model at chance).
+    assert config.model.synthetic_pretraining is not None and not config.model.pretrained
     # Named configs resolve to configs/<name>.yaml.
     assert resolve_config("mrnet").name == "mrnet.yaml"
 

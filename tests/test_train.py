@@ -177,8 +177,11 @@ def test_training_writes_every_stage(micro_run, capsys):
     rows = json.loads((micro_run / "summary.json").read_text())
     assert [r["stage"] for r in rows] == stages
     assert all(0 <= r["test_mAP"] <= 1 and 0 <= r["test_accuracy"] <= 1 for r in rows)
+    # The loss prior goes to the single model with the best training-set mAP (EI_SPEC).
+    train_maps = {m: json.loads((micro_run / "single" / m / "result.json").read_text())["train_mAP"]
+                  for m in ("locator", "appearance")}
     ei_result = json.loads((micro_run / "ei" / "result.json").read_text())
-    assert ei_result["best_modality"] in ("locator", "appearance")
+    assert ei_result["best_modality"] == max(train_maps, key=train_maps.get)
 
 
 def test_evaluate_prints_and_writes_per_class_metrics(micro_run, capsys):

@@ -60,7 +60,7 @@ def default_root() -> Path:
     return Path.home() / ".cache" / "ei" / "synthetic"
 
 
-def _pattern(kind: int, rng: np.random.Generator) -> np.ndarray:
+def pattern_tile(kind: int, rng: np.random.Generator) -> np.ndarray:
     """One quadrant (SIZE/2 x SIZE/2 x 3) of the appearance image, in [0, 1]."""
     base = rng.uniform(0.2, 0.8, size=3)
     contrast = rng.uniform(0.25, 0.5)
@@ -72,7 +72,7 @@ def _pattern(kind: int, rng: np.random.Generator) -> np.ndarray:
     return base + contrast * (on[..., None] - 0.5)
 
 
-def _locator(quadrant: int, rng: np.random.Generator) -> np.ndarray:
+def locator_image(quadrant: int, rng: np.random.Generator) -> np.ndarray:
     half = SIZE // 2
     image = np.broadcast_to(rng.uniform(0.0, 0.35, size=3), (SIZE, SIZE, 3)).copy()
     radius = int(rng.integers(3, 6))
@@ -88,7 +88,7 @@ def _appearance(arrangement: np.ndarray, rng: np.random.Generator) -> np.ndarray
     image = np.empty((SIZE, SIZE, 3))
     for quadrant, kind in enumerate(arrangement):
         r, c = (quadrant // 2) * half, (quadrant % 2) * half
-        image[r : r + half, c : c + half] = _pattern(int(kind), rng)
+        image[r : r + half, c : c + half] = pattern_tile(int(kind), rng)
     return image
 
 
@@ -107,7 +107,7 @@ def _write_split(out: Path, split: str, count: int, seed: int, noise: float) -> 
         arrangement = rng.permutation(4)
         label = int(arrangement[quadrant])
         names = [f"images/{split}/{i:04d}_{m}.png" for m in PRESET.modalities]
-        _to_png(_locator(quadrant, rng), noise, rng, out / names[0])
+        _to_png(locator_image(quadrant, rng), noise, rng, out / names[0])
         _to_png(_appearance(arrangement, rng), noise, rng, out / names[1])
         lines.append(f"{','.join(names)}\t{PATTERNS[label]}\n")
         scenes.append({"quadrant": quadrant, "arrangement": arrangement.tolist(), "label": label})

@@ -79,12 +79,35 @@ class DataConfig:
 
 
 @dataclass
+class SyntheticPretrainingConfig:
+    """How the demo backbone is pretrained on generic synthetic scenes (ei.train.demo_backbone)."""
+
+    seed: int = 0
+    images: int = 4000
+    epochs: int = 25
+    batch_size: int = 64
+    lr: float = 5e-3
+    noise: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("images", "epochs", "batch_size"):
+            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _check(self.batch_size <= self.images, "batch_size",
+               f"must be <= images ({self.images}), got {self.batch_size}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(self.noise >= 0, "noise", f"must be >= 0, got {self.noise}")
+
+
+@dataclass
 class ModelConfig:
     """The backbone (any timm ViT or an alias of ei.model.ALIASES), its adaptation, and EI."""
 
     backbone: str = "dinov2"
     pretrained: bool = True  # timm's weights (downloaded); False: random init
     checkpoint: Optional[str] = None  # or a local weight file
+    # Or weights made here once (cached) by pretraining on generic synthetic scenes: the CPU
+    # demo's stand-in for a pretrained VFM. Synthetic preset only.
+    synthetic_pretraining: Optional[SyntheticPretrainingConfig] = None
     timm_kwargs: dict = field(default_factory=dict)
     mor: MoRConfig = field(default_factory=MoRConfig)
     grad_checkpointing: bool = False  # recompute blocks in backward: less memory, more time
@@ -96,8 +119,9 @@ class ModelConfig:
         timm_name = ALIASES.get(self.backbone, (self.backbone, {}))[0]
         _check(timm.is_model(timm_name), "backbone",
                f"{self.backbone!r} is neither an alias {sorted(ALIASES)} nor a timm model")
-        _check(not (self.pretrained and self.checkpoint), "pretrained",
-               "give one source of weights: pretrained or checkpoint, not both")
+        sources = [self.pretrained, self.checkpoint is not None, self.synthetic_pretraining is not None]
+        _check(sum(sources) <= 1, "pretrained", "give one source of weights: pretrained, "
+               "checkpoint or synthetic_pretraining, not several")
         _check(self.inject_layer is None or self.inject_layer >= 0, "inject_layer",
                f"must be a block index >= 0 or null (late fusion), got {self.inject_layer}")
         _check(self.int_position in ("append", "prepend"), "int_position",
@@ -185,6 +209,10 @@ class Config:
                f"{best!r} is not a modality of preset {self.data.preset!r}: {list(modalities)}")
         _check(self.data.root is not None or self.data.preset == "synthetic", "data.root",
                f"preset {self.data.preset!r} needs the directory of its data")
+        _check(self.model.synthetic_pretraining is None or (
+            self.data.preset == "synthetic" and self.image_size == get_preset("synthetic").image_size),
+            "model.synthetic_pretraining", "pretrains on the synthetic preset's images: use it "
+            "with data.preset synthetic at its image size")
 
     @property
     def image_size(self) -> int:
@@ -211,7 +239,10 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error says more than "expected X or null"
+            return _convert(value, options[0], key)
+        for arg in options:
             try:
                 return _convert(value, arg, key)
             except ConfigError:

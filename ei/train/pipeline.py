@@ -19,7 +19,8 @@ from ei.metrics import compute_metrics
 
 from . import checkpoint
 from .config import Config
-from .data import Splits, build_splits, make_loader
+from .data import Splits, build_splits, make_loader, open_dataset
+from .demo_backbone import resolve_demo_backbone
 from .distributed import World
 from .inference import collect_scores, resolve_precision
 from .loop import StageSpec, StageTrainer
@@ -44,15 +45,21 @@ def set_runtime(config: Config) -> None:
 
 
 def best_single_modality(results: dict[str, dict]) -> str:
-    """The modality whose single model had the best validation mAP (first on ties)."""
-    singles = {s[len(SINGLE_PREFIX):]: r["best_val_mAP"] for s, r in results.items()
+    """The modality whose single model had the best mAP on the training set (EI_SPEC's loss
+    prior; first on ties)."""
+    singles = {s[len(SINGLE_PREFIX):]: r["train_mAP"] for s, r in results.items()
                if s.startswith(SINGLE_PREFIX)}
     return max(singles, key=lambda m: -math.inf if math.isnan(singles[m]) else singles[m])
 
 
 def evaluate_model(model, task, splits: Splits, split: str, config: Config, world: World,
                    precision: str) -> dict:
-    loader = make_loader(splits.get(split), config, config.ei.eval_batch_size or config.ei.batch_size,
+    """Metrics of `model` on `split`; the training split is read as for evaluation (no
+    augmentation, first image of a multi-image modality)."""
+    dataset = splits.get(split)
+    if split == "train":
+        dataset = open_dataset(config, splits.root, splits.preset, config.data.train, train=False)
+    loader = make_loader(dataset, config, config.ei.eval_batch_size or config.ei.batch_size,
                          world, train=False, seed=config.seed)
     scores, targets, _ = collect_scores(model, task, loader, world, precision)
     return compute_metrics(targets, scores, task.multi_label, splits.class_names)
@@ -72,7 +79,7 @@ def run_stage(stage: str, config: Config, splits: Splits, run: RunDir, world: Wo
     if not stage.startswith(SINGLE_PREFIX):
         best_modality = config.loss.best_modality or best_single_modality(results)
         if world.is_main and config.runtime.progress:
-            how = "set in the config" if config.loss.best_modality else "best single-modality val mAP"
+            how = "set in the config" if config.loss.best_modality else "best single-modality train mAP"
             print(f"loss prior: best modality {best_modality!r} ({how})", flush=True)
         singles = {m: run.stage_dir(SINGLE_PREFIX + m) / "best.pt" for m in splits.preset.modalities}
     # The same seed on every rank gives every rank the same initial model (DDP checks it too).
@@ -99,6 +106,9 @@ def run_stage(stage: str, config: Config, splits: Splits, run: RunDir, world: Wo
     val = trainer.history[summary["best_epoch"] - 1]
     result = {"stage": stage, **summary, "best_val_accuracy": val["val_accuracy"],
               "best_modality": best_modality, "test": test}
+    if stage.startswith(SINGLE_PREFIX):  # what the loss prior of stage two is chosen by
+        train = evaluate_model(trainer.net, task, splits, "train", config, world, precision)
+        result["train_mAP"] = train["mAP"]
     if world.is_main:
         checkpoint.atomic_write_text(json.dumps(result, indent=1), done)
     return result
@@ -137,6 +147,7 @@ def train_all(config: Config, run: RunDir, world: World) -> dict[str, dict]:
     """Every stage of the run, in order; returns stage -> result."""
     set_runtime(config)
     splits = build_splits(config, world)
+    config = resolve_demo_backbone(config, world)
     results: dict[str, dict] = {}
     for stage in stage_names(config, splits.preset):
         if world.is_main and config.runtime.progress:
