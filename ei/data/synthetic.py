@@ -61,7 +61,8 @@ def default_root() -> Path:
 
 
 def pattern_tile(kind: int, rng: np.random.Generator) -> np.ndarray:
-    """One quadrant (SIZE/2 x SIZE/2 x 3) of the appearance image, in [0, 1]."""
+    """One quadrant (SIZE/2 x SIZE/2 x 3) of an appearance image, pattern `kind` (an index
+    of PATTERNS) with random colours, contrast and phase, in [0, 1]."""
     base = rng.uniform(0.2, 0.8, size=3)
     contrast = rng.uniform(0.25, 0.5)
     width = int(rng.integers(2, 4))
@@ -73,6 +74,7 @@ def pattern_tile(kind: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def locator_image(quadrant: int, rng: np.random.Generator) -> np.ndarray:
+    """A locator image (SIZE x SIZE x 3): one bright disk inside `quadrant` on a dark ground."""
     half = SIZE // 2
     image = np.broadcast_to(rng.uniform(0.0, 0.35, size=3), (SIZE, SIZE, 3)).copy()
     radius = int(rng.integers(3, 6))

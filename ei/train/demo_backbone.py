@@ -79,8 +79,10 @@ def sincos_position_embedding(grid: tuple[int, int], dim: int) -> Tensor:
     return torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=1)[None]
 
 
-def pretrain(name: str, timm_kwargs: dict, recipe: SyntheticPretrainingConfig, progress: bool = True) -> dict:
-    """Train a `name` ViT for SIZE px images on generic scenes; returns its state dict."""
+def pretrain(name: str, timm_kwargs: dict, recipe: SyntheticPretrainingConfig, progress: bool = True,
+             device: torch.device = torch.device("cpu")) -> dict:
+    """Train a `name` ViT for SIZE px images on generic scenes, on `device`; returns its
+    state dict (on the CPU)."""
     torch.manual_seed(recipe.seed)
     vit = create_vit(name, SIZE, **timm_kwargs)
     if vit.pos_embed is not None and vit.pos_embed.shape[1] == math.prod(vit.patch_embed.grid_size):
@@ -88,9 +90,10 @@ def pretrain(name: str, timm_kwargs: dict, recipe: SyntheticPretrainingConfig, p
         # epochs on a plateau before it placed the disk (measured); from here it needs 2.
         with torch.no_grad():
             vit.pos_embed.copy_(sincos_position_embedding(vit.patch_embed.grid_size, vit.embed_dim))
-    backbone = ViTBackbone(vit, SIZE)
-    head = nn.Linear(vit.embed_dim, QUADRANTS * (TEXTURES + 1) + QUADRANTS + 1)
-    images, textures, disks = generic_scenes(recipe.images, recipe.seed, recipe.noise)
+    backbone = ViTBackbone(vit, SIZE).to(device)
+    head = nn.Linear(vit.embed_dim, QUADRANTS * (TEXTURES + 1) + QUADRANTS + 1).to(device)
+    scenes = generic_scenes(recipe.images, recipe.seed, recipe.noise)
+    images, textures, disks = (t.to(device) for t in scenes)
     params = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.05)
     steps_per_epoch = recipe.images // recipe.batch_size
@@ -102,7 +105,7 @@ def pretrain(name: str, timm_kwargs: dict, recipe: SyntheticPretrainingConfig, p
     for _ in range(recipe.epochs):
         order = torch.randperm(recipe.images, generator=generator)
         for step in range(steps_per_epoch):
-            idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
+            idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size].to(device)
             out = head(backbone(images[idx]))
             split = QUADRANTS * (TEXTURES + 1)
             loss = (F.cross_entropy(out[:, :split].reshape(-1, TEXTURES + 1), textures[idx].reshape(-1))
@@ -114,7 +117,7 @@ def pretrain(name: str, timm_kwargs: dict, recipe: SyntheticPretrainingConfig, p
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
-    return vit.state_dict()
+    return {k: v.cpu() for k, v in vit.state_dict().items()}
 
 
 def weights_path(name: str, timm_kwargs: dict, recipe: SyntheticPretrainingConfig, root: Path) -> Path:
@@ -131,9 +134,9 @@ def default_weights_root() -> Path:
 
 def ensure_demo_backbone(name: str = "tiny", timm_kwargs: dict | None = None,
                          recipe: SyntheticPretrainingConfig | None = None, root: str | Path | None = None,
-                         progress: bool = True) -> Path:
-    """The path of the pretrained weights for this architecture and recipe, made if absent
-    (about a minute on a 2-core CPU for the demo's tiny ViT)."""
+                         progress: bool = True, device: torch.device = torch.device("cpu")) -> Path:
+    """The path of the pretrained weights for this architecture and recipe, made on `device`
+    if absent (75 s on a 2-core CPU for the demo's tiny ViT)."""
     timm_kwargs = dict(timm_kwargs or {})
     recipe = recipe or SyntheticPretrainingConfig()
     path = weights_path(name, timm_kwargs, recipe, Path(root) if root is not None else default_weights_root())
@@ -144,7 +147,7 @@ def ensure_demo_backbone(name: str = "tiny", timm_kwargs: dict | None = None,
         threads = torch.get_num_threads()
         torch.set_num_threads(os.cpu_count() or 1)  # one process: use every core
         try:
-            atomic_save(pretrain(name, timm_kwargs, recipe, progress), path)
+            atomic_save(pretrain(name, timm_kwargs, recipe, progress, device), path)
         finally:
             torch.set_num_threads(threads)
     return path
@@ -159,7 +162,8 @@ def resolve_demo_backbone(config: Config, world: World) -> Config:
 
     def make() -> Path:
         return ensure_demo_backbone(model.backbone, model.timm_kwargs, model.synthetic_pretraining,
-                                    progress=world.is_main and config.runtime.progress)
+                                    progress=world.is_main and config.runtime.progress,
+                                    device=world.device)
 
     if world.is_main:
         path = make()
