@@ -33,6 +33,12 @@ def _check(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _check_counts(section: Any, *names: str) -> None:
+    """Each field `names` of `section` is a count: an integer >= 1."""
+    for name in names:
+        _check(getattr(section, name) >= 1, name, f"must be >= 1, got {getattr(section, name)}")
+
+
 @dataclass
 class SyntheticConfig:
     """Parameters of the bundled synthetic dataset (``data.preset: synthetic`` only)."""
@@ -44,8 +50,7 @@ class SyntheticConfig:
     noise: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("n_train", "n_val", "n_test"):
-            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _check_counts(self, "n_train", "n_val", "n_test")
         _check(self.noise >= 0, "noise", f"must be >= 0, got {self.noise}")
 
 
@@ -90,8 +95,7 @@ class SyntheticPretrainingConfig:
     noise: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("images", "epochs", "batch_size"):
-            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _check_counts(self, "images", "epochs", "batch_size")
         _check(self.batch_size <= self.images, "batch_size",
                f"must be <= images ({self.images}), got {self.batch_size}")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -159,8 +163,7 @@ class OptimConfig:
     patience: int = 10  # validations without improvement before stopping; 0: never stop early
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _check_counts(self, "epochs", "batch_size")
         _check(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size",
                f"must be >= 1, got {self.eval_batch_size}")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
