@@ -85,7 +85,8 @@ def locator_image(quadrant: int, rng: np.random.Generator) -> np.ndarray:
     return image
 
 
-def _appearance(arrangement: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def appearance_image(arrangement, rng: np.random.Generator) -> np.ndarray:
+    """An appearance image (SIZE x SIZE x 3): quadrant q filled with pattern arrangement[q]."""
     half = SIZE // 2
     image = np.empty((SIZE, SIZE, 3))
     for quadrant, kind in enumerate(arrangement):
@@ -110,7 +111,7 @@ def _write_split(out: Path, split: str, count: int, seed: int, noise: float) -> 
         label = int(arrangement[quadrant])
         names = [f"images/{split}/{i:04d}_{m}.png" for m in PRESET.modalities]
         _to_png(locator_image(quadrant, rng), noise, rng, out / names[0])
-        _to_png(_appearance(arrangement, rng), noise, rng, out / names[1])
+        _to_png(appearance_image(arrangement, rng), noise, rng, out / names[1])
         lines.append(f"{','.join(names)}\t{PATTERNS[label]}\n")
         scenes.append({"quadrant": quadrant, "arrangement": arrangement.tolist(), "label": label})
     (out / f"{split}.txt").write_text("".join(lines), encoding="utf-8")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ei.data.synthetic import SIZE, default_root, locator_image, pattern_tile
+from ei.data.synthetic import SIZE, appearance_image, default_root, locator_image
 from ei.data.transforms import CLIP_MEAN, CLIP_STD
 from ei.model import ViTBackbone, create_vit
 
@@ -48,16 +48,13 @@ def generic_scenes(count: int, seed: int, noise: float) -> tuple[Tensor, Tensor,
     """`count` normalised images (count, 3, SIZE, SIZE); per-quadrant texture targets
     (count, 4) in 0..TEXTURES; disk quadrant targets (count,) in 0..4 (4: no disk)."""
     rng = np.random.default_rng([seed, 7])  # a stream of its own, apart from the dataset's
-    half = SIZE // 2
     images = np.empty((count, SIZE, SIZE, 3))
     textures = np.full((count, QUADRANTS), TEXTURES)
     disks = np.full(count, QUADRANTS)
     for i in range(count):
         if rng.random() < 0.5:
-            textures[i] = rng.integers(TEXTURES, size=QUADRANTS)
-            for q, kind in enumerate(textures[i]):
-                r, c = (q // 2) * half, (q % 2) * half
-                images[i, r : r + half, c : c + half] = pattern_tile(int(kind), rng)
+            textures[i] = rng.integers(TEXTURES, size=QUADRANTS)  # repeats allowed
+            images[i] = appearance_image(textures[i], rng)
         else:
             disks[i] = rng.integers(QUADRANTS)
             images[i] = locator_image(int(disks[i]), rng)
