@@ -83,15 +83,21 @@ def test_two_gloo_processes_agree_and_only_rank_0_writes(tmp_path):
 
 def test_ei_train_under_torchrun(tmp_path):
     root = ensure_synthetic_dataset(tmp_path / "data", **MICRO["data"]["synthetic"])
-    config = write_micro_config(tmp_path, root, single={"epochs": 1}, ei={"epochs": 1})
+    # With the demo's backbone pretraining (a token amount of it): rank 0 makes the weights
+    # while rank 1 waits, then both load them.
+    config = write_micro_config(
+        tmp_path, root, single={"epochs": 1}, ei={"epochs": 1}, data={"image_size": None},
+        model={"synthetic_pretraining": {"images": 16, "epochs": 1, "batch_size": 8}})
     run = tmp_path / "run"
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "ei.cli", "train", str(config), "--run-dir", str(run)],
         capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1",
+             "EI_SYNTHETIC_DIR": str(tmp_path / "cache" / "synthetic")},
     )
     assert out.returncode == 0, out.stdout + out.stderr
+    assert len(list((tmp_path / "cache" / "pretrained").glob("*.pt"))) == 1
     # Rank 0 alone prints the table.
     assert out.stdout.count("Test results") == 1
     rows = json.loads((run / "summary.json").read_text())
