@@ -65,7 +65,8 @@ def test_config_key_checked():
         from_dict(Config, config)  # micro images are 16 px, the scenes 32 px
     with pytest.raises(ConfigError, match="model.pretrained: give one source of weights"):
         load_config(None, ["model.backbone=tiny", "model.synthetic_pretraining={}"])
-    with pytest.raises(ConfigError, match="model.synthetic_pretraining.batch_size: must be <= images"):
+    with pytest.raises(ConfigError,
+                       match="model.synthetic_pretraining.batch_size: must be <= images"):
         load_config(None, ["model.pretrained=false", "model.synthetic_pretraining={images: 4}"])
 
 

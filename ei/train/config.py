@@ -123,7 +123,8 @@ class ModelConfig:
         timm_name = ALIASES.get(self.backbone, (self.backbone, {}))[0]
         _check(timm.is_model(timm_name), "backbone",
                f"{self.backbone!r} is neither an alias {sorted(ALIASES)} nor a timm model")
-        sources = [self.pretrained, self.checkpoint is not None, self.synthetic_pretraining is not None]
+        sources = [self.pretrained, self.checkpoint is not None,
+                   self.synthetic_pretraining is not None]
         _check(sum(sources) <= 1, "pretrained", "give one source of weights: pretrained, "
                "checkpoint or synthetic_pretraining, not several")
         _check(self.inject_layer is None or self.inject_layer >= 0, "inject_layer",

@@ -76,8 +76,8 @@ def sincos_position_embedding(grid: tuple[int, int], dim: int) -> Tensor:
     return torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=1)[None]
 
 
-def pretrain(name: str, timm_kwargs: dict, recipe: SyntheticPretrainingConfig, progress: bool = True,
-             device: torch.device = torch.device("cpu")) -> dict:
+def pretrain(name: str, timm_kwargs: dict, recipe: SyntheticPretrainingConfig,
+             progress: bool = True, device: torch.device = torch.device("cpu")) -> dict:
     """Train a `name` ViT for SIZE px images on generic scenes, on `device`; returns its
     state dict (on the CPU)."""
     torch.manual_seed(recipe.seed)
@@ -105,7 +105,8 @@ def pretrain(name: str, timm_kwargs: dict, recipe: SyntheticPretrainingConfig, p
             idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size].to(device)
             out = head(backbone(images[idx]))
             split = QUADRANTS * (TEXTURES + 1)
-            loss = (F.cross_entropy(out[:, :split].reshape(-1, TEXTURES + 1), textures[idx].reshape(-1))
+            texture_logits = out[:, :split].reshape(-1, TEXTURES + 1)
+            loss = (F.cross_entropy(texture_logits, textures[idx].reshape(-1))
                     + F.cross_entropy(out[:, split:], disks[idx]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -117,7 +118,8 @@ def pretrain(name: str, timm_kwargs: dict, recipe: SyntheticPretrainingConfig, p
     return {k: v.cpu() for k, v in vit.state_dict().items()}
 
 
-def weights_path(name: str, timm_kwargs: dict, recipe: SyntheticPretrainingConfig, root: Path) -> Path:
+def weights_path(name: str, timm_kwargs: dict, recipe: SyntheticPretrainingConfig,
+                 root: Path) -> Path:
     key = json.dumps({"version": RECIPE_VERSION, "name": name, "timm_kwargs": timm_kwargs,
                       "size": SIZE, "recipe": asdict(recipe)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -130,13 +132,15 @@ def default_weights_root() -> Path:
 
 
 def ensure_demo_backbone(name: str = "tiny", timm_kwargs: dict | None = None,
-                         recipe: SyntheticPretrainingConfig | None = None, root: str | Path | None = None,
+                         recipe: SyntheticPretrainingConfig | None = None,
+                         root: str | Path | None = None,
                          progress: bool = True, device: torch.device = torch.device("cpu")) -> Path:
     """The path of the pretrained weights for this architecture and recipe, made on `device`
     if absent (75 s on a 2-core CPU for the demo's tiny ViT)."""
     timm_kwargs = dict(timm_kwargs or {})
     recipe = recipe or SyntheticPretrainingConfig()
-    path = weights_path(name, timm_kwargs, recipe, Path(root) if root is not None else default_weights_root())
+    root = Path(root) if root is not None else default_weights_root()
+    path = weights_path(name, timm_kwargs, recipe, root)
     if not path.is_file():
         if progress:
             print(f"pretraining the demo backbone once ({recipe.images} generic scenes, "

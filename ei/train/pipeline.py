@@ -79,7 +79,8 @@ def run_stage(stage: str, config: Config, splits: Splits, run: RunDir, world: Wo
     if not stage.startswith(SINGLE_PREFIX):
         best_modality = config.loss.best_modality or best_single_modality(results)
         if world.is_main and config.runtime.progress:
-            how = "set in the config" if config.loss.best_modality else "best single-modality train mAP"
+            how = ("set in the config" if config.loss.best_modality
+                   else "best single-modality train mAP")
             print(f"loss prior: best modality {best_modality!r} ({how})", flush=True)
         singles = {m: run.stage_dir(SINGLE_PREFIX + m) / "best.pt" for m in splits.preset.modalities}
     # The same seed on every rank gives every rank the same initial model (DDP checks it too).
