@@ -29,7 +29,8 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.resize(images, [size, size], InterpolationMode.BILINEAR, antialias=True)
 
 
-def _normalise(images: torch.Tensor) -> torch.Tensor:
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] (..., 3, H, W) -> CLIP-normalised."""
     return F.normalize(images, list(CLIP_MEAN), list(CLIP_STD))
 
 
@@ -42,7 +43,7 @@ class EvalTransform:
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        return _normalise(_resize(images, self.size))
+        return normalise(_resize(images, self.size))
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class TrainTransform:
         images = F.adjust_brightness(images, brightness)
         images = F.adjust_contrast(images, contrast)
         images = F.adjust_saturation(images, saturation)
-        return _normalise(images)
+        return normalise(images)
 
 
 def build_transform(size: int, train: bool, augment: bool = True) -> EvalTransform | TrainTransform:

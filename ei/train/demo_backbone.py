@@ -28,20 +28,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.layers import build_sincos2d_pos_embed
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from ei.data.synthetic import SIZE, appearance_image, default_root, locator_image
-from ei.data.transforms import CLIP_MEAN, CLIP_STD
+from ei.data.transforms import normalise
 from ei.model import ViTBackbone, create_vit
 
 from .checkpoint import atomic_save
 from .config import Config, SyntheticPretrainingConfig
 from .distributed import World, barrier
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: timm's sin-cos channel order
 QUADRANTS = 4
 TEXTURES = 4  # the dataset's patterns; index TEXTURES means "no texture" (a disk scene)
+TEXTURE_LOGITS = QUADRANTS * (TEXTURES + 1)  # the head's first outputs; then the disk's quadrant
 
 
 def generic_scenes(count: int, seed: int, noise: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -60,20 +62,8 @@ def generic_scenes(count: int, seed: int, noise: float) -> tuple[Tensor, Tensor,
             images[i] = locator_image(int(disks[i]), rng)
     images = np.clip(images + rng.normal(0.0, noise, size=images.shape), 0.0, 1.0)
     # The dataset stores 8-bit PNGs: quantise alike.
-    x = torch.from_numpy(np.round(images * 255) / 255).float().permute(0, 3, 1, 2)
-    x = (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    x = normalise(torch.from_numpy(np.round(images * 255) / 255).float().permute(0, 3, 1, 2))
     return x, torch.from_numpy(textures), torch.from_numpy(disks)
-
-
-def sincos_position_embedding(grid: tuple[int, int], dim: int) -> Tensor:
-    """(1, H*W, dim) 2-D sine-cosine embedding: a quarter of the channels per sin/cos of y/x."""
-    if dim % 4:
-        raise ValueError(f"dim: a 2-D sin-cos embedding needs a multiple of 4, got {dim}")
-    quarter = dim // 4
-    freq = 1.0 / 10000 ** (torch.arange(quarter) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
-    ay, ax = ys.reshape(-1, 1) * freq, xs.reshape(-1, 1) * freq
-    return torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=1)[None]
 
 
 def pretrain(name: str, timm_kwargs: dict, recipe: SyntheticPretrainingConfig,
@@ -82,13 +72,15 @@ def pretrain(name: str, timm_kwargs: dict, recipe: SyntheticPretrainingConfig,
     state dict (on the CPU)."""
     torch.manual_seed(recipe.seed)
     vit = create_vit(name, SIZE, **timm_kwargs)
-    if vit.pos_embed is not None and vit.pos_embed.shape[1] == math.prod(vit.patch_embed.grid_size):
-        # Start from a sin-cos layout: from timm's 0.02-std init the model spent 12 of 30
+    grid = vit.patch_embed.grid_size
+    if (vit.pos_embed is not None and vit.pos_embed.shape[1] == math.prod(grid)
+            and vit.embed_dim % 4 == 0):
+        # Start from a 2-D sin-cos layout: from timm's 0.02-std init the model spent 12 of 30
         # epochs on a plateau before it placed the disk (measured); from here it needs 2.
         with torch.no_grad():
-            vit.pos_embed.copy_(sincos_position_embedding(vit.patch_embed.grid_size, vit.embed_dim))
+            vit.pos_embed.copy_(build_sincos2d_pos_embed(list(grid), vit.embed_dim)[None])
     backbone = ViTBackbone(vit, SIZE).to(device)
-    head = nn.Linear(vit.embed_dim, QUADRANTS * (TEXTURES + 1) + QUADRANTS + 1).to(device)
+    head = nn.Linear(vit.embed_dim, TEXTURE_LOGITS + QUADRANTS + 1).to(device)
     scenes = generic_scenes(recipe.images, recipe.seed, recipe.noise)
     images, textures, disks = (t.to(device) for t in scenes)
     params = [*backbone.parameters(), *head.parameters()]
@@ -104,10 +96,9 @@ def pretrain(name: str, timm_kwargs: dict, recipe: SyntheticPretrainingConfig,
         for step in range(steps_per_epoch):
             idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size].to(device)
             out = head(backbone(images[idx]))
-            split = QUADRANTS * (TEXTURES + 1)
-            texture_logits = out[:, :split].reshape(-1, TEXTURES + 1)
+            texture_logits = out[:, :TEXTURE_LOGITS].reshape(-1, TEXTURES + 1)
             loss = (F.cross_entropy(texture_logits, textures[idx].reshape(-1))
-                    + F.cross_entropy(out[:, split:], disks[idx]))
+                    + F.cross_entropy(out[:, TEXTURE_LOGITS:], disks[idx]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
