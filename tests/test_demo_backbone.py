@@ -12,7 +12,7 @@ from ei.model import create_vit
 from ei.train import demo_backbone
 from ei.train.config import Config, ConfigError, SyntheticPretrainingConfig, from_dict, load_config
 from ei.train.demo_backbone import (QUADRANTS, TEXTURES, ensure_demo_backbone, generic_scenes,
-                                    resolve_demo_backbone)
+                                    resolve_demo_backbone, sincos_position_embedding)
 from ei.train.distributed import World
 
 from micro_run import MICRO
@@ -32,6 +32,14 @@ def test_generic_scenes_targets_and_reproducibility():
     again = generic_scenes(40, seed=3, noise=0.1)
     assert torch.equal(x, again[0]) and torch.equal(textures, again[1])
     assert not torch.equal(x, generic_scenes(40, seed=4, noise=0.1)[0])
+
+
+def test_sincos_position_embedding():
+    pe = sincos_position_embedding((4, 4), 32)
+    assert pe.shape == (1, 16, 32)
+    assert len({tuple(row.tolist()) for row in pe[0]}) == 16  # every position distinct
+    with pytest.raises(ValueError, match="dim: .*multiple of 4"):
+        sincos_position_embedding((4, 4), 30)
 
 
 def test_weights_cached_and_loadable(tmp_path, monkeypatch):

@@ -91,9 +91,7 @@ class SyntheticPretrainingConfig:
     images: int = 4000
     epochs: int = 25
     batch_size: int = 64
-    # 3e-3: all of 3 seeds gave features from which an MLP solves the demo (probe accuracy
-    # 0.99-1.0); at 5e-3 one of 3 stalled (0.63) and EI stayed at chance.
-    lr: float = 3e-3
+    lr: float = 5e-3
     noise: float = 0.1
 
     def __post_init__(self) -> None:
