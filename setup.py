@@ -33,7 +33,7 @@ setup(
     packages=find_packages(include=["ei_kernels*", "ei*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "timm", "numpy", "pillow", "pyyaml", "tqdm", "matplotlib"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-timeout"]},
     entry_points={"console_scripts": ["ei=ei.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

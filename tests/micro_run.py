@@ -24,7 +24,9 @@ MICRO = {
     },
     "single": {"epochs": 2, "batch_size": 8, "lr": 0.01},
     "ei": {"epochs": 2, "batch_size": 8, "lr": 0.01},
-    "runtime": {"threads": 1, "progress": False},
+    # Pinned to the CPU: on a GPU box "auto" would move these runs (and torchrun's ranks, one
+    # GPU each) onto CUDA; the GPU paths have their own tests in tests/gpu.
+    "runtime": {"threads": 1, "progress": False, "device": "cpu"},
 }
 
 

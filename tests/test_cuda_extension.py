@@ -172,8 +172,16 @@ class TestBuildSwitches:
         wanted, reason = _build_module().build_decision()
         assert not wanted and reason
 
-    def test_warnings_are_errors(self):
+    def test_warnings_are_errors_behind_a_switch(self, monkeypatch):
+        monkeypatch.setenv("EI_KERNELS_CUDA_WERROR", "1")
         args = _build_module().compile_args()
         assert "-Werror" in args["cxx"]
         nvcc = args["nvcc"]
         assert nvcc[nvcc.index("-Werror") + 1] == "all-warnings"
+        assert "-Werror" in nvcc[nvcc.index("-Xcompiler") + 1]
+
+    def test_warnings_stay_warnings_by_default(self, monkeypatch):
+        # A user's host compiler may warn where ours does not; the build must not fail on it.
+        monkeypatch.delenv("EI_KERNELS_CUDA_WERROR", raising=False)
+        args = _build_module().compile_args()
+        assert not any("Werror" in flag for flag in args["cxx"] + args["nvcc"])

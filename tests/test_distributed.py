@@ -1,6 +1,6 @@
 """Two processes with the gloo backend on CPU: the environment-variable initialisation torchrun
 uses, DistributedDataParallel keeping the ranks' weights equal, only rank 0 writing, and a whole
-``ei train`` under torchrun."""
+``ei train`` under torchrun (NCCL where the machine has two GPUs)."""
 
 from __future__ import annotations
 
@@ -84,10 +84,13 @@ def test_two_gloo_processes_agree_and_only_rank_0_writes(tmp_path):
 def test_ei_train_under_torchrun(tmp_path):
     root = ensure_synthetic_dataset(tmp_path / "data", **MICRO["data"]["synthetic"])
     # With the demo's backbone pretraining (a token amount of it): rank 0 makes the weights
-    # while rank 1 waits, then both load them.
+    # while rank 1 waits, then both load them. gloo on the CPU, unless there is a GPU per rank
+    # (then NCCL, one GPU each).
+    device = "auto" if torch.cuda.device_count() >= 2 else "cpu"
     config = write_micro_config(
         tmp_path, root, single={"epochs": 1}, ei={"epochs": 1}, data={"image_size": None},
-        model={"synthetic_pretraining": {"images": 16, "epochs": 1, "batch_size": 8}})
+        model={"synthetic_pretraining": {"images": 16, "epochs": 1, "batch_size": 8}},
+        runtime={"device": device})
     run = tmp_path / "run"
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

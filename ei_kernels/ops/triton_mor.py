@@ -57,7 +57,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ..spec import MoRSpec
+from . import triton_interpreter_compat
 from .triton_configs import launch_config
+
+triton_interpreter_compat.apply()  # a no-op unless the triton 3.6 interpreter meets numpy 2.4
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DETERMINISTIC = os.environ.get("EI_KERNELS_TRITON_DETERMINISTIC", "1") != "0"

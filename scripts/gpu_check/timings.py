@@ -1,0 +1,144 @@
+"""Timings of the key ViT-B layer shapes: one JSON line per case in timings.jsonl.
+
+First the machine's measured ceilings (a bf16 GEMM's TFLOP/s, a device copy's bandwidth), then
+per shape the frozen nn.Linear floor and FusedMoRLinear on each backend (torch, triton, cuda),
+forward (no grad) and forward + backward (x needs a gradient, the base is frozen): CUDA events
+around each call, median and minimum after warm-up, the peak memory of one fwd+bwd.
+
+    python scripts/gpu_check/timings.py [--case-seconds 60]
+
+Dry mode: tiny shapes, fp32, wall clock on the CPU (the interpreter's times mean nothing; the
+point is that the stage runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from common import (CONTEXT_LOST, DRY, Watchdog, append, context_lost, device, read_records,
+                    short_error, synchronize)
+
+import torch  # noqa: E402
+
+from benchmarks.harness import Timer  # noqa: E402
+from benchmarks.layer_providers import build  # noqa: E402
+from ei_kernels import cuda_extension_info  # noqa: E402
+
+FILE = "timings.jsonl"
+N_TOKENS = 33 if DRY else 12608  # ViT-B at batch 64 (197 tokens each)
+# (in_features, out_features, groups): attention proj, qkv (one router per q/k/v), fc1, fc2.
+SHAPES = [(40, 24, 1), (40, 36, 3)] if DRY else [
+    (768, 768, 1), (768, 2304, 3), (768, 3072, 1), (3072, 768, 1)]
+PROVIDERS = ("linear", "fused-torch", "fused-triton", "fused-cuda")
+DTYPE = torch.float32 if DRY else torch.bfloat16
+WARMUP, ROUNDS = (1, 2) if DRY else (10, 30)
+
+
+def _median_ms(fn, warmup, rounds) -> tuple[float, float]:
+    timer = Timer(fn, device(), warmup)
+    for _ in range(warmup + rounds):
+        timer()
+    return timer.median_ms(), timer.min_ms()
+
+
+def ceilings() -> list[dict]:
+    """What this machine's bf16 tensor cores and memory actually deliver here."""
+    dev = device()
+    m = 256 if DRY else 8192
+    a = torch.randn(m, m, device=dev, dtype=DTYPE)
+    b = torch.randn(m, m, device=dev, dtype=DTYPE)
+    gemm_ms, _ = _median_ms(lambda: a @ b, 3, 3 if DRY else 10)
+    del a, b
+    n = (1 << 20) if DRY else (1 << 30)  # 2 GiB of bf16 per buffer on the GPU
+    src = torch.empty(n, device=dev, dtype=DTYPE)
+    dst = torch.empty_like(src)
+    copy_ms, _ = _median_ms(lambda: dst.copy_(src), 3, 3 if DRY else 10)
+    moved = 2 * src.numel() * src.element_size()  # read + written
+    return [
+        dict(stage="ceiling", case=f"gemm-{m}", dtype=str(DTYPE).removeprefix("torch."),
+             median_ms=gemm_ms, tflops=2 * m ** 3 / gemm_ms / 1e9),
+        dict(stage="ceiling", case="copy", bytes=moved, median_ms=copy_ms,
+             tb_per_s=moved / copy_ms / 1e9),
+    ]
+
+
+def time_case(provider: str, k: int, o: int, groups: int, mode: str) -> dict:
+    dev = device()
+    layer = build(provider, k, o, groups, dev, DTYPE)
+    x = torch.randn(N_TOKENS, k, device=dev, dtype=DTYPE, requires_grad=(mode == "fwd+bwd"))
+    dy = torch.randn(N_TOKENS, o, device=dev, dtype=DTYPE)
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                layer(x)
+            return
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x).backward(dy)
+
+    t0 = time.perf_counter()
+    step()  # compiles the kernels of a new specialisation
+    synchronize()
+    first_call_s = time.perf_counter() - t0
+    median_ms, min_ms = _median_ms(step, WARMUP, ROUNDS)
+    record = dict(median_ms=median_ms, min_ms=min_ms, first_call_s=round(first_call_s, 3))
+    if not DRY and mode == "fwd+bwd":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        record["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    return record
+
+
+def _shape_id(k, o, groups):
+    return f"K{k}-O{o}{'-qkv' if groups == 3 else ''}-N{N_TOKENS}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case-seconds", type=float, default=60.0)
+    args = parser.parse_args()
+    done = {(r.get("stage"), r.get("case"), r.get("provider"), r.get("mode"))
+            for r in read_records(FILE)}
+    if ("ceiling", "copy", None, None) not in done:
+        with Watchdog(args.case_seconds):
+            for record in ceilings():
+                append(FILE, record)
+                print(record, flush=True)
+    cuda_loaded = cuda_extension_info()["loaded"]
+    for k, o, groups in SHAPES:
+        for provider in PROVIDERS:
+            for mode in ("fwd", "fwd+bwd"):
+                case = _shape_id(k, o, groups)
+                if ("layer", case, provider, mode) in done:
+                    continue
+                base = dict(stage="layer", case=case, provider=provider, mode=mode, k=k, o=o,
+                            groups=groups, n=N_TOKENS, dtype=str(DTYPE).removeprefix("torch."))
+                if provider == "fused-cuda" and (DRY or not cuda_loaded):
+                    append(FILE, {**base, "skipped": "no CUDA device" if DRY else
+                                  "the CUDA extension is not loaded"})
+                    continue
+                append(FILE, {**base, "started": True})
+                lost = False
+                try:
+                    with Watchdog(args.case_seconds):
+                        result = time_case(provider, k, o, groups, mode)
+                except Exception as err:
+                    result = dict(error=short_error(err))
+                    lost = context_lost(err)
+                append(FILE, {**base, **result})
+                shown = (f"{result['median_ms']:9.3f} ms" if "median_ms" in result
+                         else result["error"])
+                print(f"{case:24s} {provider:13s} {mode:8s} {shown}", flush=True)
+                if lost:
+                    return CONTEXT_LOST
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
