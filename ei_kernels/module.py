@@ -9,11 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from . import reference_layout
+from .backends import BACKENDS
 from .functional import mor_linear, mor_linear_with_routing
-from .spec import MoRSpec
+from .spec import MoRSpec, check_ranks
 
 
 def _scalings(ranks: Sequence[int], alphas: Sequence[float]) -> list[float]:
+    ranks = check_ranks(ranks)  # before dividing by them
     if len(alphas) != len(ranks):
         raise ValueError(
             f"alphas: expected one alpha per rank ({len(ranks)} for ranks={tuple(ranks)}), "
@@ -76,6 +78,18 @@ class FusedMoRLinear(nn.Module):
         self.capture_routing = False
         self.last_routing: Tensor | None = None
         self.reset_parameters()
+
+    @property
+    def backend(self) -> str:
+        """"auto", "torch", "triton" or "cuda"; checked when set, so a typo fails here rather
+        than at the first forward. Whether it can run on the layer's device is asked per call."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name != "auto" and name not in BACKENDS:
+            raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {name!r}")
+        self._backend = name
 
     def reset_parameters(self) -> None:
         """Base as nn.Linear initialises it, then the adapter (see `reset_adapter_parameters`)."""

@@ -11,6 +11,17 @@ from dataclasses import dataclass
 from typing import Sequence
 
 
+def check_ranks(ranks: Sequence[int]) -> tuple[int, ...]:
+    """`ranks` as a tuple of positive integers, or a ValueError naming the argument."""
+    ranks = tuple(ranks)
+    if len(ranks) == 0:
+        raise ValueError("ranks: expected at least one LoRA branch, got an empty sequence")
+    for r in ranks:
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"ranks: expected positive integers, got {ranks!r}")
+    return ranks
+
+
 @dataclass(frozen=True)
 class MoRSpec:
     ranks: tuple[int, ...]
@@ -30,13 +41,8 @@ class MoRSpec:
         groups: int = 1,
     ) -> "MoRSpec":
         """Validate user-facing config values and return the spec (errors name the argument)."""
-        ranks = tuple(ranks)
+        ranks = check_ranks(ranks)
         scalings = tuple(scalings)
-        if len(ranks) == 0:
-            raise ValueError("ranks: expected at least one LoRA branch, got an empty sequence")
-        for r in ranks:
-            if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-                raise ValueError(f"ranks: expected positive integers, got {ranks!r}")
         if len(scalings) != len(ranks):
             raise ValueError(
                 f"scalings: expected one value per branch ({len(ranks)} for ranks={ranks}), "

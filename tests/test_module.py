@@ -172,3 +172,19 @@ def test_unavailable_backend_says_why():
 def test_alphas_must_match_ranks():
     with pytest.raises(ValueError, match="alphas"):
         FusedMoRLinear(8, 8, ranks=(2, 4), alphas=(4,))
+
+
+@pytest.mark.parametrize("ranks", [(0, 4), (2, 4, 0), (2, -1), (2.0, 4)],
+                         ids=["zero-first", "zero-last", "negative", "float"])
+def test_bad_ranks_are_a_clear_error_not_a_division_by_zero(ranks):
+    with pytest.raises(ValueError, match="ranks: expected positive integers"):
+        FusedMoRLinear(8, 8, ranks=ranks, alphas=(1.0,) * len(ranks))
+
+
+def test_unknown_backend_is_refused_when_set_not_at_the_first_forward():
+    with pytest.raises(ValueError, match="backend: expected 'auto' or one of"):
+        FusedMoRLinear(8, 8, backend="bogus")
+    layer = FusedMoRLinear(8, 8)
+    with pytest.raises(ValueError, match="backend"):
+        layer.backend = "tritn"
+    assert layer.backend == "auto"
