@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from ei.data import MultimodalDataset, collate, ensure_synthetic_dataset, get_preset
-from ei.data.synthetic import default_root
+from ei.data.synthetic import SyntheticRootError, default_root
 
 PRESET = get_preset("synthetic")
 SMALL = {"n_train": 24, "n_val": 8, "n_test": 8}
@@ -53,6 +53,37 @@ def test_regenerates_only_when_needed(tmp_path):
     ensure_synthetic_dataset(root, seed=1, **SMALL)
     assert tree(root) == before
     assert [p.name for p in tmp_path.iterdir()] == ["d"]  # no temporary directories left
+
+
+def test_never_replaces_a_directory_it_did_not_make(tmp_path):
+    """A user's dataset given to the synthetic preset (a forgotten config file) is refused
+    and left exactly as it was, whatever it holds."""
+    mine = tmp_path / "my_data"
+    (mine / "images").mkdir(parents=True)
+    (mine / "train.txt").write_text("a.png,b.png\tmel\n")
+    (mine / "labels.json").write_text('{"mel": 0}')
+    (mine / "manifest.json").write_text('{"seed": 0, "version": 3}')  # someone else's manifest
+    before = tree(mine)
+    with pytest.raises(SyntheticRootError, match=r"my_data is not empty and was not made by"):
+        ensure_synthetic_dataset(mine, **SMALL)
+    assert tree(mine) == before and (mine / "images").is_dir()
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(SyntheticRootError, match="is a file"):
+        ensure_synthetic_dataset(a_file, **SMALL)
+    assert a_file.read_text() == "x"
+
+
+def test_generates_into_an_empty_directory_and_replaces_its_own_older_sets(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (ensure_synthetic_dataset(empty, **SMALL) / "train.txt").is_file()
+    # A set made before the manifest carried its marker is still recognised as ours.
+    manifest = json.loads((empty / "manifest.json").read_text())
+    del manifest["made_by"]
+    (empty / "manifest.json").write_text(json.dumps(manifest))
+    root = ensure_synthetic_dataset(empty, **{**SMALL, "n_train": 12})
+    assert json.loads((root / "manifest.json").read_text())["made_by"] == "ei.data.synthetic"
 
 
 def test_default_root(monkeypatch, tmp_path):

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .annotations import DataError
 from .presets import get_preset
 
 GENERATOR_VERSION = 1
@@ -118,9 +119,49 @@ def _write_split(out: Path, split: str, count: int, seed: int, noise: float) -> 
     return scenes
 
 
+# The marker in manifest.json that says this program made the directory: only such a
+# directory (or a new or empty one) is ever replaced by a newly generated set.
+MADE_BY = "ei.data.synthetic"
+
+
+class SyntheticRootError(DataError):
+    """The synthetic data's directory holds something this program did not make."""
+
+
 def _manifest(seed: int, sizes: dict[str, int], noise: float) -> dict:
-    return {"generator_version": GENERATOR_VERSION, "seed": seed, "sizes": sizes,
-            "noise": noise, "image_size": SIZE}
+    return {"made_by": MADE_BY, "generator_version": GENERATOR_VERSION, "seed": seed,
+            "sizes": sizes, "noise": noise, "image_size": SIZE}
+
+
+def _made_here(found: dict) -> bool:
+    # Sets generated before the marker existed have exactly the old manifest's keys.
+    legacy = {"generator_version", "seed", "sizes", "noise", "image_size"}
+    return found.get("made_by") == MADE_BY or set(found) == legacy
+
+
+def check_synthetic_root(root: str | Path | None = None) -> Path:
+    """The directory the synthetic set goes to, if generating it there destroys nothing: it
+    does not exist, is empty, or holds a set this program made. Anything else is an error
+    naming the path, before any work; it is most often a real dataset given to the synthetic
+    preset because the dataset's config file was left out."""
+    root = Path(root) if root is not None else default_root()
+    if root.exists() and not root.is_dir():
+        raise SyntheticRootError(f"synthetic data directory {root} is a file, not a directory")
+    if not root.is_dir() or not any(root.iterdir()):
+        return root
+    try:
+        found = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        found = None
+    if isinstance(found, dict) and _made_here(found):
+        return root
+    raise SyntheticRootError(
+        f"{root} is not empty and was not made by ei's synthetic-data generator (no "
+        f"{MADE_BY} manifest.json), so nothing is generated there: it is left untouched. "
+        f"For your own data give its config file, e.g. `ei train configs/derm7pt.yaml "
+        f"data.root={root}`; for the synthetic demo give a new or empty data.root (or "
+        f"EI_SYNTHETIC_DIR)."
+    )
 
 
 def _is_current(root: Path, manifest: dict) -> bool:
@@ -145,7 +186,7 @@ def ensure_synthetic_dataset(
 
     Use it with ``get_preset("synthetic")`` and ``root / "labels.json"``.
     """
-    root = Path(root) if root is not None else default_root()
+    root = check_synthetic_root(root)
     sizes = {"train": n_train, "val": n_val, "test": n_test}
     manifest = _manifest(seed, sizes, noise)
     if _is_current(root, manifest):
@@ -163,6 +204,7 @@ def ensure_synthetic_dataset(
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         if _is_current(root, manifest):  # another process finished first: keep its copy
             return root
+        check_synthetic_root(root)  # still ours (or empty) just before it is replaced
         if root.exists():
             stale = root.with_name(f"{tmp.name}-stale")
             os.replace(root, stale)
