@@ -57,9 +57,7 @@ def _resume_config(run, overrides: list[str]):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from ei.train import distributed
     from ei.train.config import ConfigError, load_config
-    from ei.train.pipeline import format_summary, train_all
     from ei.train.rundir import RunDir
 
     config_name, overrides = _split_items(args.items)
@@ -71,6 +69,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = _resume_config(run, overrides)
     else:
         config = load_config(resolve_config(config_name), overrides)
+    from ei.train.preflight import check_data_files, check_models
+
+    check_data_files(config)
+    # torch and timm only now: a config or data-path error above comes within a second.
+    from ei.train import distributed
+    from ei.train.pipeline import format_summary, train_all
+
+    check_models(config)  # all before a run directory exists or any data is read
     world = distributed.init(config.runtime.device)
     try:
         if run is None:

@@ -4,9 +4,11 @@ evaluate, predict and attention on its run directory."""
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -43,7 +45,8 @@ def test_yaml_and_overrides(tmp_path):
     # 1e-3 without a dot is a string in YAML 1.1: it must still be read as a number.
     path.write_text("single: {lr: 1e-3, epochs: 3}\nmodel: {mor: {targets: [fc1]}}\n")
     c = load_config(path, ["single.epochs=5", "ei.lr=0.5", "model.inject_layer=null",
-                           "model.mor.ranks=[2,4]", "model.timm_kwargs={depth: 2}"])
+                           "model.mor.ranks=[2,4]", "model.mor.alphas=[4,8]",
+                           "model.timm_kwargs={depth: 2}"])
     assert c.single.lr == 1e-3 and c.single.epochs == 5 and c.ei.lr == 0.5
     assert c.model.inject_layer is None and c.model.mor.targets == ("fc1",)
     assert c.model.mor.ranks == (2, 4) and c.model.timm_kwargs == {"depth": 2}
@@ -64,8 +67,13 @@ def test_saved_config_loads_back_equal(tmp_path):
     ("runtime.precision=fp8", "runtime.precision"),
     ("runtime.device=tpu", "runtime.device"),
     ("model.backbone=no_such_vit", "model.backbone"),
-    ("model.mor.mode=adapter", "model.mor"),
+    ("model.mor.mode=adapter", "model.mor.mode"),
     ("model.mor.ranks=4", "model.mor.ranks"),
+    ("model.mor.ranks=[2,4,0]", "model.mor.ranks"),
+    ("model.mor.ranks=[2,4]", "model.mor.alphas"),
+    ("model.mor.alphas=[1,2,.nan]", "model.mor.alphas"),
+    ("model.mor.targets=[]", "model.mor.targets"),
+    ("data.root=' '", "data.root"),
     ("data.preset=imagenet", "data.preset"),
     ("data.preset=derm7pt", "data.root"),
     ("loss.best_modality=oct", "loss.best_modality"),
@@ -134,6 +142,31 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     state = checkpoint.load(path)
     assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left
+
+
+@pytest.mark.parametrize("failure", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 123 vs 45"),
+], ids=["ENOSPC", "torch-inline-container"])
+def test_full_disk_is_said_plainly(tmp_path, monkeypatch, failure):
+    def full(obj, f, *args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(
+        10 << 30, 10 << 30, 1 << 20))
+    with pytest.raises(OSError, match=r"no space left on the device of .* while writing last.pt"):
+        checkpoint.atomic_save({"w": torch.ones(3)}, tmp_path / "last.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoints_follow_the_umask_like_every_other_file(tmp_path):
+    checkpoint.atomic_save({"w": torch.ones(3)}, tmp_path / "last.pt")
+    checkpoint.atomic_write_text("{}", tmp_path / "result.json")
+    (tmp_path / "plain.txt").write_text("x")
+    plain = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert (tmp_path / "last.pt").stat().st_mode & 0o777 == plain
+    assert (tmp_path / "result.json").stat().st_mode & 0o777 == plain
 
 
 def test_missing_checkpoint_names_the_path(tmp_path):

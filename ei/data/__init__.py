@@ -1,21 +1,14 @@
-"""Data loading for EI: annotation files, presets, transforms, datasets, synthetic data."""
+"""Data loading for EI: annotation files, presets, transforms, datasets, synthetic data.
+Names are imported from their submodules on first use (ei/lazy.py)."""
 
-from .annotations import (
-    AnnotationError,
-    DataError,
-    ImageError,
-    Sample,
-    load_label_map,
-    read_annotations,
-)
-from .dataset import MultimodalDataset, balanced_indices, collate, slice_indices
-from .presets import PRESETS, Preset, get_preset
-from .synthetic import ensure_synthetic_dataset
-from .transforms import CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform, build_transform
+from ei.lazy import lazy_namespace
 
-__all__ = [
-    "AnnotationError", "DataError", "ImageError", "Sample", "load_label_map", "read_annotations",
-    "MultimodalDataset", "balanced_indices", "collate", "slice_indices",
-    "PRESETS", "Preset", "get_preset", "ensure_synthetic_dataset",
-    "CLIP_MEAN", "CLIP_STD", "EvalTransform", "TrainTransform", "build_transform",
-]
+__getattr__, __dir__, __all__ = lazy_namespace(__name__, {
+    "annotations": ("AnnotationError", "DataError", "ImageError", "Sample", "load_label_map",
+                    "read_annotations"),
+    "dataset": ("MultimodalDataset", "balanced_indices", "collate", "slice_indices"),
+    "presets": ("PRESETS", "Preset", "get_preset"),
+    "synthetic": ("SyntheticRootError", "check_synthetic_root", "ensure_synthetic_dataset"),
+    "transforms": ("CLIP_MEAN", "CLIP_STD", "EvalTransform", "TrainTransform",
+                   "build_transform"),
+})

@@ -8,8 +8,10 @@ old checkpoint or the new one, never half of one. Everything saved loads with
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,38 +20,63 @@ import numpy as np
 import torch
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save `obj` to `path` atomically (temp file + fsync + os.replace)."""
+def _file_mode() -> int:
+    """What the umask gives a new file (mkstemp makes its files 0600, private to the user,
+    where every other file the user writes, PNGs included, follows the umask). Read once, at
+    import: os.umask can only be read by setting it, which would race with other threads."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
+def _write_failure(err: BaseException, path: Path) -> BaseException:
+    """A full disk as a plain OSError saying so. torch.save reports some write failures as
+    RuntimeError("[enforce fail at inline_container.cc...] unexpected pos ...")."""
+    full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+    if isinstance(err, RuntimeError) and "inline_container" in str(err):
+        full = shutil.disk_usage(path.parent).free < (64 << 20)
+        if not full:
+            return OSError(errno.EIO, f"could not write {path.name} ({err})", str(path))
+    if full:
+        free = shutil.disk_usage(path.parent).free >> 20
+        return OSError(errno.ENOSPC, f"no space left on the device of {path.parent} "
+                                     f"({free} MiB free) while writing {path.name}", str(path))
+    return err
+
+
+def _atomic_write(write, path: str | Path, mode: str) -> None:
+    """`write(f)` into a temporary file beside `path`, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        os.fchmod(fd, _FILE_MODE)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: leave no stray temp file, keep the previous checkpoint.
+    except BaseException as err:
+        # Also on KeyboardInterrupt: leave no stray temp file, keep the previous version.
         Path(tmp).unlink(missing_ok=True)
-        raise
+        failure = _write_failure(err, path)
+        if failure is err:
+            raise
+        raise failure from err
     _fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save `obj` to `path` atomically (temp file + fsync + os.replace)."""
+    _atomic_write(lambda f: torch.save(obj, f), path, "wb")
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
     """Write a small text file (logs, results) atomically, as atomic_save."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic_write(lambda f: f.write(text), path, "w")
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import timm
 import yaml
 
-from ei.data import get_preset
-from ei.model import ALIASES, MoRConfig
+# Light modules only (no torch, no timm): a config error must show within a second.
+from ei.data.presets import get_preset
+from ei.model.aliases import ALIASES
+from ei.model.mor_config import MoRConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -74,6 +75,8 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
+        _check(self.root is None or self.root.strip() != "", "root",
+               "is empty; give the directory that holds the data")
         try:
             get_preset(self.preset)
         except ValueError as err:
@@ -102,6 +105,12 @@ class SyntheticPretrainingConfig:
         _check(self.noise >= 0, "noise", f"must be >= 0, got {self.noise}")
 
 
+def _is_timm_model(name: str) -> bool:
+    import timm  # seconds to import: only for names that are not our aliases
+
+    return timm.is_model(name)
+
+
 @dataclass
 class ModelConfig:
     """The backbone (any timm ViT or an alias of ei.model.ALIASES), its adaptation, and EI."""
@@ -120,8 +129,7 @@ class ModelConfig:
     adapter_hidden: int = 384
 
     def __post_init__(self) -> None:
-        timm_name = ALIASES.get(self.backbone, (self.backbone, {}))[0]
-        _check(timm.is_model(timm_name), "backbone",
+        _check(self.backbone in ALIASES or _is_timm_model(self.backbone), "backbone",
                f"{self.backbone!r} is neither an alias {sorted(ALIASES)} nor a timm model")
         sources = [self.pretrained, self.checkpoint is not None,
                    self.synthetic_pretraining is not None]
@@ -305,9 +313,13 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         # Errors of __post_init__ name the field; give them the full dotted path.
         raise ConfigError(f"{prefix}{err}") from None
     except (ValueError, TypeError, KeyError) as err:
-        # Dataclasses of the model layer raise their own errors ("mor.mode: ...").
-        where = prefix.rstrip(".") or "config"
-        raise ConfigError(f"{where}: {err}") from None
+        # Dataclasses of the model layer raise their own errors ("mor.ranks: ..."): under
+        # prefix "model.mor." that reads "model.mor.ranks: ...".
+        where, text = prefix.rstrip(".") or "config", str(err)
+        last = where.rsplit(".", 1)[-1]
+        if text.startswith(last + "."):
+            raise ConfigError(f"{where}{text[len(last):]}") from None
+        raise ConfigError(f"{where}: {text}") from None
 
 
 def to_dict(config: Any) -> dict:

@@ -1,0 +1,56 @@
+"""Everything a run needs, checked before its directory is created or any data is read, so
+that a mistake costs seconds, not a trained stage: the data files the config names (and, for
+the synthetic preset, that generating it destroys nothing), and every stage's model built on
+the meta device (no memory, no weights), which catches what only the model knows, such as an
+inject_layer past the backbone's last block or a FusedMoRLinear argument it refuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ei.data.synthetic import check_synthetic_root
+
+from .config import Config, ConfigError
+
+# The model layer's errors start with the field of its own dataclasses; the config key of each.
+_MODEL_KEYS = {
+    "inject_layer": "model.inject_layer", "int_position": "model.int_position",
+    "adapter_hidden": "model.adapter_hidden", "name": "model.backbone",
+    "timm_kwargs": "model.timm_kwargs", "targets": "model.mor.targets",
+    "ranks": "model.mor.ranks", "alphas": "model.mor.alphas", "backend": "model.mor.backend",
+}
+
+
+def check_data_files(config: Config) -> None:
+    """The data the config names is there (no torch needed: runs before the heavy imports)."""
+    data = config.data
+    if data.preset == "synthetic":
+        check_synthetic_root(data.root)
+        return
+    root = Path(data.root)
+    if not root.is_dir():
+        raise ConfigError(f"data.root: no directory at {root}")
+    named = {"data.train": data.train, "data.val": data.val, "data.test": data.test,
+             "data.labels": data.labels}
+    for key, name in named.items():
+        if name is not None and not (root / name).is_file():
+            raise ConfigError(f"{key}: no file {root / name} (paths are relative to data.root)")
+
+
+def check_models(config: Config) -> None:
+    """Build each stage's model on the meta device; its errors become config errors."""
+    import torch
+
+    from .data import resolve_preset
+    from .models import build_model, stage_names
+
+    preset = resolve_preset(config)
+    for stage in stage_names(config, preset):
+        try:
+            with torch.device("meta"):
+                build_model(config, preset, stage, with_weights=False)
+        except (ValueError, TypeError, KeyError) as err:
+            text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            field, _, rest = text.partition(":")
+            key = _MODEL_KEYS.get(field.strip())
+            raise ConfigError(f"{key}:{rest}" if key else f"model ({stage}): {text}") from None
