@@ -82,7 +82,10 @@ def draw(run_path: str | Path, out_dir: str | Path, split: str = "test", count: 
     model = restored.model
     if getattr(model, "adapters", None) is None:
         raise ConfigError(f"stage: {stage!r} has no [INT] tokens to compare; use an EI stage")
+    if count < 1:
+        raise ConfigError(f"count: expected at least 1 sample, got {count}")
     splits = build_splits(restored.config, restored.world)
+    restored.run.check_classes(splits.class_names, f"the label map of {splits.root}")
     dataset = splits.get(split)
     count = min(count, len(dataset))
     batch = to_device(collate([dataset[i] for i in range(count)]), restored.world.device)

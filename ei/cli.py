@@ -12,11 +12,38 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import sys
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = "synthetic"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for a failed file operation: what happened, to which path."""
+    if err.errno == errno.ENOSPC and err.filename and "no space left" in str(err.strerror):
+        return str(err.strerror)  # ours (ei.train.checkpoint): already says where and how much
+    if err.errno == errno.ENOSPC:
+        return f"no space left on the device while writing {err.filename or 'a file'}"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"cannot write {err.filename}: {err.strerror} (a read-only or someone else's "
+                f"directory? choose another with --run-dir, out_dir=... or --out)")
+    if err.strerror and err.filename:
+        return f"{err.strerror}: {err.filename}"
+    return str(err)
 
 
 def resolve_config(name: str | None) -> Path:
@@ -78,23 +105,28 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     check_models(config)  # all before a run directory exists or any data is read
     world = distributed.init(config.runtime.device)
+    new_run = run is None
     try:
-        if run is None:
+        if new_run:
             # Rank 0 names and creates the directory; the others take its choice.
             run = RunDir.create(config, args.run_dir) if world.is_main else None
             run = distributed.all_gather_objects(run, world)[0]
-        if world.is_main:
-            print(f"Run directory: {run.path}", flush=True)
-        results = train_all(config, run, world)
+        with run.training_lock() if world.is_main else contextlib.nullcontext():
+            if world.is_main:
+                print(f"Run directory: {run.path}", flush=True)
+            results = train_all(config, run, world)
         if world.is_main:
             test_size = results[next(iter(results))]["test"]["num_samples"]
             print(f"\nTest results ({config.data.preset}, {test_size} samples, best checkpoint "
                   f"of each model by validation mAP):")
             print(format_summary(results))
             print(f"\nRun directory: {run.path}")
-    except KeyboardInterrupt:
+    except BaseException as err:
         if run is not None and world.is_main:
-            print(f"\nStopped. Continue with: ei train --resume {run.path}", file=sys.stderr)
+            if new_run and run.discard_if_untrained():
+                print(f"(nothing was trained: {run.path} removed again)", file=sys.stderr)
+            elif isinstance(err, KeyboardInterrupt):
+                print(f"\nStopped. Continue with: ei train --resume {run.path}", file=sys.stderr)
         raise
     finally:
         distributed.shutdown(world)
@@ -161,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", metavar="CSV",
                          help="default: RUN/predictions/<annotation file>_<stage>.csv")
     predict.add_argument("--device", default="auto")
-    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--batch-size", type=positive_int, default=32)
     predict.set_defaults(func=cmd_predict)
 
     attention = commands.add_parser(
@@ -171,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("run", metavar="RUN", help="a run directory written by ei train")
     attention.add_argument("--out", required=True, metavar="DIR")
     attention.add_argument("--split", default="test", choices=("train", "val", "test"))
-    attention.add_argument("--count", type=int, default=8, help="how many samples (the first ones)")
+    attention.add_argument("--count", type=positive_int, default=8,
+                           help="how many samples (the first ones)")
     attention.add_argument("--stage", default="ei")
     attention.add_argument("--device", default="auto")
     attention.set_defaults(func=cmd_attention)
@@ -186,8 +219,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError) as err:
         print(f"ei {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # missing, unwritable or full: the path and the cause, no traceback
+        print(f"ei {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ei {args.command}: interrupted", file=sys.stderr)

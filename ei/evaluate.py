@@ -39,7 +39,9 @@ def evaluate_run(run_path: str | Path, split: str = "test", stages: list[str] | 
     results, splits = {}, None
     for stage in stages:
         restored = restore(run.path, stage, device)
-        splits = splits or build_splits(config, restored.world)
+        if splits is None:
+            splits = build_splits(config, restored.world)
+            run.check_classes(splits.class_names, f"the label map of {splits.root}")
         metrics = evaluate_stage(restored, split, splits)
         path = out / f"{stage.replace('/', '_')}_{split}.csv"
         write_csv(metrics, path)

@@ -10,9 +10,23 @@ import numpy as np
 from torch.utils.data import DataLoader, SequentialSampler
 
 from ei.data import MultimodalDataset, collate
+from ei.data.annotations import class_names, load_label_map
+from ei.train.config import ConfigError
 from ei.train.data import data_root
 from ei.train.inference import collect_scores, resolve_precision
 from ei.train.restore import restore
+from ei.train.rundir import RunDir
+
+
+def _label_map(run: RunDir, beside: Path | None):
+    """The run's own classes (classes.json); a label map beside the data must agree with them.
+    Runs made before classes.json existed fall back to the label map beside the data."""
+    names = run.trained_classes()
+    if names is None:
+        return beside
+    if beside is not None and beside.is_file():
+        run.check_classes(class_names(load_label_map(beside)), str(beside))
+    return {name: i for i, name in enumerate(names)}
 
 
 def predict(run_path: str | Path, annotations: str | Path, root: str | Path | None = None,
@@ -23,10 +37,12 @@ def predict(run_path: str | Path, annotations: str | Path, root: str | Path | No
 
     The label field may be empty (the line still needs its TAB): the model does not use it.
     """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size: expected at least 1, got {batch_size}")
     restored = restore(run_path, stage, device)
     config, preset = restored.config, restored.preset
     root = Path(root) if root is not None else data_root(config, restored.world)
-    labels = root / config.data.labels if config.data.labels else None
+    labels = _label_map(restored.run, root / config.data.labels if config.data.labels else None)
     # Read as multi-label so that an empty label field is accepted; labels are only echoed.
     dataset = MultimodalDataset(annotations, labels, root,
                                 dataclasses.replace(preset, multi_label=True), train=False,

@@ -3,6 +3,7 @@ name the bad key, file or path."""
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 
@@ -103,3 +104,94 @@ def test_resume_only_changes_runtime_settings(capsys, untrained_run):
 def test_resume_takes_no_other_config(capsys, untrained_run):
     _fails(["train", "other.yaml", "--resume", str(untrained_run)], capsys,
            "--resume: the run has its own config")
+
+
+def test_config_errors_come_before_torch_is_imported():
+    """A typo costs a fraction of a second, not the seconds torch and timm take to import."""
+    code = ("import sys; from ei.cli import main; rc = main(['train', 'single.lrr=1']); "
+            "assert rc == 2, rc; assert 'torch' not in sys.modules, 'torch imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "single.lrr: unknown key" in out.stderr
+
+
+def test_synthetic_preset_never_writes_into_a_users_data(capsys, tmp_path, monkeypatch):
+    """`ei train data.root=/my/data` without the dataset's config file: refused, untouched."""
+    mine = tmp_path / "my_data"
+    mine.mkdir()
+    (mine / "train.txt").write_text("a.png,b.png\tMEL\n")
+    monkeypatch.chdir(tmp_path)
+    _fails(["train", f"data.root={mine}"], capsys, f"{mine} is not empty and was not made by",
+           "give its config file")
+    assert sorted(p.name for p in mine.iterdir()) == ["train.txt"]
+    monkeypatch.setenv("EI_SYNTHETIC_DIR", str(mine))
+    _fails(["train"], capsys, f"{mine} is not empty")
+    assert sorted(p.name for p in mine.iterdir()) == ["train.txt"]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.inject_layer=99", "model.inject_layer: the backbone has 1 blocks, so 0..1; got 99"),
+    ("model.mor.ranks=[2,4,0]", "model.mor.ranks: expected positive integers"),
+    ("model.mor.backend=bogus", "model.mor.backend: expected 'auto' or one of"),
+    ("model.mor.targets=[nothing]", "model.mor.targets: no nn.Linear"),
+    ("model.timm_kwargs={embed_dim: 30}", "model ("),
+])
+def test_model_settings_fail_before_a_run_directory_exists(capsys, tmp_path, data_root,
+                                                           override, message):
+    config = write_micro_config(tmp_path, data_root)
+    _fails(["train", str(config), override, "--run-dir", str(tmp_path / "r")], capsys, message)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_failed_start_leaves_no_run_directory_behind(capsys, tmp_path, data_root):
+    """An unreadable image is found when the datasets open, after the run directory exists:
+    the directory goes again, and the same command works once the data is fixed."""
+    broken = tmp_path / "data"
+    broken.mkdir()
+    for name in ("labels.json", "train.txt", "val.txt", "test.txt", "manifest.json"):
+        (broken / name).write_bytes((data_root / name).read_bytes())
+    (broken / "images").mkdir()
+    for split in ("train", "val", "test"):
+        (broken / "images" / split).symlink_to(data_root / "images" / split)
+    first = (broken / "train.txt").read_text().splitlines()[0].split("\t")[0].split(",")[0]
+    (broken / "images" / "train").unlink()
+    (broken / "images" / "train").mkdir()
+    for png in (data_root / "images" / "train").iterdir():
+        (broken / "images" / "train" / png.name).symlink_to(png)
+    (broken / first).unlink()
+    (broken / first).write_bytes(b"not a png")
+    config = write_micro_config(tmp_path, broken)
+    _fails(["train", str(config), "--run-dir", str(tmp_path / "r")], capsys, first)
+    assert not (tmp_path / "r").exists()
+
+
+def test_one_process_trains_a_run_at_a_time(capsys, untrained_run):
+    run = RunDir.open(untrained_run)
+    with run.training_lock():
+        _fails(["train", "--resume", str(untrained_run)], capsys,
+               f"{untrained_run} is being trained right now by process")
+    assert (untrained_run / "config.yaml").is_file()  # a resumed run is never discarded
+
+
+def test_unwritable_output_is_one_line(capsys, tmp_path, data_root, monkeypatch):
+    config = write_micro_config(tmp_path, data_root)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EROFS, "Read-only file system", str(tmp_path / "r"))
+
+    monkeypatch.setattr(RunDir, "create", read_only)
+    _fails(["train", str(config), "--run-dir", str(tmp_path / "r")], capsys,
+           f"cannot write {tmp_path / 'r'}: Read-only file system")
+
+
+@pytest.mark.parametrize("argv", [
+    ["attention", "RUN", "--out", "x", "--count", "0"],
+    ["predict", "RUN", "--annotations", "a.txt", "--batch-size", "0"],
+    ["predict", "RUN", "--annotations", "a.txt", "--batch-size", "many"],
+])
+def test_counts_on_the_command_line_must_be_positive(capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert "expected an integer >= 1" in capsys.readouterr().err

@@ -141,9 +141,13 @@ def test_bad_label_map(tmp_path, text, message):
 
 def test_label_map_class_count_must_match_preset(derm_root):
     ann = write(derm_root / "a.txt", "c0.png,d0.jpg\ta\n")
-    message = "label map has 2 classes, preset 'derm7pt' expects 5"
+    message = "label map: has 2 classes, preset 'derm7pt' expects 5"
     with pytest.raises(AnnotationError, match=message):
         MultimodalDataset(ann, {"a": 0, "b": 1}, derm_root, DERM, train=False)
+    # Read from a file, the error names the file.
+    (derm_root / "two.json").write_text('{"a": 0, "b": 1}')
+    with pytest.raises(AnnotationError, match=rf"{derm_root / 'two.json'}: has 2 classes"):
+        MultimodalDataset(ann, derm_root / "two.json", derm_root, DERM, train=False)
 
 
 # ---------------------------------------------------------------- image errors

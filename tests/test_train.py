@@ -249,6 +249,30 @@ def test_predict_writes_probabilities_for_unlabelled_lines(micro_run, data_root,
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
 
+def test_predict_takes_the_classes_from_the_run_not_from_beside_the_data(micro_run, data_root,
+                                                                        tmp_path, capsys):
+    from ei.cli import main
+
+    assert json.loads((micro_run / "classes.json").read_text()) == [
+        "horizontal", "vertical", "checker", "solid"]
+    lines = (data_root / "test.txt").read_text().splitlines()[:3]
+    # Unlabelled data in a folder without labels.json: the run's classes are enough.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "images").symlink_to(data_root / "images")
+    (bare / "new.txt").write_text("".join(line.split("\t")[0] + "\t\n" for line in lines))
+    assert main(["predict", str(micro_run), "--annotations", str(bare / "new.txt"), "--root",
+                 str(bare), "--out", str(tmp_path / "p.csv")]) == 0
+    # A label map beside the data that orders the classes otherwise would swap the columns.
+    (bare / "labels.json").write_text(json.dumps(
+        {"vertical": 0, "horizontal": 1, "checker": 2, "solid": 3}))
+    assert main(["predict", str(micro_run), "--annotations", str(bare / "new.txt"), "--root",
+                 str(bare), "--out", str(tmp_path / "q.csv")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bare / 'labels.json'} gives the classes as ['vertical', 'horizontal'" in err
+    assert "outputs would be mislabeled" in err and not (tmp_path / "q.csv").exists()
+
+
 def test_attention_overlays_exist(micro_run, tmp_path):
     from ei.cli import main
 

@@ -66,15 +66,17 @@ class MultimodalDataset(Dataset):
         check_files: bool = True,
     ) -> None:
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
+        source = "label map"
         if label_map is None:
             label_map = {name: i for i, name in enumerate(self.preset.classes)}
         elif isinstance(label_map, Mapping):
             label_map = check_label_map(label_map)
         else:
+            source = str(label_map)
             label_map = load_label_map(label_map)
         if len(label_map) != self.preset.num_classes:
             raise AnnotationError(
-                f"label map has {len(label_map)} classes, preset {self.preset.name!r} expects "
+                f"{source}: has {len(label_map)} classes, preset {self.preset.name!r} expects "
                 f"{self.preset.num_classes} ({', '.join(self.preset.classes)})"
             )
         self.label_map = label_map

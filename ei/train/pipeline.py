@@ -148,6 +148,8 @@ def train_all(config: Config, run: RunDir, world: World) -> dict[str, dict]:
     """Every stage of the run, in order; returns stage -> result."""
     set_runtime(config)
     splits = build_splits(config, world)
+    if world.is_main:
+        run.record_classes(splits.class_names, f"the label map of {splits.root}")
     config = resolve_demo_backbone(config, world)
     results: dict[str, dict] = {}
     for stage in stage_names(config, splits.preset):

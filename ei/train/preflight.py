@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ei.data.annotations import load_label_map, read_annotations
+from ei.data.presets import get_preset
 from ei.data.synthetic import check_synthetic_root
 
 from .config import Config, ConfigError
@@ -30,11 +32,18 @@ def check_data_files(config: Config) -> None:
     root = Path(data.root)
     if not root.is_dir():
         raise ConfigError(f"data.root: no directory at {root}")
-    named = {"data.train": data.train, "data.val": data.val, "data.test": data.test,
-             "data.labels": data.labels}
+    named = {"data.labels": data.labels, "data.train": data.train, "data.val": data.val,
+             "data.test": data.test}
     for key, name in named.items():
         if name is not None and not (root / name).is_file():
             raise ConfigError(f"{key}: no file {root / name} (paths are relative to data.root)")
+    # Every annotation line parses with the label map (image files are opened later, with the
+    # datasets): a bad line fails now, naming file and line.
+    preset = get_preset(data.preset)
+    labels = (load_label_map(root / data.labels) if data.labels
+              else {name: i for i, name in enumerate(preset.classes)})
+    for name in (data.train, data.val, data.test):
+        read_annotations(root / name, labels, preset.modalities, preset.multi_label)
 
 
 def check_models(config: Config) -> None:
@@ -49,7 +58,7 @@ def check_models(config: Config) -> None:
         try:
             with torch.device("meta"):
                 build_model(config, preset, stage, with_weights=False)
-        except (ValueError, TypeError, KeyError) as err:
+        except (ValueError, TypeError, KeyError, AssertionError) as err:  # timm asserts too
             text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             field, _, rest = text.partition(":")
             key = _MODEL_KEYS.get(field.strip())
