@@ -2,7 +2,7 @@
 
 Each branch runs its own shrink and expand, materialises an N x O output, the outputs are
 stacked and weighted by the router, and autograd keeps all of it for backward. Written here from
-the formula (MOR_MATH.md), only to be measured against; it is not part of the package.
+the formula (docs/MOR_MATH.md), only to be measured against; it is not part of the package.
 Parameter names follow the authors' layout, so `FusedMoRLinear.reference_state_dict()` loads.
 """
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics of EI_SPEC ("Evaluation"), in numpy only.
+"""Evaluation metrics of docs/EI_SPEC.md ("Evaluation"), in numpy only.
 
 Scores are probabilities: softmax outputs for single-label data, sigmoid outputs for
 multi-label data. Per class (one-vs-rest): average precision, ROC AUC, sensitivity,

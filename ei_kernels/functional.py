@@ -241,7 +241,7 @@ def mor_linear(
     groups: int = 1,
     backend: str = "auto",
 ) -> Tensor:
-    """y = x W^T + b + sum_k p_k s_k B_k A_k x per token, p = softmax(x R^T + c) (MOR_MATH.md).
+    """y = x W^T + b + sum_k p_k s_k B_k A_k x per token, p = softmax(x R^T + c) (docs/MOR_MATH.md).
 
     x: (..., K); weight (O, K); bias (O,) or None; lora_a (G*r, K) with the A_k of group g
     stacked in rows [g*r, (g+1)*r); lora_b (O, r) whose rows of output slice g hold

@@ -1,5 +1,5 @@
 """An independent, unfused MoR reference for the tests: one shrink, expand and softmax per
-branch and group, exactly as the formula reads (MOR_MATH.md), with nothing shared with the
+branch and group, exactly as the formula reads (docs/MOR_MATH.md), with nothing shared with the
 package's code paths."""
 
 from __future__ import annotations

@@ -210,7 +210,7 @@ def test_training_writes_every_stage(micro_run, capsys):
     rows = json.loads((micro_run / "summary.json").read_text())
     assert [r["stage"] for r in rows] == stages
     assert all(0 <= r["test_mAP"] <= 1 and 0 <= r["test_accuracy"] <= 1 for r in rows)
-    # The loss prior goes to the single model with the best training-set mAP (EI_SPEC).
+    # The loss prior goes to the single model with the best training-set mAP (docs/EI_SPEC.md).
     train_maps = {m: json.loads((micro_run / "single" / m / "result.json").read_text())["train_mAP"]
                   for m in ("locator", "appearance")}
     ei_result = json.loads((micro_run / "ei" / "result.json").read_text())

@@ -1,4 +1,4 @@
-"""Parse annotation files and label maps (EI_SPEC "Datasets and annotation format").
+"""Parse annotation files and label maps (docs/EI_SPEC.md "Datasets and annotation format").
 
 One sample per line::
 

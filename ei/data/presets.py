@@ -1,4 +1,4 @@
-"""Dataset presets: what a sample looks like for each dataset of EI_SPEC.
+"""Dataset presets: what a sample looks like for each dataset of docs/EI_SPEC.md.
 
 Each modality has a *kind* that says how its annotation field becomes I images:
 
@@ -29,7 +29,7 @@ class Preset:
     multi_label: bool = False
     images_per_modality: int = 1
     kinds: tuple[str, ...] | None = None  # per modality; None means all "image"
-    augment: bool = True  # training augmentation of EI_SPEC; eval never augments
+    augment: bool = True  # training augmentation of docs/EI_SPEC.md; eval never augments
 
     def __post_init__(self) -> None:
         if self.kinds is None:

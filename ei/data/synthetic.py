@@ -19,7 +19,7 @@ contains every pattern once, so the appearance image looks the same whatever the
 and q is independent of the arrangement, so the label given q is uniform. A classifier
 that sees one modality is at chance (25 %); one that combines both can be near perfect.
 
-Files are written in the annotation format of EI_SPEC (``train.txt``, ``val.txt``,
+Files are written in the annotation format of docs/EI_SPEC.md (``train.txt``, ``val.txt``,
 ``test.txt``, ``labels.json``, PNGs under ``images/``) plus ``scenes.json`` (the drawn
 quadrant, arrangement and label of every sample) and ``manifest.json`` (version, seed,
 parameters), so the real loader path runs. Generation takes a few seconds; it is redone

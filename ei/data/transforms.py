@@ -1,4 +1,4 @@
-"""Training augmentation and evaluation preprocessing of EI_SPEC ("Training").
+"""Training augmentation and evaluation preprocessing of docs/EI_SPEC.md ("Training").
 
 Both take a float image batch (..., 3, H, W) in [0, 1] and return (..., 3, size, size),
 normalised with the CLIP mean/std. The I images of one modality of one sample (MRI

@@ -1,4 +1,4 @@
-"""The EI model (EI_SPEC.md, Model): auxiliary backbones -> [INT] tokens -> main backbones ->
+"""The EI model (docs/EI_SPEC.md, Model): auxiliary backbones -> [INT] tokens -> main backbones ->
 per-modality logits, fused by a modality gate."""
 
 from __future__ import annotations

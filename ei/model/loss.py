@@ -1,4 +1,4 @@
-"""The EI loss (EI_SPEC.md, Losses):
+"""The EI loss (docs/EI_SPEC.md, Losses):
 
     L = w_f CE(fused) + w_p sum_t CE(y_t) + w_aa sum_t CE(stage1_t)
       + w_ag NLL(log(alpha + eps), best)

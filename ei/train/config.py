@@ -143,7 +143,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Weights of the EI loss terms (EI_SPEC, Losses)."""
+    """Weights of the EI loss terms (docs/EI_SPEC.md, Losses)."""
 
     fused_weight: float = 1.0
     main_weight: float = 1.0

@@ -1,4 +1,4 @@
-"""The whole training procedure of EI_SPEC: single-modality models, then EI built from them,
+"""The whole training procedure of docs/EI_SPEC.md: single-modality models, then EI built from them,
 and the late-fusion baseline; each stage is evaluated on the test split with its best
 checkpoint, and one table compares them.
 
@@ -45,7 +45,7 @@ def set_runtime(config: Config) -> None:
 
 
 def best_single_modality(results: dict[str, dict]) -> str:
-    """The modality whose single model had the best mAP on the training set (EI_SPEC's loss
+    """The modality whose single model had the best mAP on the training set (docs/EI_SPEC.md's loss
     prior; first on ties)."""
     singles = {s[len(SINGLE_PREFIX):]: r["train_mAP"] for s, r in results.items()
                if s.startswith(SINGLE_PREFIX)}

@@ -1,5 +1,5 @@
-"""Learning-rate schedule of EI_SPEC (Training): linear warm-up, then cosine down to a floor,
-updated every iteration."""
+"""Learning-rate schedule of docs/EI_SPEC.md (Training): linear warm-up, then cosine down to a
+floor, updated every iteration."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The "torch" backend: the algebraic fusion of MOR_MATH.md with plain PyTorch ops.
+"""The "torch" backend: the algebraic fusion of docs/MOR_MATH.md with plain PyTorch ops.
 
 Runs on any device. Instead of E separate LoRA branches it does one shrink matmul
 x [A_cat; R]^T, an fp32 softmax, the per-column scaling, and accumulates the rank-r expand

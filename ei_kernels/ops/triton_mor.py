@@ -1,4 +1,4 @@
-"""The "triton" backend: fused MoR forward and backward kernels (MOR_MATH.md), Liger style.
+"""The "triton" backend: fused MoR forward and backward kernels (docs/MOR_MATH.md), Liger style.
 
 Same contract as `torch_mor` (forward / backward). Two kernels:
 
