@@ -1,0 +1,64 @@
+"""scripts/gpu_check: the summary reads whatever a killed run left (cut lines, cases started but
+never finished, missing files) and says so; its exit status flags failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check"
+
+
+def _summary(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPTS / "summary.py"), *args],
+                          env={**os.environ, "OUT": str(out)}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _lines(path: Path, records: list[dict], cut: str = "") -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + cut)
+
+
+def test_summary_of_a_run_killed_half_way(tmp_path):
+    (tmp_path / "facts.json").write_text(json.dumps({"gpu": "NVIDIA H200", "torch": "2.11.0"}))
+    (tmp_path / "cuda_build.log").write_text("gpu_check: build rc=0 in 61 s\n")
+    case = {"stage": "correctness", "backend": "triton"}
+    _lines(tmp_path / "correctness.jsonl", [
+        {**case, "case": "vitb-fc1-bf16", "verdict": "started"},
+        {**case, "case": "vitb-fc1-bf16", "verdict": "pass"},
+        {**case, "case": "vitb-qkv-groups3-bf16", "verdict": "started"},  # hung: killed
+    ], cut='{"stage": "correctness", "backend": "tri')  # a line cut by the kill
+    _lines(tmp_path / "timings.jsonl", [
+        {"stage": "ceiling", "case": "gemm-8192", "median_ms": 1.4, "tflops": 785.0},
+        {"stage": "layer", "case": "K768-O768-N12608", "provider": "linear", "mode": "fwd",
+         "median_ms": 0.05},
+        {"stage": "layer", "case": "K768-O768-N12608", "provider": "fused-triton", "mode": "fwd",
+         "median_ms": 0.06},
+    ])
+    result = _summary(tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr  # the hung case is a problem
+    text = (tmp_path / "summary.md").read_text()
+    assert "NVIDIA H200" in text and "build rc=0" in text
+    assert "correctness triton: 1 hung or crashed, 1 pass, 16 not run (time)" in text
+    assert "started vitb-qkv-groups3-bf16: hung or crashed" in text
+    assert "ceiling gemm-8192: 785 TFLOP/s" in text
+    assert "| K768-O768-N12608 | fwd | 0.050 | - | 0.060 | - | - | 1.20 | - |" in text
+    assert "no tests.xml" in text
+
+
+def test_summary_of_a_clean_run_passes_and_require_complete_checks_completeness(tmp_path):
+    (tmp_path / "facts.json").write_text(json.dumps({"gpu": "none", "dry": True}))
+    (tmp_path / "cuda_build.log").write_text("gpu_check: build rc=0 in 3 s\n")
+    _lines(tmp_path / "correctness.jsonl", [
+        {"stage": "correctness", "backend": "triton", "case": "vitb-fc1-bf16", "verdict": "pass"}])
+    (tmp_path / "tests.xml").write_text(
+        '<testsuites><testsuite tests="2" failures="0" errors="0" skipped="2">'
+        '<testcase classname="t" name="a"/><testcase classname="t" name="b"/>'
+        '</testsuite></testsuites>')
+    assert _summary(tmp_path).returncode == 0
+    incomplete = _summary(tmp_path, "--require-complete")
+    assert incomplete.returncode == 1
+    assert "incomplete: triton: 17 cases not run, no layer timings" in incomplete.stdout
