@@ -1,10 +1,14 @@
 """Offline checks and tuning of the Triton MoR launch tables (ei_kernels/ops/triton_configs.py).
 
-    python scripts/tune_triton.py check [--arch sm90 sm80]
+    python scripts/tune_triton.py check [--arch sm90 sm80] [--ci]
         No GPU needed: compiles every table entry for its architecture (sm_90a / sm_80) the way
-        a real call specialises it (ViT-B shapes, unit strides, 16-byte alignment) and reports
-        shared memory, registers and spills from ptxas. Fails on a compile error, a spill or
-        shared memory over the architecture's limit.
+        a real call specialises it (ViT-B shapes, unit strides, 16-byte alignment) and reports,
+        kernel by kernel, the MMA instructions of the PTX (wgmma / mma.sync), whether every
+        main loop (one that carries an MMA accumulator) is software-pipelined, shared memory,
+        registers and spills (ptxas). Fails on a compile error, a main loop that is not
+        pipelined, spills over SPILL_LIMIT_BYTES or shared memory over the architecture's
+        limit. --ci: only the bf16 ViT-B forward and backward on sm_90a (G = 1, large), and
+        any spill at all fails (about a minute on a 2-core CPU).
 
     python scripts/tune_triton.py tune [--out DIR]
         On a GPU: times candidate configs of every (kernel, dtype class, shape class) entry of
@@ -111,23 +115,65 @@ def _compile(jit_fn, args, kwargs, dtype, arch):
                               "-o", os.devnull], capture_output=True, text=True).stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = int(re.search(r"(\d+) bytes spill stores", log).group(1))
-    return compiled.metadata.shared // 1024, regs, spills
+    ptx = compiled.asm["ptx"]
+    mma = "+".join(kind for kind, op in (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync"))
+                   if op in ptx) or "none"
+    return dict(smem=compiled.metadata.shared // 1024, regs=regs, spills=spills, mma=mma,
+                loops=main_loop_report(compiled.asm["ttgir"]))
+
+
+def _loop_regions(ttgir: str) -> list[tuple[str, str]]:
+    """(header line, body text) of every scf.for of the TTGIR, by brace matching."""
+    lines, regions = ttgir.splitlines(), []
+    for i, line in enumerate(lines):
+        if "scf.for" not in line or "=" not in line.split("scf.for")[0]:
+            continue
+        depth, body = line.count("{") - line.count("}"), []
+        for inner in lines[i + 1:]:
+            depth += inner.count("{") - inner.count("}")
+            if depth <= 0:
+                break
+            body.append(inner)
+        regions.append((line, "\n".join(body)))
+    return regions
+
+
+def main_loop_report(ttgir: str) -> list[str]:
+    """One verdict per main loop (a loop that carries an fp32 MMA accumulator): "pipelined",
+    or why not: a wait for every outstanding wgmma inside the loop (pendings = 0), or a 2-D
+    operand loaded synchronously (tt.load) instead of by an asynchronous copy."""
+    verdicts = []
+    for header, body in _loop_regions(ttgir):
+        results = header.split("->")[-1]
+        if not re.search(r"xf32, #mma", results):
+            continue  # no accumulator carried: not a main loop (e.g. the per-tile dB stores)
+        reasons = []
+        if re.search(r"warp_group_dot_wait .*\{pendings = 0 ", body):
+            reasons.append("waits for all MMAs (pendings = 0)")
+        sync = re.findall(r"%(\w+) = tt\.load [^\n]*: tensor<\d+x\d+x", body)
+        if sync:
+            reasons.append("synchronous 2-D loads: " + ", ".join(sorted(set(sync))))
+        verdicts.append("pipelined" if not reasons else "NOT pipelined (" + "; ".join(reasons) + ")")
+    return verdicts
 
 
 # Buffers that stay fp32 whatever the input dtype (the capture runs everything in fp32 on CPU).
 _FP32_BUFFERS = ("p_ptr", "col_scale_ptr", "dar_ptr", "db_ptr", "dc_ptr")
 
 
-def check(archs) -> int:
+def check(archs, ci: bool = False) -> int:
     os.environ.pop("TRITON_INTERPRET", None)
     from ei_kernels.ops import triton_configs, triton_mor as tm
 
     kernels = {"fwd": _Capture(tm._mor_fwd_kernel), "bwd": _Capture(tm._mor_bwd_kernel)}
     tm._mor_fwd_kernel, tm._mor_bwd_kernel = kernels["fwd"], kernels["bwd"]
     failures = 0
-    for arch in archs:
+    spill_limit = 0 if ci else SPILL_LIMIT_BYTES
+    for arch in ["sm90"] if ci else archs:
         for (kernel, dtype_class, shape_class), cfg in triton_configs.TABLES[arch].items():
-            for shape in SHAPES[shape_class]:
+            if ci and (dtype_class, shape_class) != ("16", "large"):
+                continue
+            for shape in SHAPES[shape_class][:1] if ci else SHAPES[shape_class]:
                 tm.launch_config = lambda *a, cfg=cfg: cfg
                 spec, tensors, probs, dy = _inputs(shape, torch.float32, "cpu")
                 _call(tm, kernel, spec, tensors, probs, dy)
@@ -135,16 +181,18 @@ def check(archs) -> int:
                 kwargs["DOT_PRECISION"] = "tf32" if dtype_class == "tf32" else "ieee"
                 label = f"{arch} {kernel} {dtype_class:4s} {shape_class:5s} G={shape[3]} {cfg}"
                 try:
-                    smem, regs, spills = _compile(kernels[kernel].jit_fn, args, kwargs,
-                                                  DTYPES[dtype_class], arch)
+                    r = _compile(kernels[kernel].jit_fn, args, kwargs, DTYPES[dtype_class], arch)
                 except Exception as e:  # report every entry, then fail
                     print(f"FAIL {label}: {type(e).__name__}: {e}", flush=True)
                     failures += 1
                     continue
-                bad = spills > SPILL_LIMIT_BYTES or smem > SMEM_LIMIT_KIB[arch]
+                unpipelined = [v for v in r["loops"] if v != "pipelined"]
+                bad = (r["spills"] > spill_limit or r["smem"] > SMEM_LIMIT_KIB[arch]
+                       or bool(unpipelined))
                 failures += bad
-                print(f"{'FAIL' if bad else 'ok  '} {label}: smem {smem} KiB, {regs} registers, "
-                      f"{spills} B spilled", flush=True)
+                print(f"{'FAIL' if bad else 'ok  '} {label}: {r['mma']}, main loops "
+                      f"{'; '.join(r['loops']) or 'none'}, smem {r['smem']} KiB, "
+                      f"{r['regs']} registers, {r['spills']} B spilled", flush=True)
     return 1 if failures else 0
 
 
@@ -209,11 +257,13 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_check = sub.add_parser("check", help="compile every table entry (no GPU needed)")
     p_check.add_argument("--arch", nargs="+", default=["sm90", "sm80"], choices=CAPABILITY)
+    p_check.add_argument("--ci", action="store_true",
+                         help="bf16 ViT-B forward and backward on sm_90a only; no spill allowed")
     p_tune = sub.add_parser("tune", help="time candidate configs on this GPU")
     p_tune.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     if args.command == "check":
-        return check(args.arch)
+        return check(args.arch, args.ci)
     if not torch.cuda.is_available():
         print("tune needs a CUDA GPU", file=sys.stderr)
         return 2

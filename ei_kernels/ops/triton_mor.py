@@ -43,7 +43,9 @@ before launch, so a test sees any element a kernel forgot to write.
 
 Launch configs come from `triton_configs` (per-architecture tables, no autotuning); launches
 go on the current stream with no host synchronisation, so they are CUDA-graph capturable.
-x, dy and the weights may have any strides (the kernels take strides, no copies).
+x, dy and the weights may have any strides (the kernels take strides, no copies), except
+lora_b: the launchers pass it padded to 16 (or 32) zero-filled rank columns, a small copy that
+lets its tiles load asynchronously, so the loops that read it stay software-pipelined.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def _mor_fwd_kernel(
     y_ptr, p_ptr,
     N, K, OG, G, TILES_PER_GROUP,
     stride_xm, stride_xk, stride_wo, stride_wk, stride_am, stride_ak, stride_rm, stride_rk,
-    stride_bo, stride_br, stride_ym, stride_yo, stride_pm, stride_pl,
+    stride_bo, stride_ym, stride_yo, stride_pm, stride_pl,
     R: tl.constexpr, L: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROUTER: tl.constexpr, HAS_ROUTER_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -168,8 +170,9 @@ def _mor_fwd_kernel(
                  mask=row_ok[:, None] & l_ok[None, :] & (tile == 0))
     coef = _mor_branch_coef(p, col_logit, col_scale, L, ROUTER, BLOCK_M, BLOCK_R, BLOCK_L)
     z = (acc_u * coef).to(x_ptr.dtype.element_ty)  # [BM, BR], rounded like the torch backend
-    bt = tl.load(b_ptr + cols[None, :] * stride_bo + cr[:, None] * stride_br,
-                 mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # [BR, BN]
+    # lora_b comes padded to BLOCK_R zero-filled columns (`_padded_expand`): no rank mask.
+    bt = tl.load(b_ptr + cols[None, :] * stride_bo + cr[:, None],
+                 mask=col_ok[None, :], other=0.0)  # [BR, BN]
     acc = tl.dot(z, bt, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -183,7 +186,7 @@ def _mor_bwd_kernel(
     dx_ptr, dar_ptr, db_ptr, dc_ptr,
     N, K, OG, NUM_N_TILES, O_TILES,
     stride_xm, stride_xk, stride_dym, stride_dyo, stride_pm, stride_pl, stride_wo, stride_wk,
-    stride_am, stride_ak, stride_rm, stride_rk, stride_bo, stride_br, stride_dxm, stride_dxk,
+    stride_am, stride_ak, stride_rm, stride_rk, stride_bo, stride_dxm, stride_dxk,
     stride_dar_slot, stride_db_slot, stride_dc_slot,
     G: tl.constexpr, R: tl.constexpr, L: tl.constexpr, ROUTER: tl.constexpr,
     COMPUTE_DX: tl.constexpr,
@@ -242,8 +245,10 @@ def _mor_bwd_kernel(
             os_ = grp * OG + o_loc
             dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + os_[None, :] * stride_dyo,
                          mask=row_ok[:, None] & o_ok[None, :], other=0.0)  # [BM, BK]
-            b = tl.load(b_ptr + os_[:, None] * stride_bo + cr[None, :] * stride_br,
-                        mask=o_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, BR]
+            # Padded, 16-byte-aligned rows (`_padded_expand`): loaded asynchronously, so the
+            # loop stays pipelined (a synchronous load here made it wait for every MMA).
+            b = tl.load(b_ptr + os_[:, None] * stride_bo + cr[None, :],
+                        mask=o_ok[:, None], other=0.0)  # [BK, BR]
             acc_g = tl.dot(dy, b, acc_g, input_precision=DOT_PRECISION)
             if COMPUTE_DX:
                 w = tl.load(w_ptr + os_[:, None] * stride_wo + cols[None, :] * stride_wk,
@@ -263,7 +268,7 @@ def _mor_bwd_kernel(
             db = tl.dot(tl.trans(dy), z, input_precision=DOT_PRECISION)  # [BK, BR] fp32
             db_ptrs = db_ptr + slot * stride_db_slot + os_[:, None] * R + cr[None, :]
             if USE_ATOMICS:
-                tl.atomic_add(db_ptrs, db, mask=o_ok[:, None] & r_ok[None, :])
+                tl.atomic_add(db_ptrs, db, mask=o_ok[:, None] & r_ok[None, :], sem="relaxed")
             else:
                 tl.store(db_ptrs, db, mask=o_ok[:, None] & r_ok[None, :])
 
@@ -280,7 +285,7 @@ def _mor_bwd_kernel(
         da = tl.dot(tl.trans(du), x_tile, input_precision=DOT_PRECISION)  # [BR, BN] fp32
         da_ptrs = dar_ptr + slot * stride_dar_slot + (grp * R + cr)[:, None] * K + cols[None, :]
         if USE_ATOMICS:
-            tl.atomic_add(da_ptrs, da, mask=r_ok[:, None] & col_ok[None, :])
+            tl.atomic_add(da_ptrs, da, mask=r_ok[:, None] & col_ok[None, :], sem="relaxed")
         else:
             tl.store(da_ptrs, da, mask=r_ok[:, None] & col_ok[None, :])
 
@@ -296,7 +301,7 @@ def _mor_bwd_kernel(
             # dc: the row block's sum, stored by its first column tile only.
             dc_ptrs = dc_ptr + slot * stride_dc_slot + grp * L + cl
             if USE_ATOMICS:
-                tl.atomic_add(dc_ptrs, tl.sum(dl, axis=0), mask=l_ok & (pid_n == 0))
+                tl.atomic_add(dc_ptrs, tl.sum(dl, axis=0), mask=l_ok & (pid_n == 0), sem="relaxed")
             else:
                 tl.store(dc_ptrs, tl.sum(dl, axis=0), mask=l_ok & (pid_n == 0))
             dl_c = dl.to(dtype)
@@ -309,7 +314,7 @@ def _mor_bwd_kernel(
             dr_ptrs = (dar_ptr + slot * stride_dar_slot + (G * R + grp * L + cl)[:, None] * K
                        + cols[None, :])
             if USE_ATOMICS:
-                tl.atomic_add(dr_ptrs, dr, mask=l_ok[:, None] & col_ok[None, :])
+                tl.atomic_add(dr_ptrs, dr, mask=l_ok[:, None] & col_ok[None, :], sem="relaxed")
             else:
                 tl.store(dr_ptrs, dr, mask=l_ok[:, None] & col_ok[None, :])
 
@@ -380,6 +385,19 @@ def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _padded_expand(lora_b: Tensor, block_r: int) -> Tensor:
+    """lora_b [O, r] as a contiguous [O, block_r] copy with zero columns past r. A row of
+    r = 14 bf16 values is 28 bytes, which no asynchronous copy can load; padded rows are 32
+    bytes, so the kernels' B tiles load asynchronously and unmasked. The copy is O * block_r
+    elements (24 KB at ViT-B widths in bf16)."""
+    o, r = lora_b.shape
+    if r == block_r and lora_b.stride() == (block_r, 1):
+        return lora_b
+    padded = lora_b.new_zeros((o, block_r))
+    padded[:, :r] = lora_b
+    return padded
+
+
 def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: MoRSpec):
     _check_dtype(x)
     n, k = x.shape
@@ -395,14 +413,15 @@ def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: M
     tiles = max(1, triton.cdiv(og, cfg.block_n))
     col_logit, col_scale = _branch_table(spec, x.device)
     rw = router_weight if router_weight is not None else lora_a  # placeholders are never read
+    b = _padded_expand(lora_b, _pad(R))
     grid = (triton.cdiv(n, cfg.block_m) * G * tiles,)
     _mor_fwd_kernel[grid](
         x, weight, bias if bias is not None else x, lora_a, rw,
-        router_bias if router_bias is not None else x, lora_b, col_logit, col_scale, y, probs,
+        router_bias if router_bias is not None else x, b, col_logit, col_scale, y, probs,
         n, k, og, G, tiles,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         lora_a.stride(0), lora_a.stride(1), rw.stride(0), rw.stride(1),
-        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+        b.stride(0), y.stride(0), y.stride(1),
         probs.stride(0), probs.stride(1),
         R=R, L=L, HAS_BIAS=bias is not None, ROUTER=spec.router,
         HAS_ROUTER_BIAS=router_bias is not None, DOT_PRECISION=_dot_precision(x),
@@ -436,13 +455,14 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
     dc_buf = _reduction_buffer(blocks, (G * L,), dev)
     rw = router_weight if router_weight is not None else lora_a  # never read without router
     slot = (lambda buf: buf.stride(0)) if DETERMINISTIC else (lambda buf: 0)
+    b = _padded_expand(lora_b, _pad(R))
     _mor_bwd_kernel[(blocks * n_tiles,)](
-        x, dy, probs, weight, lora_a, rw, lora_b, col_logit, col_scale,
+        x, dy, probs, weight, lora_a, rw, b, col_logit, col_scale,
         dx if compute_dx else x, dar_buf, db_buf, dc_buf,
         n, k, og, n_tiles, triton.cdiv(og, cfg.block_k),
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), probs.stride(0), probs.stride(1),
         weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
-        rw.stride(0), rw.stride(1), lora_b.stride(0), lora_b.stride(1),
+        rw.stride(0), rw.stride(1), b.stride(0),
         dx.stride(0) if compute_dx else 0, dx.stride(1) if compute_dx else 0,
         slot(dar_buf), slot(db_buf), slot(dc_buf),
         G=G, R=R, L=L, ROUTER=spec.router, COMPUTE_DX=compute_dx, USE_ATOMICS=not DETERMINISTIC,

@@ -1,0 +1,56 @@
+"""scripts/tune_triton.py check: the verdict on a main loop read from compiled TTGIR, and the
+padded expand operand the kernels load asynchronously."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from ei_kernels.ops.triton_mor import _padded_expand
+
+_spec = importlib.util.spec_from_file_location(
+    "tune_triton", Path(__file__).resolve().parents[1] / "scripts" / "tune_triton.py")
+tune_triton = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tune_triton)
+
+# The shape of triton's TTGIR for a K loop carrying a wgmma accumulator (abridged).
+LOOP = """    %acc:3 = scf.for %k = %c0 to %K step %c64 iter_args(%a = %cst, %t = %c0) -> (tensor<128x128xf32, #mma>, i32) {
+      %x = ttg.async_wait %tok {{num = 4 : i32}}
+      {load}
+      %d = ttng.warp_group_dot %x, %w, %a {{isAsync = true}} : !ttg.memdesc<128x64xbf16>
+      %e:3 = ttng.warp_group_dot_wait %d, %x, %w {{pendings = {pendings} : i32}} : tensor<128x128xf32, #mma>
+      scf.yield %e#0, %t : tensor<128x128xf32, #mma>, i32
+    }} loc(#loc1)
+    %n:2 = scf.for %i = %c0 to %N step %c1 iter_args(%u = %c0) -> (i32, i32) {{
+      %s = ttng.warp_group_dot_wait %q {{pendings = 0 : i32}} : tensor<64x16xf32, #mma3>
+      scf.yield %u, %u : i32, i32
+    }} loc(#loc2)
+"""
+
+
+def _report(load="", pendings=1):
+    text = LOOP.replace("{{", "{").replace("}}", "}").replace("{load}", load)
+    return tune_triton.main_loop_report(text.replace("{pendings}", str(pendings)))
+
+
+def test_a_pipelined_main_loop_passes_and_loops_without_accumulator_are_ignored():
+    assert _report() == ["pipelined"]
+
+
+def test_a_wait_for_all_mmas_or_a_synchronous_tile_load_is_reported():
+    (verdict,) = _report(pendings=0)
+    assert verdict.startswith("NOT pipelined") and "pendings = 0" in verdict
+    load = "%b_7 = tt.load %p, %m, %z : tensor<64x16x!tt.ptr<bf16>, #blocked3>"
+    (verdict,) = _report(load=load)
+    assert "synchronous 2-D loads: b_7" in verdict
+
+
+def test_padded_expand_is_a_zero_padded_aligned_copy():
+    b = torch.randn(37, 14)
+    padded = _padded_expand(b, 16)
+    assert padded.shape == (37, 16) and padded.stride() == (16, 1)
+    assert torch.equal(padded[:, :14], b) and not padded[:, 14:].any()
+    aligned = torch.randn(5, 16)
+    assert _padded_expand(aligned, 16) is aligned  # already the layout the kernels read
