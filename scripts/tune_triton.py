@@ -61,11 +61,18 @@ def _inputs(shape, dtype, device):
 
 
 def _call(tm, kernel, spec, tensors, probs, dy):
+    """One launch as the autograd path makes it: where u fits the memory contract the forward
+    stores it and the backward reads it (eager calls), else both go without."""
+    from ei_kernels.ops.torch_mor import keeps_u
+
+    keep = keeps_u(spec)
     if kernel == "fwd":
-        tm.forward(*tensors.values(), spec)
+        tm.forward(*tensors.values(), spec, keep_u=keep)
     else:
-        tm.backward(dy, tensors["x"], probs, tensors["weight"], tensors["lora_a"],
-                    tensors["lora_b"], tensors["router_weight"], spec, True)
+        x = tensors["x"]
+        u = torch.zeros(x.shape[0], spec.groups * spec.rank, device=x.device) if keep else None
+        tm.backward(dy, x, probs, tensors["weight"], tensors["lora_a"], tensors["lora_b"],
+                    tensors["router_weight"], spec, True, u=u)
 
 
 # --------------------------------------------------------------------------------- check ----
@@ -158,7 +165,7 @@ def main_loop_report(ttgir: str) -> list[str]:
 
 
 # Buffers that stay fp32 whatever the input dtype (the capture runs everything in fp32 on CPU).
-_FP32_BUFFERS = ("p_ptr", "col_scale_ptr", "dar_ptr", "db_ptr", "dc_ptr")
+_FP32_BUFFERS = ("p_ptr", "u_ptr", "col_scale_ptr", "dar_ptr", "db_ptr", "dc_ptr")
 
 
 def check(archs, ci: bool = False) -> int:

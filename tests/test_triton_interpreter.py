@@ -194,6 +194,22 @@ def test_router_without_bias_matches_torch_backend(poisoned):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("groups", [1, 3])
+def test_u_kept_from_the_forward_gives_the_recomputed_backward(poisoned, groups):
+    """The forward's stored u (fp32) stands in for the backward's own shrink over K."""
+    inputs, dy, spec = _direct_inputs(n=37, cfg={"groups": groups})
+    y, probs, u = poisoned.forward(*inputs.values(), spec, keep_u=True)
+    y_plain, probs_plain = poisoned.forward(*inputs.values(), spec)
+    assert torch.equal(y, y_plain) and torch.equal(probs, probs_plain)
+    x = inputs["x"]
+    assert torch.allclose(u, x @ inputs["lora_a"].t(), rtol=1e-5, atol=1e-5)  # [N, G * r]
+    i = inputs
+    args = (dy, x, probs, i["weight"], i["lora_a"], i["lora_b"], i["router_weight"], spec, True)
+    kept, recomputed = poisoned.backward(*args, u=u), poisoned.backward(*args)
+    for a, b in zip(kept, recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_deterministic_reduction_is_bitwise_reproducible(poisoned):
     inputs, dy, spec = _direct_inputs()
     first, second = (_backward(poisoned, inputs, dy, spec) for _ in range(2))

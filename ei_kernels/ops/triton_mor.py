@@ -14,8 +14,10 @@ Same contract as `torch_mor` (forward / backward). Two kernels:
     as a K-extension) would save that work but reads x once more from HBM, about a third of the
     base GEMM's time at ViT-B widths where that GEMM is close to memory bound; it is not used.
 `_mor_bwd_kernel` (one pass over dy; W frozen, no dW). A tile is BLOCK_M tokens x BLOCK_N
-    columns of dx. Per group: recompute u = x A_g^T over all K (the op saves x and p only; the
-    x rows are shared by the row block's column tiles, so they come mostly from L2) and
+    columns of dx. Per group: u = x A_g^T as the forward stored it (fp32, when u and p fit the
+    op's 32 values per token: one group; this saves every column tile a shrink over all of K,
+    half the dgrad GEMM's MMA work for fc2 at K = 3072), else recomputed over all K (qkv; the x
+    rows are shared by the row block's column tiles, so they come mostly from L2), and
     z = u * coef; then one loop over the group's dy columns accumulates both the dgrad GEMM
     dy W and g = dy B_g from the same dy tile. Epilogue per group: du, the fp32 softmax
     backward dl, the K-extension [du | dl] [A_g; R_g] of dx, and this tile's share of the
@@ -102,12 +104,13 @@ def _mor_branch_coef(
 @triton.jit
 def _mor_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, rw_ptr, rb_ptr, b_ptr, col_logit_ptr, col_scale_ptr,
-    y_ptr, p_ptr,
+    y_ptr, p_ptr, u_ptr,
     N, K, OG, G, TILES_PER_GROUP,
     stride_xm, stride_xk, stride_wo, stride_wk, stride_am, stride_ak, stride_rm, stride_rk,
-    stride_bo, stride_ym, stride_yo, stride_pm, stride_pl,
+    stride_bo, stride_ym, stride_yo, stride_pm, stride_pl, stride_um,
     R: tl.constexpr, L: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROUTER: tl.constexpr, HAS_ROUTER_BIAS: tl.constexpr,
+    STORE_U: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, GROUP_M: tl.constexpr,
@@ -168,6 +171,9 @@ def _mor_fwd_kernel(
         # The group's first column tile owns the probabilities of these rows.
         tl.store(p_ptr + rows64[:, None] * stride_pm + (g * L + cl)[None, :] * stride_pl, p,
                  mask=row_ok[:, None] & l_ok[None, :] & (tile == 0))
+    if STORE_U:  # kept for backward, which then skips its shrink over all of K
+        tl.store(u_ptr + rows64[:, None] * stride_um + (g * R + cr)[None, :], acc_u,
+                 mask=row_ok[:, None] & r_ok[None, :] & (tile == 0))
     coef = _mor_branch_coef(p, col_logit, col_scale, L, ROUTER, BLOCK_M, BLOCK_R, BLOCK_L)
     z = (acc_u * coef).to(x_ptr.dtype.element_ty)  # [BM, BR], rounded like the torch backend
     # lora_b comes padded to BLOCK_R zero-filled columns (`_padded_expand`): no rank mask.
@@ -182,14 +188,15 @@ def _mor_fwd_kernel(
 
 @triton.jit
 def _mor_bwd_kernel(
-    x_ptr, dy_ptr, p_ptr, w_ptr, a_ptr, rw_ptr, b_ptr, col_logit_ptr, col_scale_ptr,
+    x_ptr, dy_ptr, p_ptr, u_ptr, w_ptr, a_ptr, rw_ptr, b_ptr, col_logit_ptr, col_scale_ptr,
     dx_ptr, dar_ptr, db_ptr, dc_ptr,
     N, K, OG, NUM_N_TILES, O_TILES,
-    stride_xm, stride_xk, stride_dym, stride_dyo, stride_pm, stride_pl, stride_wo, stride_wk,
+    stride_xm, stride_xk, stride_dym, stride_dyo, stride_pm, stride_pl, stride_um,
+    stride_wo, stride_wk,
     stride_am, stride_ak, stride_rm, stride_rk, stride_bo, stride_dxm, stride_dxk,
     stride_dar_slot, stride_db_slot, stride_dc_slot,
     G: tl.constexpr, R: tl.constexpr, L: tl.constexpr, ROUTER: tl.constexpr,
-    COMPUTE_DX: tl.constexpr,
+    HAS_U: tl.constexpr, COMPUTE_DX: tl.constexpr,
     USE_ATOMICS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, GROUP_M: tl.constexpr,
@@ -220,17 +227,22 @@ def _mor_bwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Unrolled (G is 1 or 3 in practice): a runtime loop carrying acc spills more registers.
     for grp in tl.static_range(G):
-        # u = x A_grp^T over all of K, recomputed (the op saves x and p only); these x rows are
-        # read by all column tiles of the row block at about the same time, so mostly from L2.
-        acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-            a = tl.load(a_ptr + (grp * R + cr)[None, :] * stride_am + ks[:, None] * stride_ak,
-                        mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, BR]
-            acc_u = tl.dot(x, a, acc_u, input_precision=DOT_PRECISION)
+        if HAS_U:  # u as the forward computed it (fp32), when it fits the memory contract
+            acc_u = tl.load(u_ptr + rows64[:, None] * stride_um + (grp * R + cr)[None, :],
+                            mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BR]
+        else:
+            # u = x A_grp^T over all of K, recomputed; these x rows are read by all column
+            # tiles of the row block at about the same time, so mostly from L2.
+            acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < K
+                x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+                a = tl.load(a_ptr + (grp * R + cr)[None, :] * stride_am
+                            + ks[:, None] * stride_ak,
+                            mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, BR]
+                acc_u = tl.dot(x, a, acc_u, input_precision=DOT_PRECISION)
         # Rows past N and padded columns load p = 0, so they contribute nothing below.
         p = tl.load(p_ptr + rows64[:, None] * stride_pm + (grp * L + cl)[None, :] * stride_pl,
                     mask=row_ok[:, None] & l_ok[None, :], other=0.0)  # [BM, BL] fp32
@@ -398,15 +410,18 @@ def _padded_expand(lora_b: Tensor, block_r: int) -> Tensor:
     return padded
 
 
-def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: MoRSpec):
+def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: MoRSpec,
+            keep_u: bool = False):
+    """-> (y, probs), or (y, probs, u) with keep_u: u [N, G*r] fp32, for `backward`."""
     _check_dtype(x)
     n, k = x.shape
     o = weight.shape[0]
     G, R, L = spec.groups, spec.rank, spec.num_logits
     y = _alloc((n, o), x.dtype, x.device)
     probs = _alloc((n, G * L), torch.float32, x.device)
+    u = _alloc((n, G * R), torch.float32, x.device) if keep_u else None
     if n == 0:
-        return y, probs
+        return (y, probs, u) if keep_u else (y, probs)
     og = o // G
     cfg = _config("fwd", x)
     # At least one tile per group, so that probs are written even with no output columns.
@@ -418,21 +433,25 @@ def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: M
     _mor_fwd_kernel[grid](
         x, weight, bias if bias is not None else x, lora_a, rw,
         router_bias if router_bias is not None else x, b, col_logit, col_scale, y, probs,
+        u if keep_u else probs,
         n, k, og, G, tiles,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         lora_a.stride(0), lora_a.stride(1), rw.stride(0), rw.stride(1),
         b.stride(0), y.stride(0), y.stride(1),
-        probs.stride(0), probs.stride(1),
+        probs.stride(0), probs.stride(1), u.stride(0) if keep_u else 0,
         R=R, L=L, HAS_BIAS=bias is not None, ROUTER=spec.router,
-        HAS_ROUTER_BIAS=router_bias is not None, DOT_PRECISION=_dot_precision(x),
+        HAS_ROUTER_BIAS=router_bias is not None, STORE_U=keep_u,
+        DOT_PRECISION=_dot_precision(x),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_R=_pad(R), BLOCK_L=_pad(L), GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return y, probs
+    return (y, probs, u) if keep_u else (y, probs)
 
 
-def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec, compute_dx):
+def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec, compute_dx,
+             u: Tensor | None = None):
+    """u: what `forward(..., keep_u=True)` returned, or None to recompute it from x."""
     _check_dtype(x)
     n, k = x.shape
     o = weight.shape[0]
@@ -457,15 +476,17 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
     slot = (lambda buf: buf.stride(0)) if DETERMINISTIC else (lambda buf: 0)
     b = _padded_expand(lora_b, _pad(R))
     _mor_bwd_kernel[(blocks * n_tiles,)](
-        x, dy, probs, weight, lora_a, rw, b, col_logit, col_scale,
-        dx if compute_dx else x, dar_buf, db_buf, dc_buf,
+        x, dy, probs, u if u is not None else probs, weight, lora_a, rw, b, col_logit,
+        col_scale, dx if compute_dx else x, dar_buf, db_buf, dc_buf,
         n, k, og, n_tiles, triton.cdiv(og, cfg.block_k),
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), probs.stride(0), probs.stride(1),
+        u.stride(0) if u is not None else 0,
         weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
         rw.stride(0), rw.stride(1), b.stride(0),
         dx.stride(0) if compute_dx else 0, dx.stride(1) if compute_dx else 0,
         slot(dar_buf), slot(db_buf), slot(dc_buf),
-        G=G, R=R, L=L, ROUTER=spec.router, COMPUTE_DX=compute_dx, USE_ATOMICS=not DETERMINISTIC,
+        G=G, R=R, L=L, ROUTER=spec.router, HAS_U=u is not None, COMPUTE_DX=compute_dx,
+        USE_ATOMICS=not DETERMINISTIC,
         DOT_PRECISION=_dot_precision(x),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_R=_pad(R), BLOCK_L=_pad(L), GROUP_M=cfg.group_m,
