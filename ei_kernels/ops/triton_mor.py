@@ -35,10 +35,11 @@ the output dtype follows the pointer type. The bypass needs no flag: a small per
 maps each rank column to the router output weighting it (bypass + k) and its scaling s_k.
 
 Token reductions (dB, dA_cat, dR, dc) accumulate in fp32. `DETERMINISTIC` (default True; env
-EI_KERNELS_TRITON_DETERMINISTIC=0 turns it off) writes one fp32 slot per token block and sums
-the slots with torch (bitwise reproducible); off, the kernels use fp32 atomics into one zeroed
-buffer (less memory, order-dependent rounding). Atomics are not the default because their
-speed-up has not been measured.
+EI_KERNELS_TRITON_DETERMINISTIC=0 turns it off) writes one fp32 slot per token block, a flat
+row dA | dR | dB | dc, and `_mor_slot_sum_kernel` sums the slots in a fixed order and casts
+each gradient, in one launch (bitwise reproducible); off, the kernels use relaxed fp32 atomics
+into one zeroed slot (less memory, order-dependent rounding). Atomics are not the default
+because their speed-up has not been measured.
 
 `POISON_OUTPUTS` (env EI_KERNELS_TRITON_POISON=1) fills every buffer the kernels write with NaN
 before launch, so a test sees any element a kernel forgot to write.
@@ -335,6 +336,30 @@ def _mor_bwd_kernel(
                  acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _mor_slot_sum_kernel(
+    buf_ptr, da_ptr, dr_ptr, db_ptr, dc_ptr,
+    SLOTS, N_A, N_R, N_B, N_C, stride_slot,
+    BLOCK: tl.constexpr,
+):
+    # The backward's fp32 slots [SLOTS, N_A + N_R + N_B + N_C] (dA | dR | dB | dc, flattened)
+    # summed over slots in a fixed order (bitwise reproducible), then each gradient written in
+    # its own dtype: one launch where separate sums and casts took seven.
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    total = N_A + N_R + N_B + N_C
+    ok = cols < total
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SLOTS):
+        acc += tl.load(buf_ptr + s * stride_slot + cols, mask=ok, other=0.0)
+    tl.store(da_ptr + cols, acc.to(da_ptr.dtype.element_ty), mask=cols < N_A)
+    c = cols - N_A
+    tl.store(dr_ptr + c, acc.to(dr_ptr.dtype.element_ty), mask=(c >= 0) & (c < N_R))
+    c = c - N_R
+    tl.store(db_ptr + c, acc.to(db_ptr.dtype.element_ty), mask=(c >= 0) & (c < N_B))
+    c = c - N_B
+    tl.store(dc_ptr + c, acc.to(dc_ptr.dtype.element_ty), mask=(c >= 0) & (c < N_C))
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
@@ -385,11 +410,12 @@ def _alloc(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _reduction_buffer(slots: int, shape, device: torch.device) -> Tensor:
-    """fp32 per-block slots (deterministic) or one zeroed slot the kernels add into atomically."""
+def _reduction_buffer(slots: int, width: int, device: torch.device) -> Tensor:
+    """fp32 per-block slots (deterministic) or one zeroed slot the kernels add into atomically,
+    each slot a flat row holding dA | dR | dB | dc."""
     if DETERMINISTIC:
-        return _alloc((slots, *shape), torch.float32, device)
-    return torch.zeros((1, *shape), dtype=torch.float32, device=device)
+        return _alloc((slots, width), torch.float32, device)
+    return torch.zeros((1, width), dtype=torch.float32, device=device)
 
 
 def _pad(n: int) -> int:
@@ -402,12 +428,10 @@ def _padded_expand(lora_b: Tensor, block_r: int) -> Tensor:
     r = 14 bf16 values is 28 bytes, which no asynchronous copy can load; padded rows are 32
     bytes, so the kernels' B tiles load asynchronously and unmasked. The copy is O * block_r
     elements (24 KB at ViT-B widths in bf16)."""
-    o, r = lora_b.shape
+    r = lora_b.shape[1]
     if r == block_r and lora_b.stride() == (block_r, 1):
         return lora_b
-    padded = lora_b.new_zeros((o, block_r))
-    padded[:, :r] = lora_b
-    return padded
+    return torch.nn.functional.pad(lora_b, (0, block_r - r))  # one launch, a new contiguous tensor
 
 
 def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: MoRSpec,
@@ -469,11 +493,12 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
     n_tiles = max(1, triton.cdiv(k, cfg.block_n))
     col_logit, col_scale = _branch_table(spec, dev)
     dx = _alloc((n, k) if compute_dx else (0, k), dtype, dev)
-    dar_buf = _reduction_buffer(blocks, (G * (R + L), k), dev)
-    db_buf = _reduction_buffer(blocks, (o, R), dev)
-    dc_buf = _reduction_buffer(blocks, (G * L,), dev)
+    n_a, n_r, n_b, n_c = G * R * k, G * L * k, o * R, G * L
+    slots = _reduction_buffer(blocks, n_a + n_r + n_b + n_c, dev)
+    dar_buf, db_buf, dc_buf = slots[:, : n_a + n_r], slots[:, n_a + n_r : -n_c or None], \
+        slots[:, slots.shape[1] - n_c :]
     rw = router_weight if router_weight is not None else lora_a  # never read without router
-    slot = (lambda buf: buf.stride(0)) if DETERMINISTIC else (lambda buf: 0)
+    slot_stride = slots.stride(0) if DETERMINISTIC else 0
     b = _padded_expand(lora_b, _pad(R))
     _mor_bwd_kernel[(blocks * n_tiles,)](
         x, dy, probs, u if u is not None else probs, weight, lora_a, rw, b, col_logit,
@@ -484,7 +509,7 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
         weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
         rw.stride(0), rw.stride(1), b.stride(0),
         dx.stride(0) if compute_dx else 0, dx.stride(1) if compute_dx else 0,
-        slot(dar_buf), slot(db_buf), slot(dc_buf),
+        slot_stride, slot_stride, slot_stride,
         G=G, R=R, L=L, ROUTER=spec.router, HAS_U=u is not None, COMPUTE_DX=compute_dx,
         USE_ATOMICS=not DETERMINISTIC,
         DOT_PRECISION=_dot_precision(x),
@@ -493,11 +518,15 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
-    # Slot sums run in a fixed order (torch reductions use no atomics): reproducible.
-    d_shrink_weight = dar_buf.sum(0)  # [G*(r+L), K] fp32
-    d_lora_a = d_shrink_weight[: G * R].to(dtype)
-    # Op outputs must not alias each other (for fp32 `.to` would return views of one tensor).
-    d_router_weight = d_shrink_weight[G * R :].to(dtype, copy=True)
-    d_lora_b = db_buf.sum(0).to(dtype)
-    d_router_bias = dc_buf.sum(0).to(dtype)
+    # Separate tensors (op outputs must not alias each other), written by one launch.
+    d_lora_a = _alloc(lora_a.shape, dtype, dev)
+    d_router_weight = _alloc((G * L, k), dtype, dev)
+    d_lora_b = _alloc(lora_b.shape, dtype, dev)
+    d_router_bias = _alloc((G * L,), dtype, dev)
+    outs = [t if t.numel() else slots for t in (d_lora_a, d_router_weight, d_lora_b,
+                                                 d_router_bias)]  # empty: a placeholder
+    block = 1024
+    _mor_slot_sum_kernel[(triton.cdiv(slots.shape[1], block),)](
+        slots, *outs, slots.shape[0], n_a, n_r, n_b, n_c, slots.stride(0), BLOCK=block,
+    )
     return dx, d_lora_a, d_lora_b, d_router_weight, d_router_bias

@@ -1,0 +1,123 @@
+"""A traffic and FLOP model of the Triton MoR kernels next to nn.Linear, at the benchmark's
+ViT-B layer shapes, and the time it implies at an H200's measured ceilings. A model, not a
+measurement: each kernel is charged max(MMA FLOPs / peak, HBM bytes / bandwidth) plus a fixed
+cost per launch, assuming every operand tile that several thread blocks share is read from
+HBM once (the grouped launch order keeps x, dy and W in the 60 MB L2) and perfect overlap of
+memory and math inside a kernel. What it is for: seeing where the fused kernels spend work
+beyond the floor before a GPU measures them (scripts/gpu_check.sh does).
+
+    python scripts/kernel_model.py [--tokens 12608] [--tflops 790] [--tbps 4.3] [--launch-us 3]
+
+Defaults: bf16, ranks 2/4/8 (r = 14) with a bypass router (4 outputs), the sm90 launch table;
+ceilings as measured on an H200 of the lent machines (bf16 8192^3 GEMM 769-798 TFLOP/s, device
+copy 4.3 TB/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ei_kernels.ops.torch_mor import SAVED_PER_TOKEN
+from ei_kernels.ops.triton_configs import launch_config
+
+HOPPER = (9, 0)  # the launch table the model follows: sm90's, as on an H100/H200
+ELEM = 2  # bf16 bytes
+F32 = 4
+R, L = 14, 4  # total rank and router outputs per group
+PAD = 16  # tl.dot's minimum width: r and L are padded to it
+# (K, O, groups): attention proj, qkv, fc1, fc2 of ViT-B.
+SHAPES = [(768, 768, 1), (768, 2304, 3), (768, 3072, 1), (3072, 768, 1)]
+
+
+@dataclass
+class Cost:
+    flops: float = 0.0
+    bytes: float = 0.0
+    launches: int = 0
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.flops + other.flops, self.bytes + other.bytes,
+                    self.launches + other.launches)
+
+    def us(self, peak: float, bandwidth: float, launch_us: float) -> float:
+        return max(self.flops / peak, self.bytes / bandwidth) * 1e6 + self.launches * launch_us
+
+
+def linear_fwd(n, k, o) -> Cost:
+    return Cost(2 * n * k * o, ELEM * (n * k + o * k + n * o + o), 1)
+
+
+def linear_bwd(n, k, o) -> Cost:  # W frozen: dgrad only
+    return Cost(2 * n * k * o, ELEM * (n * o + o * k + n * k), 1)
+
+
+def keeps_u(groups: int) -> bool:
+    return groups * (R + L) <= SAVED_PER_TOKEN
+
+
+def triton_fwd(n, k, o, g) -> Cost:
+    cfg = launch_config("fwd", HOPPER, n, torch.bfloat16, "ieee")
+    tiles = g * math.ceil(o / g / cfg.block_n)  # column tiles per row block
+    shrink = 2 * n * k * (PAD + PAD) * tiles  # every column tile redoes its group's shrink
+    expand = 2 * n * PAD * o
+    stored = n * g * L * F32 + (n * g * R * F32 if keeps_u(g) else 0)  # p (and u)
+    traffic = ELEM * (n * k + o * k + g * (R + L) * k + o * PAD + n * o) + stored
+    return Cost(2 * n * k * o + shrink + expand, traffic, 2)  # and the padding of lora_b
+
+
+def triton_bwd(n, k, o, g) -> Cost:
+    cfg = launch_config("bwd", HOPPER, n, torch.bfloat16, "ieee")
+    col_tiles = math.ceil(k / cfg.block_n)
+    blocks = math.ceil(n / cfg.block_m)
+    dgrad = 2 * n * o * k
+    g_redo = 2 * n * o * PAD * col_tiles  # g = dy B, once per column tile
+    u_redo = 0 if keeps_u(g) else 2 * n * k * PAD * g * col_tiles
+    db = 2 * n * o * PAD
+    k_ext = 2 * n * k * (PAD + PAD) * g  # [du | dl] [A; R] into dx
+    da_dr = 2 * n * k * (PAD + PAD) * g  # du^T x, dl^T x
+    read = ELEM * (n * o + n * k + o * k + o * PAD + g * (R + L) * k) + n * g * L * F32
+    read += n * g * R * F32 if keeps_u(g) else 0
+    # Deterministic slots: one fp32 partial sum per row block, written by the kernel and read
+    # back by the slot-sum kernel, which then writes the results.
+    slots = blocks * (g * (R + L) * k + o * R + g * L) * F32
+    results = ELEM * (g * (R + L) * k + o * R + g * L)
+    traffic = read + ELEM * n * k + 2 * slots + results
+    # the padding of lora_b, the kernel, the slot sum (which also casts)
+    return Cost(dgrad + g_redo + u_redo + db + k_ext + da_dr, traffic, 3)
+
+
+def table(n, peak, bandwidth, launch_us) -> str:
+    rows = ["| shape | linear fwd us | triton fwd us | ratio | linear fwd+bwd us | "
+            "triton fwd+bwd us | ratio | triton fwd+bwd: MMA work / linear's, HBM bytes / "
+            "linear's, launches |", "|---|---|---|---|---|---|---|---|"]
+    for k, o, g in SHAPES:
+        lf, lb = linear_fwd(n, k, o), linear_bwd(n, k, o)
+        tf, tb = triton_fwd(n, k, o, g), triton_bwd(n, k, o, g)
+        t = lambda c: c.us(peak, bandwidth, launch_us)  # noqa: E731
+        ours, floor = tf + tb, lf + lb
+        name = f"K{k}-O{o}{'-qkv' if g == 3 else ''}-N{n}"
+        rows.append(
+            f"| {name} | {t(lf):.1f} | {t(tf):.1f} | {t(tf) / t(lf):.2f} | {t(floor):.1f} | "
+            f"{t(ours):.1f} | {t(ours) / t(floor):.2f} | {ours.flops / floor.flops:.2f}x, "
+            f"{ours.bytes / floor.bytes:.2f}x, {ours.launches} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=12608)
+    parser.add_argument("--tflops", type=float, default=790.0)
+    parser.add_argument("--tbps", type=float, default=4.3)
+    parser.add_argument("--launch-us", type=float, default=3.0)
+    args = parser.parse_args()
+    print(f"Model (not a measurement): bf16, N = {args.tokens}, {args.tflops:g} TFLOP/s, "
+          f"{args.tbps:g} TB/s, {args.launch_us:g} us per launch\n")
+    print(table(args.tokens, args.tflops * 1e12, args.tbps * 1e12, args.launch_us))
+
+
+if __name__ == "__main__":
+    main()
