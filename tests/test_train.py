@@ -281,6 +281,20 @@ def test_attention_overlays_exist(micro_run, tmp_path):
     assert len(pngs) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
 
+@pytest.mark.parametrize("capability, expected", [
+    ((7, 5), "fp16"),  # T4: no bf16 tensor cores (torch would call emulated bf16 supported)
+    ((7, 0), "fp16"),  # V100
+    ((8, 0), "bf16"),  # A100
+    ((8, 6), "bf16"),  # A10, RTX 30xx
+    ((9, 0), "bf16"),  # H100, H200
+])
+def test_auto_precision_fits_the_card(monkeypatch, capability, expected):
+    from ei.train.inference import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_precision("auto", torch.device("cuda:0")) == expected
+
+
 def test_precision_and_activation_checkpointing_options():
     from ei.data import get_preset
     from ei.train.inference import resolve_precision

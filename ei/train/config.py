@@ -188,7 +188,7 @@ class RuntimeConfig:
     """How to run: none of these change what is computed, except precision."""
 
     device: str = "auto"  # auto: cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
-    precision: str = "auto"  # auto: bf16 autocast on CUDA when supported, else fp32
+    precision: str = "auto"  # auto: bf16 on sm_80+ GPUs, fp16 (scaled) before, fp32 on CPU
     threads: Optional[int] = None  # CPU threads per process; None: torch's default
     progress: bool = True
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)

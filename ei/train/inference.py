@@ -24,10 +24,13 @@ def autocast(device: torch.device, precision: str):
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """auto: bf16 on a CUDA device that supports it, else fp32. fp16 needs CUDA."""
+    """auto: bf16 autocast on GPUs with bf16 tensor cores (sm_80 and newer: A100, A10, RTX
+    30xx/40xx, H100), fp16 with the gradient scaler on older ones (T4, V100: bf16 there is
+    emulated, and Triton's tensor-core dots have none), fp32 on the CPU. fp16 needs CUDA."""
     if requested == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return "bf16" if cuda_bf16 else "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
     if requested == "fp16" and device.type != "cuda":
         raise ConfigError(f"runtime.precision: fp16 needs a CUDA device, the run uses {device}")
     return requested
