@@ -152,7 +152,8 @@ class LossConfig:
     use_aux: bool = True
     use_gate: bool = True
     # The modality whose prior is lowered; None: the single-modality model with the best
-    # validation mAP in stage one.
+    # training-set mAP in stage one (docs/EI_SPEC.md). The dataset configs fix it as the
+    # authors' code does.
     best_modality: Optional[str] = None
     prior_low: float = 1e-3
 
