@@ -7,6 +7,7 @@ Each backend module exposes `forward(...)` and `backward(...)` with the signatur
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from types import ModuleType
@@ -16,6 +17,10 @@ import torch
 BACKENDS = ("torch", "triton", "cuda")
 # Preference of "auto" on a CUDA device, fastest first (see BENCHMARKS.md for the figures).
 _CUDA_PREFERENCE = ("triton", "cuda", "torch")
+# The fused kernels need tensor-core MMA with bf16 (sm_80, Ampere, and newer). Compiled for
+# sm_75/sm_70 (T4, V100), Triton's dots fall back to CUDA cores and spill tens of KB of
+# registers (`scripts/tune_triton.py check`), and the CUDA extension is built for sm_80+.
+_FUSED_MIN_CAPABILITY = (8, 0)
 
 
 def _triton_interpreted() -> bool:
@@ -53,11 +58,18 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [name for name in BACKENDS if unavailable_reason(name, device) is None]
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """Turn "auto" into a concrete backend for `device`, or raise why `name` cannot run there."""
     if name == "auto":
-        # The fused kernels cover fp16/bf16/fp32; fp64 (gradcheck, references) stays in torch.
-        if device.type != "cuda" or dtype == torch.float64:
+        # The fused kernels cover fp16/bf16/fp32; fp64 (gradcheck, references) stays in torch,
+        # and so does every GPU older than the fused kernels' minimum.
+        if (device.type != "cuda" or dtype == torch.float64
+                or _capability(device) < _FUSED_MIN_CAPABILITY):
             return "torch"
         return next(b for b in _CUDA_PREFERENCE if unavailable_reason(b, device) is None)
     reason = unavailable_reason(name, device)

@@ -212,3 +212,17 @@ def test_router_without_bias_has_no_bias_gradient():
     assert "router_bias" not in grads
     for name in grads:
         torch.testing.assert_close(grads[name], grads_ref[name])
+
+
+@pytest.mark.parametrize("capability, expected", [
+    ((7, 5), "torch"),  # T4: the fused kernels would run on CUDA cores (no bf16 MMA)
+    ((7, 0), "torch"),  # V100
+    ((8, 0), "triton"),
+    ((9, 0), "triton"),
+])
+def test_auto_backend_on_a_gpu_follows_its_architecture(monkeypatch, capability, expected):
+    from ei_kernels import backends
+
+    monkeypatch.setattr(backends, "_capability", lambda device: capability)
+    assert backends.resolve("auto", torch.device("cuda:0"), torch.bfloat16) == expected
+    assert backends.resolve("auto", torch.device("cuda:0"), torch.float64) == "torch"
