@@ -77,6 +77,8 @@ class FusedMoRLinear(nn.Module):
             self.register_parameter("router_bias", None)
         self.capture_routing = False
         self.last_routing: Tensor | None = None
+        # qkv slices an authors' checkpoint adapted (None: all), for reference_state_dict.
+        self.reference_slices: set[int] | None = None
         self.reset_parameters()
 
     @property

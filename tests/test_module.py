@@ -188,3 +188,25 @@ def test_unknown_backend_is_refused_when_set_not_at_the_first_forward():
     with pytest.raises(ValueError, match="backend"):
         layer.backend = "tritn"
     assert layer.backend == "auto"
+
+
+def test_authors_qkv_checkpoint_adapting_only_q_and_v_loads_and_writes_back():
+    torch.manual_seed(0)
+    source = FusedMoRLinear(16, 48, groups=3)
+    torch.nn.init.normal_(source.lora_b, std=0.5)
+    state = {k: v for k, v in source.reference_state_dict().items() if "_k" not in k}
+    layer = FusedMoRLinear(16, 48, groups=3)
+    torch.nn.init.normal_(layer.lora_b, std=0.5)  # k's B must be cleared by the load
+    layer.load_reference_state_dict(state)
+    x = torch.randn(5, 16)
+    y, base = layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)
+    with torch.no_grad():
+        expected = source(x)
+    torch.testing.assert_close(y[:, :16], expected[:, :16])  # q: as the checkpoint says
+    torch.testing.assert_close(y[:, 32:], expected[:, 32:])  # v
+    torch.testing.assert_close(y[:, 16:32], base[:, 16:32])  # k: un-adapted
+    assert sorted(layer.reference_state_dict()) == sorted(state)  # written back the same way
+    # A slice with some of its keys but not all is an error naming them.
+    partial = {**state, "lora_as_k.0.weight": source.reference_state_dict()["lora_as_k.0.weight"]}
+    with pytest.raises(KeyError, match="lora_bs_k.0.weight"):
+        FusedMoRLinear(16, 48, groups=3).load_reference_state_dict(partial)
