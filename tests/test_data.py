@@ -162,6 +162,17 @@ def test_missing_image_fails_at_construction(derm_root):
     assert isinstance(err.value, DataError)
 
 
+def test_a_path_that_differs_only_in_letter_case_is_named(derm_root):
+    """Annotation files written on case-insensitive disks (Derm7pt: FCL/ beside FCl/)."""
+    (derm_root / "FCL").mkdir()
+    (derm_root / "FCL" / "FCL067.JPG").write_bytes((derm_root / "d0.jpg").read_bytes())
+    ann = write(derm_root / "a.txt", "c0.png,FCl/Fcl067.jpg\tMEL\n")
+    with pytest.raises(ImageError) as err:
+        MultimodalDataset(ann, None, derm_root, DERM, train=False)
+    assert (f"{derm_root / 'FCl' / 'Fcl067.jpg'}: file not found; "
+            f"{derm_root / 'FCL' / 'FCL067.JPG'} differs only in letter case") in str(err.value)
+
+
 def test_unreadable_image_fails_at_construction(derm_root):
     (derm_root / "broken.png").write_bytes(b"this is not an image")
     ann = write(derm_root / "a.txt", "c0.png,broken.png\tMEL\n")

@@ -16,9 +16,33 @@ def _error(path: Path, where: str, what: str) -> ImageError:
     return ImageError(f"{path}: {what}{ref}")
 
 
+def _case_variant(path: Path) -> Path | None:
+    """An existing file whose path differs from `path` only in letter case, found component
+    by component (annotation files written on case-insensitive disks often have such paths:
+    Derm7pt's lists FCL/FCL067.JPG beside FCl/Fcl068.jpg)."""
+    current = Path(path.anchor) if path.is_absolute() else Path(".")
+    for part in path.parts[1:] if path.is_absolute() else path.parts:
+        candidate = current / part
+        if not candidate.exists():
+            try:
+                matches = [c for c in current.iterdir() if c.name.lower() == part.lower()]
+            except OSError:
+                return None
+            if len(matches) != 1:
+                return None
+            candidate = matches[0]
+        current = candidate
+    return current if current.is_file() and current != path else None
+
+
 def check_file(path: Path, kind: str, where: str = "") -> None:
     """Fail early on a missing file or one whose header cannot be read (cheap: no decoding)."""
     if not path.is_file():
+        variant = _case_variant(path)
+        if variant is not None:
+            raise _error(path, where, f"file not found; {variant} differs only in letter case "
+                                      f"(this disk tells case apart): fix the line or rename "
+                                      f"the file")
         raise _error(path, where, "file not found")
     if kind == "volume":
         open_volume(path, where)
