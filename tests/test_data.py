@@ -328,6 +328,21 @@ def test_pick_one_oct_scan(tmp_path):
     assert picked == {0, 1, 2, 3, 4}
 
 
+def test_evaluation_can_take_the_first_scan_after_sorting_as_the_authors(tmp_path):
+    preset = dataclasses.replace(get_preset("mmc-amd"), image_size=8)
+    png(tmp_path / "cfp.png")
+    for name, grey in (("b.png", 200), ("a.png", 100)):
+        png(tmp_path / name, (grey, grey, grey))
+    ann = write(tmp_path / "a.txt", "cfp.png,b.png a.png\tpcv\n")
+
+    def evaluated_grey(p):
+        item = MultimodalDataset(ann, None, tmp_path, p, train=False)[0]["oct"]
+        return round(unnormalise(item).mean().item() * 255)
+
+    assert evaluated_grey(preset) == 200  # the first as listed
+    assert evaluated_grey(dataclasses.replace(preset, pick_sorted=True)) == 100  # a.png
+
+
 def test_mrnet_volumes(tmp_path):
     preset = dataclasses.replace(get_preset("mrnet"), image_size=12)
     depth = 10

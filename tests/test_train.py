@@ -9,6 +9,7 @@ import json
 import math
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -308,3 +309,14 @@ def test_precision_and_activation_checkpointing_options():
                                 "model.grad_checkpointing=true", "data.image_size=16"])
     model = build_model(config, get_preset("synthetic"), "single/locator")
     assert model.backbone.vit.grad_checkpointing
+
+
+def test_dataset_configs_follow_the_authors_where_they_fix_a_choice():
+    from ei.train.data import resolve_preset
+
+    amd = load_config(Path(__file__).resolve().parents[1] / "configs" / "mmc_amd.yaml",
+                      ["data.root=/data"])
+    assert resolve_preset(amd).pick_sorted and amd.loss.best_modality == "oct"
+    assert not resolve_preset(load_config(None)).pick_sorted
+    with pytest.raises(ConfigError, match="data.eval_pick: expected 'first' or 'first_sorted'"):
+        load_config(None, ["data.eval_pick=last"])

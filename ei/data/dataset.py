@@ -134,6 +134,8 @@ class MultimodalDataset(Dataset):
             chosen = slice_indices(volume.shape[0], self.preset.images_per_modality, select)
             return [volume_slices(volume, chosen).unsqueeze(1).expand(-1, 3, -1, -1)]
         if kind == "pick":
+            if select is None and self.preset.pick_sorted:
+                paths = sorted(paths)
             pick = 0 if select is None else int(torch.randint(len(paths), (), generator=select))
             paths = paths[pick : pick + 1]
         return [load_image(self.root / p, sample.where).unsqueeze(0) for p in paths]

@@ -4,7 +4,8 @@ Each modality has a *kind* that says how its annotation field becomes I images:
 
 - ``"image"``: the field lists exactly I JPEG/PNG paths, stacked in order.
 - ``"pick"``: the field lists one or more images (MMC-AMD OCT: 1-6 B-scans); training
-  picks one at random, evaluation takes the first. Needs I = 1.
+  picks one at random, evaluation takes the first (of the sorted paths with
+  ``pick_sorted``, as the authors' code does). Needs I = 1.
 - ``"volume"``: the field is one .npy volume (S x H x W); I slices are sampled uniformly
   (jittered in training) and the grey values repeated to 3 channels.
 
@@ -30,6 +31,9 @@ class Preset:
     images_per_modality: int = 1
     kinds: tuple[str, ...] | None = None  # per modality; None means all "image"
     augment: bool = True  # training augmentation of docs/EI_SPEC.md; eval never augments
+    # "pick" modalities in evaluation: the first image as listed, or (the authors' code) the
+    # first after sorting the paths.
+    pick_sorted: bool = False
 
     def __post_init__(self) -> None:
         if self.kinds is None:

@@ -72,6 +72,9 @@ class DataConfig:
     # Keep decoded items in memory across epochs. Only for splits without random choices:
     # evaluation splits, and training splits of presets that do not augment.
     cache: bool = False
+    # Which image of a several-image modality (MMC-AMD's OCT B-scans) evaluation takes:
+    # "first" as listed, or "first_sorted", the first after sorting the paths (authors' code).
+    eval_pick: str = "first"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
@@ -84,6 +87,8 @@ class DataConfig:
         _check(self.image_size is None or self.image_size >= 1, "image_size",
                f"must be >= 1, got {self.image_size}")
         _check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        _check(self.eval_pick in ("first", "first_sorted"), "eval_pick",
+               f"expected 'first' or 'first_sorted', got {self.eval_pick!r}")
 
 
 @dataclass

@@ -46,7 +46,8 @@ def is_deterministic(dataset: MultimodalDataset) -> bool:
 
 def resolve_preset(config: Config) -> Preset:
     preset = get_preset(config.data.preset)
-    return dataclasses.replace(preset, image_size=config.image_size)
+    return dataclasses.replace(preset, image_size=config.image_size,
+                               pick_sorted=config.data.eval_pick == "first_sorted")
 
 
 def data_root(config: Config, world: World) -> Path:
