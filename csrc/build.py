@@ -42,13 +42,16 @@ def _nvcc_bin_dir(nvcc: str) -> Path | None:
 
 
 def find_cuda_home() -> str | None:
-    """CUDA_HOME/CUDA_PATH if set, else the toolkit that owns the nvcc on PATH."""
+    """CUDA_HOME/CUDA_PATH if set, else the toolkit that owns the nvcc on PATH, else
+    /usr/local/cuda if it holds nvcc."""
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
             return os.environ[var]
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        return None
+        # Where CUDA images install the toolkit without putting it on PATH.
+        default = Path("/usr/local/cuda")
+        return str(default) if (default / "bin" / "nvcc").is_file() else None
     candidates = [Path(nvcc).resolve().parent.parent]
     real_bin = _nvcc_bin_dir(nvcc)
     if real_bin is not None:
