@@ -7,6 +7,7 @@
     ei evaluate RUN [--split test] [--stage ei]
     ei predict RUN --annotations FILE [--out probs.csv]
     ei attention RUN --out DIR [--count 8]
+    ei plan configs/mmc_amd.yaml --gpu-memory 16GB     # memory per step, largest batch
 """
 
 from __future__ import annotations
@@ -132,6 +133,22 @@ def cmd_train(args: argparse.Namespace) -> None:
         distributed.shutdown(world)
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from ei.train.config import load_config
+
+    config_name, overrides = _split_items(args.items)
+    config = load_config(resolve_config(config_name), overrides)
+    from ei.plan import format_plan, parse_memory, plan
+    from ei.train.preflight import check_models
+
+    limit = parse_memory(args.gpu_memory) if args.gpu_memory else None
+    check_models(config)  # a bad model setting is a config error here too
+    print(f"Memory of one training step ({config.name}, {config.image_size} px; worked out "
+          f"without running the model, see ei/plan.py):\n")
+    print(format_plan(plan(config, args.batch), limit))
+    print("\nNot counted: the CUDA context (about 0.5 GB) and allocator fragmentation.")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from ei.evaluate import evaluate_run
 
@@ -169,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", metavar="DIR",
                        help="where the run goes (default: <out_dir>/<name>-<timestamp>)")
     train.set_defaults(func=cmd_train)
+
+    plan = commands.add_parser(
+        "plan", help="memory of a training step per stage, precision and checkpointing",
+        description="Work out, without running the model, the peak memory of one training "
+                    "step of each stage (weights, gradients and optimizer state, saved "
+                    "activations, a workspace estimate) in fp32, bf16 and fp16, with and "
+                    "without activation checkpointing, and the largest batch that fits.")
+    plan.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")
+    plan.add_argument("--gpu-memory", metavar="SIZE", help="e.g. 16GB: the largest batch in it")
+    plan.add_argument("--batch", type=positive_int, help="batch size (default: the config's)")
+    plan.set_defaults(func=cmd_plan)
 
     evaluate = commands.add_parser(
         "evaluate", help="per-class AP, AUC, sensitivity, specificity, F1, accuracy, mAP",

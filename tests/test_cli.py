@@ -39,12 +39,12 @@ def _fails(argv, capsys, *expected: str) -> None:
 def test_module_entry_point_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "ei.cli", "--help"], capture_output=True,
                          text=True, check=True).stdout
-    for command in ("train", "evaluate", "predict", "attention"):
+    for command in ("train", "evaluate", "predict", "attention", "plan"):
         assert command in out
 
 
 def test_every_command_has_help(capsys):
-    for command in ("train", "evaluate", "predict", "attention"):
+    for command in ("train", "evaluate", "predict", "attention", "plan"):
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
         assert exit_.value.code == 0

@@ -1,0 +1,72 @@
+"""ei plan: the step memory worked out on fake tensors equals what a real step on the CPU keeps
+for backward (same model, batch and precision), and the planner's arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ei.plan import StepMemory, parse_memory, plan, step_memory
+from ei.train.config import ConfigError, load_config
+from ei.train.data import resolve_preset
+from ei.train.inference import autocast
+from ei.train.models import build_model, build_task
+from micro_run import MICRO, write_micro_config
+
+
+def _real_saved_bytes(config, stage, precision, batch):
+    """What a real forward on the CPU saves for backward (parameters excluded)."""
+    preset = resolve_preset(config)
+    torch.manual_seed(0)
+    model = build_model(config, preset, stage, with_weights=False)
+    task = build_task(config, preset, stage, best_modality=preset.modalities[0])
+    size = config.image_size
+    data = {m: torch.rand(batch, preset.images_per_modality, 3, size, size)
+            for m in preset.modalities}
+    data["label"] = torch.zeros(batch, dtype=torch.long)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            autocast(torch.device("cpu"), precision):
+        task.loss(model, data)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("stage", ["single/locator", "ei"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_fake_step_saves_what_a_real_step_saves(tmp_path, stage, precision, checkpointing):
+    config = load_config(write_micro_config(tmp_path, tmp_path / "data"),
+                         [f"model.grad_checkpointing={str(checkpointing).lower()}"])
+    planned = step_memory(config, stage, precision, batch=4)
+    real = _real_saved_bytes(config, stage, precision, batch=4)
+    assert planned.activations == pytest.approx(real, rel=0.10), (planned.activations, real)
+    trainable = sum(p.numel() for p in build_model(config, resolve_preset(config), stage,
+                                                   with_weights=False).parameters()
+                    if p.requires_grad)
+    assert planned.optimizer == 8 * trainable  # fp32 gradient + momentum
+
+
+def test_plan_rows_and_largest_batch(tmp_path):
+    config = load_config(write_micro_config(tmp_path, tmp_path / "data"))
+    rows = plan(config)
+    assert [(r.stage, r.precision, r.checkpointing) for r in rows[:3]] == [
+        ("single/locator", p, False) for p in ("fp32", "bf16", "fp16")]
+    assert len(rows) == 12 and all(r.batch == MICRO["single"]["batch_size"] for r in rows)
+    row = StepMemory("ei", "bf16", False, batch=8, weights=100, optimizer=20, activations=800,
+                     workspace=0, blocks=4)
+    assert row.peak == 920 and row.largest_batch(1120) == 10 and row.largest_batch(50) == 0
+
+
+def test_memory_sizes_parse_and_bad_ones_name_the_option():
+    assert parse_memory("16GB") == parse_memory("16 GiB") == 16 * 2 ** 30
+    assert parse_memory("24000MB") == 24000 * 2 ** 20
+    with pytest.raises(ConfigError, match="--gpu-memory"):
+        parse_memory("lots")
