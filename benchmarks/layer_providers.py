@@ -50,3 +50,18 @@ def build(provider: str, k: int, o: int, groups: int, device, dtype) -> nn.Modul
     eager = EagerMoRLinear(k, o, groups=groups, device=device, dtype=dtype)
     eager.load_state_dict(fused.reference_state_dict())
     return torch.compile(eager) if provider == "compiled-eager" else eager
+
+
+def layer_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str):
+    """The timed call: "fwd" without autograd, or "fwd+bwd" with x's gradient (base frozen)."""
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                layer(x)
+            return
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x).backward(dy)
+
+    return step

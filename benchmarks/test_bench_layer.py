@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from .harness import Timer, bench_device, quick_mode, saved_activation_bytes
-from .layer_providers import build, layer_shapes, provider_names
+from .layer_providers import build, layer_shapes, layer_step, provider_names
 
 DEVICE = bench_device()
 QUICK = quick_mode()
@@ -27,16 +27,7 @@ def test_layer(benchmark, bench_results, shape, provider, mode):
     x = torch.randn(n, k, device=DEVICE, dtype=DTYPE, requires_grad=(mode == "fwd+bwd"))
     dy = torch.randn(n, o, device=DEVICE, dtype=DTYPE)
 
-    def step():
-        if mode == "fwd":
-            with torch.no_grad():
-                layer(x)
-            return
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
-        layer(x).backward(dy)
-
-    timer = Timer(step, DEVICE, WARMUP)
+    timer = Timer(layer_step(layer, x, dy, mode), DEVICE, WARMUP)
     benchmark.pedantic(timer, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
     saved = None
     if mode == "fwd+bwd" and provider != "compiled-eager":  # hooks do not see inside a graph

@@ -23,6 +23,7 @@ op runs its torch backend on these tensors; the Triton backend keeps about as mu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -114,22 +115,30 @@ def step_memory(config: Config, stage: str, precision: str, batch: int) -> StepM
         branch_matrix.cache_clear()
 
 
+@contextlib.contextmanager
+def saved_tensor_bytes(parameters):
+    """Inside: every storage autograd saves for backward, but `parameters`, as {id: bytes}
+    (identified by the storage itself, which works for fake tensors too: they have no
+    addresses)."""
+    params = {p.untyped_storage()._cdata for p in parameters}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in params:
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
+
+
 def _count_step(model, config: Config, preset, stage: str, precision: str,
                 batch: int) -> StepMemory:
     """One forward of `model` (fake tensors) with every tensor saved for backward counted."""
     task = build_task(config, preset, stage, best_modality=preset.modalities[0])
     params = list(model.parameters())
-    param_storages = {p.untyped_storage()._cdata for p in params}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage._cdata not in param_storages:
-            saved[storage._cdata] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            autocast(torch.device("cpu"), precision):
+    with saved_tensor_bytes(params) as saved, autocast(torch.device("cpu"), precision):
         task.loss(model, _fake_batch(config, preset, batch))
     trainable = sum(p.numel() for p in params if p.requires_grad)
     return StepMemory(stage, precision, config.model.grad_checkpointing, batch,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ei.plan import StepMemory, parse_memory, plan, step_memory
+from ei.plan import StepMemory, parse_memory, plan, saved_tensor_bytes, step_memory
 from ei.train.config import ConfigError, load_config
 from ei.train.data import resolve_preset
 from ei.train.inference import autocast
@@ -24,16 +24,7 @@ def _real_saved_bytes(config, stage, precision, batch):
     data = {m: torch.rand(batch, preset.images_per_modality, 3, size, size)
             for m in preset.modalities}
     data["label"] = torch.zeros(batch, dtype=torch.long)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+    with saved_tensor_bytes(model.parameters()) as saved, \
             autocast(torch.device("cpu"), precision):
         task.loss(model, data)
     return sum(saved.values())

@@ -23,7 +23,7 @@ from common import (CONTEXT_LOST, DRY, Watchdog, append, context_lost, device, r
 import torch  # noqa: E402
 
 from benchmarks.harness import Timer  # noqa: E402
-from benchmarks.layer_providers import build  # noqa: E402
+from benchmarks.layer_providers import build, layer_step  # noqa: E402
 from ei_kernels import cuda_extension_info  # noqa: E402
 
 FILE = "timings.jsonl"
@@ -70,15 +70,7 @@ def time_case(provider: str, k: int, o: int, groups: int, mode: str) -> dict:
     x = torch.randn(N_TOKENS, k, device=dev, dtype=DTYPE, requires_grad=(mode == "fwd+bwd"))
     dy = torch.randn(N_TOKENS, o, device=dev, dtype=DTYPE)
 
-    def step():
-        if mode == "fwd":
-            with torch.no_grad():
-                layer(x)
-            return
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
-        layer(x).backward(dy)
-
+    step = layer_step(layer, x, dy, mode)
     t0 = time.perf_counter()
     step()  # compiles the kernels of a new specialisation
     synchronize()
