@@ -195,3 +195,12 @@ def test_counts_on_the_command_line_must_be_positive(capsys, argv):
         main(argv)
     assert exit_.value.code == 2
     assert "expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_plan_prints_the_memory_table(capsys, tmp_path, data_root):
+    config = write_micro_config(tmp_path, data_root)
+    assert main(["plan", str(config), "--gpu-memory", "1GB", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "largest batch in 1 GiB" in out and "| ei | bf16 | yes | 2 |" in out
+    _fails(["plan", str(config), "--gpu-memory", "lots"], capsys, "--gpu-memory: expected")
+    _fails(["plan", str(config), "model.inject_layer=9"], capsys, "model.inject_layer")
