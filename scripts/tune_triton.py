@@ -1,7 +1,8 @@
 """Offline checks and tuning of the Triton MoR launch tables (ei_kernels/ops/triton_configs.py).
 
-    python scripts/tune_triton.py check [--arch sm90 sm80] [--ci]
-        No GPU needed: compiles every table entry for its architecture (sm_90a / sm_80) the way
+    python scripts/tune_triton.py check [--arch sm90 sm80 sm86 sm89] [--ci]
+        No GPU needed: compiles every table entry for each target (sm_90a; sm_80, sm_86 and
+        sm_89 with the sm80 table, each against its own shared memory) the way
         a real call specialises it (ViT-B shapes, unit strides, 16-byte alignment) and reports,
         kernel by kernel, the MMA instructions of the PTX (wgmma / mma.sync), whether every
         main loop (one that carries an MMA accumulator) is software-pipelined, shared memory,
@@ -39,11 +40,14 @@ SHAPES = {
     "small": [(1576, 768, 768, 1), (1576, 768, 2304, 3)],
 }
 DTYPES = {"16": torch.bfloat16, "tf32": torch.float32, "fp32": torch.float32}
-SMEM_LIMIT_KIB = {"sm90": 227, "sm80": 99}  # sm80 table must also fit sm86/sm89
+# Compiled target -> (the table a GPU of it uses, its shared memory per block in KiB). The
+# sm80 table serves Ampere and Ada alike, so it must fit their 99 KiB as well as A100's 163.
+TARGETS = {"sm90": ("sm90", 227), "sm80": ("sm80", 163), "sm86": ("sm80", 99),
+           "sm89": ("sm80", 99)}
 # A few spilled registers in the backward's per-group epilogue cost little (they stay in L1);
 # more than this means the tile is too big for the kernel.
 SPILL_LIMIT_BYTES = 256
-CAPABILITY = {"sm90": (9, 0), "sm80": (8, 0)}
+CAPABILITY = {"sm90": (9, 0), "sm80": (8, 0), "sm86": (8, 6), "sm89": (8, 9)}
 
 
 def _inputs(shape, dtype, device):
@@ -179,7 +183,8 @@ def check(archs, ci: bool = False) -> int:
     failures = 0
     spill_limit = 0 if ci else SPILL_LIMIT_BYTES
     for arch in ["sm90"] if ci else archs:
-        for (kernel, dtype_class, shape_class), cfg in triton_configs.TABLES[arch].items():
+        table, smem_limit = TARGETS[arch]
+        for (kernel, dtype_class, shape_class), cfg in triton_configs.TABLES[table].items():
             if ci and (dtype_class, shape_class) != ("16", "large"):
                 continue
             for shape in SHAPES[shape_class][:1] if ci else SHAPES[shape_class]:
@@ -196,7 +201,7 @@ def check(archs, ci: bool = False) -> int:
                     failures += 1
                     continue
                 unpipelined = [v for v in r["loops"] if v != "pipelined"]
-                bad = (r["spills"] > spill_limit or r["smem"] > SMEM_LIMIT_KIB[arch]
+                bad = (r["spills"] > spill_limit or r["smem"] > smem_limit
                        or bool(unpipelined))
                 failures += bad
                 print(f"{'FAIL' if bad else 'ok  '} {label}: {r['mma']}, main loops "
@@ -265,7 +270,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_check = sub.add_parser("check", help="compile every table entry (no GPU needed)")
-    p_check.add_argument("--arch", nargs="+", default=["sm90", "sm80"], choices=CAPABILITY)
+    p_check.add_argument("--arch", nargs="+", default=list(CAPABILITY), choices=CAPABILITY)
     p_check.add_argument("--ci", action="store_true",
                          help="bf16 ViT-B forward and backward on sm_90a only; no spill allowed")
     p_tune = sub.add_parser("tune", help="time candidate configs on this GPU")
