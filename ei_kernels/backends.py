@@ -18,7 +18,7 @@ BACKENDS = ("torch", "triton", "cuda")
 # Preference of "auto" on a CUDA device, fastest first (see BENCHMARKS.md for the figures).
 _CUDA_PREFERENCE = ("triton", "cuda", "torch")
 # The fused kernels need tensor-core MMA with bf16 (sm_80, Ampere, and newer). Compiled for
-# sm_75/sm_70 (T4, V100), Triton's dots fall back to CUDA cores and spill tens of KB of
+# sm_75/sm_70 (T4, V100), Triton's dots fall back to CUDA cores and spill 2-75 KB of
 # registers (`scripts/tune_triton.py check`), and the CUDA extension is built for sm_80+.
 _FUSED_MIN_CAPABILITY = (8, 0)
 
