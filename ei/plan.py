@@ -152,9 +152,7 @@ def _count_step(model, config: Config, preset, stage: str, precision: str,
 def plan(config: Config, batch: int | None = None) -> list[StepMemory]:
     """Every (stage kind, precision, checkpointing) of the run: the first single-modality stage
     (the others are the same size) and EI (late fusion has fewer parts)."""
-    preset = resolve_preset(config)
-    stages = [s for s in stage_names(config, preset) if s == "ei"]
-    stages.insert(0, next(s for s in stage_names(config, preset) if s.startswith(SINGLE_PREFIX)))
+    stages = [stage_names(config, resolve_preset(config))[0], "ei"]
     rows = []
     for checkpointing in (False, True):
         model = dataclasses.replace(config.model, grad_checkpointing=checkpointing)

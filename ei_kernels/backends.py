@@ -59,8 +59,9 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device, None for any other; asked once per device."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
 def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
@@ -69,7 +70,7 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32)
         # The fused kernels cover fp16/bf16/fp32; fp64 (gradcheck, references) stays in torch,
         # and so does every GPU older than the fused kernels' minimum.
         if (device.type != "cuda" or dtype == torch.float64
-                or _capability(device) < _FUSED_MIN_CAPABILITY):
+                or cuda_capability(device) < _FUSED_MIN_CAPABILITY):
             return "torch"
         return next(b for b in _CUDA_PREFERENCE if unavailable_reason(b, device) is None)
     reason = unavailable_reason(name, device)

@@ -165,7 +165,7 @@ def main_loop_report(ttgir: str) -> list[str]:
         sync = re.findall(r"%(\w+) = tt\.load [^\n]*: tensor<\d+x\d+x", body)
         if sync:
             reasons.append("synchronous 2-D loads: " + ", ".join(sorted(set(sync))))
-        verdicts.append("pipelined" if not reasons else "NOT pipelined (" + "; ".join(reasons) + ")")
+        verdicts.append("NOT pipelined (" + "; ".join(reasons) + ")" if reasons else "pipelined")
     return verdicts
 
 

@@ -223,6 +223,6 @@ def test_router_without_bias_has_no_bias_gradient():
 def test_auto_backend_on_a_gpu_follows_its_architecture(monkeypatch, capability, expected):
     from ei_kernels import backends
 
-    monkeypatch.setattr(backends, "_capability", lambda device: capability)
+    monkeypatch.setattr(backends, "cuda_capability", lambda device: capability)
     assert backends.resolve("auto", torch.device("cuda:0"), torch.bfloat16) == expected
     assert backends.resolve("auto", torch.device("cuda:0"), torch.float64) == "torch"

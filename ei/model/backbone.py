@@ -22,10 +22,11 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .checkpoint import load_strict, read_state_dict
 from .aliases import ALIASES, DINOV2
+from .checkpoint import load_strict, read_state_dict
 from .mor import apply_mor
 from .mor_config import MoRConfig
+
 
 def padded_size(img_size, patch_size) -> tuple[int, int]:
     """(H, W) rounded up to multiples of the patch size."""

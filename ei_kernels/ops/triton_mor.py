@@ -61,6 +61,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..backends import cuda_capability
 from ..spec import MoRSpec
 from . import triton_interpreter_compat
 from .triton_configs import launch_config
@@ -375,13 +376,9 @@ def _check_dtype(x: Tensor) -> None:
         raise TypeError("backend='triton' under TRITON_INTERPRET=1 (CPU) has no bfloat16 support")
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple[int, int] | None:
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-
-
 def _config(kernel: str, x: Tensor):
-    return launch_config(kernel, _capability(x.device), x.shape[0], x.dtype, _dot_precision(x))
+    return launch_config(kernel, cuda_capability(x.device), x.shape[0], x.dtype,
+                         _dot_precision(x))
 
 
 def _dot_precision(x: Tensor) -> str:
