@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ei.metrics import compute_metrics, format_table, write_csv
+from ei.metrics import format_table, write_csv
 from ei.train.config import Config
 from ei.train.data import build_splits, make_loader, resolve_preset
-from ei.train.inference import collect_scores, resolve_precision
+from ei.train.inference import loader_metrics, resolve_precision
 from ei.train.pipeline import stage_label
 from ei.train.restore import Restored, restore, trained_stages
 from ei.train.rundir import RunDir, RunDirError
@@ -19,9 +19,8 @@ def evaluate_stage(restored: Restored, split: str, splits=None) -> dict:
     loader = make_loader(splits.get(split), config, config.ei.eval_batch_size or config.ei.batch_size,
                          restored.world, train=False, seed=config.seed)
     precision = resolve_precision(config.runtime.precision, restored.world.device)
-    scores, targets, _ = collect_scores(restored.model, restored.task, loader, restored.world,
-                                        precision)
-    return compute_metrics(targets, scores, restored.task.multi_label, splits.class_names)
+    return loader_metrics(restored.model, restored.task, loader, restored.world, precision,
+                          splits.class_names)
 
 
 def evaluate_run(run_path: str | Path, split: str = "test", stages: list[str] | None = None,

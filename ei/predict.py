@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 from ei.data import MultimodalDataset, collate
 from ei.data.annotations import class_names, load_label_map
 from ei.train.config import ConfigError
-from ei.train.data import data_root
+from ei.train.data import annotation_dir, data_root
 from ei.train.inference import collect_scores, resolve_precision
 from ei.train.restore import restore
 from ei.train.rundir import RunDir
@@ -42,7 +42,8 @@ def predict(run_path: str | Path, annotations: str | Path, root: str | Path | No
     restored = restore(run_path, stage, device)
     config, preset = restored.config, restored.preset
     root = Path(root) if root is not None else data_root(config, restored.world)
-    labels = _label_map(restored.run, root / config.data.labels if config.data.labels else None)
+    beside = annotation_dir(config, root) / config.data.labels if config.data.labels else None
+    labels = _label_map(restored.run, beside)
     # Read as multi-label so that an empty label field is accepted; labels are only echoed.
     dataset = MultimodalDataset(annotations, labels, root,
                                 dataclasses.replace(preset, multi_label=True), train=False,
@@ -51,7 +52,7 @@ def predict(run_path: str | Path, annotations: str | Path, root: str | Path | No
                         collate_fn=collate, num_workers=config.data.workers)
     precision = resolve_precision(config.runtime.precision, restored.world.device)
     scores, _, indices = collect_scores(restored.model, restored.task, loader, restored.world,
-                                        precision)
+                                        precision, as_probabilities=True)
 
     names = dataset.class_names
     out = Path(out) if out is not None else (

@@ -318,5 +318,5 @@ def test_dataset_configs_follow_the_authors_where_they_fix_a_choice():
                       ["data.root=/data"])
     assert resolve_preset(amd).pick_sorted and amd.loss.best_modality == "oct"
     assert not resolve_preset(load_config(None)).pick_sorted
-    with pytest.raises(ConfigError, match="data.eval_pick: expected 'first' or 'first_sorted'"):
-        load_config(None, ["data.eval_pick=last"])
+    with pytest.raises(ConfigError, match="protocol.eval_pick: expected one of"):
+        load_config(None, ["protocol.eval_pick=last"])

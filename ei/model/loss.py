@@ -5,7 +5,9 @@
 
 best = argmin_t CE(y_t, label) * prior_t per sample, without gradient; prior_t = 1 except
 `prior_low` for the modality that was best on the training set. Multi-label data use BCE
-(per sample: the mean over classes).
+(per sample: the mean over classes); with ``gate_target="cross_entropy"`` (the authors' code)
+the ranking of `best` uses cross-entropy against the multi-hot target instead, which is 0 for
+every modality of a sample without positive labels, so such a sample always picks modality 0.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ class EILossConfig:
     best_modality: Optional[str] = None  # best single modality on the training set
     prior_low: float = 1e-3
     eps: float = 1e-8
+    gate_target: str = "task_loss"  # or "cross_entropy": how `best` ranks the modalities
+
+    def __post_init__(self) -> None:
+        if self.gate_target not in ("task_loss", "cross_entropy"):
+            raise ValueError(f"gate_target: expected 'task_loss' or 'cross_entropy', "
+                             f"got {self.gate_target!r}")
 
 
 def per_sample_loss(logits: Tensor, target: Tensor, multi_label: bool) -> Tensor:
@@ -78,7 +86,11 @@ def ei_loss(output: EIOutput, target: Tensor, config: Optional[EILossConfig] = N
         per_modality.update({f"aux/{m}": aux[:, k].mean() for k, m in enumerate(mods)})
     if config.use_gate:
         prior = modality_prior(mods, config.best_modality, config.prior_low).to(main.device)
-        best = (main.detach() * prior).argmin(dim=1)
+        rank = main.detach()
+        if ml and config.gate_target == "cross_entropy":
+            rank = torch.stack([F.cross_entropy(output.stage2[m].detach().float(), target.float(),
+                                                reduction="none") for m in mods], dim=1)
+        best = (rank * prior).argmin(dim=1)
         terms["gate"] = F.nll_loss(torch.log(output.alpha.float() + config.eps), best)
         total = total + config.gate_weight * terms["gate"]
     terms.update(per_modality)

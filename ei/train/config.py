@@ -72,9 +72,9 @@ class DataConfig:
     # Keep decoded items in memory across epochs. Only for splits without random choices:
     # evaluation splits, and training splits of presets that do not augment.
     cache: bool = False
-    # Which image of a several-image modality (MMC-AMD's OCT B-scans) evaluation takes:
-    # "first" as listed, or "first_sorted", the first after sorting the paths (authors' code).
-    eval_pick: str = "first"
+    # The folder train/val/test/labels are relative to, when it is not root: e.g. the
+    # authors' published `datasplit` folder, with the images under root.
+    splits: Optional[str] = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
@@ -87,8 +87,8 @@ class DataConfig:
         _check(self.image_size is None or self.image_size >= 1, "image_size",
                f"must be >= 1, got {self.image_size}")
         _check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
-        _check(self.eval_pick in ("first", "first_sorted"), "eval_pick",
-               f"expected 'first' or 'first_sorted', got {self.eval_pick!r}")
+        _check(self.splits is None or self.splits.strip() != "", "splits",
+               "is empty; give the folder of the annotation files, or null for root")
 
 
 @dataclass
@@ -163,6 +163,50 @@ class LossConfig:
     prior_low: float = 1e-3
 
 
+# The evaluation protocols (docs/REPRODUCING.md): "ours" and "paper", the authors' public code
+# where it differs from ours. Each item can also be set on its own (protocol.scoring=...).
+PROTOCOLS = {
+    "ours": {"scoring": "probabilities", "prior": "train_map", "gate_target": "task_loss",
+             "eval_pick": "first"},
+    "paper": {"scoring": "logits", "prior": "fixed", "gate_target": "cross_entropy",
+              "eval_pick": "first_sorted"},
+}
+PROTOCOL_CHOICES = {
+    # What AP/AUC rank: softmax (sigmoid for multi-label) probabilities, or raw logits.
+    "scoring": ("probabilities", "logits"),
+    # The loss prior's best modality: loss.best_modality as given ("fixed"), or the single
+    # model with the best training-set mAP ("train_map", which ignores loss.best_modality).
+    "prior": ("fixed", "train_map"),
+    # How L_ag ranks the modalities of a sample: by the task's own loss (BCE for multi-label
+    # data), or by cross-entropy against the (multi-hot) target, under which a sample with no
+    # positive label ranks every modality 0 and so always picks the first.
+    "gate_target": ("task_loss", "cross_entropy"),
+    # Which image of a several-image modality (MMC-AMD's OCT B-scans) evaluation takes: the
+    # first as listed, or the first after sorting the paths.
+    "eval_pick": ("first", "first_sorted"),
+}
+
+
+@dataclass
+class ProtocolConfig:
+    """`name` gives every item its default; an item set here overrides it."""
+
+    name: str = "ours"
+    scoring: Optional[str] = None
+    prior: Optional[str] = None
+    gate_target: Optional[str] = None
+    eval_pick: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check(self.name in PROTOCOLS, "name",
+               f"expected one of {list(PROTOCOLS)}, got {self.name!r}")
+        for item, choices in PROTOCOL_CHOICES.items():
+            if getattr(self, item) is None:
+                setattr(self, item, PROTOCOLS[self.name][item])
+            _check(getattr(self, item) in choices, item,
+                   f"expected one of {list(choices)}, got {getattr(self, item)!r}")
+
+
 @dataclass
 class OptimConfig:
     """One stage's optimisation: SGD with momentum, linear warm-up then cosine, per iteration."""
@@ -216,6 +260,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     single: OptimConfig = field(default_factory=OptimConfig)  # stage one: per modality
     ei: OptimConfig = field(default_factory=OptimConfig)  # stage two: EI and late fusion
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -225,6 +270,8 @@ class Config:
         best = self.loss.best_modality
         _check(best is None or best in modalities, "loss.best_modality",
                f"{best!r} is not a modality of preset {self.data.preset!r}: {list(modalities)}")
+        _check(best is not None or self.protocol.prior != "fixed", "loss.best_modality",
+               f"protocol.prior 'fixed' needs the modality to lower, one of {list(modalities)}")
         _check(self.data.root is not None or self.data.preset == "synthetic", "data.root",
                f"preset {self.data.preset!r} needs the directory of its data")
         _check(self.model.synthetic_pretraining is None or (

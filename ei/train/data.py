@@ -47,7 +47,7 @@ def is_deterministic(dataset: MultimodalDataset) -> bool:
 def resolve_preset(config: Config) -> Preset:
     preset = get_preset(config.data.preset)
     return dataclasses.replace(preset, image_size=config.image_size,
-                               pick_sorted=config.data.eval_pick == "first_sorted")
+                               pick_sorted=config.protocol.eval_pick == "first_sorted")
 
 
 def data_root(config: Config, world: World) -> Path:
@@ -88,10 +88,17 @@ class Splits:
         return getattr(self, split)
 
 
+def annotation_dir(config: Config, root: Path) -> Path:
+    """The folder of the annotation and label-map files: data.splits, else the data root."""
+    return Path(config.data.splits) if config.data.splits is not None else root
+
+
 def open_dataset(config: Config, root: Path, preset: Preset, annotations: str | Path,
                  train: bool) -> MultimodalDataset:
-    labels = root / config.data.labels if config.data.labels else None
-    dataset = MultimodalDataset(root / annotations, labels, root, preset, train=train,
+    """`annotations` relative to annotation_dir(); the image paths in it relative to `root`."""
+    where = annotation_dir(config, root)
+    labels = where / config.data.labels if config.data.labels else None
+    dataset = MultimodalDataset(where / annotations, labels, root, preset, train=train,
                                 seed=config.seed)
     return CachedDataset(dataset) if config.data.cache and is_deterministic(dataset) else dataset
 

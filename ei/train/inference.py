@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ei.metrics import compute_metrics
+
 from .config import ConfigError
 from .distributed import World, all_gather_objects
 from .tasks import probabilities, to_device
@@ -38,15 +40,20 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
 @torch.no_grad()
 def collect_scores(model: nn.Module, task, loader: DataLoader, world: World, precision: str,
-                   progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(scores (N, K), targets, sample indices), sorted by index, over the whole dataset."""
+                   progress=None, as_probabilities: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores (N, K), targets, sample indices), sorted by index, over the whole dataset.
+    Scores are what the task's metrics rank (its protocol.scoring), or probabilities."""
     model.eval()
     scores, targets, indices = [], [], []
     for batch in loader:
         batch = to_device(batch, world.device)
         with autocast(world.device, precision):
             logits = task.logits(model, batch)
-        scores.append(probabilities(logits, task.multi_label).cpu())
+        if as_probabilities:
+            scores.append(probabilities(logits, task.multi_label).cpu())
+        else:
+            scores.append(task.scores(logits).cpu())
         targets.append(batch["label"].cpu())
         indices.append(batch["index"].cpu())
         if progress is not None:
@@ -57,3 +64,10 @@ def collect_scores(model: nn.Module, task, loader: DataLoader, world: World, pre
     # A padded shard repeats samples: keep the first copy of each index.
     i, first = np.unique(i, return_index=True)
     return s[first], t[first], i
+
+
+def loader_metrics(model: nn.Module, task, loader: DataLoader, world: World, precision: str,
+                   class_names, progress=None) -> dict:
+    """ei.metrics of `model` on every sample of `loader`, scored as the task says."""
+    scores, targets, _ = collect_scores(model, task, loader, world, precision, progress)
+    return compute_metrics(targets, scores, task.multi_label, class_names, task.threshold)

@@ -27,13 +27,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ei.metrics import compute_metrics
-
 from . import checkpoint
 from .config import OptimConfig
 from .curves import plot_curves
 from .distributed import World, barrier
-from .inference import autocast, collect_scores
+from .inference import autocast, loader_metrics
 from .schedule import WarmupCosine
 from .tasks import to_device
 
@@ -194,9 +192,8 @@ class StageTrainer:
     def validate(self) -> dict:
         bar = self._bar(len(self.val_loader.sampler), f"{self.spec.name} validation")
         with bar:
-            scores, targets, _ = collect_scores(self.net, self.spec.task, self.val_loader,
-                                                self.spec.world, self.spec.precision, bar)
-        return compute_metrics(targets, scores, self.spec.task.multi_label, self.class_names)
+            return loader_metrics(self.net, self.spec.task, self.val_loader, self.spec.world,
+                                  self.spec.precision, self.class_names, bar)
 
     def fit(self) -> dict:
         """Train until the epochs are done or early stopping; returns the stage summary."""

@@ -55,10 +55,12 @@ def ei_config(config: Config, preset: Preset, stage: str, with_weights: bool = F
 
 
 def loss_config(config: Config, preset: Preset, best_modality: str | None) -> EILossConfig:
+    """`best_modality`: the loss prior's, as chosen by `prior_modality`."""
     fields = {f.name for f in dataclasses.fields(EILossConfig)}
     values = {k: v for k, v in dataclasses.asdict(config.loss).items() if k in fields}
-    values["best_modality"] = config.loss.best_modality or best_modality
-    return EILossConfig(multi_label=preset.multi_label, **values)
+    values["best_modality"] = best_modality
+    return EILossConfig(multi_label=preset.multi_label, gate_target=config.protocol.gate_target,
+                        **values)
 
 
 def build_model(config: Config, preset: Preset, stage: str, with_weights: bool = True,
@@ -75,6 +77,7 @@ def build_model(config: Config, preset: Preset, stage: str, with_weights: bool =
 
 
 def build_task(config: Config, preset: Preset, stage: str, best_modality: str | None = None):
+    scoring = config.protocol.scoring
     if stage.startswith(SINGLE_PREFIX):
-        return SingleTask(stage[len(SINGLE_PREFIX):], preset.multi_label)
-    return EITask(loss_config(config, preset, best_modality))
+        return SingleTask(stage[len(SINGLE_PREFIX):], preset.multi_label, scoring)
+    return EITask(loss_config(config, preset, best_modality), scoring)

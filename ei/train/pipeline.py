@@ -15,14 +15,12 @@ import math
 
 import torch
 
-from ei.metrics import compute_metrics
-
 from . import checkpoint
 from .config import Config
 from .data import Splits, build_splits, make_loader, open_dataset
 from .demo_backbone import resolve_demo_backbone
 from .distributed import World
-from .inference import collect_scores, resolve_precision
+from .inference import loader_metrics, resolve_precision
 from .loop import StageSpec, StageTrainer
 from .models import SINGLE_PREFIX, build_model, build_task, stage_names, stage_seed
 from .rundir import RunDir
@@ -52,6 +50,14 @@ def best_single_modality(results: dict[str, dict]) -> str:
     return max(singles, key=lambda m: -math.inf if math.isnan(singles[m]) else singles[m])
 
 
+def loss_prior_modality(config: Config, results: dict[str, dict]) -> str:
+    """The modality whose loss prior is lowered (protocol.prior): loss.best_modality as given
+    ("fixed"), or the single model with the best training-set mAP ("train_map")."""
+    if config.protocol.prior == "fixed":
+        return config.loss.best_modality
+    return best_single_modality(results)
+
+
 def evaluate_model(model, task, splits: Splits, split: str, config: Config, world: World,
                    precision: str) -> dict:
     """Metrics of `model` on `split`; the training split is read as for evaluation (no
@@ -61,8 +67,7 @@ def evaluate_model(model, task, splits: Splits, split: str, config: Config, worl
         dataset = open_dataset(config, splits.root, splits.preset, config.data.train, train=False)
     loader = make_loader(dataset, config, config.ei.eval_batch_size or config.ei.batch_size,
                          world, train=False, seed=config.seed)
-    scores, targets, _ = collect_scores(model, task, loader, world, precision)
-    return compute_metrics(targets, scores, task.multi_label, splits.class_names)
+    return loader_metrics(model, task, loader, world, precision, splits.class_names)
 
 
 def run_stage(stage: str, config: Config, splits: Splits, run: RunDir, world: World,
@@ -77,9 +82,9 @@ def run_stage(stage: str, config: Config, splits: Splits, run: RunDir, world: Wo
     best_modality = None
     singles = None
     if not stage.startswith(SINGLE_PREFIX):
-        best_modality = config.loss.best_modality or best_single_modality(results)
+        best_modality = loss_prior_modality(config, results)
         if world.is_main and config.runtime.progress:
-            how = ("set in the config" if config.loss.best_modality
+            how = ("loss.best_modality" if config.protocol.prior == "fixed"
                    else "best single-modality train mAP")
             print(f"loss prior: best modality {best_modality!r} ({how})", flush=True)
         singles = {m: run.stage_dir(SINGLE_PREFIX + m) / "best.pt" for m in splits.preset.modalities}

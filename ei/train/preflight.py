@@ -32,18 +32,21 @@ def check_data_files(config: Config) -> None:
     root = Path(data.root)
     if not root.is_dir():
         raise ConfigError(f"data.root: no directory at {root}")
+    where, base = (root, "data.root") if data.splits is None else (Path(data.splits), "data.splits")
+    if not where.is_dir():
+        raise ConfigError(f"data.splits: no directory at {where}")
     named = {"data.labels": data.labels, "data.train": data.train, "data.val": data.val,
              "data.test": data.test}
     for key, name in named.items():
-        if name is not None and not (root / name).is_file():
-            raise ConfigError(f"{key}: no file {root / name} (paths are relative to data.root)")
+        if name is not None and not (where / name).is_file():
+            raise ConfigError(f"{key}: no file {where / name} (paths are relative to {base})")
     # Every annotation line parses with the label map (image files are opened later, with the
     # datasets): a bad line fails now, naming file and line.
     preset = get_preset(data.preset)
-    labels = (load_label_map(root / data.labels) if data.labels
+    labels = (load_label_map(where / data.labels) if data.labels
               else {name: i for i, name in enumerate(preset.classes)})
     for name in (data.train, data.val, data.test):
-        read_annotations(root / name, labels, preset.modalities, preset.multi_label)
+        read_annotations(where / name, labels, preset.modalities, preset.multi_label)
 
 
 def check_models(config: Config) -> None:

@@ -1,0 +1,207 @@
+"""The evaluation protocols (config `protocol`, docs/REPRODUCING.md): each item against a small
+case computed by hand, and every dataset config run end to end on a tiny root laid out as the
+authors publish their splits (`datasplit/<split>/anno.txt`, `mapping_<name>.json`, images
+elsewhere)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ei.cli import main
+from ei.metrics import compute_metrics
+from ei.model import EILossConfig, ei_loss
+from ei.model.ei_model import EIOutput
+from ei.train.config import ConfigError, load_config
+from ei.train.pipeline import loss_prior_modality
+from ei.train.tasks import EITask, SingleTask
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+# -- the protocol settings ------------------------------------------------------------------
+
+
+def test_a_protocol_sets_every_item_and_each_item_can_be_set_alone():
+    ours = load_config(None).protocol
+    assert (ours.scoring, ours.prior, ours.gate_target, ours.eval_pick) == (
+        "probabilities", "train_map", "task_loss", "first")
+    paper = load_config(None, ["protocol.name=paper", "loss.best_modality=locator",
+                               "protocol.scoring=probabilities"]).protocol
+    assert (paper.scoring, paper.prior, paper.gate_target, paper.eval_pick) == (
+        "probabilities", "fixed", "cross_entropy", "first_sorted")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["protocol.name=authors"], "protocol.name: expected one of ['ours', 'paper']"),
+    (["protocol.scoring=softmax"], "protocol.scoring: expected one of ['probabilities', 'logits']"),
+    (["protocol.prior=fixed"], "loss.best_modality: protocol.prior 'fixed' needs the modality"),
+])
+def test_bad_protocol_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(None, overrides)
+
+
+def test_the_dataset_configs_use_the_papers_protocol_and_the_authors_split_files():
+    expected = {"mmc_amd": ("oct", "mmc-amd_train_balance/anno.txt", "mapping_mmc-amd.json"),
+                "derm7pt": ("dermoscopic", "derm7pt_train_balance/anno.txt",
+                            "mapping_derm7pt.json"),
+                "mrnet": ("sagittal", "mrnet_train_train_balance/anno.txt", "mapping_mrnet.json")}
+    for name, (best, train, labels) in expected.items():
+        c = load_config(CONFIGS / f"{name}.yaml", ["data.root=/images"])
+        assert c.protocol.name == "paper" and c.loss.best_modality == best
+        assert (c.data.train, c.data.labels) == (train, labels)
+    assert load_config(CONFIGS / "synthetic.yaml").protocol.name == "ours"
+
+
+# -- scoring: AP on probabilities or on logits -----------------------------------------------
+
+
+def test_scoring_by_logits_ranks_samples_as_the_raw_logits_do():
+    # Sample A (class 0) has logits (2, 0): p0 = 0.881; sample B (class 1) has (3, 2): p0 =
+    # 0.731. By probability A ranks first for class 0 (AP 1); by logit B does (AP 1/2).
+    logits = torch.tensor([[2.0, 0.0], [3.0, 2.0]])
+    targets = np.array([0, 1])
+    ap = {}
+    for scoring in ("probabilities", "logits"):
+        task = SingleTask("m", multi_label=False, scoring=scoring)
+        m = compute_metrics(targets, task.scores(logits).numpy(), False, None, task.threshold)
+        ap[scoring] = m["per_class"][0]["ap"]
+        assert m["accuracy"] == 0.5  # argmax: A -> 0 (right), B -> 0 (wrong), either way
+    assert ap == {"probabilities": 1.0, "logits": 0.5}
+
+
+def test_multi_label_logits_are_thresholded_at_zero_as_probabilities_at_one_half():
+    logits = torch.tensor([[0.1, -0.1]])
+    for scoring in ("probabilities", "logits"):
+        task = EITask(EILossConfig(multi_label=True), scoring=scoring)
+        m = compute_metrics(np.array([[1, 0]]), task.scores(logits).numpy(), True, None,
+                            task.threshold)
+        assert m["label_accuracy"] == 1.0
+
+
+# -- the gate target -----------------------------------------------------------------------
+
+
+def _gate_term(gate_target: str, target: torch.Tensor) -> float:
+    # Modality 0 is confident that every label is present, modality 1 that none is.
+    stage2 = {"a": torch.full((1, 3), 2.0), "b": torch.full((1, 3), -2.0)}
+    alpha = torch.tensor([[0.2, 0.8]])
+    out = EIOutput(fused=torch.zeros(1, 3), stage1=stage2, stage2=stage2, alpha=alpha)
+    config = EILossConfig(multi_label=True, gate_target=gate_target, use_aux=False)
+    return ei_loss(out, target, config)[1]["gate"].item()
+
+
+def test_gate_target_cross_entropy_sends_samples_without_labels_to_modality_0():
+    normal = torch.zeros(1, 3)
+    # BCE: modality 1 (logits -2) fits "no label" best -> -log alpha_1 = -log 0.8.
+    assert _gate_term("task_loss", normal) == pytest.approx(-math.log(0.8), rel=1e-6)
+    # Cross-entropy against an all-zero target is 0 for both: argmin takes modality 0.
+    assert _gate_term("cross_entropy", normal) == pytest.approx(-math.log(0.2), rel=1e-6)
+    # With labels both rules agree here (modality 0 says "present").
+    abnormal = torch.ones(1, 3)
+    assert _gate_term("cross_entropy", abnormal) == _gate_term("task_loss", abnormal)
+
+
+# -- the loss prior ------------------------------------------------------------------------
+
+
+def test_prior_fixed_takes_the_config_and_train_map_the_best_single_model():
+    results = {"single/locator": {"train_mAP": 0.4}, "single/appearance": {"train_mAP": 0.6}}
+    fixed = load_config(None, ["protocol.prior=fixed", "loss.best_modality=locator"])
+    by_map = load_config(None, ["protocol.prior=train_map", "loss.best_modality=locator"])
+    assert loss_prior_modality(fixed, results) == "locator"
+    assert loss_prior_modality(by_map, results) == "appearance"
+
+
+# -- every dataset config on the authors' layout ---------------------------------------------
+
+
+def _jpg(path: Path, value: int) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((20, 24, 3), value, np.uint8)).save(path)
+    return path.name
+
+
+def _npy(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.full((6, 20, 20), value, np.uint8))
+
+
+def _authors_layout(tmp_path: Path, name: str) -> tuple[Path, Path, dict]:
+    """images/ and datasplit/ for dataset `name` (config file stem): a few lines per split,
+    written in the format of the authors' published split files."""
+    images, splits = tmp_path / "images", tmp_path / "datasplit"
+    if name == "mmc_amd":
+        prefix, classes = "mmc-amd", ["no_amd", "dry_amd", "pcv", "wet_amd"]
+        folders = {"train": "mmc-amd_train_balance", "val": "mmc-amd_val", "test": "mmc-amd_test"}
+    elif name == "derm7pt":
+        prefix, classes = "derm7pt", ["BCC", "NEV", "MEL", "SK", "MISC"]
+        folders = {"train": "derm7pt_train_balance", "val": "derm7pt_val", "test": "derm7pt_test"}
+    else:
+        prefix, classes = "mrnet", ["abnormal", "meniscus", "acl"]
+        folders = {"train": "mrnet_train_train_balance", "val": "mrnet_train_val",
+                   "test": "mrnet_val"}
+    splits.mkdir(parents=True)
+    (splits / f"mapping_{prefix}.json").write_text(
+        json.dumps({c: i for i, c in enumerate(classes)}, indent=4))
+    for split, folder in folders.items():
+        lines = []
+        for i in range(2 * len(classes)):
+            label = classes[i % len(classes)]
+            key = f"{split}{i}"
+            if name == "mmc_amd":
+                _jpg(images / "cfp-448x448" / f"f-{key}.jpg", 10 * i)
+                octs = [f"oct/o-{key}_{j:03d}.jpg" for j in (1, 0)[: 1 + i % 2]]
+                for j, p in enumerate(octs):
+                    _jpg(images / p, 5 * i + j)
+                lines.append(f"cfp-448x448/f-{key}.jpg,{' '.join(octs)}\t{label}")
+            elif name == "derm7pt":
+                _jpg(images / "Aaa" / f"clin-{key}.jpg", 10 * i)
+                _jpg(images / "Aaa" / f"derm-{key}.jpg", 5 * i)
+                lines.append(f"Aaa/clin-{key}.jpg,Aaa/derm-{key}.jpg\t{label}")
+            else:
+                for view in ("axial", "coronal", "sagittal"):
+                    _npy(images / split / view / f"{i:04d}.npy", 10 * i)
+                labels = "" if i % 4 == 3 else ",".join(classes[: 1 + i % 3])  # some normal
+                paths = ",".join(f"{split}/{v}/{i:04d}.npy" for v in ("axial", "coronal",
+                                                                        "sagittal"))
+                lines.append(f"{paths}\t{labels}")
+        (splits / folder).mkdir()
+        (splits / folder / "anno.txt").write_text("\n".join(lines) + "\n")
+    return images, splits, folders
+
+
+TINY = ["data.image_size=16", "data.workers=0", "model.backbone=tiny", "model.pretrained=false",
+        "model.timm_kwargs={embed_dim: 32, depth: 1, num_heads: 2, patch_size: 8}",
+        "model.adapter_hidden=16", "single.epochs=1", "single.batch_size=4", "ei.epochs=1",
+        "ei.batch_size=4", "late_fusion=false", "runtime.threads=1", "runtime.progress=false",
+        "runtime.device=cpu"]
+
+
+@pytest.mark.parametrize("name", ["mmc_amd", "derm7pt", "mrnet"])
+def test_each_dataset_config_trains_on_the_authors_split_folder(tmp_path, name, capsys):
+    images, splits, _ = _authors_layout(tmp_path, name)
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), str(CONFIGS / f"{name}.yaml"),
+                 f"data.root={images}", f"data.splits={splits}", *TINY]) == 0
+    result = json.loads((run / "ei" / "result.json").read_text())
+    assert result["best_modality"] == load_config(
+        CONFIGS / f"{name}.yaml", ["data.root=x"]).loss.best_modality
+    assert math.isfinite(result["test"]["mAP"])
+
+
+def test_a_missing_split_file_names_the_key_and_the_splits_folder(tmp_path, capsys):
+    images, splits, folders = _authors_layout(tmp_path, "derm7pt")
+    (splits / folders["val"] / "anno.txt").unlink()
+    assert main(["train", "--run-dir", str(tmp_path / "run"), str(CONFIGS / "derm7pt.yaml"),
+                 f"data.root={images}", f"data.splits={splits}", *TINY]) != 0
+    err = capsys.readouterr().err
+    assert "data.val: no file" in err and "relative to data.splits" in err
+    assert not (tmp_path / "run").exists()
