@@ -31,7 +31,6 @@ import re
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ei_kernels.ops.torch_mor import branch_matrix
 from ei.train.config import Config, ConfigError
 from ei.train.data import resolve_preset
 from ei.train.inference import autocast
@@ -104,15 +103,9 @@ def step_memory(config: Config, stage: str, precision: str, batch: int) -> StepM
     # Built on the meta device (timm reads values while it builds, which fakes cannot give).
     with torch.device("meta"):
         model = build_model(config, preset, stage, with_weights=False)
-    # The op caches a small constant per (spec, device, dtype): no real one may reach the fake
-    # run, and no fake one may stay behind for a real run to get.
-    branch_matrix.cache_clear()
-    try:
-        with FakeTensorMode():
-            _fake_parameters(model)
-            return _count_step(model, config, preset, stage, precision, batch)
-    finally:
-        branch_matrix.cache_clear()
+    with FakeTensorMode():
+        _fake_parameters(model)
+        return _count_step(model, config, preset, stage, precision, batch)
 
 
 @contextlib.contextmanager

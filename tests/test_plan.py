@@ -61,3 +61,19 @@ def test_memory_sizes_parse_and_bad_ones_name_the_option():
     assert parse_memory("24000MB") == 24000 * 2 ** 20
     with pytest.raises(ConfigError, match="--gpu-memory"):
         parse_memory("lots")
+
+
+def test_a_fake_run_neither_uses_nor_leaves_cached_constants():
+    # The op caches its branch matrix per (spec, device, dtype); a plan in between real runs
+    # must not mix fake and real tensors either way.
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from ei_kernels.ops.torch_mor import branch_matrix
+    from ei_kernels.spec import MoRSpec
+
+    spec = MoRSpec.build((2, 4), (1.0, 0.5))
+    real = branch_matrix(spec, torch.device("cpu"), torch.float32)
+    with FakeTensorMode():
+        fake = branch_matrix(spec, torch.device("cpu"), torch.float32)
+    assert isinstance(fake, FakeTensor) and not isinstance(real, FakeTensor)
+    assert branch_matrix(spec, torch.device("cpu"), torch.float32) is real

@@ -284,3 +284,18 @@ def test_torch_compile_fullgraph_with_triton_backend():
         results.append([value.detach()] + [leaves[k].grad for k in GRADS])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_branch_table_is_built_once_per_spec_and_device():
+    from ei_kernels.ops import triton_mor
+
+    spec = MoRSpec.build((2, 4), (2.0, 0.5), bypass=True)
+    logit, scale = triton_mor._branch_table(spec, torch.device("cpu"))
+    # Column j of the group is weighted by router output 1 + branch (0 is the bypass).
+    assert logit.tolist() == [1, 1, 2, 2, 2, 2]
+    assert scale.tolist() == [2.0, 2.0, 0.5, 0.5, 0.5, 0.5]
+    again = triton_mor._branch_table(spec, torch.device("cpu"))
+    assert again[0] is logit and again[1] is scale
+    no_bypass = triton_mor._branch_table(MoRSpec.build((2, 4), (2.0, 0.5), bypass=False),
+                                         torch.device("cpu"))
+    assert no_bypass[0].tolist() == [0, 0, 1, 1, 1, 1]

@@ -19,12 +19,11 @@ the layer, so the per-branch bookkeeping is folded into one small matrix S (see
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from ..spec import MoRSpec
+from .device_constants import cached
 
 
 # Activation elements per token autograd may keep beyond x (the memory contract of the op).
@@ -42,7 +41,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-@functools.lru_cache(maxsize=64)
 def branch_matrix(spec: MoRSpec, device: torch.device, dtype: torch.dtype) -> Tensor:
     """S [L, r] with S[l, j] = s_k when rank column j belongs to branch k routed by logit l.
 
@@ -51,11 +49,15 @@ def branch_matrix(spec: MoRSpec, device: torch.device, dtype: torch.dtype) -> Te
     routing weights is dp = (g * u) S^T, whose bypass column is zero (the bypass weights no
     branch). Without a router it is the single row of scalings.
     """
-    first = int(spec.bypass)
-    s = torch.zeros(max(spec.num_logits, 1), spec.rank, dtype=torch.float64)
-    for k, (start, end, scaling) in enumerate(spec.branch_spans()):
-        s[first + k if spec.router else 0, start:end] = scaling
-    return s.to(device=device, dtype=dtype)
+
+    def build() -> Tensor:
+        first = int(spec.bypass)
+        s = torch.zeros(max(spec.num_logits, 1), spec.rank, dtype=dtype, device=device)
+        for k, (start, end, scaling) in enumerate(spec.branch_spans()):
+            s[first + k if spec.router else 0, start:end] = scaling
+        return s
+
+    return cached(("torch_branch_matrix", spec, dtype), device, build)
 
 
 def _shrink_weight(lora_a: Tensor, router_weight: Tensor | None) -> Tensor:

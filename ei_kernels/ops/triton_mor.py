@@ -53,7 +53,6 @@ lets its tiles load asynchronously, so the loops that read it stay software-pipe
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -64,6 +63,7 @@ from torch import Tensor
 from ..backends import cuda_capability
 from ..spec import MoRSpec
 from . import triton_interpreter_compat
+from .device_constants import cached
 from .triton_configs import launch_config
 
 triton_interpreter_compat.apply()  # a no-op unless the triton 3.6 interpreter meets numpy 2.4
@@ -388,16 +388,19 @@ def _dot_precision(x: Tensor) -> str:
     return "ieee"
 
 
-@functools.lru_cache(maxsize=None)
 def _branch_table(spec: MoRSpec, device: torch.device) -> tuple[Tensor, Tensor]:
     """Per rank column j of a group: the router output weighting it, bypass + k(j) (int32), and
-    its scaling s_k(j) (fp32). Built with device fills, no host-to-device copy."""
-    first = int(spec.bypass)
-    logit = [torch.full((r,), first + k, dtype=torch.int32, device=device)
-             for k, r in enumerate(spec.ranks)]
-    scale = [torch.full((r,), s, dtype=torch.float32, device=device)
-             for r, s in zip(spec.ranks, spec.scalings)]
-    return torch.cat(logit), torch.cat(scale)
+    its scaling s_k(j) (fp32). Built once per spec and device (device_constants)."""
+
+    def build() -> tuple[Tensor, Tensor]:
+        first = int(spec.bypass)
+        logit = [torch.full((r,), first + k, dtype=torch.int32, device=device)
+                 for k, r in enumerate(spec.ranks)]
+        scale = [torch.full((r,), s, dtype=torch.float32, device=device)
+                 for r, s in zip(spec.ranks, spec.scalings)]
+        return torch.cat(logit), torch.cat(scale)
+
+    return cached(("triton_branch_table", spec.ranks, spec.scalings, spec.bypass), device, build)
 
 
 def _alloc(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
