@@ -75,13 +75,13 @@ def _split_items(items: list[str]) -> tuple[str | None, list[str]]:
 
 def _resume_config(run, overrides: list[str]):
     """A run's own config; only runtime settings may change when it is resumed."""
-    from ei.train.config import Config, ConfigError, apply_overrides, from_dict, read_yaml
+    from ei.train.config import Config, ConfigError, apply_overrides, from_dict, read_run_config
 
     fixed = [o for o in overrides if not o.startswith("runtime.")]
     if fixed:
         raise ConfigError(f"{fixed[0].partition('=')[0]}: cannot change when resuming "
                           f"(only runtime.* settings can); start a new run instead")
-    return from_dict(Config, apply_overrides(read_yaml(run.config_path), overrides))
+    return from_dict(Config, apply_overrides(read_run_config(run.config_path), overrides))
 
 
 def cmd_train(args: argparse.Namespace) -> None:

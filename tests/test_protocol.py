@@ -205,3 +205,28 @@ def test_a_missing_split_file_names_the_key_and_the_splits_folder(tmp_path, caps
     err = capsys.readouterr().err
     assert "data.val: no file" in err and "relative to data.splits" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_runs_saved_before_the_protocol_setting_keep_the_choices_they_were_trained_with(
+        tmp_path):
+    import yaml
+
+    from ei.train.config import Config, from_dict, read_run_config, save_config
+
+    for best, prior in (("oct", "fixed"), (None, "train_map")):
+        c = load_config(CONFIGS / "mmc_amd.yaml", ["data.root=/images",
+                                                   f"loss.best_modality={best or 'null'}",
+                                                   "protocol.prior=train_map"])
+        save_config(c, tmp_path / "config.yaml")
+        old = yaml.safe_load((tmp_path / "config.yaml").read_text())
+        del old["protocol"]
+        old["data"]["eval_pick"] = "first_sorted"  # how runs of 2026-12-01 saved it
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+        p = from_dict(Config, read_run_config(tmp_path / "config.yaml")).protocol
+        assert (p.scoring, p.gate_target, p.eval_pick, p.prior) == (
+            "probabilities", "task_loss", "first_sorted", prior)
+
+
+def test_the_old_eval_pick_key_says_where_it_went():
+    with pytest.raises(ConfigError, match="data.eval_pick: now protocol.eval_pick"):
+        load_config(None, ["data.eval_pick=first"])

@@ -352,13 +352,20 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     raise TypeError(f"{key}: no conversion for type {hint!r}")  # a bug in a dataclass, not input
 
 
+# Keys that have moved: old name -> new name (the error says where to).
+MOVED_KEYS = {"data.eval_pick": "protocol.eval_pick"}
+
+
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass `cls` from `data`; missing keys take their defaults."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; expected one of {', '.join(names)}")
+        key = prefix + unknown[0]
+        if key in MOVED_KEYS:
+            raise ConfigError(f"{key}: now {MOVED_KEYS[key]}")
+        raise ConfigError(f"{key}: unknown key; expected one of {', '.join(names)}")
     kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -421,6 +428,22 @@ def read_yaml(path: str | Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def read_run_config(path: str | Path) -> dict:
+    """The config a run saved, in today's keys. Runs saved before `protocol` existed
+    (2026-12-02) are read with the choices they were trained under: scoring on probabilities,
+    the gate by the task's loss, `data.eval_pick` as their protocol.eval_pick, and the prior
+    fixed when loss.best_modality was set (as the code then did), else by training mAP."""
+    data = read_yaml(path)
+    if "protocol" in data:
+        return data
+    section = dict(data.get("data") or {})
+    best = (data.get("loss") or {}).get("best_modality")
+    data = {**data, "data": section, "protocol": {
+        "name": "ours", "eval_pick": section.pop("eval_pick", "first"),
+        "prior": "fixed" if best is not None else "train_map"}}
     return data
 
 

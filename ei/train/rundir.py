@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ei.data.annotations import DataError
 
-from .config import Config, ConfigError, load_config, save_config
+from .config import Config, ConfigError, from_dict, read_run_config, save_config
 
 CONFIG_FILE = "config.yaml"
 CLASSES_FILE = "classes.json"
@@ -89,7 +89,7 @@ class RunDir:
 
     def load_config(self) -> Config:
         try:
-            return load_config(self.config_path)
+            return from_dict(Config, read_run_config(self.config_path))
         except ConfigError as err:
             raise ConfigError(f"{self.config_path}: {err}") from None
 
