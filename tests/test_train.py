@@ -296,6 +296,21 @@ def test_auto_precision_fits_the_card(monkeypatch, capability, expected):
     assert resolve_precision("auto", torch.device("cuda:0")) == expected
 
 
+def test_fp16_trains_with_the_gradient_scaler(tmp_path, data_root):
+    """The path `precision: auto` takes on pre-Ampere GPUs (T4, V100), run on the CPU: fp16
+    autocast, the loss scaled, the scaler's state checkpointed with the rest."""
+    from ei.cli import main
+
+    config = write_micro_config(tmp_path, data_root, runtime={"precision": "fp16"},
+                                late_fusion=False)
+    assert main(["train", str(config), "--run-dir", str(tmp_path / "run")]) == 0
+    for stage in ("single/locator", "ei"):
+        state = checkpoint.load(tmp_path.joinpath("run", *stage.split("/"), "last.pt"), "last")
+        assert state["scaler"]["scale"] > 0 and state["scaler"]["_growth_tracker"] >= 0
+        history = json.loads(state["history"])
+        assert all(math.isfinite(h["train_loss"]) for h in history)
+
+
 def test_precision_and_activation_checkpointing_options():
     from ei.data import get_preset
     from ei.train.inference import resolve_precision
@@ -303,8 +318,7 @@ def test_precision_and_activation_checkpointing_options():
 
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
-    with pytest.raises(ConfigError, match="runtime.precision: fp16 needs a CUDA device"):
-        resolve_precision("fp16", cpu)
+    assert resolve_precision("fp16", cpu) == "fp16"
     config = load_config(None, ["model.backbone=tiny", "model.pretrained=false",
                                 "model.grad_checkpointing=true", "data.image_size=16"])
     model = build_model(config, get_preset("synthetic"), "single/locator")

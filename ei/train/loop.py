@@ -79,7 +79,8 @@ class StageTrainer:
         self.scheduler = WarmupCosine(self.optimizer, optim.lr, optim.min_lr,
                                       warmup=round(optim.warmup_epochs * per_epoch),
                                       total=optim.epochs * per_epoch)
-        self.scaler = torch.amp.GradScaler("cuda") if spec.precision == "fp16" else None
+        # fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none).
+        self.scaler = torch.amp.GradScaler(world.device.type) if spec.precision == "fp16" else None
         self.epoch = 0  # epochs finished
         self.best = -math.inf
         self.best_epoch = -1
