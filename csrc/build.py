@@ -7,8 +7,10 @@ Environment switches:
                                  with no GPU visible (CI builds this way)
   EI_KERNELS_CUDA_ARCHS          targets separated by ';', ',' or spaces: "80", "90a" give SASS
                                  for sm_80 / sm_90a, "compute_90" gives PTX (JIT-compiled by the
-                                 driver on newer GPUs). Default "80;90a;compute_90"; "90a" alone
-                                 builds about twice as fast for H100/H200.
+                                 driver on newer GPUs). Default: every NVIDIA architecture since
+                                 Turing that CUDA 13 compiles for, "75;80;86;89;90a;compute_90"
+                                 (T4; A100; A10/RTX 30xx; L4/RTX 40xx; H100/H200; PTX for newer);
+                                 one target, e.g. "90a", builds several times faster.
   EI_KERNELS_CUDA_WERROR=1       compile warnings are errors (CI sets it; off by default, so
                                  that a user's host compiler with other warnings still builds)
   MAX_JOBS                       parallel compile jobs (read by torch's ninja build)
@@ -26,7 +28,7 @@ from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent
 SOURCES = ("mor_kernels.cu", "binding.cpp")
-DEFAULT_ARCHS = "80;90a;compute_90"
+DEFAULT_ARCHS = "75;80;86;89;90a;compute_90"
 
 
 def _nvcc_bin_dir(nvcc: str) -> Path | None:

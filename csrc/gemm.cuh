@@ -217,11 +217,12 @@ struct WmmaMma {
   static constexpr int kScratchBytes = Cfg::THREADS / 32 * 256 * sizeof(float);
 };
 
-// fp32 product of the shared tiles with FMA: thread (ty, tx) owns rows ty + i*TY and columns
-// tx + j*TX of the tile, so neighbouring lanes store neighbouring columns.
-template <typename Cfg, bool A_KMAJOR, bool B_KMAJOR>
+// Product of the shared tiles with fp32 FMA: thread (ty, tx) owns rows ty + i*TY and columns
+// tx + j*TX of the tile, so neighbouring lanes store neighbouring columns. fp32's path (full
+// fp32 precision), and bf16's on targets without bf16 tensor cores (sm_75).
+template <typename T, typename Cfg, bool A_KMAJOR, bool B_KMAJOR>
 struct SimtMma {
-  using Shapes = TileShapes<float, Cfg, A_KMAJOR, B_KMAJOR>;
+  using Shapes = TileShapes<T, Cfg, A_KMAJOR, B_KMAJOR>;
   static constexpr int TX = Cfg::SIMT_TX, TY = Cfg::SIMT_TY;
   static constexpr int RM = Cfg::BM / TY, RN = Cfg::BN / TX;
   static constexpr int LDA = Shapes::LoadA::LD, LDB = Shapes::LoadB::LD;
@@ -237,19 +238,19 @@ struct SimtMma {
       for (int j = 0; j < RN; ++j) acc[i][j] = 0.0f;
   }
 
-  __device__ __forceinline__ void step(const float* sa, const float* sb) {
+  __device__ __forceinline__ void step(const T* sa, const T* sb) {
 #pragma unroll
     for (int kk = 0; kk < Shapes::BK; ++kk) {
       float a[RM], b[RN];
 #pragma unroll
       for (int i = 0; i < RM; ++i) {
         const int m = ty + i * TY;
-        a[i] = A_KMAJOR ? sa[m * LDA + kk] : sa[kk * LDA + m];
+        a[i] = to_float(A_KMAJOR ? sa[m * LDA + kk] : sa[kk * LDA + m]);
       }
 #pragma unroll
       for (int j = 0; j < RN; ++j) {
         const int n = tx + j * TX;
-        b[j] = B_KMAJOR ? sb[n * LDB + kk] : sb[kk * LDB + n];
+        b[j] = to_float(B_KMAJOR ? sb[n * LDB + kk] : sb[kk * LDB + n]);
       }
 #pragma unroll
       for (int i = 0; i < RM; ++i)
@@ -269,9 +270,21 @@ struct SimtMma {
   static constexpr int kScratchBytes = 0;
 };
 
+// bf16 WMMA exists from sm_80 on: compiled for an older target (sm_75, where `precision:
+// auto` picks fp16 anyway), bf16 products take the FMA path, slower but exact.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+constexpr bool kBf16TensorCores = false;
+#else
+constexpr bool kBf16TensorCores = true;
+#endif
+
+template <typename T>
+constexpr bool kTensorCores =
+    !std::is_same_v<T, float> && (kBf16TensorCores || !std::is_same_v<T, __nv_bfloat16>);
+
 template <typename T, typename Cfg, bool A_KMAJOR, bool B_KMAJOR>
-using MmaFor = std::conditional_t<std::is_same_v<T, float>, SimtMma<Cfg, A_KMAJOR, B_KMAJOR>,
-                                  WmmaMma<T, Cfg, A_KMAJOR, B_KMAJOR>>;
+using MmaFor = std::conditional_t<kTensorCores<T>, WmmaMma<T, Cfg, A_KMAJOR, B_KMAJOR>,
+                                  SimtMma<T, Cfg, A_KMAJOR, B_KMAJOR>>;
 
 template <typename T, typename OutT, typename Cfg, bool A_KMAJOR, bool B_KMAJOR>
 __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS) gemm_kernel(const GemmArgs<T, OutT> args) {

@@ -87,6 +87,28 @@ class TestCompiledExtension:
         assert Path(INFO["path"]).is_file()
         import ei_kernels._C  # noqa: F401  (imports torch first through the package)
 
+    def test_holds_code_for_every_build_target(self):
+        """SASS for each `NN[a]` target and PTX for each `compute_NN` one of csrc/build.py (as
+        this environment sets them: CI builds with the defaults), read back with cuobjdump."""
+        import shutil
+        import subprocess
+
+        import triton
+
+        tool = shutil.which("cuobjdump") or str(
+            Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+        if not Path(tool).is_file():
+            pytest.skip("no cuobjdump (neither on PATH nor in triton's bundle)")
+        flags = _build_module().gencode_flags()
+        want = sorted(f.rsplit("code=", 1)[1] for f in flags)
+        listing = subprocess.run([tool, "--list-elf", "--list-ptx", INFO["path"]],
+                                 capture_output=True, text=True, check=True).stdout
+        # "ELF file 1: mor_kernels.sm_75.cubin", "PTX file 1: mor_kernels.sm_90.ptx"
+        found = sorted(("compute_" if line.endswith(".ptx") else "sm_")
+                       + line.rsplit(".sm_", 1)[1].split(".")[0]
+                       for line in listing.splitlines() if ".sm_" in line)
+        assert found == want, f"built with other targets than {flags}? {listing}"
+
     def test_schemas(self):
         assert str(torch.ops.ei_kernels_cuda.mor_fwd.default._schema) == FWD_SCHEMA
         assert str(torch.ops.ei_kernels_cuda.mor_bwd.default._schema) == BWD_SCHEMA
@@ -143,10 +165,13 @@ def _build_module():
 
 
 class TestBuildSwitches:
-    def test_default_targets_are_sm80_sm90a_and_ptx(self, monkeypatch):
+    def test_default_targets_are_every_architecture_since_turing_and_ptx(self, monkeypatch):
         monkeypatch.delenv("EI_KERNELS_CUDA_ARCHS", raising=False)
         assert _build_module().gencode_flags() == [
+            "-gencode=arch=compute_75,code=sm_75",
             "-gencode=arch=compute_80,code=sm_80",
+            "-gencode=arch=compute_86,code=sm_86",
+            "-gencode=arch=compute_89,code=sm_89",
             "-gencode=arch=compute_90a,code=sm_90a",
             "-gencode=arch=compute_90,code=compute_90",
         ]
