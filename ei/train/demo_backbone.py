@@ -39,7 +39,15 @@ from .checkpoint import atomic_save
 from .config import Config, SyntheticPretrainingConfig
 from .distributed import World, barrier
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+# Mean L2 norm of the CLS features the pretrained backbone hands on (over its pretraining
+# scenes); its final LayerNorm is rescaled to it after training. Why: a new linear head moves its
+# logits by about lr * |f|^2 per step. At the |f| of about 12 that pretraining leaves, EI's fresh
+# classifiers (lr 0.01, momentum 0.95, batch 8) random-walked on labels no single modality
+# predicts: their losses rose to 2-3 (chance: 1.39) and EI spent 15 of 40 epochs recovering,
+# chance on some seeds (measured). At |f| = 3 they stay at chance until the [INT] tokens carry the
+# other modality, and EI learns from epoch 3 on (BENCHMARKS.md).
+FEATURE_NORM = 3.0
 QUADRANTS = 4
 TEXTURES = 4  # the dataset's patterns; index TEXTURES means "no texture" (a disk scene)
 TEXTURE_LOGITS = QUADRANTS * (TEXTURES + 1)  # the head's first outputs; then the disk's quadrant
@@ -119,6 +127,12 @@ def pretrain(name: str, timm_kwargs: dict, recipe: SyntheticPretrainingConfig,
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
+    with torch.no_grad():
+        backbone.eval()
+        norm = torch.cat([backbone(images[i : i + 500]) for i in range(0, len(images), 500)]
+                         ).norm(dim=1).mean()
+        vit.norm.weight.mul_(FEATURE_NORM / norm)
+        vit.norm.bias.mul_(FEATURE_NORM / norm)
     return {k: v.cpu() for k, v in vit.state_dict().items()}
 
 
