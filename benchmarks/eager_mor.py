@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from ei_kernels import FusedMoRLinear
+
 
 class EagerMoRBranches(nn.Module):
     """sum_k p_k s_k B_k(A_k x) with p = softmax(route(x)), every branch materialised."""
@@ -65,3 +67,18 @@ class EagerMoRLinear(nn.Module):
     def forward(self, x):
         lora = [branches(x) for branches in self.branch_groups]
         return self.linear(x) + (lora[0] if len(lora) == 1 else torch.cat(lora, dim=-1))
+
+
+def to_eager(model: torch.nn.Module) -> None:
+    """Swap every FusedMoRLinear for the authors-style layer holding the same weights."""
+    for name, layer in list(model.named_modules()):
+        if not isinstance(layer, FusedMoRLinear):
+            continue
+        spec = layer.spec
+        eager = EagerMoRLinear(layer.in_features, layer.out_features, layer.bias is not None,
+                               groups=spec.groups, ranks=spec.ranks, alphas=layer.alphas,
+                               bypass=spec.bypass, device=layer.weight.device,
+                               dtype=layer.weight.dtype)
+        eager.load_state_dict(layer.reference_state_dict())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, eager)

@@ -19,7 +19,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from benchmarks.eager_mor import EagerMoRLinear
+from benchmarks.eager_mor import to_eager
 from ei.model import BackboneConfig, EIConfig, EIModel, ei_loss
 from ei_kernels import FusedMoRLinear, available_backends
 
@@ -43,21 +43,6 @@ if DEVICE.type == "cuda":
 _times: dict[str, tuple[float, float]] = {}  # impl -> (median, min) step seconds
 
 pytestmark = pytest.mark.benchmark(group=f"ei_step_{DEVICE.type}", warmup=False)
-
-
-def to_eager(model: torch.nn.Module) -> None:
-    """Swap every FusedMoRLinear for the authors-style layer holding the same weights."""
-    for name, layer in list(model.named_modules()):
-        if not isinstance(layer, FusedMoRLinear):
-            continue
-        spec = layer.spec
-        eager = EagerMoRLinear(layer.in_features, layer.out_features, layer.bias is not None,
-                               groups=spec.groups, ranks=spec.ranks, alphas=layer.alphas,
-                               bypass=spec.bypass, device=layer.weight.device,
-                               dtype=layer.weight.dtype)
-        eager.load_state_dict(layer.reference_state_dict())
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, eager)
 
 
 def saved_activation_bytes(step_forward) -> int:

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import math
 import re
+from typing import Callable
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -98,11 +99,16 @@ def _fake_parameters(model: torch.nn.Module) -> None:
                                                     device="cpu")
 
 
-def step_memory(config: Config, stage: str, precision: str, batch: int) -> StepMemory:
+def step_memory(config: Config, stage: str, precision: str, batch: int,
+                swap_layers: Callable[[torch.nn.Module], None] | None = None) -> StepMemory:
+    """`swap_layers(model)`, if given, replaces layers of the (meta-device) model in place
+    before the count: how benchmarks/plan_eager.py counts the authors' eager MoR layers."""
     preset = resolve_preset(config)
     # Built on the meta device (timm reads values while it builds, which fakes cannot give).
     with torch.device("meta"):
         model = build_model(config, preset, stage, with_weights=False)
+        if swap_layers is not None:
+            swap_layers(model)
     with FakeTensorMode():
         _fake_parameters(model)
         return _count_step(model, config, preset, stage, precision, batch)
@@ -142,7 +148,8 @@ def _count_step(model, config: Config, preset, stage: str, precision: str,
                                  if isinstance(getattr(m, "blocks", None), torch.nn.Sequential)))
 
 
-def plan(config: Config, batch: int | None = None) -> list[StepMemory]:
+def plan(config: Config, batch: int | None = None, precisions=PRECISIONS,
+         swap_layers: Callable[[torch.nn.Module], None] | None = None) -> list[StepMemory]:
     """Every (stage kind, precision, checkpointing) of the run: the first single-modality stage
     (the others are the same size) and EI (late fusion has fewer parts)."""
     stages = [stage_names(config, resolve_preset(config))[0], "ei"]
@@ -152,8 +159,9 @@ def plan(config: Config, batch: int | None = None) -> list[StepMemory]:
         variant = dataclasses.replace(config, model=model)
         for stage in stages:
             optim = config.single if stage.startswith(SINGLE_PREFIX) else config.ei
-            for precision in PRECISIONS:
-                row = step_memory(variant, stage, precision, batch or optim.batch_size)
+            for precision in precisions:
+                row = step_memory(variant, stage, precision, batch or optim.batch_size,
+                                  swap_layers)
                 if checkpointing:
                     # The backward recomputes one block at a time: one block's share of the
                     # activations without checkpointing is live on top of what is saved.

@@ -14,11 +14,13 @@ from ei.train.models import build_model, build_task
 from micro_run import MICRO, write_micro_config
 
 
-def _real_saved_bytes(config, stage, precision, batch):
+def _real_saved_bytes(config, stage, precision, batch, swap_layers=None):
     """What a real forward on the CPU saves for backward (parameters excluded)."""
     preset = resolve_preset(config)
     torch.manual_seed(0)
     model = build_model(config, preset, stage, with_weights=False)
+    if swap_layers is not None:
+        swap_layers(model)
     task = build_task(config, preset, stage, best_modality=preset.modalities[0])
     size = config.image_size
     data = {m: torch.rand(batch, preset.images_per_modality, 3, size, size)
@@ -43,6 +45,18 @@ def test_fake_step_saves_what_a_real_step_saves(tmp_path, stage, precision, chec
                                                    with_weights=False).parameters()
                     if p.requires_grad)
     assert planned.optimizer == 8 * trainable  # fp32 gradient + momentum
+
+
+def test_the_authors_eager_layers_are_counted_as_a_real_step_keeps_them(tmp_path):
+    # benchmarks/plan_eager.py swaps in the eager baseline this way; it must count right too.
+    from benchmarks.eager_mor import to_eager
+
+    config = load_config(write_micro_config(tmp_path, tmp_path / "data"))
+    planned = step_memory(config, "ei", "fp32", batch=4, swap_layers=to_eager)
+    real = _real_saved_bytes(config, "ei", "fp32", batch=4, swap_layers=to_eager)
+    assert planned.activations == pytest.approx(real, rel=0.10), (planned.activations, real)
+    fused = step_memory(config, "ei", "fp32", batch=4)
+    assert planned.activations > fused.activations  # every branch's N x O output is kept
 
 
 def test_plan_rows_and_largest_batch(tmp_path):
