@@ -42,6 +42,7 @@ def test_a_protocol_sets_every_item_and_each_item_can_be_set_alone():
     (["protocol.name=authors"], "protocol.name: expected one of ['ours', 'paper']"),
     (["protocol.scoring=softmax"], "protocol.scoring: expected one of ['probabilities', 'logits']"),
     (["protocol.prior=fixed"], "loss.best_modality: protocol.prior 'fixed' needs the modality"),
+    (["loss.best_modality=locator"], "loss.best_modality: 'locator' is not used under protocol"),
 ])
 def test_bad_protocol_settings_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -115,7 +116,7 @@ def test_gate_target_cross_entropy_sends_samples_without_labels_to_modality_0():
 def test_prior_fixed_takes_the_config_and_train_map_the_best_single_model():
     results = {"single/locator": {"train_mAP": 0.4}, "single/appearance": {"train_mAP": 0.6}}
     fixed = load_config(None, ["protocol.prior=fixed", "loss.best_modality=locator"])
-    by_map = load_config(None, ["protocol.prior=train_map", "loss.best_modality=locator"])
+    by_map = load_config(None, ["protocol.prior=train_map"])
     assert loss_prior_modality(fixed, results) == "locator"
     assert loss_prior_modality(by_map, results) == "appearance"
 
@@ -216,7 +217,7 @@ def test_runs_saved_before_the_protocol_setting_keep_the_choices_they_were_train
     for best, prior in (("oct", "fixed"), (None, "train_map")):
         c = load_config(CONFIGS / "mmc_amd.yaml", ["data.root=/images",
                                                    f"loss.best_modality={best or 'null'}",
-                                                   "protocol.prior=train_map"])
+                                                   f"protocol.prior={prior}"])
         save_config(c, tmp_path / "config.yaml")
         old = yaml.safe_load((tmp_path / "config.yaml").read_text())
         del old["protocol"]

@@ -175,7 +175,7 @@ PROTOCOL_CHOICES = {
     # What AP/AUC rank: softmax (sigmoid for multi-label) probabilities, or raw logits.
     "scoring": ("probabilities", "logits"),
     # The loss prior's best modality: loss.best_modality as given ("fixed"), or the single
-    # model with the best training-set mAP ("train_map", which ignores loss.best_modality).
+    # model with the best training-set mAP ("train_map", with loss.best_modality null).
     "prior": ("fixed", "train_map"),
     # How L_ag ranks the modalities of a sample: by the task's own loss (BCE for multi-label
     # data), or by cross-entropy against the (multi-hot) target, under which a sample with no
@@ -272,6 +272,11 @@ class Config:
                f"{best!r} is not a modality of preset {self.data.preset!r}: {list(modalities)}")
         _check(best is not None or self.protocol.prior != "fixed", "loss.best_modality",
                f"protocol.prior 'fixed' needs the modality to lower, one of {list(modalities)}")
+        # Set but unused would be a silent surprise: say which of the two is meant.
+        _check(best is None or self.protocol.prior != "train_map", "loss.best_modality",
+               f"{best!r} is not used under protocol.prior 'train_map' (the prior goes to the "
+               f"best single model on the training set): set loss.best_modality=null, or "
+               f"protocol.prior=fixed to use it")
         _check(self.data.root is not None or self.data.preset == "synthetic", "data.root",
                f"preset {self.data.preset!r} needs the directory of its data")
         _check(self.model.synthetic_pretraining is None or (
