@@ -17,9 +17,10 @@ import torch
 BACKENDS = ("torch", "triton", "cuda")
 # Preference of "auto" on a CUDA device, fastest first (see BENCHMARKS.md for the figures).
 _CUDA_PREFERENCE = ("triton", "cuda", "torch")
-# The fused kernels need tensor-core MMA with bf16 (sm_80, Ampere, and newer). Compiled for
-# sm_75/sm_70 (T4, V100), Triton's dots fall back to CUDA cores and spill 2-75 KB of
-# registers (`scripts/tune_triton.py check`), and the CUDA extension is built for sm_80+.
+# "auto" uses the fused kernels from sm_80 (Ampere) on. On sm_75 (T4) Triton's dots run on
+# CUDA cores (its own small-tile table, `scripts/tune_triton.py check --arch sm75`) and the
+# CUDA extension's bf16 products take an FMA path: both run there when asked for by name, but
+# neither has been timed against the torch backend on such a GPU.
 _FUSED_MIN_CAPABILITY = (8, 0)
 
 

@@ -54,3 +54,15 @@ def test_padded_expand_is_a_zero_padded_aligned_copy():
     assert torch.equal(padded[:, :14], b) and not padded[:, 14:].any()
     aligned = torch.randn(5, 16)
     assert _padded_expand(aligned, 16) is aligned  # already the layout the kernels read
+
+
+def test_each_architecture_family_gets_its_own_launch_table():
+    from ei_kernels.ops.triton_configs import TABLES, arch_name, launch_config
+
+    assert [arch_name(c) for c in ((7, 5), (8, 0), (8, 6), (8, 9), (9, 0))] == [
+        "sm75", "sm80", "sm80", "sm80", "sm90"]
+    # Turing: FMA tiles (no tensor-core dots in Triton there), one stage (no async copies),
+    # and no TF32 entry (it does not exist before sm_80).
+    assert all(cfg.num_stages == 1 for cfg in TABLES["sm75"].values())
+    assert {dtype for _, dtype, _ in TABLES["sm75"]} == {"16", "fp32"}
+    assert launch_config("fwd", (7, 5), 12608, torch.float16, "ieee").block_k == 16

@@ -5,8 +5,8 @@ spills for one group and with at most a few hundred bytes for groups=3 (the back
 its group loop): `python scripts/tune_triton.py check` verifies this without a GPU. The
 timings behind the choices are not measured yet (`tune_triton.py tune` on a GPU does it).
 
-One table per architecture family (sm80 for Ampere/Ada and as the conservative default, sm90
-for Hopper), keyed by kernel, dtype class and shape class. Nothing is autotuned in the autograd
+One table per architecture family (sm75 for Turing, sm80 for Ampere/Ada and as the
+conservative default, sm90 for Hopper), keyed by kernel, dtype class and shape class. Nothing is autotuned in the autograd
 path: a new shape never triggers benchmarking, only (at most) one compilation.
 
 Block meanings per kernel (every kernel tiles tokens by `block_m`):
@@ -17,6 +17,7 @@ Block meanings per kernel (every kernel tiles tokens by `block_m`):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,15 @@ _SM80 = {
     **_IEEE32,
 }
 
+# sm75 (T4, 64 KiB shared memory): no tensor-core dots in Triton there and no asynchronous
+# copies, so every dtype runs the FMA tiles of IEEE fp32, unpipelined (one stage). A fallback
+# for `backend="triton"` asked for explicitly; `auto` picks the torch backend below sm_80.
+_SM75 = {
+    (kernel, dtype_class, shape_class): dataclasses.replace(cfg, num_stages=1)
+    for (kernel, _, shape_class), cfg in _IEEE32.items()
+    for dtype_class in ("16", "fp32")  # no TF32 before sm_80 (triton_mor._dot_precision)
+}
+
 # TRITON_INTERPRET=1 on CPU: the smallest tiles tl.dot accepts, so that the tiny test shapes
 # (K=40, O=24, N=33) cross several tiles and every masked edge is exercised.
 _INTERPRETER = {
@@ -87,12 +97,15 @@ _INTERPRETER = {
     "bwd": _C(16, 16, 16, 1, 1, group_m=2),
 }
 
-TABLES = {"sm80": _SM80, "sm90": _SM90}
+TABLES = {"sm75": _SM75, "sm80": _SM80, "sm90": _SM90}
 
 
 def arch_name(capability: tuple[int, int]) -> str:
-    """Table of a compute capability: Hopper gets sm90, everything else the conservative sm80."""
-    return "sm90" if capability[0] == 9 else "sm80"
+    """Table of a compute capability: Hopper gets sm90, Turing sm75, everything else the
+    conservative sm80."""
+    if capability[0] == 9:
+        return "sm90"
+    return "sm75" if capability < (8, 0) else "sm80"
 
 
 def launch_config(

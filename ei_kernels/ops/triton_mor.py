@@ -382,8 +382,10 @@ def _config(kernel: str, x: Tensor):
 
 
 def _dot_precision(x: Tensor) -> str:
-    # fp32 matmuls use TF32 only when PyTorch's own matmuls would; ignored for fp16/bf16.
-    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+    # fp32 matmuls use TF32 only when PyTorch's own matmuls would, and only where it exists
+    # (sm_80 on); ignored for fp16/bf16.
+    if (x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+            and cuda_capability(x.device) >= (8, 0)):
         return "tf32"
     return "ieee"
 
