@@ -6,8 +6,9 @@ its group loop): `python scripts/tune_triton.py check` verifies this without a G
 timings behind the choices are not measured yet (`tune_triton.py tune` on a GPU does it).
 
 One table per architecture family (sm75 for Turing, sm80 for Ampere/Ada and as the
-conservative default, sm90 for Hopper), keyed by kernel, dtype class and shape class. Nothing is autotuned in the autograd
-path: a new shape never triggers benchmarking, only (at most) one compilation.
+conservative default, sm90 for Hopper), keyed by kernel, dtype class and shape class. Nothing
+is autotuned in the autograd path: a new shape never triggers benchmarking, only (at most) one
+compilation.
 
 Block meanings per kernel (every kernel tiles tokens by `block_m`):
     fwd       block_n: output columns per tile (inside one group), block_k: step over K.
