@@ -30,12 +30,13 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_a_protocol_sets_every_item_and_each_item_can_be_set_alone():
     ours = load_config(None).protocol
-    assert (ours.scoring, ours.prior, ours.gate_target, ours.eval_pick) == (
-        "probabilities", "train_map", "task_loss", "first")
+    assert (ours.scoring, ours.prior, ours.gate_target, ours.eval_pick, ours.validation) == (
+        "probabilities", "train_map", "task_loss", "first", "epoch")
     paper = load_config(None, ["protocol.name=paper", "loss.best_modality=locator",
                                "protocol.scoring=probabilities"]).protocol
-    assert (paper.scoring, paper.prior, paper.gate_target, paper.eval_pick) == (
-        "probabilities", "fixed", "cross_entropy", "first_sorted")
+    assert (paper.scoring, paper.prior, paper.gate_target, paper.eval_pick,
+            paper.validation) == ("probabilities", "fixed", "cross_entropy", "first_sorted",
+                                  "eighth")
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -224,10 +225,60 @@ def test_runs_saved_before_the_protocol_setting_keep_the_choices_they_were_train
         old["data"]["eval_pick"] = "first_sorted"  # how runs of 2026-12-01 saved it
         (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
         p = from_dict(Config, read_run_config(tmp_path / "config.yaml")).protocol
-        assert (p.scoring, p.gate_target, p.eval_pick, p.prior) == (
-            "probabilities", "task_loss", "first_sorted", prior)
+        assert (p.scoring, p.gate_target, p.eval_pick, p.prior, p.validation) == (
+            "probabilities", "task_loss", "first_sorted", prior, "epoch")
 
 
 def test_the_old_eval_pick_key_says_where_it_went():
     with pytest.raises(ConfigError, match="data.eval_pick: now protocol.eval_pick"):
         load_config(None, ["data.eval_pick=first"])
+
+
+def test_the_papers_cadence_validates_every_eighth_of_an_epoch_and_before_the_first_step(
+        tmp_path):
+    from ei.data import ensure_synthetic_dataset
+    from micro_run import MICRO, write_micro_config
+
+    root = ensure_synthetic_dataset(tmp_path / "data", **MICRO["data"]["synthetic"])
+    # 24 training samples at batch 2: 12 iterations per epoch, so every 12 // 8 + 1 = 2.
+    config = write_micro_config(tmp_path, root, protocol={"validation": "eighth"},
+                                single={"epochs": 2, "batch_size": 2, "patience": 0},
+                                late_fusion=False)
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), str(config)]) == 0
+    records = [json.loads(line) for line in
+               (run / "single" / "locator" / "metrics.jsonl").read_text().splitlines()]
+    assert [[v["iteration"] for v in r["validations"]] for r in records] == [
+        [0, 2, 4, 6, 8, 10], [12, 14, 16, 18, 20, 22]]
+    vals = [v for r in records for v in r["validations"]]
+    result = json.loads((run / "single" / "locator" / "result.json").read_text())
+    best = max(vals, key=lambda v: v["mAP"])  # the first of equals, as the trainer keeps it
+    assert result["best_val_mAP"] == best["mAP"]
+    assert result["best_val_accuracy"] == best["accuracy"]
+    assert result["best_epoch"] == 1 + best["iteration"] // 12
+
+
+def test_patience_counts_validations_and_can_stop_within_an_epoch(tmp_path):
+    from ei.data import ensure_synthetic_dataset
+    from micro_run import MICRO, write_micro_config
+
+    root = ensure_synthetic_dataset(tmp_path / "data", **MICRO["data"]["synthetic"])
+    config = write_micro_config(tmp_path, root, protocol={"validation": "eighth"},
+                                single={"epochs": 3, "batch_size": 2, "patience": 2},
+                                late_fusion=False)
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), str(config)]) == 0
+    records = [json.loads(line) for line in
+               (run / "single" / "locator" / "metrics.jsonl").read_text().splitlines()]
+    vals = [v["mAP"] for r in records for v in r["validations"]]
+    result = json.loads((run / "single" / "locator" / "result.json").read_text())
+    # Recount by hand: the stage stops at the 2nd validation in a row without improvement.
+    best, bad, stop = -math.inf, 0, None
+    for i, v in enumerate(vals):
+        best, bad = (v, 0) if v > best else (best, bad + 1)
+        if bad >= 2:
+            stop = i
+            break
+    assert result["stopped_early"] == (stop is not None)
+    if stop is not None:
+        assert len(vals) == stop + 1  # nothing validated (or trained) after the stop

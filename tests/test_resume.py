@@ -49,9 +49,10 @@ def _finish(process: subprocess.Popen) -> str:
     return out
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+@pytest.mark.parametrize("validation", ["epoch", "eighth"])
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, validation):
     root = ensure_synthetic_dataset(tmp_path / "data", **MICRO["data"]["synthetic"])
-    config = write_micro_config(tmp_path, root, **EPOCHS)
+    config = write_micro_config(tmp_path, root, protocol={"validation": validation}, **EPOCHS)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     # The two runs go side by side: the uninterrupted one is the reference.
     reference = _train(str(config), "--run-dir", str(straight))

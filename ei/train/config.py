@@ -167,9 +167,9 @@ class LossConfig:
 # where it differs from ours. Each item can also be set on its own (protocol.scoring=...).
 PROTOCOLS = {
     "ours": {"scoring": "probabilities", "prior": "train_map", "gate_target": "task_loss",
-             "eval_pick": "first"},
+             "eval_pick": "first", "validation": "epoch"},
     "paper": {"scoring": "logits", "prior": "fixed", "gate_target": "cross_entropy",
-              "eval_pick": "first_sorted"},
+              "eval_pick": "first_sorted", "validation": "eighth"},
 }
 PROTOCOL_CHOICES = {
     # What AP/AUC rank: softmax (sigmoid for multi-label) probabilities, or raw logits.
@@ -184,6 +184,9 @@ PROTOCOL_CHOICES = {
     # Which image of a several-image modality (MMC-AMD's OCT B-scans) evaluation takes: the
     # first as listed, or the first after sorting the paths.
     "eval_pick": ("first", "first_sorted"),
+    # When to validate (and so when patience counts and best.pt can change): after every epoch,
+    # or every int(iterations per epoch / 8) + 1 iterations and before the first one.
+    "validation": ("epoch", "eighth"),
 }
 
 
@@ -196,6 +199,7 @@ class ProtocolConfig:
     prior: Optional[str] = None
     gate_target: Optional[str] = None
     eval_pick: Optional[str] = None
+    validation: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check(self.name in PROTOCOLS, "name",
@@ -439,8 +443,9 @@ def read_yaml(path: str | Path) -> dict:
 def read_run_config(path: str | Path) -> dict:
     """The config a run saved, in today's keys. Runs saved before `protocol` existed
     (2026-12-02) are read with the choices they were trained under: scoring on probabilities,
-    the gate by the task's loss, `data.eval_pick` as their protocol.eval_pick, and the prior
-    fixed when loss.best_modality was set (as the code then did), else by training mAP."""
+    the gate by the task's loss, validation after every epoch, `data.eval_pick` as their
+    protocol.eval_pick, and the prior fixed when loss.best_modality was set (as the code then
+    did), else by training mAP."""
     data = read_yaml(path)
     if "protocol" in data:
         return data

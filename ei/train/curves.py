@@ -14,12 +14,19 @@ def plot_curves(history: list[dict], path: str | Path, title: str) -> None:
     """Train loss, validation mAP / accuracy and the learning rate against the epoch."""
     if not history:
         return
+    nan = float("nan")
     epochs = [r["epoch"] for r in history]
+    # Validations within epochs (cadence "eighth") at their place in the epoch, else one per
+    # epoch at its end.
+    vals = [v for r in history for v in r.get("validations", [])] or [
+        {"at": r["epoch"], "mAP": r.get("val_mAP", nan), "accuracy": r.get("val_accuracy", nan)}
+        for r in history]
+    at = [v["at"] for v in vals]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(epochs, [r["train_loss"] for r in history], marker="o")
+    axes[0].plot(epochs, [r.get("train_loss", nan) for r in history], marker="o")
     axes[0].set_title("train loss")
-    axes[1].plot(epochs, [r["val_mAP"] for r in history], marker="o", label="val mAP")
-    axes[1].plot(epochs, [r["val_accuracy"] for r in history], marker="s", label="val accuracy")
+    axes[1].plot(at, [v["mAP"] for v in vals], marker="o", label="val mAP")
+    axes[1].plot(at, [v["accuracy"] for v in vals], marker="s", label="val accuracy")
     axes[1].set_ylim(0, 1)
     axes[1].legend()
     axes[1].set_title("validation")

@@ -1,11 +1,13 @@
-"""One stage's training: epochs of SGD, validation every epoch, best checkpoint by val mAP,
-early stopping, and a checkpoint at every epoch end that a killed run resumes from.
+"""One stage's training: epochs of SGD, validation every epoch (or, with the authors' cadence,
+every eighth of one), best checkpoint by val mAP, early stopping after `patience` validations
+without improvement, and a checkpoint at every epoch end that a killed run resumes from.
 
 Files in the stage directory (written by rank 0 only):
   last.pt        full training state at the end of the last finished epoch (resume point)
   best.pt        the model's state dict at its best validation mAP
-  metrics.jsonl  one record per epoch; rewritten from the checkpointed history, so a resumed
-                 run never has duplicate or orphaned lines
+  metrics.jsonl  one record per epoch (with the validations within it, if any); rewritten from
+                 the checkpointed history, so a resumed run never has duplicate or orphaned
+                 lines
   curves.png     training curves, drawn when the stage ends
 
 Why a resume ends exactly where an uninterrupted run would: the data order comes from
@@ -48,6 +50,9 @@ class StageSpec:
     precision: str  # resolved: fp32, bf16 or fp16
     progress: bool = True
     find_unused_parameters: bool = False
+    # "epoch": validate after every epoch; "eighth": every int(iterations per epoch / 8) + 1
+    # iterations and before the first (the authors' cadence; config protocol.validation).
+    validation: str = "epoch"
 
 
 def _metrics_summary(metrics: dict) -> dict:
@@ -81,9 +86,11 @@ class StageTrainer:
                                       total=optim.epochs * per_epoch)
         # fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none).
         self.scaler = torch.amp.GradScaler(world.device.type) if spec.precision == "fp16" else None
+        self.val_every = per_epoch // 8 + 1 if spec.validation == "eighth" else None
         self.epoch = 0  # epochs finished
         self.best = -math.inf
-        self.best_epoch = -1
+        self.best_epoch = -1  # the epoch of the best validation
+        self.best_accuracy = math.nan  # its validation accuracy
         self.bad_epochs = 0  # validations since the last improvement
         self.stopped = False
         self.history: list[dict] = []
@@ -108,6 +115,7 @@ class StageTrainer:
             "epoch": self.epoch,
             "best": self.best,
             "best_epoch": self.best_epoch,
+            "best_accuracy": self.best_accuracy,
             "bad_epochs": self.bad_epochs,
             "stopped": self.stopped,
             "history": json.dumps(self.history),
@@ -123,6 +131,9 @@ class StageTrainer:
         self.epoch, self.best = state["epoch"], state["best"]
         self.best_epoch, self.bad_epochs = state["best_epoch"], state["bad_epochs"]
         self.stopped, self.history = state["stopped"], json.loads(state["history"])
+        # Checkpoints from before best_accuracy was kept: the best epoch's record has it.
+        self.best_accuracy = state.get("best_accuracy", self.history[self.best_epoch - 1].get(
+            "val_accuracy", math.nan) if self.best_epoch > 0 else math.nan)
 
     def resume_if_possible(self) -> bool:
         """Load last.pt when the stage has one; every rank reads the same file."""
@@ -131,13 +142,11 @@ class StageTrainer:
         self.load_state_dict(checkpoint.load(self.last_path))
         return True
 
-    def _write_epoch_files(self, improved: bool) -> None:
+    def _write_epoch_files(self) -> None:
         if not self.spec.world.is_main:
             return
-        # best.pt first: if the run dies between the two writes, the resumed run redoes this
-        # epoch and writes the same best.pt again.
-        if improved:
-            checkpoint.atomic_save(self.model.state_dict(), self.best_path)
+        # best.pt is written when a validation improves, before this: if the run dies in
+        # between, the resumed run redoes the epoch and writes the same best.pt again.
         checkpoint.atomic_save(self.state_dict(), self.last_path)
         lines = "".join(json.dumps(record) + "\n" for record in self.history)
         checkpoint.atomic_write_text(lines, self.spec.directory / "metrics.jsonl")
@@ -149,7 +158,32 @@ class StageTrainer:
         return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not show,
                     dynamic_ncols=True)
 
+    def consider(self, val: dict) -> None:
+        """Count one validation: best checkpoint, patience, early stop."""
+        # nan (no positive in the split) never counts as an improvement, except that the
+        # first validation always gives a best.pt to evaluate.
+        improved = self.best_epoch < 0 or val["mAP"] > self.best
+        if improved:
+            self.best = val["mAP"] if not math.isnan(val["mAP"]) else -math.inf
+            self.best_epoch, self.best_accuracy = self.epoch + 1, val["accuracy"]
+            self.bad_epochs = 0
+            if self.spec.world.is_main:
+                checkpoint.atomic_save(self.model.state_dict(), self.best_path)
+        else:
+            self.bad_epochs += 1
+        patience = self.spec.optim.patience
+        self.stopped = patience > 0 and self.bad_epochs >= patience
+
+    def _validate_within(self) -> dict:
+        """A validation between training steps (cadence "eighth"): back to train mode after."""
+        val = _metrics_summary(self.validate())
+        self.consider(val)
+        self.net.train()
+        return val
+
     def train_epoch(self) -> dict:
+        """One epoch of steps (fewer when a validation within it stops the stage); with the
+        "eighth" cadence its record holds those validations."""
         spec, world, loader = self.spec, self.spec.world, self.train_loader
         loader.sampler.set_epoch(self.epoch)
         # Augmentation and random image choices are seeded by the dataset's epoch.
@@ -163,8 +197,16 @@ class StageTrainer:
         totals: dict[str, float] = {}
         seen, start = 0, time.perf_counter()
         desc = f"{spec.name} epoch {self.epoch + 1}/{spec.optim.epochs}"
+        validations = []
         with self._bar(len(loader.sampler), desc) as bar:
-            for batch in loader:
+            for step, batch in enumerate(loader):
+                iteration = self.epoch * len(loader) + step
+                if self.val_every is not None and iteration % self.val_every == 0:
+                    # "at": in epochs, as the curves' x axis (0 = before the first step).
+                    validations.append({"iteration": iteration, "at": iteration / len(loader),
+                                        **self._validate_within()})
+                    if self.stopped:
+                        break
                 batch = to_device(batch, world.device)
                 with autocast(world.device, spec.precision):
                     loss, terms = spec.task.loss(self.net, batch)
@@ -187,7 +229,12 @@ class StageTrainer:
         elapsed = time.perf_counter() - start
         # Loss means of this rank's shard; the shards are the same size, close enough for a log.
         record = {f"train_{k}": v / max(1, seen) for k, v in totals.items()}
-        record["samples_per_s"] = seen * world.size / elapsed
+        record["samples_per_s"] = seen * world.size / max(elapsed, 1e-9)
+        if self.val_every is not None:
+            record["validations"] = validations
+            if validations:  # the epoch's columns: its last validation
+                record.update({f"val_{k}": v for k, v in validations[-1].items()
+                               if k not in ("iteration", "at")})
         return record
 
     def validate(self) -> dict:
@@ -205,32 +252,26 @@ class StageTrainer:
         while self.epoch < spec.optim.epochs and not self.stopped:
             start = time.perf_counter()
             record = {"epoch": self.epoch + 1, "lr": self.scheduler.lr, **self.train_epoch()}
-            val = self.validate()
-            record.update({f"val_{k}": v for k, v in _metrics_summary(val).items()})
-            # nan (no positive in the split) never counts as an improvement, except that the
-            # first epoch always gives a best.pt to evaluate.
-            improved = self.best_epoch < 0 or val["mAP"] > self.best
-            if improved:
-                self.best = val["mAP"] if not math.isnan(val["mAP"]) else -math.inf
-                self.best_epoch, self.bad_epochs = self.epoch + 1, 0
-            else:
-                self.bad_epochs += 1
+            if self.val_every is None:
+                val = _metrics_summary(self.validate())
+                record.update({f"val_{k}": v for k, v in val.items()})
+                self.consider(val)
             self.epoch += 1
-            patience = spec.optim.patience
-            self.stopped = patience > 0 and self.bad_epochs >= patience
             record["seconds"] = time.perf_counter() - start
             self.history.append(record)
-            self._write_epoch_files(improved)
+            self._write_epoch_files()
             if spec.world.is_main and spec.progress:
                 tqdm.write(
                     f"{spec.name} epoch {self.epoch}/{spec.optim.epochs}: loss "
-                    f"{record['train_loss']:.4f}, val mAP {_fmt(val['mAP'])} acc "
-                    f"{_fmt(val['accuracy'])} (best {_fmt(self.best)} at epoch {self.best_epoch}), "
-                    f"{record['samples_per_s']:.0f} samples/s"
+                    f"{_fmt(record.get('train_loss', math.nan))}, val mAP "
+                    f"{_fmt(record.get('val_mAP', math.nan))} acc "
+                    f"{_fmt(record.get('val_accuracy', math.nan))} (best {_fmt(self.best)} at "
+                    f"epoch {self.best_epoch}), {record['samples_per_s']:.0f} samples/s"
                     + (", early stop" if self.stopped else "")
                 )
             barrier(spec.world)
         if spec.world.is_main:
             plot_curves(self.history, spec.directory / "curves.png", spec.name)
         return {"best_epoch": self.best_epoch, "best_val_mAP": self.best,
+                "best_val_accuracy": self.best_accuracy,
                 "epochs_run": self.epoch, "stopped_early": self.stopped}

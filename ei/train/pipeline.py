@@ -96,6 +96,7 @@ def run_stage(stage: str, config: Config, splits: Splits, run: RunDir, world: Wo
     spec = StageSpec(
         name=stage, directory=directory, task=task, optim=optim, world=world,
         precision=precision, progress=config.runtime.progress,
+        validation=config.protocol.validation,
         # Without L_aa the auxiliary classifiers get no gradient, which DDP must be told.
         find_unused_parameters=not stage.startswith(SINGLE_PREFIX) and not config.loss.use_aux,
     )
@@ -109,9 +110,7 @@ def run_stage(stage: str, config: Config, splits: Splits, run: RunDir, world: Wo
 
     model.load_state_dict(checkpoint.load(directory / "best.pt", "best checkpoint"))
     test = evaluate_model(trainer.net, task, splits, "test", config, world, precision)
-    val = trainer.history[summary["best_epoch"] - 1]
-    result = {"stage": stage, **summary, "best_val_accuracy": val["val_accuracy"],
-              "best_modality": best_modality, "test": test}
+    result = {"stage": stage, **summary, "best_modality": best_modality, "test": test}
     if stage.startswith(SINGLE_PREFIX):  # what the loss prior of stage two is chosen by
         train = evaluate_model(trainer.net, task, splits, "train", config, world, precision)
         result["train_mAP"] = train["mAP"]
