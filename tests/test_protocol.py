@@ -234,24 +234,29 @@ def test_the_old_eval_pick_key_says_where_it_went():
         load_config(None, ["data.eval_pick=first"])
 
 
-def test_the_papers_cadence_validates_every_eighth_of_an_epoch_and_before_the_first_step(
-        tmp_path):
+def _single_stage_with_the_papers_cadence(tmp_path, **single) -> tuple[list[dict], dict]:
+    """(metrics.jsonl records, result.json) of the first single-modality stage of a micro run
+    at batch 2: 24 training samples, so 12 iterations per epoch, a validation every
+    12 // 8 + 1 = 2."""
     from ei.data import ensure_synthetic_dataset
     from micro_run import MICRO, write_micro_config
 
     root = ensure_synthetic_dataset(tmp_path / "data", **MICRO["data"]["synthetic"])
-    # 24 training samples at batch 2: 12 iterations per epoch, so every 12 // 8 + 1 = 2.
     config = write_micro_config(tmp_path, root, protocol={"validation": "eighth"},
-                                single={"epochs": 2, "batch_size": 2, "patience": 0},
-                                late_fusion=False)
+                                single={"batch_size": 2, **single}, late_fusion=False)
     run = tmp_path / "run"
     assert main(["train", "--run-dir", str(run), str(config)]) == 0
-    records = [json.loads(line) for line in
-               (run / "single" / "locator" / "metrics.jsonl").read_text().splitlines()]
+    stage = run / "single" / "locator"
+    records = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    return records, json.loads((stage / "result.json").read_text())
+
+
+def test_the_papers_cadence_validates_every_eighth_of_an_epoch_and_before_the_first_step(
+        tmp_path):
+    records, result = _single_stage_with_the_papers_cadence(tmp_path, epochs=2, patience=0)
     assert [[v["iteration"] for v in r["validations"]] for r in records] == [
         [0, 2, 4, 6, 8, 10], [12, 14, 16, 18, 20, 22]]
     vals = [v for r in records for v in r["validations"]]
-    result = json.loads((run / "single" / "locator" / "result.json").read_text())
     best = max(vals, key=lambda v: v["mAP"])  # the first of equals, as the trainer keeps it
     assert result["best_val_mAP"] == best["mAP"]
     assert result["best_val_accuracy"] == best["accuracy"]
@@ -259,19 +264,8 @@ def test_the_papers_cadence_validates_every_eighth_of_an_epoch_and_before_the_fi
 
 
 def test_patience_counts_validations_and_can_stop_within_an_epoch(tmp_path):
-    from ei.data import ensure_synthetic_dataset
-    from micro_run import MICRO, write_micro_config
-
-    root = ensure_synthetic_dataset(tmp_path / "data", **MICRO["data"]["synthetic"])
-    config = write_micro_config(tmp_path, root, protocol={"validation": "eighth"},
-                                single={"epochs": 3, "batch_size": 2, "patience": 2},
-                                late_fusion=False)
-    run = tmp_path / "run"
-    assert main(["train", "--run-dir", str(run), str(config)]) == 0
-    records = [json.loads(line) for line in
-               (run / "single" / "locator" / "metrics.jsonl").read_text().splitlines()]
+    records, result = _single_stage_with_the_papers_cadence(tmp_path, epochs=3, patience=2)
     vals = [v["mAP"] for r in records for v in r["validations"]]
-    result = json.loads((run / "single" / "locator" / "result.json").read_text())
     # Recount by hand: the stage stops at the 2nd validation in a row without improvement.
     best, bad, stop = -math.inf, 0, None
     for i, v in enumerate(vals):
