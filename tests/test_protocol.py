@@ -35,8 +35,10 @@ def test_a_protocol_sets_every_item_and_each_item_can_be_set_alone():
     paper = load_config(None, ["protocol.name=paper", "loss.best_modality=locator",
                                "protocol.scoring=probabilities"]).protocol
     assert (paper.scoring, paper.prior, paper.gate_target, paper.eval_pick,
-            paper.validation) == ("probabilities", "fixed", "cross_entropy", "first_sorted",
-                                  "eighth")
+            paper.validation, paper.schedule, paper.transforms, paper.slice_augmentation,
+            paper.slice_sampling, paper.resampling) == (
+        "probabilities", "fixed", "cross_entropy", "first_sorted", "interval", "cyclic",
+        "authors", "per_slice", "rounded", "authors")
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -120,6 +122,180 @@ def test_prior_fixed_takes_the_config_and_train_map_the_best_single_model():
     by_map = load_config(None, ["protocol.prior=train_map"])
     assert loss_prior_modality(fixed, results) == "locator"
     assert loss_prior_modality(by_map, results) == "appearance"
+
+
+# -- the image pipeline, slices and position-embedding resize --------------------------------
+
+
+def _images(values) -> torch.Tensor:
+    """(1, 3, H, W) from nested [row][col] = (r, g, b) lists."""
+    return torch.tensor(values, dtype=torch.float32).permute(2, 0, 1).unsqueeze(0)
+
+
+def _still(**changes):
+    from ei.data.transforms import AuthorsAugmentation
+
+    fields = dict(degrees=0, crop=None, flip=False, contrast=1.0, brightness=1.0,
+                  saturation=1.0)
+    return AuthorsAugmentation(**{**fields, **changes})
+
+
+def test_authors_rotation_turns_clockwise_for_positive_degrees():
+    # OpenCV's getRotationMatrix2D(centre, -90) (what they call for 90) turns the picture
+    # clockwise: the top-middle pixel of a 3 x 3 image ends up in the middle of the right side.
+    from ei.data.transforms import AuthorsTrainTransform
+
+    image = torch.zeros(1, 3, 3, 3)
+    image[..., 0, 1] = 1.0
+    out = AuthorsTrainTransform(3).apply(image, _still(degrees=90))[0, 0]
+    assert out[1, 2] == pytest.approx(1.0, abs=1e-5)
+    assert out.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_authors_crop_takes_whole_pixels_off_each_side_before_the_resize():
+    from ei.data.transforms import AuthorsTrainTransform
+
+    image = torch.arange(16.0).reshape(1, 1, 4, 4).expand(1, 3, 4, 4) / 16
+    # top 0, bottom 2, left 1, right 1: rows 0-1, columns 1-2, already 2 x 2.
+    out = AuthorsTrainTransform(2).apply(image, _still(crop=(0, 2, 1, 1)))[0, 0] * 16
+    assert out.tolist() == [[1.0, 2.0], [5.0, 6.0]]
+
+
+def test_authors_colour_order_blends_with_luma_and_clips_once():
+    # Their code on 0-255 values, by hand: contrast (mean luma over the image), brightness,
+    # saturation (per-pixel luma), then one clip. The red of the top-left pixel leaves
+    # [0, 255] after brightness and comes back within it after saturation: a clip after every
+    # step would lose that.
+    from ei.data.transforms import AuthorsTrainTransform
+
+    pixels = np.array([[[240.0, 40.0, 40.0], [250.0, 240.0, 230.0]],
+                       [[10.0, 20.0, 30.0], [120.0, 130.0, 140.0]]])
+    c, b, s = 0.9, 1.25, 0.5
+    coef = np.array([0.299, 0.587, 0.114])
+    im = c * pixels + (1 - c) * (pixels * coef).sum(axis=2).mean()
+    im = b * im
+    assert im[0, 0, 0] > 255
+    im = s * im + (1 - s) * (im * coef).sum(axis=2, keepdims=True)
+    assert im[0, 0, 0] < 255
+    expected = np.clip(im, 0, 255) / 255
+    a = _still(contrast=c, brightness=b, saturation=s)
+    out = AuthorsTrainTransform(2).apply(_images(pixels / 255), a)[0].permute(1, 2, 0)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_authors_draws_are_whole_degrees_and_pixels_in_their_ranges():
+    from ei.data.transforms import AuthorsTrainTransform
+
+    t = AuthorsTrainTransform(8)
+    draws = [t.draw(50, 31, torch.Generator().manual_seed(i)) for i in range(400)]
+    degrees = [a.degrees for a in draws]
+    assert min(degrees) >= -180 and max(degrees) <= 179 and len(set(degrees)) > 200
+    crops = [a.crop for a in draws if a.crop is not None]
+    assert 150 < len(crops) < 250  # p = 0.5
+    tops, bottoms, lefts, rights = zip(*crops)
+    assert set(tops) | set(bottoms) == set(range(6))  # 0..int(0.1 * 50)
+    assert set(lefts) | set(rights) == set(range(4))  # 0..int(0.1 * 31)
+
+
+def test_authors_evaluation_resizes_without_antialiasing():
+    # A 4-pixel-period stripe pattern halved by plain bilinear sampling keeps full contrast
+    # at the sample points (each output pixel interpolates between two equal neighbours),
+    # where an antialiased resize averages it towards grey.
+    from ei.data.transforms import CLIP_MEAN, CLIP_STD, AuthorsEvalTransform, EvalTransform
+
+    stripes = torch.tensor([1.0, 1.0, 0.0, 0.0] * 4).expand(4, 16).expand(1, 3, 4, 16)
+    stripes = stripes.repeat(1, 1, 4, 1)  # 16 x 16
+    def unnormalise(x):
+        return x[0, 0] * CLIP_STD[0] + CLIP_MEAN[0]
+    plain = unnormalise(AuthorsEvalTransform(8)(stripes))
+    ours = unnormalise(EvalTransform(8)(stripes))
+    assert plain[0].tolist() == pytest.approx([1.0, 0.0] * 4, abs=1e-5)
+    assert ours[0].max() < 0.9
+
+
+@pytest.mark.parametrize("depth, expected", [
+    (45, [6, 16, 28, 38]),  # step 11: 5.5, 16.5, 27.5, 38.5; halves round to even
+    (13, [2, 4, 8, 10]),    # step 3: 1.5, 4.5, 7.5, 10.5
+    (9, [1, 3, 5, 7]),      # step 2: exact
+    (2, [0, 0, 1, 1]),      # step 1/4: 0.125, 0.375, 0.625, 0.875
+    (1, [0, 0, 0, 0]),
+], ids=["D45", "D13", "D9", "D2", "D1"])
+def test_the_authors_evaluation_slices(depth, expected):
+    from ei.data import slice_indices
+
+    assert slice_indices(depth, 4, rule="rounded") == expected
+
+
+def test_the_authors_training_slices_stay_within_half_a_step():
+    from ei.data import slice_indices
+
+    depth, step = 45, 11
+    seen = set()
+    for i in range(300):
+        chosen = slice_indices(depth, 4, torch.Generator().manual_seed(i), rule="rounded")
+        for k, index in enumerate(chosen):
+            assert k * step <= index <= (k + 1) * step
+            seen.add((k, index))
+    assert len(seen) == 4 * 12  # every index of every window, 0..11 + 11 k
+
+
+def _mrnet_like_item(tmp_path, per_slice: bool):
+    """The training item of a volume whose 20 slices are the same picture."""
+    from ei.data import MultimodalDataset, Preset
+
+    picture = np.random.default_rng(0).integers(0, 256, (24, 24), dtype=np.uint8)
+    root = tmp_path / "root"
+    root.mkdir(exist_ok=True)
+    np.save(root / "v.npy", np.repeat(picture[None], 20, axis=0))
+    (tmp_path / "anno.txt").write_text("v.npy\tabnormal\n")
+    preset = Preset("mri", ("axial",), ("abnormal", "acl"), 16, multi_label=True,
+                    images_per_modality=4, kinds=("volume",), transforms="authors",
+                    per_slice_augmentation=per_slice, slice_sampling="rounded")
+    return MultimodalDataset(tmp_path / "anno.txt", None, root, preset, train=True)[0]
+
+
+def test_per_slice_augmentation_gives_each_slice_its_own_parameters(tmp_path):
+    shared = _mrnet_like_item(tmp_path, per_slice=False)["axial"]
+    own = _mrnet_like_item(tmp_path, per_slice=True)["axial"]
+    assert all(torch.equal(shared[0], shared[k]) for k in range(1, 4))
+    assert not any(torch.allclose(own[j], own[k]) for j in range(4) for k in range(j + 1, 4))
+
+
+def test_resampling_authors_resizes_clip_plainly_and_dinov2_antialiased():
+    from ei.train.models import pos_embed_antialias
+
+    def antialias(backbone, resampling):
+        return pos_embed_antialias(load_config(None, [f"model.backbone={backbone}",
+                                                      f"protocol.resampling={resampling}"]))
+
+    assert antialias("clip", "antialiased") and antialias("dinov2", "antialiased")
+    assert not antialias("clip", "authors") and antialias("dinov2", "authors")
+
+
+def test_plain_position_embedding_resize_is_bicubic_without_antialiasing(tmp_path):
+    # A checkpoint of a 4 x 4 grid loaded into a 2 x 2 model: plain bicubic (align_corners
+    # False) at half size samples at source columns 0.5 and 2.5, where the a = -0.75 cubic
+    # kernel weighs the 4 nearest columns (-0.09375, 0.59375, 0.59375, -0.09375).
+    from ei.model.backbone import create_vit
+
+    big = create_vit("tiny", 32, embed_dim=8, depth=1, num_heads=2)  # 4 x 4
+    state = big.state_dict()
+    prefix = big.num_prefix_tokens if not big.no_embed_class else 0
+    grid = torch.zeros(1, 16, 8)
+    grid[0, :, 0] = torch.arange(4.0).repeat(4)  # channel 0 = column index
+    state["pos_embed"] = torch.cat([state["pos_embed"][:, :prefix], grid], dim=1)
+    torch.save(state, tmp_path / "w.pt")
+    plain = create_vit("tiny", 16, embed_dim=8, depth=1, num_heads=2,  # patch 8: 2 x 2
+                       checkpoint=tmp_path / "w.pt", antialias=False)
+    smooth = create_vit("tiny", 16, embed_dim=8, depth=1, num_heads=2,
+                        checkpoint=tmp_path / "w.pt")
+    w = torch.tensor([-0.09375, 0.59375, 0.59375, -0.09375])
+    # Column 0 reads source columns -1..2 (clamped to 0..2), column 1 columns 1..4 (1..3).
+    expected = [float(w @ torch.tensor([0.0, 0, 1, 2])),
+                float(w @ torch.tensor([1.0, 2, 3, 3]))]
+    got = plain.pos_embed[0, -4:, 0].reshape(2, 2)
+    assert got[0].tolist() == pytest.approx(expected, abs=1e-5)
+    assert not torch.allclose(smooth.pos_embed[0, -4:, 0], plain.pos_embed[0, -4:, 0])
 
 
 # -- every dataset config on the authors' layout ---------------------------------------------
@@ -236,14 +412,14 @@ def test_the_old_eval_pick_key_says_where_it_went():
 
 def _single_stage_with_the_papers_cadence(tmp_path, **single) -> tuple[list[dict], dict]:
     """(metrics.jsonl records, result.json) of the first single-modality stage of a micro run
-    at batch 2: 24 training samples, so 12 iterations per epoch, a validation every
-    12 // 8 + 1 = 2."""
+    at batch 3: 24 training samples, so 8 iterations per epoch and a validation every
+    int(24 / 3) + 1 = 9 iterations (the authors' interval: it drifts by one step per epoch)."""
     from ei.data import ensure_synthetic_dataset
     from micro_run import MICRO, write_micro_config
 
     root = ensure_synthetic_dataset(tmp_path / "data", **MICRO["data"]["synthetic"])
-    config = write_micro_config(tmp_path, root, protocol={"validation": "eighth"},
-                                single={"batch_size": 2, **single}, late_fusion=False)
+    config = write_micro_config(tmp_path, root, protocol={"validation": "interval"},
+                                single={"batch_size": 3, **single}, late_fusion=False)
     run = tmp_path / "run"
     assert main(["train", "--run-dir", str(run), str(config)]) == 0
     stage = run / "single" / "locator"
@@ -251,20 +427,19 @@ def _single_stage_with_the_papers_cadence(tmp_path, **single) -> tuple[list[dict
     return records, json.loads((stage / "result.json").read_text())
 
 
-def test_the_papers_cadence_validates_every_eighth_of_an_epoch_and_before_the_first_step(
-        tmp_path):
-    records, result = _single_stage_with_the_papers_cadence(tmp_path, epochs=2, patience=0)
+def test_the_papers_cadence_validates_every_samples_over_batch_plus_one_iterations(tmp_path):
+    records, result = _single_stage_with_the_papers_cadence(tmp_path, epochs=4, patience=0)
     assert [[v["iteration"] for v in r["validations"]] for r in records] == [
-        [0, 2, 4, 6, 8, 10], [12, 14, 16, 18, 20, 22]]
+        [0], [9], [18], [27]]
     vals = [v for r in records for v in r["validations"]]
     best = max(vals, key=lambda v: v["mAP"])  # the first of equals, as the trainer keeps it
     assert result["best_val_mAP"] == best["mAP"]
     assert result["best_val_accuracy"] == best["accuracy"]
-    assert result["best_epoch"] == 1 + best["iteration"] // 12
+    assert result["best_epoch"] == 1 + best["iteration"] // 8
 
 
 def test_patience_counts_validations_and_can_stop_within_an_epoch(tmp_path):
-    records, result = _single_stage_with_the_papers_cadence(tmp_path, epochs=3, patience=2)
+    records, result = _single_stage_with_the_papers_cadence(tmp_path, epochs=6, patience=2)
     vals = [v["mAP"] for r in records for v in r["validations"]]
     # Recount by hand: the stage stops at the 2nd validation in a row without improvement.
     best, bad, stop = -math.inf, 0, None

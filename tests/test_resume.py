@@ -49,7 +49,7 @@ def _finish(process: subprocess.Popen) -> str:
     return out
 
 
-@pytest.mark.parametrize("validation", ["epoch", "eighth"])
+@pytest.mark.parametrize("validation", ["epoch", "interval"])
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, validation):
     root = ensure_synthetic_dataset(tmp_path / "data", **MICRO["data"]["synthetic"])
     config = write_micro_config(tmp_path, root, protocol={"validation": validation}, **EPOCHS)

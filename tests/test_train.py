@@ -18,7 +18,7 @@ import torch
 from ei.data import ensure_synthetic_dataset
 from ei.train import checkpoint
 from ei.train.config import Config, ConfigError, load_config, save_config
-from ei.train.schedule import WarmupCosine, lr_at
+from ei.train.schedule import IterationSchedule, lr_at
 from micro_run import MICRO, write_micro_config
 
 
@@ -113,16 +113,60 @@ def test_schedule_warms_up_linearly_then_follows_the_cosine():
     assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
 
 
-def test_scheduler_state_resumes_the_same_curve():
+@pytest.mark.parametrize("half_cycle", [None, 4], ids=["warmup_cosine", "cyclic"])
+def test_scheduler_state_resumes_the_same_curve(half_cycle):
     p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=1.0)
-    s = WarmupCosine(opt, 0.1, 0.0, 3, 20)
+    opt = torch.optim.SGD([p], lr=1.0, momentum=0.5)
+    s = IterationSchedule(opt, 0.1, 0.0, warmup=3, total=20, half_cycle=half_cycle)
     for _ in range(7):
         s.step()
-    opt2 = torch.optim.SGD([p], lr=1.0)
-    s2 = WarmupCosine(opt2, 0.1, 0.0, 3, 20)
+    opt2 = torch.optim.SGD([p], lr=1.0, momentum=0.5)
+    s2 = IterationSchedule(opt2, 0.1, 0.0, warmup=3, total=20, half_cycle=half_cycle)
     s2.load_state_dict(s.state_dict())
-    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == lr_at(7, 0.1, 0.0, 3, 20)
+    assert opt2.param_groups[0] == {**opt.param_groups[0], "params": opt2.param_groups[0]["params"]}
+    if half_cycle is None:
+        assert opt.param_groups[0]["lr"] == lr_at(7, 0.1, 0.0, 3, 20)
+
+
+def test_cyclic_schedule_by_hand():
+    # Floor 1e-5, peak 1e-3, 4 iterations up and 4 down, peaks shrinking by 0.8 per cycle.
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0, momentum=0.95)
+    s = IterationSchedule(opt, 1e-3, 1e-5, half_cycle=4, decay=0.8)
+    lrs, momenta = [], []
+    for _ in range(17):
+        lrs.append(opt.param_groups[0]["lr"])
+        momenta.append(opt.param_groups[0]["momentum"])
+        s.step()
+    span = 1e-3 - 1e-5
+    assert lrs[0] == pytest.approx(1e-5) and momenta[0] == pytest.approx(0.9)
+    assert lrs[2] == pytest.approx(1e-5 + span / 2) and momenta[2] == pytest.approx(0.85)
+    assert lrs[4] == pytest.approx(1e-3) and momenta[4] == pytest.approx(0.8)
+    assert lrs[6] == pytest.approx(1e-5 + span / 2)
+    assert lrs[8] == pytest.approx(1e-5) and momenta[8] == pytest.approx(0.9)
+    assert lrs[12] == pytest.approx(1e-5 + 0.8 * span)  # the second peak
+    assert momenta[12] == pytest.approx(0.9 - 0.8 * 0.1)
+    assert lrs[16] == pytest.approx(1e-5)
+
+
+def test_cyclic_schedule_follows_torchs_cyclic_lr_as_the_authors_configure_it():
+    # Their setting: CyclicLR(base_lr=1e-5, max_lr=1e-3, step_size_up=4 * interval,
+    # scale_fn=lambda c: 0.8 ** (c - 1)) on SGD, momentum cycled by CyclicLR's defaults.
+    interval = 7
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    theirs = torch.optim.SGD(params, lr=1e-5, momentum=0.95)
+    reference = torch.optim.lr_scheduler.CyclicLR(
+        theirs, base_lr=1e-5, max_lr=1e-3, step_size_up=4 * interval,
+        scale_fn=lambda c: 0.8 ** (c - 1))
+    ours = torch.optim.SGD(params, lr=1.0, momentum=0.95)
+    s = IterationSchedule(ours, 1e-3, 1e-5, half_cycle=4 * interval, decay=0.8)
+    for _ in range(3 * 8 * interval + 5):
+        for key in ("lr", "momentum"):
+            assert ours.param_groups[0][key] == pytest.approx(theirs.param_groups[0][key],
+                                                              rel=1e-9, abs=1e-15)
+        theirs.step()
+        reference.step()
+        s.step()
 
 
 # -- checkpoints ---------------------------------------------------------------------------

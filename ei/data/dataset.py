@@ -32,17 +32,24 @@ from .transforms import build_transform
 _SELECT, _AUGMENT = 0, 1
 
 
-def slice_indices(depth: int, count: int, generator: torch.Generator | None = None) -> list[int]:
-    """Split the volume into ``count`` equal segments and take one slice from each.
+def slice_indices(depth: int, count: int, generator: torch.Generator | None = None,
+                  rule: str = "segments") -> list[int]:
+    """Indices of `count` slices spread over a volume of `depth` slices.
 
-    Evaluation takes each segment's centre; training (a generator given) a uniformly
-    random slice inside it. Works for depth < count too (slices then repeat).
+    "segments" (ours): split the volume into `count` equal segments and take one slice from
+    each, its centre in evaluation, a uniformly random one in training (a generator given).
+    "rounded" (the authors'): with step = (depth - 1) / count, slice k is
+    round(step / 2 + k * step), jittered in training by a uniform offset in [-step/2, step/2)
+    before rounding; halves round to even, as numpy's round. Both work for depth < count
+    (slices then repeat).
     """
-    if generator is None:
-        offsets = [0.5] * count
-    else:
-        offsets = torch.rand(count, generator=generator).tolist()
-    return [min(depth - 1, int((k + u) * depth / count)) for k, u in enumerate(offsets)]
+    u = [0.5] * count if generator is None else torch.rand(count, generator=generator).tolist()
+    if rule == "segments":
+        return [min(depth - 1, int((k + u_k) * depth / count)) for k, u_k in enumerate(u)]
+    if rule == "rounded":
+        step = (depth - 1) / count
+        return [round(step / 2 + k * step + (u_k - 0.5) * step) for k, u_k in enumerate(u)]
+    raise ValueError(f"rule: expected 'segments' or 'rounded', got {rule!r}")
 
 
 class MultimodalDataset(Dataset):
@@ -85,7 +92,8 @@ class MultimodalDataset(Dataset):
         self.train = train
         self.seed = seed
         self.epoch = 0
-        self.transform = build_transform(self.preset.image_size, train, self.preset.augment)
+        self.transform = build_transform(self.preset.image_size, train, self.preset.augment,
+                                         self.preset.transforms)
         self.samples = read_annotations(
             annotation_file, label_map, self.preset.modalities, self.preset.multi_label
         )
@@ -121,9 +129,17 @@ class MultimodalDataset(Dataset):
             hot[i, list(s.labels)] = 1.0
         return hot
 
-    def _generator(self, index: int, modality: int, stream: int) -> torch.Generator:
-        seq = np.random.SeedSequence([self.seed, self.epoch, index, modality, stream])
+    def _generator(self, index: int, modality: int, stream: int, *part: int) -> torch.Generator:
+        seq = np.random.SeedSequence([self.seed, self.epoch, index, modality, stream, *part])
         return torch.Generator().manual_seed(int(seq.generate_state(1, np.uint64)[0]))
+
+    def _augment_generator(self, index: int, m: int, slice_k: int | None):
+        """Augmentation randomness of modality m (of its slice `slice_k`, if given); None in
+        evaluation."""
+        if not self.train:
+            return None
+        extra = () if slice_k is None else (slice_k,)
+        return self._generator(index, m, _AUGMENT, *extra)
 
     def _images(self, sample: Sample, m: int, index: int) -> list[torch.Tensor]:
         """Raw images of modality m as tensors (n, 3, H, W) in [0, 1]; n sums to I."""
@@ -131,8 +147,11 @@ class MultimodalDataset(Dataset):
         select = self._generator(index, m, _SELECT) if self.train else None
         if kind == "volume":
             volume = open_volume(self.root / paths[0], sample.where)
-            chosen = slice_indices(volume.shape[0], self.preset.images_per_modality, select)
-            return [volume_slices(volume, chosen).unsqueeze(1).expand(-1, 3, -1, -1)]
+            chosen = slice_indices(volume.shape[0], self.preset.images_per_modality, select,
+                                   self.preset.slice_sampling)
+            slices = volume_slices(volume, chosen).unsqueeze(1).expand(-1, 3, -1, -1)
+            # One group per slice when each slice gets its own augmentation.
+            return list(slices.split(1)) if self.preset.per_slice_augmentation else [slices]
         if kind == "pick":
             if select is None and self.preset.pick_sorted:
                 paths = sorted(paths)
@@ -144,11 +163,13 @@ class MultimodalDataset(Dataset):
         sample = self.samples[index]
         item: dict[str, torch.Tensor | int] = {}
         for m, name in enumerate(self.preset.modalities):
-            # Images of one modality may differ in size, so each is transformed on its
-            # own, with identically seeded generators: they all get the same parameters.
+            # Images of one modality may differ in size, so each group is transformed on its
+            # own: with identically seeded generators (all get the same parameters), or with
+            # one generator per slice under per-slice augmentation.
+            per_slice = self.preset.per_slice_augmentation and self.preset.kinds[m] == "volume"
             item[name] = torch.cat([
-                self.transform(images, self._generator(index, m, _AUGMENT) if self.train else None)
-                for images in self._images(sample, m, index)
+                self.transform(images, self._augment_generator(index, m, k if per_slice else None))
+                for k, images in enumerate(self._images(sample, m, index))
             ])
         if self.preset.multi_label:
             label = torch.zeros(self.preset.num_classes)

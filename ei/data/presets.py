@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KINDS = ("image", "pick", "volume")
+SLICE_SAMPLING = ("segments", "rounded")
 # Keys that a dataset item uses besides the modality names.
 RESERVED = ("label", "index")
 
@@ -34,6 +35,12 @@ class Preset:
     # "pick" modalities in evaluation: the first image as listed, or (the authors' code) the
     # first after sorting the paths.
     pick_sorted: bool = False
+    # The protocol's image choices (ei.train.config PROTOCOL_CHOICES): the image pipeline
+    # ("ours" or "authors", ei.data.transforms), one set of augmentation parameters per volume
+    # or one per slice, and which slices ("segments" or "rounded", ei.data.dataset).
+    transforms: str = "ours"
+    per_slice_augmentation: bool = False
+    slice_sampling: str = "segments"
 
     def __post_init__(self) -> None:
         if self.kinds is None:
@@ -41,6 +48,9 @@ class Preset:
         if len(self.kinds) != len(self.modalities):
             raise ValueError(f"preset {self.name}: {len(self.kinds)} kinds for "
                              f"{len(self.modalities)} modalities")
+        if self.slice_sampling not in SLICE_SAMPLING:
+            raise ValueError(f"preset {self.name}: slice_sampling {self.slice_sampling!r} is not "
+                             f"one of {SLICE_SAMPLING}")
         for kind in self.kinds:
             if kind not in KINDS:
                 raise ValueError(f"preset {self.name}: unknown kind {kind!r}; use one of {KINDS}")

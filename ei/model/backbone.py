@@ -34,12 +34,15 @@ def padded_size(img_size, patch_size) -> tuple[int, int]:
 
 
 def create_vit(name: str, img_size=224, *, pretrained: bool = False,
-               checkpoint: str | Path | None = None, **timm_kwargs) -> VisionTransformer:
+               checkpoint: str | Path | None = None, antialias: bool = True,
+               **timm_kwargs) -> VisionTransformer:
     """A timm VisionTransformer without classifier (num_classes=0) for `img_size` images.
 
     `name`: an alias of ALIASES or any timm ViT name (with or without a pretrained tag).
     Random init by default; `pretrained=True` downloads timm's weights; `checkpoint` loads a
-    local file (see `load_vit_weights`). `timm_kwargs` override the architecture.
+    local file (see `load_vit_weights`). Pretrained position embeddings are resized to this
+    model's grid by bicubic interpolation, antialiased unless `antialias=False`. `timm_kwargs`
+    override the architecture.
     """
     if pretrained and checkpoint is not None:
         raise ValueError("pretrained/checkpoint: give one source of weights, not both")
@@ -54,25 +57,35 @@ def create_vit(name: str, img_size=224, *, pretrained: bool = False,
     # The patch size, known once built, decides the padded size; the downloaded weights are
     # resampled by timm to the grid of the model they are loaded into, so build that one.
     padded = padded_size(size, vit.patch_embed.patch_size)
-    if padded != size or pretrained:
+    if pretrained and not antialias:
+        # timm's own loading resamples with antialiasing: load the weights at their own grid,
+        # then resample them here.
+        native = timm.create_model(model_name, pretrained=True, **kwargs)
+        vit = timm.create_model(model_name, pretrained=False, img_size=padded, **kwargs)
+        _load_filtered(vit, native.state_dict(), antialias, f"timm's weights of {model_name}")
+    elif padded != size or pretrained:
         vit = timm.create_model(model_name, pretrained=pretrained, img_size=padded, **kwargs)
     if checkpoint is not None:
-        load_vit_weights(vit, checkpoint)
+        load_vit_weights(vit, checkpoint, antialias)
     return vit
 
 
-def load_vit_weights(vit: VisionTransformer, path: str | Path) -> None:
+def load_vit_weights(vit: VisionTransformer, path: str | Path, antialias: bool = True) -> None:
     """Load a timm-format state dict, or an original DINOv2 / OpenAI CLIP file, into `vit`
     (before MoR is injected). Original layouts go through the checkpoint filter of the model's
-    timm module, which also resamples the position embedding to this model's grid. A head in
-    the file is ignored when the model has none (CLIP's projection): the classifier is ours."""
-    state = read_state_dict(path)
+    timm module, which also resamples the position embedding to this model's grid (bicubic,
+    antialiased unless `antialias=False`). A head in the file is ignored when the model has
+    none (CLIP's projection): the classifier is ours."""
+    _load_filtered(vit, read_state_dict(path), antialias, f"checkpoint {path}")
+
+
+def _load_filtered(vit: VisionTransformer, state: dict, antialias: bool, where: str) -> None:
     filter_fn = getattr(sys.modules[type(vit).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
-        state = filter_fn(state, vit)
+        state = filter_fn(state, vit, antialias=antialias)
     if isinstance(vit.head, nn.Identity):
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    load_strict(vit, state, f"checkpoint {path}")
+    load_strict(vit, state, where)
 
 
 @torch.no_grad()
@@ -193,6 +206,8 @@ class BackboneConfig:
     mor: MoRConfig = field(default_factory=MoRConfig)
     # Recompute each block in backward instead of keeping its activations (less memory).
     grad_checkpointing: bool = False
+    # Pretrained position embeddings resized to this grid: antialiased bicubic, or plain.
+    pos_embed_antialias: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.mor, dict):
@@ -202,7 +217,8 @@ class BackboneConfig:
 def build_backbone(config: BackboneConfig) -> ViTBackbone:
     """Create the ViT, load its weights, inject MoR (freezing the rest) and wrap it."""
     vit = create_vit(config.name, config.img_size, pretrained=config.pretrained,
-                     checkpoint=config.checkpoint, **config.timm_kwargs)
+                     checkpoint=config.checkpoint, antialias=config.pos_embed_antialias,
+                     **config.timm_kwargs)
     apply_mor(vit, config.mor)
     vit.set_grad_checkpointing(config.grad_checkpointing)
     return ViTBackbone(vit, config.img_size)

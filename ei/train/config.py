@@ -167,9 +167,13 @@ class LossConfig:
 # where it differs from ours. Each item can also be set on its own (protocol.scoring=...).
 PROTOCOLS = {
     "ours": {"scoring": "probabilities", "prior": "train_map", "gate_target": "task_loss",
-             "eval_pick": "first", "validation": "epoch"},
+             "eval_pick": "first", "validation": "epoch", "schedule": "warmup_cosine",
+             "transforms": "ours", "slice_augmentation": "per_volume",
+             "slice_sampling": "segments", "resampling": "antialiased"},
     "paper": {"scoring": "logits", "prior": "fixed", "gate_target": "cross_entropy",
-              "eval_pick": "first_sorted", "validation": "eighth"},
+              "eval_pick": "first_sorted", "validation": "interval", "schedule": "cyclic",
+              "transforms": "authors", "slice_augmentation": "per_slice",
+              "slice_sampling": "rounded", "resampling": "authors"},
 }
 PROTOCOL_CHOICES = {
     # What AP/AUC rank: softmax (sigmoid for multi-label) probabilities, or raw logits.
@@ -185,9 +189,31 @@ PROTOCOL_CHOICES = {
     # first as listed, or the first after sorting the paths.
     "eval_pick": ("first", "first_sorted"),
     # When to validate (and so when patience counts and best.pt can change): after every epoch,
-    # or every int(iterations per epoch / 8) + 1 iterations and before the first one.
-    "validation": ("epoch", "eighth"),
+    # or every int(training samples / global batch) + 1 iterations (about one epoch and one
+    # step) and before the first iteration.
+    "validation": ("epoch", "interval"),
+    # The learning rate, per iteration: linear warm-up then cosine to min_lr over the epochs,
+    # or cyclic (ei.train.schedule.CyclicSchedule): triangles between min_lr and lr, each 8
+    # validation intervals long, peaks shrinking by 0.8 per cycle, momentum cycled 0.9-0.8.
+    # It also gives the epoch cap and floor where a stage sets none (SCHEDULE_DEFAULTS).
+    "schedule": ("warmup_cosine", "cyclic"),
+    # The image pipeline (ei.data.transforms): ours (crop, antialiased resize, rotate, flip,
+    # colour with clamping) or the authors' (whole-degree rotation, crop in whole pixels, flip,
+    # plain bilinear resize, contrast-brightness-saturation, one clip).
+    "transforms": ("ours", "authors"),
+    # Volume slices of one sample: one set of augmentation parameters, or each its own.
+    "slice_augmentation": ("per_volume", "per_slice"),
+    # Which slices of a depth-D volume: one from each of I equal segments (centres in
+    # evaluation), or round((k + 1/2) (D - 1) / I) (jittered by up to half a step in training).
+    "slice_sampling": ("segments", "rounded"),
+    # Position embeddings resized to another grid: antialiased bicubic (timm), or the authors'
+    # (DINOv2 antialiased bicubic, as its hub model; other backbones plain bicubic).
+    "resampling": ("antialiased", "authors"),
 }
+# Epoch cap and lr floor of a stage that sets none, per schedule: ours, and the authors'
+# (their loop stops after 200 epochs, their cyclic lr starts at 1e-5).
+SCHEDULE_DEFAULTS = {"warmup_cosine": {"epochs": 50, "min_lr": 1e-7},
+                     "cyclic": {"epochs": 200, "min_lr": 1e-5}}
 
 
 @dataclass
@@ -200,6 +226,11 @@ class ProtocolConfig:
     gate_target: Optional[str] = None
     eval_pick: Optional[str] = None
     validation: Optional[str] = None
+    schedule: Optional[str] = None
+    transforms: Optional[str] = None
+    slice_augmentation: Optional[str] = None
+    slice_sampling: Optional[str] = None
+    resampling: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check(self.name in PROTOCOLS, "name",
@@ -213,24 +244,28 @@ class ProtocolConfig:
 
 @dataclass
 class OptimConfig:
-    """One stage's optimisation: SGD with momentum, linear warm-up then cosine, per iteration."""
+    """One stage's optimisation: SGD with momentum, the lr of protocol.schedule per iteration.
+    `epochs` and `min_lr` left null take the schedule's SCHEDULE_DEFAULTS."""
 
-    epochs: int = 50
+    epochs: Optional[int] = None
     batch_size: int = 8  # per process
     eval_batch_size: Optional[int] = None  # None: batch_size
     lr: float = 1e-3
     momentum: float = 0.95
     weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    min_lr: float = 1e-7
+    warmup_epochs: float = 1.0  # warmup_cosine only
+    min_lr: Optional[float] = None
     patience: int = 10  # validations without improvement before stopping; 0: never stop early
 
     def __post_init__(self) -> None:
-        _check_counts(self, "epochs", "batch_size")
+        _check(self.epochs is None or self.epochs >= 1, "epochs",
+               f"must be >= 1, got {self.epochs}")
+        _check_counts(self, "batch_size")
         _check(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size",
                f"must be >= 1, got {self.eval_batch_size}")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        _check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        _check(self.min_lr is None or 0 <= self.min_lr <= self.lr, "min_lr",
+               f"must be in [0, lr={self.lr}], got {self.min_lr}")
         _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
@@ -270,6 +305,13 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
+        for stage in ("single", "ei"):
+            optim = getattr(self, stage)
+            for key, value in SCHEDULE_DEFAULTS[self.protocol.schedule].items():
+                if getattr(optim, key) is None:
+                    setattr(optim, key, value)
+            _check(optim.min_lr <= optim.lr, f"{stage}.min_lr", f"must be <= lr={optim.lr}, got "
+                   f"{optim.min_lr} (protocol.schedule {self.protocol.schedule!r})")
         modalities = get_preset(self.data.preset).modalities
         best = self.loss.best_modality
         _check(best is None or best in modalities, "loss.best_modality",
@@ -441,20 +483,22 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def read_run_config(path: str | Path) -> dict:
-    """The config a run saved, in today's keys. Runs saved before `protocol` existed
-    (2026-12-02) are read with the choices they were trained under: scoring on probabilities,
-    the gate by the task's loss, validation after every epoch, `data.eval_pick` as their
-    protocol.eval_pick, and the prior fixed when loss.best_modality was set (as the code then
-    did), else by training mAP."""
+    """The config a run saved, in today's keys. A protocol item the run's config lacks was not
+    a choice yet when it was saved, and the code then did what protocol "ours" does; runs saved
+    before `protocol` existed (2026-12-02) also had `data.eval_pick` (now protocol.eval_pick)
+    and the prior fixed when loss.best_modality was set, else by training mAP."""
     data = read_yaml(path)
     if "protocol" in data:
-        return data
-    section = dict(data.get("data") or {})
-    best = (data.get("loss") or {}).get("best_modality")
-    data = {**data, "data": section, "protocol": {
-        "name": "ours", "eval_pick": section.pop("eval_pick", "first"),
-        "prior": "fixed" if best is not None else "train_map"}}
-    return data
+        protocol = dict(data["protocol"] or {})
+    else:
+        section = dict(data.get("data") or {})
+        best = (data.get("loss") or {}).get("best_modality")
+        data = {**data, "data": section}
+        protocol = {"name": "ours", "eval_pick": section.pop("eval_pick", "first"),
+                    "prior": "fixed" if best is not None else "train_map"}
+    for item, value in PROTOCOLS["ours"].items():
+        protocol.setdefault(item, value)
+    return {**data, "protocol": protocol}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -16,7 +16,7 @@ def plot_curves(history: list[dict], path: str | Path, title: str) -> None:
         return
     nan = float("nan")
     epochs = [r["epoch"] for r in history]
-    # Validations within epochs (cadence "eighth") at their place in the epoch, else one per
+    # Validations within epochs (cadence "interval") at their place in the epoch, else one per
     # epoch at its end.
     vals = [v for r in history for v in r.get("validations", [])] or [
         {"at": r["epoch"], "mAP": r.get("val_mAP", nan), "accuracy": r.get("val_accuracy", nan)}

@@ -46,8 +46,11 @@ def is_deterministic(dataset: MultimodalDataset) -> bool:
 
 def resolve_preset(config: Config) -> Preset:
     preset = get_preset(config.data.preset)
-    return dataclasses.replace(preset, image_size=config.image_size,
-                               pick_sorted=config.protocol.eval_pick == "first_sorted")
+    protocol = config.protocol
+    return dataclasses.replace(
+        preset, image_size=config.image_size, pick_sorted=protocol.eval_pick == "first_sorted",
+        transforms=protocol.transforms, slice_sampling=protocol.slice_sampling,
+        per_slice_augmentation=protocol.slice_augmentation == "per_slice")
 
 
 def data_root(config: Config, world: World) -> Path:

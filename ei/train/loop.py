@@ -1,6 +1,7 @@
 """One stage's training: epochs of SGD, validation every epoch (or, with the authors' cadence,
-every eighth of one), best checkpoint by val mAP, early stopping after `patience` validations
-without improvement, and a checkpoint at every epoch end that a killed run resumes from.
+every int(samples / batch) + 1 iterations), best checkpoint by val mAP, early stopping after
+`patience` validations without improvement, and a checkpoint at every epoch end that a killed
+run resumes from.
 
 Files in the stage directory (written by rank 0 only):
   last.pt        full training state at the end of the last finished epoch (resume point)
@@ -34,7 +35,7 @@ from .config import OptimConfig
 from .curves import plot_curves
 from .distributed import World, barrier
 from .inference import autocast, loader_metrics
-from .schedule import WarmupCosine
+from .schedule import IterationSchedule
 from .tasks import to_device
 
 
@@ -50,9 +51,10 @@ class StageSpec:
     precision: str  # resolved: fp32, bf16 or fp16
     progress: bool = True
     find_unused_parameters: bool = False
-    # "epoch": validate after every epoch; "eighth": every int(iterations per epoch / 8) + 1
-    # iterations and before the first (the authors' cadence; config protocol.validation).
+    # "epoch": validate after every epoch; "interval": every int(training samples / global
+    # batch) + 1 iterations and before the first (the authors' cadence; protocol.validation).
     validation: str = "epoch"
+    schedule: str = "warmup_cosine"  # or "cyclic" (protocol.schedule, ei.train.schedule)
 
 
 def _metrics_summary(metrics: dict) -> dict:
@@ -81,12 +83,16 @@ class StageTrainer:
         self.optimizer = torch.optim.SGD(self.params, lr=optim.lr, momentum=optim.momentum,
                                          weight_decay=optim.weight_decay)
         per_epoch = len(train_loader)
-        self.scheduler = WarmupCosine(self.optimizer, optim.lr, optim.min_lr,
-                                      warmup=round(optim.warmup_epochs * per_epoch),
-                                      total=optim.epochs * per_epoch)
+        # The authors' validation interval: int(training samples / global batch) + 1 iterations.
+        interval = len(train_loader.dataset) // (optim.batch_size * world.size) + 1
+        self.val_every = interval if spec.validation == "interval" else None
+        # Their cyclic lr rises over 4 validation intervals and falls over 4.
+        self.scheduler = IterationSchedule(
+            self.optimizer, optim.lr, optim.min_lr, warmup=round(optim.warmup_epochs * per_epoch),
+            total=optim.epochs * per_epoch, half_cycle=4 * interval if spec.schedule == "cyclic"
+            else None)
         # fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none).
         self.scaler = torch.amp.GradScaler(world.device.type) if spec.precision == "fp16" else None
-        self.val_every = per_epoch // 8 + 1 if spec.validation == "eighth" else None
         self.epoch = 0  # epochs finished
         self.best = -math.inf
         self.best_epoch = -1  # the epoch of the best validation
@@ -175,7 +181,7 @@ class StageTrainer:
         self.stopped = patience > 0 and self.bad_epochs >= patience
 
     def _validate_within(self) -> dict:
-        """A validation between training steps (cadence "eighth"): back to train mode after."""
+        """A validation between training steps (cadence "interval"): back to train mode after."""
         val = _metrics_summary(self.validate())
         self.consider(val)
         self.net.train()
@@ -183,7 +189,7 @@ class StageTrainer:
 
     def train_epoch(self) -> dict:
         """One epoch of steps (fewer when a validation within it stops the stage); with the
-        "eighth" cadence its record holds those validations."""
+        "interval" cadence its record holds those validations."""
         spec, world, loader = self.spec, self.spec.world, self.train_loader
         loader.sampler.set_epoch(self.epoch)
         # Augmentation and random image choices are seeded by the dataset's epoch.

@@ -15,6 +15,7 @@ from torch import nn
 
 from ei.data import Preset
 from ei.model import BackboneConfig, EIConfig, EILossConfig, EIModel, SingleModalityModel
+from ei.model.aliases import ALIASES
 
 from .config import Config
 from .tasks import EITask, SingleTask
@@ -32,6 +33,13 @@ def stage_seed(seed: int, stage: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(stage.encode())) % 2**31
 
 
+def pos_embed_antialias(config: Config) -> bool:
+    """protocol.resampling: always antialiased, or the authors' way: DINOv2 antialiased (its
+    hub model interpolates so), any other backbone plain bicubic (their own resize)."""
+    timm_name = ALIASES.get(config.model.backbone, (config.model.backbone,))[0]
+    return config.protocol.resampling == "antialiased" or "dinov2" in timm_name
+
+
 def backbone_config(config: Config, with_weights: bool = True) -> BackboneConfig:
     """The backbone of every model of the run. Without weights: random init, for models whose
     weights come from a run's own checkpoint anyway."""
@@ -41,6 +49,7 @@ def backbone_config(config: Config, with_weights: bool = True) -> BackboneConfig
         pretrained=m.pretrained and with_weights,
         checkpoint=m.checkpoint if with_weights else None,
         timm_kwargs=dict(m.timm_kwargs), mor=m.mor, grad_checkpointing=m.grad_checkpointing,
+        pos_embed_antialias=pos_embed_antialias(config),
     )
 
 
