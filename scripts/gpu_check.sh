@@ -9,11 +9,12 @@
 #                          errors of ours and of PyTorch against fp64, and a verdict per case
 #   4. timings.jsonl       bf16 GEMM and copy ceilings; nn.Linear and each backend, fwd and
 #                          fwd+bwd, at the ViT-B layer shapes (CUDA events, medians)
-#   5. tests.xml           tests/gpu with per-test timeouts, in the time left
-#   6. summary.md          the short table, printed last (also gpu_check.log: everything)
+#   5. plan_memory.jsonl   `ei plan`'s peak memory against max_memory_allocated of real steps
+#   6. tests.xml           tests/gpu with per-test timeouts, in the time left
+#   7. summary.md          the short table, printed last (also gpu_check.log: everything)
 #
 # Usage: OUT=/some/dir bash scripts/gpu_check.sh [--dry]
-#   GPU_CHECK_BUDGET_S  overall budget in seconds (default 330: under 6 minutes in all)
+#   GPU_CHECK_BUDGET_S  overall budget in seconds (default 360: 6 minutes in all)
 #   GPU_CHECK_COMMIT    the commit to record when the tree has no .git
 #   --dry               the same stages on the CPU, tiny shapes, Triton under the interpreter,
 #                       no CUDA build (CI runs this so the script never rots; about 2 minutes)
@@ -30,7 +31,7 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 start=$(date +%s)
-budget=${GPU_CHECK_BUDGET_S:-330}
+budget=${GPU_CHECK_BUDGET_S:-360}
 stage() { echo "=== $1 ($(( $(date +%s) - start )) s)"; }
 left() { echo $(( budget - ($(date +%s) - start) )); }
 
@@ -112,7 +113,10 @@ fi
 stage "4. timings"
 stage_with_restarts 90 45 timings.jsonl $PY scripts/gpu_check/timings.py
 
-stage "5. tests/gpu"
+stage "5. ei plan against measured memory"
+stage_with_restarts 45 25 plan_memory.jsonl $PY scripts/gpu_check/plan_memory.py
+
+stage "6. tests/gpu"
 timeout_flag=()
 $PY -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout=60)
 within 400 20 $PY -m pytest tests/gpu -q -p no:cacheprovider "${timeout_flag[@]}" \
@@ -120,7 +124,7 @@ within 400 20 $PY -m pytest tests/gpu -q -p no:cacheprovider "${timeout_flag[@]}
 echo "gpu_check: tests/gpu rc=$?"
 kill "$build_pid" 2>/dev/null
 
-stage "6. summary"
+stage "7. summary"
 require=()
 (( DRY )) && require=(--require-complete)
 $PY scripts/gpu_check/summary.py "${require[@]}"

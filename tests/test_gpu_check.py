@@ -38,6 +38,12 @@ def test_summary_of_a_run_killed_half_way(tmp_path):
         {"stage": "layer", "case": "K768-O768-N12608", "provider": "fused-triton", "mode": "fwd",
          "median_ms": 0.06},
     ])
+    case = {"stage": "ei", "checkpointing": False, "precision": "bf16", "batch": 8,
+            "image_size": 448}
+    _lines(tmp_path / "plan_memory.jsonl", [
+        {**case, "started": True},
+        {**case, "planned_bytes": 12 * 2**30, "measured_bytes": 9 * 2**30},
+    ])
     result = _summary(tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr  # the hung case is a problem
     text = (tmp_path / "summary.md").read_text()
@@ -46,6 +52,8 @@ def test_summary_of_a_run_killed_half_way(tmp_path):
     assert "started vitb-qkv-groups3-bf16: hung or crashed" in text
     assert "ceiling gemm-8192: 785 TFLOP/s" in text
     assert "| K768-O768-N12608 | fwd | 0.050 | - | 0.060 | - | - | 1.20 | - |" in text
+    assert "| ei bf16 b8 448 px | 12.00 | 9.00 | 0.75 |" in text
+    assert "plan_memory incomplete" in text  # 1 of its 4 cases
     assert "no tests.xml" in text
 
 

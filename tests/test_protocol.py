@@ -298,6 +298,37 @@ def test_plain_position_embedding_resize_is_bicubic_without_antialiasing(tmp_pat
     assert not torch.allclose(smooth.pos_embed[0, -4:, 0], plain.pos_embed[0, -4:, 0])
 
 
+def test_downloaded_weights_are_resized_plainly_too(monkeypatch):
+    # timm's own pretrained loading resamples with antialiasing; with antialias=False the
+    # weights are loaded at their own grid and resized here. A stand-in for the download
+    # gives the weights a known position embedding.
+    import timm
+    import torch.nn.functional as tf
+
+    from ei.model.backbone import create_vit
+
+    real = timm.create_model
+    native_pos = {}
+
+    def fake_create(name, pretrained=False, **kwargs):
+        model = real(name, pretrained=False, **kwargs)
+        if pretrained:
+            with torch.no_grad():
+                model.pos_embed.normal_()
+            native_pos["value"] = model.pos_embed.detach().clone()
+        return model
+
+    monkeypatch.setattr(timm, "create_model", fake_create)
+    vit = create_vit("tiny", 16, pretrained=True, antialias=False, embed_dim=8, depth=1,
+                     num_heads=2)
+    native = native_pos["value"]  # (1, side * side, 8): DINOv2 keeps no prefix position
+    side = int(native.shape[1] ** 0.5)
+    grid = native.reshape(1, side, side, 8).permute(0, 3, 1, 2)
+    expected = tf.interpolate(grid, size=(2, 2), mode="bicubic", align_corners=False,
+                              antialias=False).permute(0, 2, 3, 1).reshape(1, 4, 8)
+    torch.testing.assert_close(vit.pos_embed.detach(), expected)
+
+
 # -- every dataset config on the authors' layout ---------------------------------------------
 
 

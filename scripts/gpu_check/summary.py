@@ -108,6 +108,27 @@ def _timings() -> tuple[list[str], list[str]]:
     return lines, ([] if complete else ["layer timings incomplete"])
 
 
+def _plan_memory() -> tuple[list[str], list[str]]:
+    """(lines, incomplete): ei plan's peaks next to the measured ones."""
+    records = [r for r in read_records("plan_memory.jsonl") if "started" not in r]
+    if not records:
+        return ["ei plan vs measured: no results"], ["no plan_memory results"]
+    lines = ["", "| ei plan case | planned GiB | measured GiB | measured / planned |",
+             "|---|---|---|---|"]
+    for r in records:
+        case = (f"{r['stage']} {r['precision']} b{r['batch']} {r['image_size']} px"
+                + (" checkpointing" if r["checkpointing"] else ""))
+        if "error" in r:
+            lines.append(f"| {case} | error: {r['error'][:120]} | | |")
+            continue
+        measured = r["measured_bytes"]
+        lines.append(f"| {case} | {r['planned_bytes'] / 2**30:.2f} | "
+                     + ("-" if measured is None else f"{measured / 2**30:.2f}") + " | "
+                     + ("-" if measured is None else f"{measured / r['planned_bytes']:.2f}")
+                     + " |")
+    return lines, ([] if len(records) == 4 else ["plan_memory incomplete"])
+
+
 def _tests() -> tuple[list[str], list[str], list[str]]:
     path = OUT / "tests.xml"
     if not path.is_file():
@@ -139,14 +160,16 @@ def main() -> int:
     build, build_bad = _build()
     corr, corr_bad, corr_incomplete = _correctness()
     timing, timing_incomplete = _timings()
+    memory, memory_incomplete = _plan_memory()
     tests, tests_bad, tests_incomplete = _tests()
     problems = build_bad + corr_bad + tests_bad
-    incomplete = facts_missing + corr_incomplete + timing_incomplete + tests_incomplete
+    incomplete = (facts_missing + corr_incomplete + timing_incomplete + memory_incomplete
+                  + tests_incomplete)
     verdict = "PROBLEMS: " + ", ".join(problems) if problems else "no failures"
     if incomplete:
         verdict += " | incomplete: " + ", ".join(incomplete)
-    text = "\n".join(["# gpu_check summary", "", *facts, *build, *corr, *timing, "", *tests, "",
-                      verdict]) + "\n"
+    text = "\n".join(["# gpu_check summary", "", *facts, *build, *corr, *timing, *memory, "",
+                      *tests, "", verdict]) + "\n"
     (OUT / "summary.md").write_text(text)
     print(text)
     return 1 if problems or (args.require_complete and incomplete) else 0
