@@ -42,8 +42,8 @@ SHAPES = {
 DTYPES = {"16": torch.bfloat16, "tf32": torch.float32, "fp32": torch.float32}
 # Compiled target -> (the table a GPU of it uses, its shared memory per block in KiB). The
 # sm80 table serves Ampere and Ada alike, so it must fit their 99 KiB as well as A100's 163.
-TARGETS = {"sm90": ("sm90", 227), "sm80": ("sm80", 163), "sm86": ("sm80", 99),
-           "sm89": ("sm80", 99), "sm75": ("sm75", 64)}
+TARGETS = {"sm90": ("sm90", 227), "sm80": ("sm80", 163), "sm86": ("sm86", 99),
+           "sm89": ("sm86", 99), "sm75": ("sm75", 64)}
 # Targets without asynchronous copies (before sm_80): their main loops cannot be pipelined, so
 # the check does not ask for it there.
 NO_ASYNC_COPY = {"sm75"}

@@ -60,7 +60,7 @@ def test_each_architecture_family_gets_its_own_launch_table():
     from ei_kernels.ops.triton_configs import TABLES, arch_name, launch_config
 
     assert [arch_name(c) for c in ((7, 5), (8, 0), (8, 6), (8, 9), (9, 0))] == [
-        "sm75", "sm80", "sm80", "sm80", "sm90"]
+        "sm75", "sm80", "sm86", "sm86", "sm90"]
     # Turing: FMA tiles (no tensor-core dots in Triton there), one stage (no async copies),
     # and no TF32 entry (it does not exist before sm_80).
     assert all(cfg.num_stages == 1 for cfg in TABLES["sm75"].values())
