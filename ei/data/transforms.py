@@ -12,6 +12,7 @@ depends on that generator's seed alone, not on worker count, order or the global
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torchvision.transforms.v2 import InterpolationMode
@@ -37,14 +38,17 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """Resize to size x size and normalise; deterministic."""
+    """Resize to size x size and normalise; deterministic. Bilinear with antialiasing, or
+    without (`antialias=False`, the authors' OpenCV resize)."""
 
     size: int
+    antialias: bool = True
 
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        return normalise(_resize(images, self.size))
+        resize = _resize if self.antialias else _plain_resize
+        return normalise(resize(images, self.size))
 
 
 @dataclass(frozen=True)
@@ -107,18 +111,6 @@ def _plain_resize(images: torch.Tensor, size: int) -> torch.Tensor:
 def _randint(generator: torch.Generator, low: int, high: int) -> int:
     """An integer in [low, high), as numpy's randint."""
     return int(torch.randint(low, high, (), generator=generator))
-
-
-@dataclass(frozen=True)
-class AuthorsEvalTransform:
-    """The authors' evaluation preprocessing: plain bilinear resize, clip, normalise."""
-
-    size: int
-
-    def __call__(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        return normalise(_plain_resize(images, self.size).clamp(0.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -188,7 +180,7 @@ class AuthorsTrainTransform:
 
 
 TRANSFORMS = {"ours": (TrainTransform, EvalTransform),
-              "authors": (AuthorsTrainTransform, AuthorsEvalTransform)}
+              "authors": (AuthorsTrainTransform, partial(EvalTransform, antialias=False))}
 
 
 def build_transform(size: int, train: bool, augment: bool = True, style: str = "ours"):

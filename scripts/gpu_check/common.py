@@ -12,7 +12,9 @@ import faulthandler
 import json
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 # The package from the checkout even if its pip install failed; tests/ for the reference.
@@ -84,6 +86,25 @@ class Watchdog:
     def __exit__(self, *exc):
         faulthandler.cancel_dump_traceback_later()
         return False
+
+
+def run_case(filename: str, base: dict, work: Callable[[], dict], seconds: float,
+             started: dict | None = None, failed: dict | None = None) -> tuple[dict, bool]:
+    """One case of a stage: `base` recorded as `started` ({"started": true} by default), then
+    `work()` under a watchdog of `seconds`, then `base` with its result (or with `failed` and
+    the error) and the seconds it took. Returns (result, whether the CUDA context is lost)."""
+    append(filename, {**base, **(started or {"started": True})})
+    t0 = time.perf_counter()
+    lost = False
+    try:
+        with Watchdog(seconds):
+            result = work()
+    except Exception as err:  # one broken case must not stop the others
+        result = {**(failed or {}), "error": short_error(err)}
+        lost = context_lost(err)
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    append(filename, {**base, **result})
+    return result, lost
 
 
 def synchronize() -> None:

@@ -24,8 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from common import (CONTEXT_LOST, DRY, Watchdog, append, context_lost, device, read_records,
-                    short_error, synchronize)
+from common import CONTEXT_LOST, DRY, device, read_records, run_case, synchronize
 
 import torch  # noqa: E402  (after common: it sets sys.path)
 
@@ -215,17 +214,9 @@ def main() -> int:
         run = case.for_dry_run() if DRY else case
         base = dict(stage="correctness", backend=args.backend, case=case.id, n=run.n, k=run.k,
                     o=run.o, dtype=run.dtype, cfg=run.cfg)
-        append(FILE, {**base, "verdict": "started"})
-        t0 = time.perf_counter()
-        lost = False
-        try:
-            with Watchdog(args.case_seconds):
-                result = check_case(args.backend, run)
-        except Exception as err:  # one broken case must not stop the others
-            result = dict(verdict="error", error=short_error(err))
-            lost = context_lost(err)
-        result["seconds"] = round(time.perf_counter() - t0, 3)
-        append(FILE, {**base, **result})
+        result, lost = run_case(FILE, base, lambda: check_case(args.backend, run),
+                                args.case_seconds, started={"verdict": "started"},
+                                failed={"verdict": "error"})
         print(f"{args.backend:6s} {case.id:34s} {result['verdict']:5s} {result['seconds']:7.1f} s"
               f"  {'; '.join(result.get('failed', [])) or result.get('error', '')}", flush=True)
         if lost:

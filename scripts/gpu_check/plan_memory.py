@@ -17,8 +17,7 @@ import argparse
 import dataclasses
 import sys
 
-from common import (CONTEXT_LOST, DRY, ROOT, Watchdog, append, context_lost, device,
-                    read_records, short_error, synchronize)
+from common import CONTEXT_LOST, DRY, ROOT, device, read_records, run_case, synchronize
 
 import torch  # noqa: E402
 
@@ -81,6 +80,13 @@ def measured_peak(config, stage: str) -> int:
     return peak
 
 
+def compare(config, stage: str) -> dict:
+    planned = step_memory(config, stage, PRECISION, BATCH)
+    return dict(planned_bytes=planned.peak, planned_activations_bytes=planned.activations,
+                planned_fixed_bytes=planned.fixed,
+                measured_bytes=None if DRY else measured_peak(config, stage))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case-seconds", type=float, default=60.0)
@@ -93,19 +99,8 @@ def main() -> int:
                 continue
             base = dict(stage=stage, checkpointing=checkpointing, precision=PRECISION,
                         batch=BATCH, image_size=config.image_size)
-            append(FILE, {**base, "started": True})
-            lost = False
-            try:
-                with Watchdog(args.case_seconds):
-                    planned = step_memory(config, stage, PRECISION, BATCH)
-                    result = dict(planned_bytes=planned.peak,
-                                  planned_activations_bytes=planned.activations,
-                                  planned_fixed_bytes=planned.fixed,
-                                  measured_bytes=None if DRY else measured_peak(config, stage))
-            except Exception as err:
-                result = dict(error=short_error(err))
-                lost = context_lost(err)
-            append(FILE, {**base, **result})
+            result, lost = run_case(FILE, base, lambda: compare(config, stage),
+                                    args.case_seconds)
             if "error" in result:
                 shown = result["error"]
             else:

@@ -17,8 +17,8 @@ import argparse
 import sys
 import time
 
-from common import (CONTEXT_LOST, DRY, Watchdog, append, context_lost, device, read_records,
-                    short_error, synchronize)
+from common import (CONTEXT_LOST, DRY, Watchdog, append, device, read_records, run_case,
+                    synchronize)
 
 import torch  # noqa: E402
 
@@ -115,15 +115,9 @@ def main() -> int:
                     append(FILE, {**base, "skipped": "no CUDA device" if DRY else
                                   "the CUDA extension is not loaded"})
                     continue
-                append(FILE, {**base, "started": True})
-                lost = False
-                try:
-                    with Watchdog(args.case_seconds):
-                        result = time_case(provider, k, o, groups, mode)
-                except Exception as err:
-                    result = dict(error=short_error(err))
-                    lost = context_lost(err)
-                append(FILE, {**base, **result})
+                result, lost = run_case(
+                    FILE, base, lambda: time_case(provider, k, o, groups, mode),
+                    args.case_seconds)
                 shown = (f"{result['median_ms']:9.3f} ms" if "median_ms" in result
                          else result["error"])
                 print(f"{case:24s} {provider:13s} {mode:8s} {shown}", flush=True)
