@@ -436,6 +436,29 @@ def test_runs_saved_before_the_protocol_setting_keep_the_choices_they_were_train
             "probabilities", "task_loss", "first_sorted", prior, "epoch")
 
 
+def test_protocol_items_a_saved_run_lacks_take_what_the_code_then_did(tmp_path):
+    # A paper-protocol run saved before schedule, transforms, ... were choices trained as
+    # "ours" does for them; its explicit epochs and min_lr stay.
+    import yaml
+
+    from ei.train.config import Config, from_dict, read_run_config, save_config
+
+    c = load_config(CONFIGS / "mrnet.yaml", ["data.root=/images", "protocol.validation=epoch",
+                                             "single.epochs=50", "single.min_lr=1e-7",
+                                             "ei.epochs=50", "ei.min_lr=1e-7"])
+    save_config(c, tmp_path / "config.yaml")
+    old = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    for item in ("schedule", "transforms", "slice_augmentation", "slice_sampling", "resampling"):
+        del old["protocol"][item]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    run = from_dict(Config, read_run_config(tmp_path / "config.yaml"))
+    p = run.protocol
+    assert (p.name, p.scoring, p.gate_target) == ("paper", "logits", "cross_entropy")
+    assert (p.schedule, p.transforms, p.slice_augmentation, p.slice_sampling, p.resampling) == (
+        "warmup_cosine", "ours", "per_volume", "segments", "antialiased")
+    assert (run.single.epochs, run.single.min_lr, run.ei.epochs) == (50, 1e-7, 50)
+
+
 def test_the_old_eval_pick_key_says_where_it_went():
     with pytest.raises(ConfigError, match="data.eval_pick: now protocol.eval_pick"):
         load_config(None, ["data.eval_pick=first"])
