@@ -193,8 +193,9 @@ PROTOCOL_CHOICES = {
     # step) and before the first iteration.
     "validation": ("epoch", "interval"),
     # The learning rate, per iteration: linear warm-up then cosine to min_lr over the epochs,
-    # or cyclic (ei.train.schedule.CyclicSchedule): triangles between min_lr and lr, each 8
-    # validation intervals long, peaks shrinking by 0.8 per cycle, momentum cycled 0.9-0.8.
+    # or cyclic (ei.train.schedule): triangles between min_lr and lr, each 8 of the authors'
+    # validation intervals long (whatever the cadence), peaks shrinking by 0.8 per cycle,
+    # momentum cycled 0.9-0.8.
     # It also gives the epoch cap and floor where a stage sets none (SCHEDULE_DEFAULTS).
     "schedule": ("warmup_cosine", "cyclic"),
     # The image pipeline (ei.data.transforms): ours (crop, antialiased resize, rotate, flip,
