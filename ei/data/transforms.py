@@ -52,7 +52,21 @@ class EvalTransform:
 
 
 @dataclass(frozen=True)
-class TrainTransform:
+class AugmentationRanges:
+    """The training augmentation's ranges (docs/EI_SPEC.md), shared by both pipelines: rotation
+    up to `rotation` degrees either way, a crop of up to crop_max of each side (p=crop_p), a
+    flip (p=flip_p), colour factors in `colour`."""
+
+    size: int
+    rotation: int = 180
+    crop_max: float = 0.1
+    crop_p: float = 0.5
+    flip_p: float = 0.5
+    colour: tuple[float, float] = (0.7, 1.3)
+
+
+@dataclass(frozen=True)
+class TrainTransform(AugmentationRanges):
     """Crop (p=crop_p, 0..crop_max of each side), resize, rotate, flip, colour, normalise.
 
     Cropping comes before resizing so it is relative to the original image; rotating
@@ -60,13 +74,6 @@ class TrainTransform:
     the corners with black. Colour factors apply in the fixed order brightness, contrast,
     saturation.
     """
-
-    size: int
-    rotation: float = 180.0
-    crop_max: float = 0.1
-    crop_p: float = 0.5
-    flip_p: float = 0.5
-    colour: tuple[float, float] = (0.7, 1.3)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         # Draw every parameter up front in a fixed order, whatever branches are taken,
@@ -126,20 +133,13 @@ class AuthorsAugmentation:
 
 
 @dataclass(frozen=True)
-class AuthorsTrainTransform:
+class AuthorsTrainTransform(AugmentationRanges):
     """The authors' augmentation, in their order and with their value types: rotation by a
     whole number of degrees in [-180, 180) about the pixel (W // 2, H // 2) with black corners,
     then (p=crop_p) a crop of 0..int(crop_max * side) whole pixels off each side, a flip, a
     plain bilinear resize, contrast, brightness and saturation factors (contrast blends with the
     image's mean luma, saturation with each pixel's), and a single clip to [0, 1] at the end.
     """
-
-    size: int
-    rotation: int = 180
-    crop_max: float = 0.1
-    crop_p: float = 0.5
-    flip_p: float = 0.5
-    colour: tuple[float, float] = (0.7, 1.3)
 
     def draw(self, height: int, width: int, generator: torch.Generator) -> AuthorsAugmentation:
         # In the authors' order; a crop's four sides only when it crops, as theirs.
