@@ -38,6 +38,7 @@ class Cost:
     flops: float = 0.0
     bytes: float = 0.0
     launches: int = 0
+    programs: int = 0  # of the main kernel (informational: the model ignores wave shapes)
 
     def __add__(self, other: "Cost") -> "Cost":
         return Cost(self.flops + other.flops, self.bytes + other.bytes,
@@ -59,41 +60,51 @@ def keeps_u(groups: int) -> bool:
     return groups * (R + L) <= SAVED_PER_TOKEN
 
 
+def _chunks(tiles: int, col_tiles: int) -> tuple[int, int]:
+    from ei_kernels.ops.triton_mor import _column_chunks
+
+    return _column_chunks(max(1, tiles), col_tiles)
+
+
 def triton_fwd(n, k, o, g) -> Cost:
     cfg = launch_config("fwd", HOPPER, n, torch.bfloat16, "ieee")
-    tiles = g * math.ceil(o / g / cfg.block_n)  # column tiles per row block
-    shrink = 2 * n * k * (PAD + PAD) * tiles  # every column tile redoes its group's shrink
+    chunks, _ = _chunks(math.ceil(o / g / cfg.block_n), cfg.col_tiles)  # per group, row block
+    shrink = 2 * n * k * (PAD + PAD) * g * chunks  # every chunk redoes its group's shrink
     expand = 2 * n * PAD * o
     stored = n * g * L * F32 + (n * g * R * F32 if keeps_u(g) else 0)  # p (and u)
-    traffic = ELEM * (n * k + o * k + g * (R + L) * k + o * PAD + n * o) + stored
-    return Cost(2 * n * k * o + shrink + expand, traffic, 2)  # and the padding of lora_b
+    traffic = ELEM * (n * k + o * k + g * (R + L) * k + o * R + n * o) + stored
+    programs = math.ceil(n / cfg.block_m) * g * chunks
+    return Cost(2 * n * k * o + shrink + expand, traffic, 1, programs)
 
 
 def triton_bwd(n, k, o, g) -> Cost:
     cfg = launch_config("bwd", HOPPER, n, torch.bfloat16, "ieee")
-    col_tiles = math.ceil(k / cfg.block_n)
+    chunks, per_chunk = _chunks(math.ceil(k / cfg.block_n), cfg.col_tiles)
     blocks = math.ceil(n / cfg.block_m)
     dgrad = 2 * n * o * k
-    g_redo = 2 * n * o * PAD * col_tiles  # g = dy B, once per column tile
-    u_redo = 0 if keeps_u(g) else 2 * n * k * PAD * g * col_tiles
+    g_redo = 2 * n * o * PAD * chunks  # g = dy B, once per chunk of dx column tiles
+    u_redo = 0 if keeps_u(g) else 2 * n * k * PAD * g * chunks
     db = 2 * n * o * PAD
     k_ext = 2 * n * k * (PAD + PAD) * g  # [du | dl] [A; R] into dx
     da_dr = 2 * n * k * (PAD + PAD) * g  # du^T x, dl^T x
-    read = ELEM * (n * o + n * k + o * k + o * PAD + g * (R + L) * k) + n * g * L * F32
+    read = ELEM * (n * o + n * k + o * k + o * R + g * (R + L) * k) + n * g * L * F32
     read += n * g * R * F32 if keeps_u(g) else 0
+    # du | dl per chunk, written for the chunk's later tiles and read back (counted as HBM
+    # traffic, though the same program reads it back soon after, mostly from L2).
+    scratch = 2 * chunks * n * g * (PAD + PAD) * ELEM if per_chunk > 1 else 0
     # Deterministic slots: one fp32 partial sum per row block, written by the kernel and read
     # back by the slot-sum kernel, which then writes the results.
     slots = blocks * (g * (R + L) * k + o * R + g * L) * F32
     results = ELEM * (g * (R + L) * k + o * R + g * L)
-    traffic = read + ELEM * n * k + 2 * slots + results
-    # the padding of lora_b, the kernel, the slot sum (which also casts)
-    return Cost(dgrad + g_redo + u_redo + db + k_ext + da_dr, traffic, 3)
+    traffic = read + ELEM * n * k + scratch + 2 * slots + results
+    # the kernel and the slot sum (which also casts)
+    return Cost(dgrad + g_redo + u_redo + db + k_ext + da_dr, traffic, 2, blocks * chunks)
 
 
 def table(n, peak, bandwidth, launch_us) -> str:
     rows = ["| shape | linear fwd us | triton fwd us | ratio | linear fwd+bwd us | "
             "triton fwd+bwd us | ratio | triton fwd+bwd: MMA work / linear's, HBM bytes / "
-            "linear's, launches |", "|---|---|---|---|---|---|---|---|"]
+            "linear's, launches | programs fwd, bwd |", "|---|---|---|---|---|---|---|---|---|"]
     for k, o, g in SHAPES:
         lf, lb = linear_fwd(n, k, o), linear_bwd(n, k, o)
         tf, tb = triton_fwd(n, k, o, g), triton_bwd(n, k, o, g)
@@ -103,7 +114,8 @@ def table(n, peak, bandwidth, launch_us) -> str:
         rows.append(
             f"| {name} | {t(lf):.1f} | {t(tf):.1f} | {t(tf) / t(lf):.2f} | {t(floor):.1f} | "
             f"{t(ours):.1f} | {t(ours) / t(floor):.2f} | {ours.flops / floor.flops:.2f}x, "
-            f"{ours.bytes / floor.bytes:.2f}x, {ours.launches} |")
+            f"{ours.bytes / floor.bytes:.2f}x, {ours.launches} | {tf.programs}, "
+            f"{tb.programs} |")
     return "\n".join(rows)
 
 

@@ -1,6 +1,7 @@
 """Offline checks and tuning of the Triton MoR launch tables (ei_kernels/ops/triton_configs.py).
 
     python scripts/tune_triton.py check [--arch sm90 sm80 sm86 sm89] [--ci]
+                                        [--kernel fwd|bwd] [--groups 1|3]
         No GPU needed: compiles every table entry for each target (sm_90a; sm_80, sm_86 and
         sm_89 with the sm80 table, each against its own shared memory) the way
         a real call specialises it (ViT-B shapes, unit strides, 16-byte alignment) and reports,
@@ -9,7 +10,8 @@
         registers and spills (ptxas). Fails on a compile error, a main loop that is not
         pipelined, spills over SPILL_LIMIT_BYTES or shared memory over the architecture's
         limit. --ci: only the bf16 ViT-B forward and backward on sm_90a (G = 1, large), and
-        any spill at all fails (about a minute on a 2-core CPU).
+        any spill at all fails (about a minute on a 2-core CPU). --kernel / --groups: only
+        those entries (a quick look at one kernel while changing it).
 
     python scripts/tune_triton.py tune [--out DIR]
         On a GPU: times candidate configs of every (kernel, dtype class, shape class) entry of
@@ -154,7 +156,8 @@ def _loop_regions(ttgir: str) -> list[tuple[str, str]]:
 
 
 def main_loop_report(ttgir: str) -> list[str]:
-    """One verdict per main loop (a loop that carries an fp32 MMA accumulator): "pipelined",
+    """One verdict per main loop (an innermost loop that carries an fp32 MMA accumulator):
+    "pipelined",
     or why not: a wait for every outstanding wgmma inside the loop (pendings = 0), or a 2-D
     operand loaded synchronously (tt.load) instead of by an asynchronous copy."""
     verdicts = []
@@ -162,6 +165,10 @@ def main_loop_report(ttgir: str) -> list[str]:
         results = header.split("->")[-1]
         if not re.search(r"xf32, #mma", results):
             continue  # no accumulator carried: not a main loop (e.g. the per-tile dB stores)
+        if "scf.for" in body:
+            # An outer loop (the backward's runtime group loop): Triton pipelines innermost
+            # loops, which are judged on their own; its own loads run once per inner loop.
+            continue
         reasons = []
         if re.search(r"warp_group_dot_wait .*\{pendings = 0 ", body):
             reasons.append("waits for all MMAs (pendings = 0)")
@@ -176,7 +183,7 @@ def main_loop_report(ttgir: str) -> list[str]:
 _FP32_BUFFERS = ("p_ptr", "u_ptr", "col_scale_ptr", "dar_ptr", "db_ptr", "dc_ptr")
 
 
-def check(archs, ci: bool = False) -> int:
+def check(archs, ci: bool = False, kernels_only=("fwd", "bwd"), groups_only=(1, 3)) -> int:
     os.environ.pop("TRITON_INTERPRET", None)
     from ei_kernels.ops import triton_configs, triton_mor as tm
 
@@ -188,9 +195,12 @@ def check(archs, ci: bool = False) -> int:
     for arch in ["sm90"] if ci else archs:
         table, smem_limit = TARGETS[arch]
         for (kernel, dtype_class, shape_class), cfg in triton_configs.TABLES[table].items():
-            if ci and (dtype_class, shape_class) != ("16", "large"):
+            if (ci and (dtype_class, shape_class) != ("16", "large")
+                    or kernel not in kernels_only):
                 continue
             for shape in SHAPES[shape_class][:1] if ci else SHAPES[shape_class]:
+                if shape[3] not in groups_only:
+                    continue
                 tm.launch_config = lambda *a, cfg=cfg: cfg
                 spec, tensors, probs, dy = _inputs(shape, torch.float32, "cpu")
                 _call(tm, kernel, spec, tensors, probs, dy)
@@ -219,8 +229,10 @@ def check(archs, ci: bool = False) -> int:
 
 # ---------------------------------------------------------------------------------- tune ----
 
+# (block_m, block_n, block_k, num_warps, num_stages[, col_tiles]): the 16-bit entries also try
+# chunks of 4 column tiles per program against one tile.
 CANDIDATES = {
-    "16": list(product((64, 128), (64, 128, 256), (32, 64), (4, 8), (3, 4))),
+    "16": list(product((64, 128), (64, 128, 256), (32, 64), (4, 8), (3, 4), (1, 4))),
     "tf32": list(product((64, 128), (64, 128), (32,), (4, 8), (3,))),
     "fp32": list(product((32, 64, 128), (32, 64), (16,), (4, 8), (3,))),
 }
@@ -249,8 +261,9 @@ def tune(out_dir) -> int:
         torch.backends.cuda.matmul.allow_tf32 = dtype_class == "tf32"
         spec, tensors, probs, dy = _inputs(SHAPES[shape_class][0], DTYPES[dtype_class], "cuda")
         results = []
-        for bm, bn, bk, warps, stages in CANDIDATES[dtype_class]:
-            cfg = triton_configs.KernelConfig(bm, bn, bk, warps, stages)
+        for bm, bn, bk, warps, stages, *chunk in CANDIDATES[dtype_class]:
+            cfg = triton_configs.KernelConfig(bm, bn, bk, warps, stages,
+                                              col_tiles=chunk[0] if chunk else 1)
             tm.launch_config = lambda *a, cfg=cfg: cfg
             try:
                 ms = _time_ms(lambda: _call(tm, kernel, spec, tensors, probs, dy))
@@ -262,7 +275,8 @@ def tune(out_dir) -> int:
         current_ms = _time_ms(lambda: _call(tm, kernel, spec, tensors, probs, dy))
         table[(kernel, dtype_class, shape_class)] = best
         print(f"    {(kernel, dtype_class, shape_class)!r}: _C({best.block_m}, {best.block_n}, "
-              f"{best.block_k}, {best.num_warps}, {best.num_stages}),  # {best_ms:.3f} ms, "
+              f"{best.block_k}, {best.num_warps}, {best.num_stages}, "
+              f"col_tiles={best.col_tiles}),  # {best_ms:.3f} ms, "
               f"table had {current_ms:.3f} ms", flush=True)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"triton_configs_{arch}.json")
@@ -280,11 +294,13 @@ def main() -> int:
     p_check.add_argument("--arch", nargs="+", default=list(CAPABILITY), choices=CAPABILITY)
     p_check.add_argument("--ci", action="store_true",
                          help="bf16 ViT-B forward and backward on sm_90a only; no spill allowed")
+    p_check.add_argument("--kernel", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
+    p_check.add_argument("--groups", nargs="+", type=int, default=[1, 3], choices=[1, 3])
     p_tune = sub.add_parser("tune", help="time candidate configs on this GPU")
     p_tune.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     if args.command == "check":
-        return check(args.arch, args.ci)
+        return check(args.arch, args.ci, args.kernel, args.groups)
     if not torch.cuda.is_available():
         print("tune needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -149,6 +149,40 @@ def test_more_output_tiles_than_dx_column_tiles(variant):
         _check(name, grads[name], grads_t[name], grads_x[name], torch.float32)
 
 
+@pytest.mark.parametrize("col_tiles", [1, 2, 3], ids=lambda c: f"col_tiles{c}")
+@pytest.mark.parametrize("variant", ["default", "groups3", "no-bypass"])
+def test_programs_that_compute_several_column_tiles(variant, col_tiles, monkeypatch):
+    """A program computes up to col_tiles column tiles of its row block in turn, reusing the
+    shrink (forward) and g, du, dl (backward). O=72, K=40 at 16-column tiles: 5 forward tiles
+    (3 per group for groups=3) and 3 dx tiles, so chunks of 2 and 3 leave a shorter last one."""
+    import dataclasses
+
+    from ei_kernels.ops import triton_configs
+
+    table = {name: dataclasses.replace(c, col_tiles=col_tiles)
+             for name, c in triton_configs._INTERPRETER.items()}
+    monkeypatch.setattr(triton_configs, "_INTERPRETER", table)
+    cfg = VARIANTS[variant]
+    inputs, dy = _make(33, cfg, torch.float32, o=72)
+    y, probs, grads = _run("triton", inputs, dy, cfg)
+    y_t, probs_t, grads_t = _run("torch", inputs, dy, cfg)
+    y_x, probs_x, grads_x = _run("torch", inputs, dy, cfg, dtype=torch.float64)
+    _check("y", y, y_t, y_x, torch.float32)
+    _check("probs", probs, probs_t, probs_x, torch.float32)
+    for name in grads:
+        _check(name, grads[name], grads_t[name], grads_x[name], torch.float32)
+    # Without dx the later tiles still add their dA and dR shares.
+    _, _, spec = _direct_inputs(cfg=cfg)
+    i = {name: v.detach() if v is not None else None for name, v in inputs.items()}
+    from ei_kernels.ops import triton_mor
+
+    _, p_ = triton_mor.forward(*i.values(), spec)
+    args = (dy, i["x"], p_, i["weight"], i["lora_a"], i["lora_b"], i["router_weight"], spec)
+    with_dx, without = triton_mor.backward(*args, True), triton_mor.backward(*args, False)
+    for a, b in zip(with_dx[1:], without[1:]):
+        assert torch.equal(a, b)
+
+
 def _direct_inputs(n=33, cfg=None, dtype=torch.float32):
     cfg = cfg or {}
     inputs, dy = _make(n, cfg, dtype, seed=1)

@@ -1,5 +1,5 @@
-"""scripts/tune_triton.py check: the verdict on a main loop read from compiled TTGIR, and the
-padded expand operand the kernels load asynchronously."""
+"""scripts/tune_triton.py check: the verdict on a main loop read from compiled TTGIR; the
+launch tables, and how the launchers split a row's column tiles into chunks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ei_kernels.ops.triton_mor import _padded_expand
+from ei_kernels.ops.triton_mor import _column_chunks
 
 _spec = importlib.util.spec_from_file_location(
     "tune_triton", Path(__file__).resolve().parents[1] / "scripts" / "tune_triton.py")
@@ -39,6 +39,16 @@ def test_a_pipelined_main_loop_passes_and_loops_without_accumulator_are_ignored(
     assert _report() == ["pipelined"]
 
 
+def test_an_outer_loop_around_a_main_loop_is_not_judged_itself():
+    inner = LOOP.split("    %n:2")[0].replace("{{", "{").replace("}}", "}").replace(
+        "{load}", "").replace("{pendings}", "1")
+    outer = ("    %g:2 = scf.for %i = %c0 to %c3 step %c1 iter_args(%o = %cst) -> "
+             "(tensor<128x128xf32, #mma>, i32) {\n"
+             "      %x_tile_9 = tt.load %p : tensor<128x128x!tt.ptr<bf16>, #blocked>\n"
+             + inner + "      scf.yield %o : tensor<128x128xf32, #mma>\n    }\n")
+    assert tune_triton.main_loop_report(outer) == ["pipelined"]
+
+
 def test_a_wait_for_all_mmas_or_a_synchronous_tile_load_is_reported():
     (verdict,) = _report(pendings=0)
     assert verdict.startswith("NOT pipelined") and "pendings = 0" in verdict
@@ -47,13 +57,15 @@ def test_a_wait_for_all_mmas_or_a_synchronous_tile_load_is_reported():
     assert "synchronous 2-D loads: b_7" in verdict
 
 
-def test_padded_expand_is_a_zero_padded_aligned_copy():
-    b = torch.randn(37, 14)
-    padded = _padded_expand(b, 16)
-    assert padded.shape == (37, 16) and padded.stride() == (16, 1)
-    assert torch.equal(padded[:, :14], b) and not padded[:, 14:].any()
-    aligned = torch.randn(5, 16)
-    assert _padded_expand(aligned, 16) is aligned  # already the layout the kernels read
+def test_column_tiles_are_spread_evenly_over_the_chunks():
+    # (tiles, col_tiles) -> (chunks, tiles per chunk): 6 tiles at 4 make 2 chunks of 3.
+    cases = {(6, 4): (2, 3), (24, 4): (6, 4), (5, 2): (3, 2), (1, 4): (1, 1), (7, 1): (7, 1),
+             (25, 4): (7, 4)}
+    for (tiles, col_tiles), expected in cases.items():
+        chunks, per_chunk = _column_chunks(tiles, col_tiles)
+        assert (chunks, per_chunk) == expected
+        assert per_chunk <= col_tiles and chunks * per_chunk >= tiles
+        assert (chunks - 1) * per_chunk < tiles  # no empty chunk
 
 
 def test_each_architecture_family_gets_its_own_launch_table():

@@ -1,33 +1,40 @@
 """The "triton" backend: fused MoR forward and backward kernels (docs/MOR_MATH.md), Liger style.
 
-Same contract as `torch_mor` (forward / backward). Two kernels:
+Same contract as `torch_mor` (forward / backward). Two kernels, each program computing a
+CHUNK: one block of BLOCK_M tokens and up to `col_tiles` consecutive BLOCK_N-column tiles of
+it (launch table; the launcher spreads a row's tiles evenly over its chunks). What every
+column tile of a row needs (the forward's shrink, the backward's g = dy B, du and dl) is done
+once per chunk instead of once per tile.
 
-`_mor_fwd_kernel` (one pass over x). A tile is BLOCK_M tokens x BLOCK_N output columns of
-    ONE group g (tiles never straddle groups: the grid is rows x groups x tiles per group, a
-    group's last tile is masked at its edge). Its K loop accumulates the base GEMM x W^T and the
-    shrink of group g, u = x A_g^T and l = x R_g^T (rank and router columns padded to 16 for
-    tl.dot), from the same x tile. Epilogue: fp32 softmax of l + c, p_k * s_k per rank column,
-    z = u * coef, the rank-r expand z B_g^T into the same accumulator, bias, one store of y.
-    The tile of a group's first columns also stores p. Every column tile recomputes the shrink
-    of its rows: 2 * BLOCK_M * K * (BLOCK_R + BLOCK_L) extra MMA work per tile (12.5 % of a
-    128 x 256 tile for r + L <= 32). The two-kernel form (a shrink kernel, then the GEMM with z
-    as a K-extension) would save that work but reads x once more from HBM, about a third of the
-    base GEMM's time at ViT-B widths where that GEMM is close to memory bound; it is not used.
-`_mor_bwd_kernel` (one pass over dy; W frozen, no dW). A tile is BLOCK_M tokens x BLOCK_N
-    columns of dx. Per group: u = x A_g^T as the forward stored it (fp32, when u and p fit the
-    op's 32 values per token: one group; this saves every column tile a shrink over all of K,
-    half the dgrad GEMM's MMA work for fc2 at K = 3072), else recomputed over all K (qkv; the x
-    rows are shared by the row block's column tiles, so they come mostly from L2), and
-    z = u * coef; then one loop over the group's dy columns accumulates both the dgrad GEMM
-    dy W and g = dy B_g from the same dy tile. Epilogue per group: du, the fp32 softmax
-    backward dl, the K-extension [du | dl] [A_g; R_g] of dx, and this tile's share of the
-    weight gradients from the x tile of the same (rows, columns): dA_g = du^T x, dR_g = dl^T x;
-    dB_g = dy^T z is split over the row block's column tiles (each takes every NUM_N_TILES-th
-    dy tile of the group, re-read from L2), dc is summed by the first column tile. Nothing of
-    size N x (r + L) goes through HBM. Each column tile redoes u and g, about
-    2 * 16 / BLOCK_N extra MMA work over the dgrad GEMM, instead of a separate pass that
-    would read x and dy again from HBM. Without dx (x needs no gradient) the dy W GEMM and the
-    K-extension are compiled out.
+`_mor_fwd_kernel` (one pass over x). Chunks never straddle groups (grid: rows x groups x
+    chunks per group; a group's last tile is masked at its edge). The first tile's K loop
+    accumulates the base GEMM x W^T and the shrink of group g, u = x A_g^T and l = x R_g^T
+    (rank and router columns padded to 16 for tl.dot), from the same x tiles; the chunk's
+    later tiles run the plain GEMM loop. Epilogue per tile: fp32 softmax of l + c (once),
+    p_k * s_k per rank column, z = u * coef, the rank-r expand z B_g^T into the accumulator,
+    bias, one store of y. The group's first chunk also stores p (and u, for the backward).
+    Cost over x W^T: the shrink, 2 * BLOCK_M * K * 32 per chunk, 8.3 % of the MMA work for a
+    chunk of 3 x 128 columns (ViT-B proj and qkv), 6.3 % for 4 x 128 (fc1), plus the expand,
+    16 / K. The two-kernel form (a shrink kernel, then the GEMM with z as a K-extension) does
+    each shrink once but reads x once more from HBM and adds a launch: at N = 12608 on an H200
+    that is 4.5-18 us of reads against the 0.8-3.9 us of shrink the chunks redo (ViT-B).
+`_mor_bwd_kernel` (one pass over dy; W frozen, no dW). Tiles are dx columns (over K). Per
+    group, in the chunk's first tile: u = x A_g^T as the forward stored it (fp32, when u and p
+    fit the op's 32 values per token: one group), else recomputed over all K (qkv; these x
+    rows are read by all chunks of the row block at about the same time, so mostly from L2);
+    z = u * coef; one loop over the group's dy columns accumulates both the dgrad GEMM dy W and
+    g = dy B_g from the same dy tiles; du = g * coef and the fp32 softmax backward dl, kept in
+    a small per-chunk scratch (N x 32 values per group, read back from L2) for the chunk's
+    later tiles. Per tile and group: the dgrad loop (later tiles: without g), the K-extension
+    [du | dl] [A_g; R_g] of dx, and the tile's share of dA_g = du^T x, dR_g = dl^T x from the
+    x tile of the same (rows, columns). dB_g = dy^T z is split over the row block's chunks
+    (each takes every NUM_CHUNKS-th dy tile of the group, re-read from L2), dc is summed by
+    the first chunk. Cost over dy W: g once per chunk (2 x 16 / K with two chunks at K = 768),
+    dB 16 / K, the K-extension and dA, dR 32 / O each. A row-block pre-pass that reads dy once
+    for g (and would leave dx a plain GEMM) costs 4.5-18 us of HBM reads at N = 12608 plus a
+    launch, more than the 0.4-2.4 us of g (and qkv's u) that chunks redo. Without dx (x needs
+    no gradient) the dy W GEMM and the K-extension are compiled out. `scripts/kernel_model.py`
+    prints what this plan implies at the ViT-B shapes (a model, BENCHMARKS.md).
 
 Variants are constexpr specialisations of the same two kernels, never copies: router on/off,
 router bias, base bias, groups (backward), rank r and router outputs L, dx on/off, atomics;
@@ -47,8 +54,10 @@ before launch, so a test sees any element a kernel forgot to write.
 Launch configs come from `triton_configs` (per-architecture tables, no autotuning); launches
 go on the current stream with no host synchronisation, so they are CUDA-graph capturable.
 x, dy and the weights may have any strides (the kernels take strides, no copies), except
-lora_b: the launchers pass it padded to 16 (or 32) zero-filled rank columns, a small copy that
-lets its tiles load asynchronously, so the loops that read it stay software-pipelined.
+lora_b, which the kernels index as contiguous [O, r] with the constexpr row stride r (a copy
+only if a caller passes a strided one): the compiler then knows its rows are 4-byte aligned,
+enough for asynchronous copies, so the dgrad loop that reads it stays software-pipelined
+without the padded copy (one more launch) that an unknown runtime stride needed.
 """
 
 from __future__ import annotations
@@ -104,46 +113,18 @@ def _mor_branch_coef(
 
 
 @triton.jit
-def _mor_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, rw_ptr, rb_ptr, b_ptr, col_logit_ptr, col_scale_ptr,
-    y_ptr, p_ptr, u_ptr,
-    N, K, OG, G, TILES_PER_GROUP,
+def _mor_fwd_k_loop(
+    acc, acc_u, acc_l,  # [BM, BN], [BM, BR], [BM, BL] fp32 accumulators
+    x_ptr, w_ptr, a_ptr, rw_ptr, rows64, row_ok, cols, col_ok, g, K,
     stride_xm, stride_xk, stride_wo, stride_wk, stride_am, stride_ak, stride_rm, stride_rk,
-    stride_bo, stride_ym, stride_yo, stride_pm, stride_pl, stride_um,
-    R: tl.constexpr, L: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ROUTER: tl.constexpr, HAS_ROUTER_BIAS: tl.constexpr,
-    STORE_U: tl.constexpr,
+    R: tl.constexpr, L: tl.constexpr, ROUTER: tl.constexpr, SHRINK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    # Grouped launch order: GROUP_M row blocks sweep all column tiles, so their x rows and the
-    # W tiles stay in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(N, BLOCK_M)
-    num_n = G * TILES_PER_GROUP
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    g = pid_n // TILES_PER_GROUP
-    tile = pid_n % TILES_PER_GROUP
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    rows64 = rows.to(tl.int64)  # N * stride can exceed 2**31
-    cols_g = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # column inside group g
-    col_ok = cols_g < OG
-    cols = g * OG + cols_g
+    """The base GEMM x W^T of one tile over all of K; with SHRINK also the shrink of group g,
+    u = x A_g^T and l = x R_g^T, from the same x tiles."""
     cr = tl.arange(0, BLOCK_R)
-    r_ok = cr < R
     cl = tl.arange(0, BLOCK_L)
-    l_ok = cl < L
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    acc_l = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
@@ -152,13 +133,85 @@ def _mor_fwd_kernel(
         w = tl.load(w_ptr + cols[None, :] * stride_wo + ks[:, None] * stride_wk,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BK, BN]
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
-        a = tl.load(a_ptr + (g * R + cr)[None, :] * stride_am + ks[:, None] * stride_ak,
-                    mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, BR]
-        acc_u = tl.dot(x, a, acc_u, input_precision=DOT_PRECISION)
-        if ROUTER:
-            rw = tl.load(rw_ptr + (g * L + cl)[None, :] * stride_rm + ks[:, None] * stride_rk,
-                         mask=k_ok[:, None] & l_ok[None, :], other=0.0)  # [BK, BL]
-            acc_l = tl.dot(x, rw, acc_l, input_precision=DOT_PRECISION)
+        if SHRINK:
+            a = tl.load(a_ptr + (g * R + cr)[None, :] * stride_am + ks[:, None] * stride_ak,
+                        mask=k_ok[:, None] & (cr < R)[None, :], other=0.0)  # [BK, BR]
+            acc_u = tl.dot(x, a, acc_u, input_precision=DOT_PRECISION)
+            if ROUTER:
+                rw = tl.load(rw_ptr + (g * L + cl)[None, :] * stride_rm
+                             + ks[:, None] * stride_rk,
+                             mask=k_ok[:, None] & (cl < L)[None, :], other=0.0)  # [BK, BL]
+                acc_l = tl.dot(x, rw, acc_l, input_precision=DOT_PRECISION)
+    return acc, acc_u, acc_l
+
+
+@triton.jit
+def _mor_fwd_store_tile(
+    acc,  # [BM, BN] fp32: x W^T of the tile
+    z,  # [BM, BR] in the input dtype: (x A_g^T) * coef of the tile's rows
+    b_ptr, bias_ptr, y_ptr, rows64, row_ok, cols, col_ok, stride_ym, stride_yo,
+    R: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Epilogue of one tile: the rank-r expand z B_g^T into the accumulator, bias, one store."""
+    cr = tl.arange(0, BLOCK_R)
+    # lora_b is contiguous [O, R] (the launcher sees to it): its row stride is the constexpr R.
+    # Loaded once per tile, outside the K loop, so its 4-byte alignment costs nothing there.
+    bt = tl.load(b_ptr + cols[None, :] * R + cr[:, None],
+                 mask=col_ok[None, :] & (cr < R)[:, None], other=0.0)  # [BR, BN]
+    acc = tl.dot(z, bt, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows64[:, None] * stride_ym + cols[None, :] * stride_yo,
+             acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _mor_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, a_ptr, rw_ptr, rb_ptr, b_ptr, col_logit_ptr, col_scale_ptr,
+    y_ptr, p_ptr, u_ptr,
+    N, K, OG, G, TILES_PER_GROUP, CHUNKS_PER_GROUP, COL_TILES,
+    stride_xm, stride_xk, stride_wo, stride_wk, stride_am, stride_ak, stride_rm, stride_rk,
+    stride_ym, stride_yo, stride_pm, stride_pl, stride_um,
+    R: tl.constexpr, L: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ROUTER: tl.constexpr, HAS_ROUTER_BIAS: tl.constexpr,
+    STORE_U: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row blocks sweep all column chunks together, so their x
+    # rows and the W tiles stay in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(N, BLOCK_M)
+    num_n = G * CHUNKS_PER_GROUP
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    g = pid_n // CHUNKS_PER_GROUP
+    first_tile = (pid_n % CHUNKS_PER_GROUP) * COL_TILES
+    end_tile = min(first_tile + COL_TILES, TILES_PER_GROUP)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)  # N * stride can exceed 2**31
+    cr = tl.arange(0, BLOCK_R)
+    r_ok = cr < R
+    cl = tl.arange(0, BLOCK_L)
+    l_ok = cl < L
+
+    # The chunk's first tile: base GEMM and the group's shrink from the same x tiles.
+    cols_g = first_tile * BLOCK_N + tl.arange(0, BLOCK_N)  # column inside group g
+    col_ok = cols_g < OG
+    acc, acc_u, acc_l = _mor_fwd_k_loop(
+        tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+        tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
+        tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32),
+        x_ptr, w_ptr, a_ptr, rw_ptr, rows64, row_ok, g * OG + cols_g, col_ok, g, K,
+        stride_xm, stride_xk, stride_wo, stride_wk, stride_am, stride_ak, stride_rm, stride_rk,
+        R, L, ROUTER, True, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_L)
 
     col_logit = tl.load(col_logit_ptr + cr, mask=r_ok, other=-1)  # [BR]
     col_scale = tl.load(col_scale_ptr + cr, mask=r_ok, other=0.0)  # [BR]
@@ -170,33 +223,114 @@ def _mor_fwd_kernel(
         logits = tl.where(l_ok[None, :], logits, float("-inf"))
         e = tl.exp(logits - tl.max(logits, axis=1)[:, None])  # [BM, BL], 0 in padded columns
         p = e / tl.sum(e, axis=1)[:, None]
-        # The group's first column tile owns the probabilities of these rows.
+        # The group's first chunk owns the probabilities of these rows.
         tl.store(p_ptr + rows64[:, None] * stride_pm + (g * L + cl)[None, :] * stride_pl, p,
-                 mask=row_ok[:, None] & l_ok[None, :] & (tile == 0))
+                 mask=row_ok[:, None] & l_ok[None, :] & (first_tile == 0))
     if STORE_U:  # kept for backward, which then skips its shrink over all of K
         tl.store(u_ptr + rows64[:, None] * stride_um + (g * R + cr)[None, :], acc_u,
-                 mask=row_ok[:, None] & r_ok[None, :] & (tile == 0))
+                 mask=row_ok[:, None] & r_ok[None, :] & (first_tile == 0))
     coef = _mor_branch_coef(p, col_logit, col_scale, L, ROUTER, BLOCK_M, BLOCK_R, BLOCK_L)
     z = (acc_u * coef).to(x_ptr.dtype.element_ty)  # [BM, BR], rounded like the torch backend
-    # lora_b comes padded to BLOCK_R zero-filled columns (`_padded_expand`): no rank mask.
-    bt = tl.load(b_ptr + cols[None, :] * stride_bo + cr[:, None],
-                 mask=col_ok[None, :], other=0.0)  # [BR, BN]
-    acc = tl.dot(z, bt, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows64[:, None] * stride_ym + cols[None, :] * stride_yo,
-             acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    _mor_fwd_store_tile(acc, z, b_ptr, bias_ptr, y_ptr, rows64, row_ok, g * OG + cols_g, col_ok,
+                        stride_ym, stride_yo, R, HAS_BIAS, DOT_PRECISION, BLOCK_R)
+
+    # The chunk's other tiles reuse z: the shrink is done once per chunk, not once per tile.
+    for tile in range(first_tile + 1, end_tile):
+        cols_g = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols_g < OG
+        acc, acc_u, acc_l = _mor_fwd_k_loop(
+            tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), acc_u, acc_l,
+            x_ptr, w_ptr, a_ptr, rw_ptr, rows64, row_ok, g * OG + cols_g, col_ok, g, K,
+            stride_xm, stride_xk, stride_wo, stride_wk, stride_am, stride_ak, stride_rm,
+            stride_rk, R, L, ROUTER, False, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_L)
+        _mor_fwd_store_tile(acc, z, b_ptr, bias_ptr, y_ptr, rows64, row_ok, g * OG + cols_g,
+                            col_ok, stride_ym, stride_yo, R, HAS_BIAS, DOT_PRECISION, BLOCK_R)
+
+
+@triton.jit
+def _mor_bwd_o_loop(
+    acc, acc_g,  # [BM, BN] fp32 dx tile, [BM, BR] fp32 g = dy B_grp
+    dy_ptr, w_ptr, b_ptr, rows64, row_ok, cols, col_ok, grp, OG, O_TILES,
+    stride_dym, stride_dyo, stride_wo, stride_wk,
+    R: tl.constexpr, WITH_G: tl.constexpr, COMPUTE_DX: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One loop over group grp's dy columns: the dgrad GEMM dy W of the tile and, WITH_G, the
+    thin product g = dy B_grp, both from the same dy tiles."""
+    cr = tl.arange(0, BLOCK_R)
+    for t in range(0, O_TILES):
+        o_loc = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        o_ok = o_loc < OG
+        os_ = grp * OG + o_loc
+        dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + os_[None, :] * stride_dyo,
+                     mask=row_ok[:, None] & o_ok[None, :], other=0.0)  # [BM, BK]
+        if WITH_G:
+            # lora_b contiguous [O, R]: the constexpr row stride R tells the compiler its rows
+            # are 4-byte aligned, enough for asynchronous copies, so the loop stays pipelined
+            # without a padded copy (a runtime stride of 14 made it wait for every MMA).
+            b = tl.load(b_ptr + os_[:, None] * R + cr[None, :],
+                        mask=o_ok[:, None] & (cr < R)[None, :], other=0.0)  # [BK, BR]
+            acc_g = tl.dot(dy, b, acc_g, input_precision=DOT_PRECISION)
+        if COMPUTE_DX:
+            w = tl.load(w_ptr + os_[:, None] * stride_wo + cols[None, :] * stride_wk,
+                        mask=o_ok[:, None] & col_ok[None, :], other=0.0)  # [BK, BN]
+            acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+    return acc, acc_g
+
+
+@triton.jit
+def _mor_bwd_lora_tile(
+    acc,  # [BM, BN] fp32 dx tile
+    du, dl_c,  # [BM, BR], [BM, BL] in the input dtype: group grp's du and dl of these rows
+    x_ptr, a_ptr, rw_ptr, dar_ptr, rows64, row_ok, cols, col_ok, grp, K, slot,
+    stride_xm, stride_xk, stride_am, stride_ak, stride_rm, stride_rk, stride_dar_slot,
+    G: tl.constexpr, R: tl.constexpr, L: tl.constexpr, ROUTER: tl.constexpr,
+    COMPUTE_DX: tl.constexpr, USE_ATOMICS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Group grp's share of one dx tile: the K-extension [du | dl] [A_grp; R_grp] into acc,
+    and this tile's partial sums dA_grp = du^T x, dR_grp = dl^T x into the row block's slot."""
+    cr = tl.arange(0, BLOCK_R)
+    r_ok = cr < R
+    cl = tl.arange(0, BLOCK_L)
+    l_ok = cl < L
+    x_tile = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk,
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [BM, BN]
+    if COMPUTE_DX:
+        a_cols = tl.load(a_ptr + (grp * R + cr)[:, None] * stride_am + cols[None, :] * stride_ak,
+                         mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # [BR, BN]
+        acc = tl.dot(du, a_cols, acc, input_precision=DOT_PRECISION)
+    da = tl.dot(tl.trans(du), x_tile, input_precision=DOT_PRECISION)  # [BR, BN] fp32
+    da_ptrs = dar_ptr + slot * stride_dar_slot + (grp * R + cr)[:, None] * K + cols[None, :]
+    if USE_ATOMICS:
+        tl.atomic_add(da_ptrs, da, mask=r_ok[:, None] & col_ok[None, :], sem="relaxed")
+    else:
+        tl.store(da_ptrs, da, mask=r_ok[:, None] & col_ok[None, :])
+    if ROUTER:
+        if COMPUTE_DX:
+            rw_cols = tl.load(rw_ptr + (grp * L + cl)[:, None] * stride_rm
+                              + cols[None, :] * stride_rk,
+                              mask=l_ok[:, None] & col_ok[None, :], other=0.0)  # [BL, BN]
+            acc = tl.dot(dl_c, rw_cols, acc, input_precision=DOT_PRECISION)
+        dr = tl.dot(tl.trans(dl_c), x_tile, input_precision=DOT_PRECISION)  # [BL, BN] fp32
+        dr_ptrs = (dar_ptr + slot * stride_dar_slot + (G * R + grp * L + cl)[:, None] * K
+                   + cols[None, :])
+        if USE_ATOMICS:
+            tl.atomic_add(dr_ptrs, dr, mask=l_ok[:, None] & col_ok[None, :], sem="relaxed")
+        else:
+            tl.store(dr_ptrs, dr, mask=l_ok[:, None] & col_ok[None, :])
+    return acc
 
 
 @triton.jit
 def _mor_bwd_kernel(
     x_ptr, dy_ptr, p_ptr, u_ptr, w_ptr, a_ptr, rw_ptr, b_ptr, col_logit_ptr, col_scale_ptr,
-    dx_ptr, dar_ptr, db_ptr, dc_ptr,
-    N, K, OG, NUM_N_TILES, O_TILES,
+    dx_ptr, dar_ptr, db_ptr, dc_ptr, grad_ptr,
+    N, K, OG, NUM_N_TILES, NUM_CHUNKS, COL_TILES, O_TILES,
     stride_xm, stride_xk, stride_dym, stride_dyo, stride_pm, stride_pl, stride_um,
     stride_wo, stride_wk,
-    stride_am, stride_ak, stride_rm, stride_rk, stride_bo, stride_dxm, stride_dxk,
-    stride_dar_slot, stride_db_slot, stride_dc_slot,
+    stride_am, stride_ak, stride_rm, stride_rk, stride_dxm, stride_dxk,
+    stride_dar_slot, stride_db_slot, stride_dc_slot, stride_grad_chunk,
     G: tl.constexpr, R: tl.constexpr, L: tl.constexpr, ROUTER: tl.constexpr,
     HAS_U: tl.constexpr, COMPUTE_DX: tl.constexpr,
     USE_ATOMICS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -205,16 +339,18 @@ def _mor_bwd_kernel(
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(N, BLOCK_M)
-    width = GROUP_M * NUM_N_TILES
+    width = GROUP_M * NUM_CHUNKS
     first_m = (pid // width) * GROUP_M
     size_m = min(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_n = (pid % width) // size_m  # the chunk of COL_TILES dx column tiles
+    first_tile = pid_n * COL_TILES
+    end_tile = min(first_tile + COL_TILES, NUM_N_TILES)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)  # N * stride can exceed 2**31
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # dx columns, i.e. over K
+    cols = first_tile * BLOCK_N + tl.arange(0, BLOCK_N)  # dx columns, i.e. over K
     col_ok = cols < K
     cr = tl.arange(0, BLOCK_R)
     r_ok = cr < R
@@ -225,7 +361,11 @@ def _mor_bwd_kernel(
     dtype = x_ptr.dtype.element_ty
     # This row block's fp32 slot of the reduction buffers (all slots alias one in atomic mode).
     slot = pid_m.to(tl.int64)
+    # The chunk's private rows of the du | dl scratch, for its later tiles.
+    grad_rows = pid_n.to(tl.int64) * stride_grad_chunk + rows64 * (G * (BLOCK_R + BLOCK_L))
+    keep = row_ok & (end_tile - first_tile > 1)
 
+    # The chunk's first tile: u, z, g = dy B, du, dl once for the chunk's rows, per group.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Unrolled (G is 1 or 3 in practice): a runtime loop carrying acc spills more registers.
     for grp in tl.static_range(G):
@@ -233,8 +373,8 @@ def _mor_bwd_kernel(
             acc_u = tl.load(u_ptr + rows64[:, None] * stride_um + (grp * R + cr)[None, :],
                             mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BR]
         else:
-            # u = x A_grp^T over all of K, recomputed; these x rows are read by all column
-            # tiles of the row block at about the same time, so mostly from L2.
+            # u = x A_grp^T over all of K, recomputed once per chunk; these x rows are read by
+            # all chunks of the row block at about the same time, so mostly from L2.
             acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
@@ -251,29 +391,16 @@ def _mor_bwd_kernel(
         coef = _mor_branch_coef(p, col_logit, col_scale, L, ROUTER, BLOCK_M, BLOCK_R, BLOCK_L)
         z = (acc_u * coef).to(dtype)  # the forward's z, for dB = dy^T z
 
-        # The group's dy columns: g = dy B_grp, and the dgrad GEMM dy W on the same tiles.
-        acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for t in range(0, O_TILES):
-            o_loc = t * BLOCK_K + tl.arange(0, BLOCK_K)
-            o_ok = o_loc < OG
-            os_ = grp * OG + o_loc
-            dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + os_[None, :] * stride_dyo,
-                         mask=row_ok[:, None] & o_ok[None, :], other=0.0)  # [BM, BK]
-            # Padded, 16-byte-aligned rows (`_padded_expand`): loaded asynchronously, so the
-            # loop stays pipelined (a synchronous load here made it wait for every MMA).
-            b = tl.load(b_ptr + os_[:, None] * stride_bo + cr[None, :],
-                        mask=o_ok[:, None], other=0.0)  # [BK, BR]
-            acc_g = tl.dot(dy, b, acc_g, input_precision=DOT_PRECISION)
-            if COMPUTE_DX:
-                w = tl.load(w_ptr + os_[:, None] * stride_wo + cols[None, :] * stride_wk,
-                            mask=o_ok[:, None] & col_ok[None, :], other=0.0)  # [BK, BN]
-                acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+        acc, acc_g = _mor_bwd_o_loop(
+            acc, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), dy_ptr, w_ptr, b_ptr, rows64,
+            row_ok, cols, col_ok, grp, OG, O_TILES, stride_dym, stride_dyo, stride_wo,
+            stride_wk, R, True, COMPUTE_DX, DOT_PRECISION, BLOCK_K, BLOCK_R)
 
-        # dB_grp = dy^T z: every column tile of the row block takes every NUM_N_TILES-th dy
-        # tile of the group (re-read from L2), so this block's share is computed exactly once
-        # and the main loop above stays free of conditionals.
-        first = (pid_n + NUM_N_TILES - (grp * O_TILES) % NUM_N_TILES) % NUM_N_TILES
-        for t in range(first, O_TILES, NUM_N_TILES):
+        # dB_grp = dy^T z: every chunk of the row block takes every NUM_CHUNKS-th dy tile of
+        # the group (re-read from L2), so this block's share is computed exactly once and the
+        # main loop above stays free of conditionals.
+        first = (pid_n + NUM_CHUNKS - (grp * O_TILES) % NUM_CHUNKS) % NUM_CHUNKS
+        for t in range(first, O_TILES, NUM_CHUNKS):
             o_loc = t * BLOCK_K + tl.arange(0, BLOCK_K)
             o_ok = o_loc < OG
             os_ = grp * OG + o_loc
@@ -286,23 +413,9 @@ def _mor_bwd_kernel(
             else:
                 tl.store(db_ptrs, db, mask=o_ok[:, None] & r_ok[None, :])
 
-        # du, and the dx K-extension and dA_grp share of this tile: rounded to the input dtype
-        # first, as the torch backend does.
-        x_tile = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk,
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [BM, BN]
+        # du and dl, rounded to the input dtype first, as the torch backend does.
         du = (acc_g * coef).to(dtype)  # [BM, BR]
-        if COMPUTE_DX:
-            a_cols = tl.load(a_ptr + (grp * R + cr)[:, None] * stride_am
-                             + cols[None, :] * stride_ak,
-                             mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # [BR, BN]
-            acc = tl.dot(du, a_cols, acc, input_precision=DOT_PRECISION)
-        da = tl.dot(tl.trans(du), x_tile, input_precision=DOT_PRECISION)  # [BR, BN] fp32
-        da_ptrs = dar_ptr + slot * stride_dar_slot + (grp * R + cr)[:, None] * K + cols[None, :]
-        if USE_ATOMICS:
-            tl.atomic_add(da_ptrs, da, mask=r_ok[:, None] & col_ok[None, :], sem="relaxed")
-        else:
-            tl.store(da_ptrs, da, mask=r_ok[:, None] & col_ok[None, :])
-
+        dl_c = tl.zeros((BLOCK_M, BLOCK_L), dtype=dtype)
         if ROUTER:
             # dp_k = s_k * sum_{j in branch k} g_j u_j (dp of the bypass stays 0), then the
             # softmax backward dl = p * (dp - sum_i p_i dp_i), all in fp32.
@@ -312,29 +425,55 @@ def _mor_bwd_kernel(
                 dp_c = tl.sum(tl.where(col_logit[None, :] == c, gu, 0.0), axis=1)  # [BM]
                 dp = tl.where(cl[None, :] == c, dp_c[:, None], dp)
             dl = p * (dp - tl.sum(p * dp, axis=1)[:, None])  # [BM, BL] fp32
-            # dc: the row block's sum, stored by its first column tile only.
+            # dc: the row block's sum, stored by its first chunk only.
             dc_ptrs = dc_ptr + slot * stride_dc_slot + grp * L + cl
             if USE_ATOMICS:
                 tl.atomic_add(dc_ptrs, tl.sum(dl, axis=0), mask=l_ok & (pid_n == 0), sem="relaxed")
             else:
                 tl.store(dc_ptrs, tl.sum(dl, axis=0), mask=l_ok & (pid_n == 0))
             dl_c = dl.to(dtype)
-            if COMPUTE_DX:
-                rw_cols = tl.load(rw_ptr + (grp * L + cl)[:, None] * stride_rm
-                                  + cols[None, :] * stride_rk,
-                                  mask=l_ok[:, None] & col_ok[None, :], other=0.0)  # [BL, BN]
-                acc = tl.dot(dl_c, rw_cols, acc, input_precision=DOT_PRECISION)
-            dr = tl.dot(tl.trans(dl_c), x_tile, input_precision=DOT_PRECISION)  # [BL, BN]
-            dr_ptrs = (dar_ptr + slot * stride_dar_slot + (G * R + grp * L + cl)[:, None] * K
-                       + cols[None, :])
-            if USE_ATOMICS:
-                tl.atomic_add(dr_ptrs, dr, mask=l_ok[:, None] & col_ok[None, :], sem="relaxed")
-            else:
-                tl.store(dr_ptrs, dr, mask=l_ok[:, None] & col_ok[None, :])
-
+        # Kept for the chunk's later tiles (nothing is written for a one-tile chunk).
+        grad_off = grp * (BLOCK_R + BLOCK_L)
+        tl.store(grad_ptr + grad_rows[:, None] + grad_off + cr[None, :], du, mask=keep[:, None])
+        tl.store(grad_ptr + grad_rows[:, None] + grad_off + BLOCK_R + cl[None, :], dl_c,
+                 mask=keep[:, None])
+        acc = _mor_bwd_lora_tile(
+            acc, du, dl_c, x_ptr, a_ptr, rw_ptr, dar_ptr, rows64, row_ok, cols, col_ok, grp, K,
+            slot, stride_xm, stride_xk, stride_am, stride_ak, stride_rm, stride_rk,
+            stride_dar_slot, G, R, L, ROUTER, COMPUTE_DX, USE_ATOMICS, DOT_PRECISION,
+            BLOCK_R, BLOCK_L)
     if COMPUTE_DX:
         tl.store(dx_ptr + rows64[:, None] * stride_dxm + cols[None, :] * stride_dxk,
                  acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+    # The chunk's other tiles: the dgrad GEMM and the LoRA share, with du and dl read back
+    # from the chunk's scratch rows (L2) instead of a second g = dy B over all of O.
+    for tile in range(first_tile + 1, end_tile):
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < K
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for grp_ in range(G):  # a runtime loop: unrolled next to the first tile's, G = 3 spills
+            # The LoRA share first: its x tile and du, dl are dead before the dgrad loop
+            # (the other order keeps them live across it and spills on sm_90a).
+            grad_off = grp_ * (BLOCK_R + BLOCK_L)
+            du = tl.load(grad_ptr + grad_rows[:, None] + grad_off + cr[None, :],
+                         mask=row_ok[:, None], other=0.0)  # [BM, BR]
+            dl_c = tl.load(grad_ptr + grad_rows[:, None] + grad_off + BLOCK_R + cl[None, :],
+                           mask=row_ok[:, None], other=0.0)  # [BM, BL]
+            acc = _mor_bwd_lora_tile(
+                acc, du, dl_c, x_ptr, a_ptr, rw_ptr, dar_ptr, rows64, row_ok, cols, col_ok,
+                grp_, K, slot, stride_xm, stride_xk, stride_am, stride_ak, stride_rm, stride_rk,
+                stride_dar_slot, G, R, L, ROUTER, COMPUTE_DX, USE_ATOMICS, DOT_PRECISION,
+                BLOCK_R, BLOCK_L)
+            if COMPUTE_DX:
+                acc, _ = _mor_bwd_o_loop(
+                    acc, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), dy_ptr, w_ptr, b_ptr,
+                    rows64, row_ok, cols, col_ok, grp_, OG, O_TILES, stride_dym, stride_dyo,
+                    stride_wo, stride_wk, R, False, COMPUTE_DX, DOT_PRECISION, BLOCK_K,
+                    BLOCK_R)
+        if COMPUTE_DX:
+            tl.store(dx_ptr + rows64[:, None] * stride_dxm + cols[None, :] * stride_dxk,
+                     acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -425,15 +564,12 @@ def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _padded_expand(lora_b: Tensor, block_r: int) -> Tensor:
-    """lora_b [O, r] as a contiguous [O, block_r] copy with zero columns past r. A row of
-    r = 14 bf16 values is 28 bytes, which no asynchronous copy can load; padded rows are 32
-    bytes, so the kernels' B tiles load asynchronously and unmasked. The copy is O * block_r
-    elements (24 KB at ViT-B widths in bf16)."""
-    r = lora_b.shape[1]
-    if r == block_r and lora_b.stride() == (block_r, 1):
-        return lora_b
-    return torch.nn.functional.pad(lora_b, (0, block_r - r))  # one launch, a new contiguous tensor
+def _column_chunks(tiles: int, col_tiles: int) -> tuple[int, int]:
+    """(chunks, tiles per chunk): `tiles` column tiles in at most `col_tiles`-tile chunks, the
+    tiles spread evenly over the chunks (6 tiles at col_tiles 4 make 2 chunks of 3, not 4 + 2,
+    which would leave half the second wave idle)."""
+    chunks = triton.cdiv(tiles, col_tiles)
+    return chunks, triton.cdiv(tiles, chunks)
 
 
 def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: MoRSpec,
@@ -452,18 +588,19 @@ def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: M
     cfg = _config("fwd", x)
     # At least one tile per group, so that probs are written even with no output columns.
     tiles = max(1, triton.cdiv(og, cfg.block_n))
+    chunks, col_tiles = _column_chunks(tiles, cfg.col_tiles)
     col_logit, col_scale = _branch_table(spec, x.device)
     rw = router_weight if router_weight is not None else lora_a  # placeholders are never read
-    b = _padded_expand(lora_b, _pad(R))
-    grid = (triton.cdiv(n, cfg.block_m) * G * tiles,)
+    b = lora_b.contiguous()  # the kernels index it with row stride R (a no-op for a parameter)
+    grid = (triton.cdiv(n, cfg.block_m) * G * chunks,)
     _mor_fwd_kernel[grid](
         x, weight, bias if bias is not None else x, lora_a, rw,
         router_bias if router_bias is not None else x, b, col_logit, col_scale, y, probs,
         u if keep_u else probs,
-        n, k, og, G, tiles,
+        n, k, og, G, tiles, chunks, col_tiles,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         lora_a.stride(0), lora_a.stride(1), rw.stride(0), rw.stride(1),
-        b.stride(0), y.stride(0), y.stride(1),
+        y.stride(0), y.stride(1),
         probs.stride(0), probs.stride(1), u.stride(0) if keep_u else 0,
         R=R, L=L, HAS_BIAS=bias is not None, ROUTER=spec.router,
         HAS_ROUTER_BIAS=router_bias is not None, STORE_U=keep_u,
@@ -493,6 +630,7 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
     blocks = triton.cdiv(n, cfg.block_m)
     # At least one column tile, so that dB and dc are computed even when K == 0.
     n_tiles = max(1, triton.cdiv(k, cfg.block_n))
+    chunks, col_tiles = _column_chunks(n_tiles, cfg.col_tiles)
     col_logit, col_scale = _branch_table(spec, dev)
     dx = _alloc((n, k) if compute_dx else (0, k), dtype, dev)
     n_a, n_r, n_b, n_c = G * R * k, G * L * k, o * R, G * L
@@ -501,17 +639,20 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
         slots[:, slots.shape[1] - n_c :]
     rw = router_weight if router_weight is not None else lora_a  # never read without router
     slot_stride = slots.stride(0) if DETERMINISTIC else 0
-    b = _padded_expand(lora_b, _pad(R))
-    _mor_bwd_kernel[(blocks * n_tiles,)](
-        x, dy, probs, u if u is not None else probs, weight, lora_a, rw, b, col_logit,
-        col_scale, dx if compute_dx else x, dar_buf, db_buf, dc_buf,
-        n, k, og, n_tiles, triton.cdiv(og, cfg.block_k),
+    # du | dl of each chunk's rows, per group, for the chunk's tiles after its first.
+    scratch = (_alloc((chunks, n, G * (_pad(R) + _pad(L))), dtype, dev)
+               if col_tiles > 1 else None)
+    _mor_bwd_kernel[(blocks * chunks,)](
+        x, dy, probs, u if u is not None else probs, weight, lora_a, rw, lora_b.contiguous(),
+        col_logit, col_scale, dx if compute_dx else x, dar_buf, db_buf, dc_buf,
+        scratch if scratch is not None else x,
+        n, k, og, n_tiles, chunks, col_tiles, triton.cdiv(og, cfg.block_k),
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), probs.stride(0), probs.stride(1),
         u.stride(0) if u is not None else 0,
         weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
-        rw.stride(0), rw.stride(1), b.stride(0),
+        rw.stride(0), rw.stride(1),
         dx.stride(0) if compute_dx else 0, dx.stride(1) if compute_dx else 0,
-        slot_stride, slot_stride, slot_stride,
+        slot_stride, slot_stride, slot_stride, scratch.stride(0) if scratch is not None else 0,
         G=G, R=R, L=L, ROUTER=spec.router, HAS_U=u is not None, COMPUTE_DX=compute_dx,
         USE_ATOMICS=not DETERMINISTIC,
         DOT_PRECISION=_dot_precision(x),

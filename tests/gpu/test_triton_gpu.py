@@ -24,7 +24,12 @@ CASES = [
     pytest.param(1576, 768, 768, {"bypass": False}, "bf16", id="no-bypass-bf16"),
     pytest.param(1576, 768, 768, {"router": False}, "bf16", id="plain-lora-bf16"),
     pytest.param(1576, 768, 768, {"non_contiguous": True}, "fp16", id="non-contiguous-fp16"),
+    # Large 16-bit layers run programs of several column tiles (triton_configs col_tiles):
+    # fc1's forward chunks of 4 tiles, fc2's backward chunks of 4 dx tiles, qkv's of 3 per
+    # group with u recomputed.
     pytest.param(12608, 768, 3072, {}, "bf16", id="mlp-fc1-12608-bf16"),
+    pytest.param(12608, 3072, 768, {}, "bf16", id="mlp-fc2-12608-bf16"),
+    pytest.param(12608, 768, 2304, {"groups": 3}, "bf16", id="qkv-groups3-12608-bf16"),
     pytest.param(12608, 3072, 768, {}, "fp32", id="mlp-fc2-12608-fp32"),
     pytest.param(333, 100, 120, {"groups": 3}, "bf16", id="odd-groups3-bf16"),
 ]
