@@ -183,6 +183,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   Tensor dl = at::empty({N, gl}, f32);
   Tensor shrink_partial = at::empty({plan.shrink_splits, S, K}, f32);
   Tensor lora_b_partial = at::empty({plan.lora_b_splits, O, d.rank}, f32);
+  Tensor dl_partial = at::empty({plan.dl_splits, gl}, f32);
 
   ei::MorBackwardArgs args{};
   args.dy = dy.data_ptr();
@@ -204,6 +205,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   args.dl = dl.data_ptr<float>();
   args.shrink_partial = shrink_partial.data_ptr<float>();
   args.lora_b_partial = lora_b_partial.data_ptr<float>();
+  args.dl_partial = dl_partial.data_ptr<float>();
   C10_CUDA_CHECK(ei::mor_backward(dtype, d, plan, args, c10::cuda::getCurrentCUDAStream()));
   return {dx, d_lora_a, d_lora_b, d_router_weight, d_router_bias};
 }

@@ -10,7 +10,9 @@
 // order by sum_splits_kernel: deterministic, no atomics).
 //
 // fp16/bf16 multiply on tensor cores (WMMA m16n16k16, fp32 accumulation); fp32 uses FMA on the
-// same shared-memory tiles so its results keep full fp32 precision (no TF32).
+// same shared-memory tiles so its results keep full fp32 precision (no TF32). Operand tiles
+// reach shared memory by asynchronous copies (cp.async, sm_80 on) in a 2-3 stage ring, so no
+// register holds a tile in flight. Not yet Hopper's TMA and wgmma (issue 17).
 #pragma once
 
 #include <mma.h>
@@ -79,8 +81,38 @@ using WideTile = Tile<32, 128, 1, 4, 16>;  // few output rows: d[A_cat; R]
 template <typename T>
 constexpr int kTileK = sizeof(T) == 2 ? 32 : 16;
 
-// Copies one ROWS x COLS tile (COLS contiguous in global memory) into shared memory through
-// registers, so the next tile's loads are in flight while the current one is multiplied.
+// Asynchronous global -> shared copies (sm_80 on: LDGSTS, no registers staged); before sm_80 the
+// same calls load and store synchronously, which the barriers of the pipeline order just as well.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define EI_ASYNC_COPY 1
+#else
+#define EI_ASYNC_COPY 0
+#endif
+
+__device__ __forceinline__ void copy16_async(void* smem, const void* gmem) {
+#if EI_ASYNC_COPY
+  const auto dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+#else
+  *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
+#endif
+}
+
+__device__ __forceinline__ void async_commit() {
+#if EI_ASYNC_COPY
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most PENDING of this thread's committed copy groups are still in flight.
+template <int PENDING>
+__device__ __forceinline__ void async_wait() {
+#if EI_ASYNC_COPY
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
+#endif
+}
+
+// Copies one ROWS x COLS tile (COLS contiguous in global memory) into a shared stage.
 template <typename T, int ROWS_, int COLS, int THREADS>
 struct TileLoader {
   static constexpr int ROWS = ROWS_;
@@ -90,44 +122,37 @@ struct TileLoader {
   static constexpr int CHUNKS = ROWS * PER_ROW / THREADS;
   static_assert(COLS % V == 0 && (ROWS * PER_ROW) % THREADS == 0, "tile must split evenly");
 
-  uint4 regs[CHUNKS];
-
   // Stored rows [row0, row0 + ROWS) x columns [col0, col0 + COLS); zeros past row_end and
-  // col_end. Vector loads where a chunk is in range and 16-byte aligned; odd leading
-  // dimensions and column offsets (K = 100, a group's rank slice) take element loads.
-  __device__ __forceinline__ void load(const Operand<T>& op, int batch, int64_t row0,
-                                       int64_t row_end, int64_t col0, int64_t col_end) {
+  // col_end. An asynchronous 16-byte copy where a chunk is in range and 16-byte aligned; odd
+  // leading dimensions and column offsets (K = 100, a group's rank slice) and the zeros past
+  // the edges take plain loads and stores, ordered by the same barriers.
+  __device__ __forceinline__ static void copy(T* smem, const Operand<T>& op, int batch,
+                                              int64_t row0, int64_t row_end, int64_t col0,
+                                              int64_t col_end) {
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
       const int idx = threadIdx.x + c * THREADS;
       const int64_t row = row0 + idx / PER_ROW;
       const int64_t col = col0 + (idx % PER_ROW) * V;
+      T* const dst = smem + (idx / PER_ROW) * LD + (idx % PER_ROW) * V;
       uint4 v = make_uint4(0, 0, 0, 0);
       if (row < row_end && col < col_end) {
         const T* p = op.row(row, batch) + col;
         if (col + V <= col_end && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
-          v = *reinterpret_cast<const uint4*>(p);
-        } else {
-          // Packed with shifts rather than through a T* into `v`, which would put every
-          // stage's registers on the stack.
-          uint32_t w[4] = {0, 0, 0, 0};
-#pragma unroll
-          for (int i = 0; i < V; ++i) {
-            constexpr int kBits = 8 * sizeof(T);
-            if (col + i < col_end) w[i * kBits / 32] |= to_bits(p[i]) << (i * kBits % 32);
-          }
-          v = make_uint4(w[0], w[1], w[2], w[3]);
+          copy16_async(dst, p);
+          continue;
         }
-      }
-      regs[c] = v;
-    }
-  }
-
-  __device__ __forceinline__ void store(T* smem) const {
+        // Packed with shifts rather than through a T* into `v`, which would put the vector
+        // on the stack.
+        uint32_t w[4] = {0, 0, 0, 0};
 #pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
-      const int idx = threadIdx.x + c * THREADS;
-      *reinterpret_cast<uint4*>(smem + (idx / PER_ROW) * LD + (idx % PER_ROW) * V) = regs[c];
+        for (int i = 0; i < V; ++i) {
+          constexpr int kBits = 8 * sizeof(T);
+          if (col + i < col_end) w[i * kBits / 32] |= to_bits(p[i]) << (i * kBits % 32);
+        }
+        v = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+      *reinterpret_cast<uint4*>(dst) = v;
     }
   }
 };
@@ -286,19 +311,39 @@ template <typename T, typename Cfg, bool A_KMAJOR, bool B_KMAJOR>
 using MmaFor = std::conditional_t<kTensorCores<T>, WmmaMma<T, Cfg, A_KMAJOR, B_KMAJOR>,
                                   SimtMma<T, Cfg, A_KMAJOR, B_KMAJOR>>;
 
+// Pipeline depth: three stages where they fit the 48 KiB of static shared memory (the thin
+// tiles), else two (the 128 x 128 tile: 40 KiB in 16-bit types). Copies of the next stages are
+// in flight while the current one is multiplied, without registers holding them.
+template <typename T, typename Cfg, bool A_KMAJOR, bool B_KMAJOR>
+constexpr int kStages =
+    3 * (TileShapes<T, Cfg, A_KMAJOR, B_KMAJOR>::A_ELEMS +
+         TileShapes<T, Cfg, A_KMAJOR, B_KMAJOR>::B_ELEMS) * int(sizeof(T)) <= 48 * 1024
+        ? 3
+        : 2;
+
+// The FMA path keeps a 64-value accumulator per thread on the 128 x 128 tile, and before sm_80
+// the copies go through registers: both spill under the 128-register cap, so they get one
+// block per SM and the registers they want.
+template <typename T, typename Cfg>
+constexpr int kMinBlocks = kTensorCores<T> && EI_ASYNC_COPY ? Cfg::MIN_BLOCKS : 1;
+
 template <typename T, typename OutT, typename Cfg, bool A_KMAJOR, bool B_KMAJOR>
-__global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS) gemm_kernel(const GemmArgs<T, OutT> args) {
+__global__ void __launch_bounds__(Cfg::THREADS, (kMinBlocks<T, Cfg>))
+    gemm_kernel(const GemmArgs<T, OutT> args) {
   using Shapes = TileShapes<T, Cfg, A_KMAJOR, B_KMAJOR>;
   using Mma = MmaFor<T, Cfg, A_KMAJOR, B_KMAJOR>;
   constexpr int BK = Shapes::BK;
-  constexpr int kTileBytes = 2 * (Shapes::A_ELEMS + Shapes::B_ELEMS) * int(sizeof(T));
+  constexpr int STAGES = kStages<T, Cfg, A_KMAJOR, B_KMAJOR>;
+  constexpr int kTileBytes = STAGES * (Shapes::A_ELEMS + Shapes::B_ELEMS) * int(sizeof(T));
   constexpr int kBytes = kTileBytes > Mma::kScratchBytes ? kTileBytes : Mma::kScratchBytes;
   __shared__ __align__(128) unsigned char smem[kBytes];
   T* const tiles = reinterpret_cast<T*>(smem);
-  // Stage s of the double buffer (pointer arithmetic: an array of stage pointers indexed at
-  // run time would live on the stack).
+  // Stage s of the ring (pointer arithmetic: an array of stage pointers indexed at run time
+  // would live on the stack).
   const auto stage_a = [&](int s) { return tiles + s * Shapes::A_ELEMS; };
-  const auto stage_b = [&](int s) { return tiles + 2 * Shapes::A_ELEMS + s * Shapes::B_ELEMS; };
+  const auto stage_b = [&](int s) {
+    return tiles + STAGES * Shapes::A_ELEMS + s * Shapes::B_ELEMS;
+  };
 
   const int batch = blockIdx.z / args.splits;
   const int split = blockIdx.z % args.splits;
@@ -310,45 +355,46 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS) gemm_kernel(con
   const int ext_tiles = split == 0 ? (args.k2 + BK - 1) / BK : 0;
   const int num_tiles = main_tiles + ext_tiles;
 
-  typename Shapes::LoadA load_a;
-  typename Shapes::LoadB load_b;
+  // Starts the copies of k tile t (main reduction, then the extension) into stage t % STAGES.
   auto fetch = [&](int t) {
     const bool ext = t >= main_tiles;
     const Operand<T> a = ext ? args.a2 : args.a;
     const Operand<T> b = ext ? args.b2 : args.b;
     const int k0 = ext ? (t - main_tiles) * BK : k_begin + t * BK;
     const int k_stop = ext ? args.k2 : k_end;
+    T* const sa = stage_a(t % STAGES);
+    T* const sb = stage_b(t % STAGES);
     if constexpr (A_KMAJOR) {
-      load_a.load(a, batch, m0, args.m, k0, k_stop);
+      Shapes::LoadA::copy(sa, a, batch, m0, args.m, k0, k_stop);
     } else {
-      load_a.load(a, batch, k0, k_stop, m0, args.m);
+      Shapes::LoadA::copy(sa, a, batch, k0, k_stop, m0, args.m);
     }
     if constexpr (B_KMAJOR) {
-      load_b.load(b, batch, n0, args.n, k0, k_stop);
+      Shapes::LoadB::copy(sb, b, batch, n0, args.n, k0, k_stop);
     } else {
-      load_b.load(b, batch, k0, k_stop, n0, args.n);
+      Shapes::LoadB::copy(sb, b, batch, k0, k_stop, n0, args.n);
     }
   };
 
   Mma mma;
-  if (num_tiles > 0) {
-    fetch(0);
-    load_a.store(stage_a(0));
-    load_b.store(stage_b(0));
+  // One commit group per k tile (empty past the last), so that waiting for all but the
+  // newest STAGES - 2 groups always means: tile t has landed.
+#pragma unroll
+  for (int t = 0; t < STAGES - 1; ++t) {
+    if (t < num_tiles) fetch(t);
+    async_commit();
   }
-  __syncthreads();
-  // Double buffering: one barrier per stage suffices because a stage's buffer is refilled
-  // only after the barrier that follows every warp's last read of it.
   for (int t = 0; t < num_tiles; ++t) {
-    const bool more = t + 1 < num_tiles;
-    if (more) fetch(t + 1);
-    mma.step(stage_a(t & 1), stage_b(t & 1));
-    if (more) {
-      load_a.store(stage_a((t + 1) & 1));
-      load_b.store(stage_b((t + 1) & 1));
-    }
+    async_wait<STAGES - 2>();
+    // Every thread's part of tile t is in shared memory, and every warp is done with tile
+    // t - 1, whose stage the fetch below refills.
     __syncthreads();
+    if (t + STAGES - 1 < num_tiles) fetch(t + STAGES - 1);
+    async_commit();
+    mma.step(stage_a(t % STAGES), stage_b(t % STAGES));
   }
+  async_wait<0>();
+  __syncthreads();  // the epilogue's scratch reuses the stages
 
   OutT* const c = args.c + split * args.c_split_stride + batch * args.c_batch_stride;
   const T* const bias = args.bias ? args.bias + batch * args.bias_batch_stride : nullptr;

@@ -166,8 +166,11 @@ void backward_impl(const MorDims& d, const ReductionPlan& plan, const MorBackwar
   sum_splits<T>(a.lora_b_partial, plan.lora_b_splits, O, r, O, a.d_lora_b, nullptr, stream);
 
   if (d.router) {
-    column_sum_kernel<T><<<G * d.logits, kColumnSumThreads, 0, stream>>>(
-        a.dl, d.tokens, G * d.logits, static_cast<T*>(a.d_router_bias));
+    const int cols = G * d.logits;
+    const int64_t rows_per_block = (d.tokens + plan.dl_splits - 1) / plan.dl_splits;
+    column_partial_kernel<<<plan.dl_splits, kColumnSumThreads, 0, stream>>>(
+        a.dl, d.tokens, cols, rows_per_block, a.dl_partial);
+    sum_splits<T>(a.dl_partial, plan.dl_splits, 1, cols, 1, a.d_router_bias, nullptr, stream);
   }
 }
 
@@ -204,6 +207,9 @@ cudaError_t plan_reductions(const MorDims& d, int device, ReductionPlan* plan) {
       tiles(d.shrink_width(), d.in_features, WideTile::BM, WideTile::BN), d.tokens, sms);
   plan->lora_b_splits = splits_for(
       d.groups * tiles(og, d.rank, TallTile::BM, TallTile::BN), d.tokens, sms);
+  // dc: row chunks of at least 256 tokens, up to one block per SM (its kernel reads only
+  // N x G*L fp32 values; a block per column over all N rows left most of the GPU idle).
+  plan->dl_splits = int(std::clamp<int64_t>(d.tokens / 256, 1, sms));
   return cudaSuccess;
 }
 

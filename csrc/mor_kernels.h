@@ -38,6 +38,7 @@ struct MorDims {
 struct ReductionPlan {
   int shrink_splits;  // d[A_cat; R] = [du | dl]^T x
   int lora_b_splits;  // dB_cat = dy^T z
+  int dl_splits;      // dc = column sums of dl, over row chunks
 };
 
 struct MorForwardArgs {
@@ -74,6 +75,7 @@ struct MorBackwardArgs {
   float* dl;                  // workspace [N, G*L]: dl in fp32 for dc
   float* shrink_partial;      // workspace [shrink_splits, S, K]
   float* lora_b_partial;      // workspace [lora_b_splits, O, r]
+  float* dl_partial;          // workspace [dl_splits, G*L]
 };
 
 // Reads the device's SM count (no stream work, so it is safe during CUDA graph capture).

@@ -156,23 +156,35 @@ __global__ void route_backward_kernel(const MorDims d, const float* __restrict__
 
 constexpr int kColumnSumThreads = 256;
 
-// out[c] = sum_r src[r, c] (src fp32 [rows, cols]); one block per column. The thread of each
-// row and the tree are fixed, so the result is the same on every run.
-template <typename T>
+// partial[b, c] = sum of src[r, c] (src fp32 [rows, cols]) over the rows
+// [b * rows_per_block, (b + 1) * rows_per_block). Per pass over up to kColumnSumThreads
+// columns, thread t reads column t % width of every lanes-th row, so a warp's loads are
+// consecutive addresses; the row lanes of a column are then added in lane order, so the result
+// is the same on every run. sum_splits_kernel adds the blocks' partials in block order.
 __global__ void __launch_bounds__(kColumnSumThreads)
-    column_sum_kernel(const float* __restrict__ src, int64_t rows, int cols, T* __restrict__ out) {
-  __shared__ float partial[kColumnSumThreads];
-  const int col = blockIdx.x;
-  float acc = 0.0f;
-  for (int64_t r = threadIdx.x; r < rows; r += kColumnSumThreads) acc += src[r * cols + col];
-  partial[threadIdx.x] = acc;
-  __syncthreads();
-#pragma unroll
-  for (int s = kColumnSumThreads / 2; s > 0; s /= 2) {
-    if (int(threadIdx.x) < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+    column_partial_kernel(const float* __restrict__ src, int64_t rows, int cols,
+                          int64_t rows_per_block, float* __restrict__ partial) {
+  __shared__ float lane_sums[kColumnSumThreads];
+  const int width = cols < kColumnSumThreads ? cols : kColumnSumThreads;  // columns per pass
+  const int lanes = kColumnSumThreads / width;                            // rows in parallel
+  const int lane = int(threadIdx.x) / width, offset = int(threadIdx.x) % width;
+  const int64_t begin = int64_t(blockIdx.x) * rows_per_block;
+  const int64_t end = rows < begin + rows_per_block ? rows : begin + rows_per_block;
+  for (int c0 = 0; c0 < cols; c0 += width) {
+    const int col = c0 + offset;
+    float acc = 0.0f;
+    if (lane < lanes && col < cols) {
+      for (int64_t r = begin + lane; r < end; r += lanes) acc += src[r * cols + col];
+    }
+    lane_sums[threadIdx.x] = acc;
     __syncthreads();
+    if (int(threadIdx.x) < width && c0 + int(threadIdx.x) < cols) {
+      float total = 0.0f;
+      for (int l = 0; l < lanes; ++l) total += lane_sums[l * width + threadIdx.x];
+      partial[int64_t(blockIdx.x) * cols + c0 + threadIdx.x] = total;
+    }
+    __syncthreads();  // lane_sums is refilled by the next pass
   }
-  if (threadIdx.x == 0) out[col] = from_float<T>(partial[0]);
 }
 
 // out = sum over splits of partial[s] ([rows, cols] fp32 each), in split order; stored rows

@@ -78,6 +78,18 @@ def test_backend_cuda_on_cpu_tensors_is_refused_before_the_op():
         mor_linear(*inp.values(), ranks=RANKS, scalings=SCALINGS, backend="cuda")
 
 
+def _cuobjdump() -> str:
+    import shutil
+
+    import triton
+
+    tool = shutil.which("cuobjdump") or str(
+        Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    if not Path(tool).is_file():
+        pytest.skip("no cuobjdump (neither on PATH nor in triton's bundle)")
+    return tool
+
+
 class TestCompiledExtension:
     pytestmark = needs_extension
 
@@ -90,15 +102,9 @@ class TestCompiledExtension:
     def test_holds_code_for_every_build_target(self):
         """SASS for each `NN[a]` target and PTX for each `compute_NN` one of csrc/build.py (as
         this environment sets them: CI builds with the defaults), read back with cuobjdump."""
-        import shutil
         import subprocess
 
-        import triton
-
-        tool = shutil.which("cuobjdump") or str(
-            Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
-        if not Path(tool).is_file():
-            pytest.skip("no cuobjdump (neither on PATH nor in triton's bundle)")
+        tool = _cuobjdump()
         flags = _build_module().gencode_flags()
         want = sorted(f.rsplit("code=", 1)[1] for f in flags)
         listing = subprocess.run([tool, "--list-elf", "--list-ptx", INFO["path"]],
@@ -108,6 +114,34 @@ class TestCompiledExtension:
                        + line.rsplit(".sm_", 1)[1].split(".")[0]
                        for line in listing.splitlines() if ".sm_" in line)
         assert found == want, f"built with other targets than {flags}? {listing}"
+
+    def test_sass_gemms_copy_asynchronously_into_tensor_cores_and_nothing_spills(self):
+        """From the built SASS: on every sm_80+ target each 16-bit GEMM instantiation loads its
+        tiles with asynchronous copies (LDGSTS) and multiplies on tensor cores (HMMA), and no
+        kernel of any target has a stack frame (ptxas spilled nothing)."""
+        import re
+        import subprocess
+
+        tool = _cuobjdump()
+        sass = subprocess.run([tool, "-sass", INFO["path"]], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([tool, "-res-usage", INFO["path"]], capture_output=True,
+                               text=True, check=True).stdout
+        frames = re.findall(r"Function (\S+):\n\s*REG:\d+ STACK:(\d+)", usage)
+        assert frames and all(stack == "0" for _, stack in frames), [
+            f for f in frames if f[1] != "0"]
+        # "code for sm_90a" ... "Function : <mangled name>" ... instructions
+        checked = 0
+        for arch, body in re.findall(r"code for (sm_\d+a?)\n(.*?)(?=\n\s*code for sm_|\Z)",
+                                     sass, re.S):
+            if int(re.sub(r"\D", "", arch)) < 80:
+                continue
+            for name, code in re.findall(r"Function : (\S+)\n(.*?)(?=Function : |\Z)", body,
+                                         re.S):
+                if "gemm_kernel" in name and ("__half" in name or "bfloat16" in name):
+                    assert "LDGSTS" in code and "HMMA" in code, (arch, name)
+                    checked += 1
+        assert checked, "no 16-bit GEMM found for an sm_80+ target"
 
     def test_schemas(self):
         assert str(torch.ops.ei_kernels_cuda.mor_fwd.default._schema) == FWD_SCHEMA
