@@ -1,16 +1,18 @@
-"""A traffic and FLOP model of the Triton MoR kernels next to nn.Linear, at the benchmark's
-ViT-B layer shapes, and the time it implies at an H200's measured ceilings. A model, not a
-measurement: each kernel is charged max(MMA FLOPs / peak, HBM bytes / bandwidth) plus a fixed
-cost per launch, assuming every operand tile that several thread blocks share is read from
-HBM once (the grouped launch order keeps x, dy and W in the 60 MB L2) and perfect overlap of
-memory and math inside a kernel. What it is for: seeing where the fused kernels spend work
-beyond the floor before a GPU measures them (scripts/gpu_check.sh does).
+"""A traffic and FLOP model of the MoR kernels (Triton and CUDA backends) next to nn.Linear,
+at the benchmark's ViT-B layer shapes, and the time it implies at an H200's measured ceilings.
+A model, not a measurement: each kernel is charged max(MMA FLOPs / peak, HBM bytes / bandwidth)
+plus a fixed cost per launch, kernels one after the other, assuming every operand tile that
+several thread blocks share is read from HBM once (the grouped launch order keeps x, dy and W
+in the 50-60 MB L2) and perfect overlap of memory and math inside a kernel. What it is for:
+seeing where the fused kernels spend work beyond the floor before a GPU measures them
+(scripts/gpu_check.sh does).
 
     python scripts/kernel_model.py [--tokens 12608] [--tflops 790] [--tbps 4.3] [--launch-us 3]
+                                   [--mma-sync-fraction 0.6]
 
 Defaults: bf16, ranks 2/4/8 (r = 14) with a bypass router (4 outputs), the sm90 launch table;
 ceilings as measured on an H200 of the lent machines (bf16 8192^3 GEMM 769-798 TFLOP/s, device
-copy 4.3 TB/s).
+copy 4.3 TB/s). The CUDA backend's mma.sync products are charged at a fraction of that peak.
 """
 
 from __future__ import annotations
@@ -35,25 +37,34 @@ SHAPES = [(768, 768, 1), (768, 2304, 3), (768, 3072, 1), (3072, 768, 1)]
 
 @dataclass
 class Cost:
+    """Work of one or more kernels run one after the other: totals for the ratio columns, and
+    per kernel (FLOPs, bytes) for its time, max(math, memory): kernels do not overlap."""
     flops: float = 0.0
     bytes: float = 0.0
     launches: int = 0
     programs: int = 0  # of the main kernel (informational: the model ignores wave shapes)
+    kernels: tuple = ()
+
+    @staticmethod
+    def kernel(flops: float, bytes_: float, programs: int = 0) -> "Cost":
+        return Cost(flops, bytes_, 1, programs, ((flops, bytes_),))
 
     def __add__(self, other: "Cost") -> "Cost":
         return Cost(self.flops + other.flops, self.bytes + other.bytes,
-                    self.launches + other.launches)
+                    self.launches + other.launches, self.programs or other.programs,
+                    self.kernels + other.kernels)
 
     def us(self, peak: float, bandwidth: float, launch_us: float) -> float:
-        return max(self.flops / peak, self.bytes / bandwidth) * 1e6 + self.launches * launch_us
+        busy = sum(max(f / peak, b / bandwidth) for f, b in self.kernels)
+        return busy * 1e6 + self.launches * launch_us
 
 
 def linear_fwd(n, k, o) -> Cost:
-    return Cost(2 * n * k * o, ELEM * (n * k + o * k + n * o + o), 1)
+    return Cost.kernel(2 * n * k * o, ELEM * (n * k + o * k + n * o + o))
 
 
 def linear_bwd(n, k, o) -> Cost:  # W frozen: dgrad only
-    return Cost(2 * n * k * o, ELEM * (n * o + o * k + n * k), 1)
+    return Cost.kernel(2 * n * k * o, ELEM * (n * o + o * k + n * k))
 
 
 def keeps_u(groups: int) -> bool:
@@ -74,7 +85,7 @@ def triton_fwd(n, k, o, g) -> Cost:
     stored = n * g * L * F32 + (n * g * R * F32 if keeps_u(g) else 0)  # p (and u)
     traffic = ELEM * (n * k + o * k + g * (R + L) * k + o * R + n * o) + stored
     programs = math.ceil(n / cfg.block_m) * g * chunks
-    return Cost(2 * n * k * o + shrink + expand, traffic, 1, programs)
+    return Cost.kernel(2 * n * k * o + shrink + expand, traffic, programs)
 
 
 def triton_bwd(n, k, o, g) -> Cost:
@@ -92,13 +103,71 @@ def triton_bwd(n, k, o, g) -> Cost:
     # du | dl per chunk, written for the chunk's later tiles and read back (counted as HBM
     # traffic, though the same program reads it back soon after, mostly from L2).
     scratch = 2 * chunks * n * g * (PAD + PAD) * ELEM if per_chunk > 1 else 0
-    # Deterministic slots: one fp32 partial sum per row block, written by the kernel and read
-    # back by the slot-sum kernel, which then writes the results.
+    # Deterministic slots: one fp32 partial sum per row block, written by the kernel, read
+    # back by the slot-sum kernel, which then writes the results in their dtype.
     slots = blocks * (g * (R + L) * k + o * R + g * L) * F32
     results = ELEM * (g * (R + L) * k + o * R + g * L)
-    traffic = read + ELEM * n * k + scratch + 2 * slots + results
-    # the kernel and the slot sum (which also casts)
-    return Cost(dgrad + g_redo + u_redo + db + k_ext + da_dr, traffic, 2, blocks * chunks)
+    main = Cost.kernel(dgrad + g_redo + u_redo + db + k_ext + da_dr,
+                       read + ELEM * n * k + scratch + slots, blocks * chunks)
+    return main + Cost.kernel(0, slots + results)
+
+
+# The CUDA backend (csrc/, issue 17): a sequence of WMMA GEMMs and small kernels. Its products
+# run on mma.sync, which on Hopper reaches only part of the wgmma peak: charged at
+# MMA_SYNC_FRACTION of it (an assumption, --mma-sync-fraction; not measured).
+MMA_SYNC_FRACTION = 0.6
+TALL_N = 32  # TallTile / WideTile width: the thin products are padded to it
+BK_CUDA = 32  # tile depth in 16-bit types: the K-extension is padded to it
+
+
+def _pad(n: int, to: int) -> int:
+    return math.ceil(n / to) * to
+
+
+def cuda_fwd(n, k, o, g) -> Cost:
+    s = g * (R + L)
+    shrink = Cost.kernel(2 * n * k * _pad(s, TALL_N), ELEM * (n * k + s * k) + F32 * n * s)
+    route = Cost.kernel(0, F32 * n * s + F32 * n * g * L + ELEM * n * g * R)
+    main = Cost.kernel(2 * n * k * o + 2 * n * _pad(R, BK_CUDA) * o,
+                       ELEM * (n * k + o * k + n * g * R + o * R + n * o))
+    return shrink + route + main
+
+
+def cuda_bwd(n, k, o, g) -> Cost:
+    s, gr = g * (R + L), g * R
+    u = Cost.kernel(2 * n * k * _pad(gr, TALL_N), ELEM * (n * k + gr * k) + F32 * n * gr)
+    gg = Cost.kernel(2 * n * o * _pad(R, TALL_N), ELEM * (n * o + o * R) + F32 * n * gr)
+    route = Cost.kernel(0, F32 * (2 * n * gr + n * g * L) + ELEM * (n * gr + n * s)
+                        + F32 * n * g * L)
+    dx = Cost.kernel(2 * n * o * k + 2 * n * _pad(s, BK_CUDA) * k,
+                     ELEM * (n * o + o * k + n * s + s * k + n * k))
+    # The token reductions: split-K partials in fp32 (about two waves of blocks), then a sum.
+    splits = 8
+    dw = Cost.kernel(2 * _pad(s, TALL_N) * k * n,
+                     ELEM * (n * s + n * k) + F32 * splits * s * k)
+    dw_sum = Cost.kernel(0, F32 * splits * s * k + ELEM * s * k)
+    db = Cost.kernel(2 * o * _pad(R, TALL_N) * n,
+                     ELEM * (n * o + n * gr) + F32 * splits * o * R)
+    db_sum = Cost.kernel(0, F32 * splits * o * R + ELEM * o * R)
+    dc = Cost.kernel(0, F32 * n * g * L) + Cost.kernel(0, F32 * g * L)  # partials, their sum
+    return u + gg + route + dx + dw + dw_sum + db + db_sum + dc
+
+
+def cuda_table(n, peak, bandwidth, launch_us, fraction) -> str:
+    rows = ["| shape | linear fwd+bwd us | cuda fwd us | cuda fwd+bwd us | ratio | MMA work / "
+            "linear's, HBM bytes / linear's, launches |", "|---|---|---|---|---|---|"]
+    for k, o, g in SHAPES:
+        floor = linear_fwd(n, k, o) + linear_bwd(n, k, o)
+        cf, cb = cuda_fwd(n, k, o, g), cuda_bwd(n, k, o, g)
+        ours = cf + cb
+        t_floor = floor.us(peak, bandwidth, launch_us)
+        t_ours = ours.us(peak * fraction, bandwidth, launch_us)
+        rows.append(
+            f"| K{k}-O{o}{'-qkv' if g == 3 else ''}-N{n} | {t_floor:.1f} | "
+            f"{cf.us(peak * fraction, bandwidth, launch_us):.1f} | {t_ours:.1f} | "
+            f"{t_ours / t_floor:.2f} | {ours.flops / floor.flops:.2f}x, "
+            f"{ours.bytes / floor.bytes:.2f}x, {ours.launches} |")
+    return "\n".join(rows)
 
 
 def table(n, peak, bandwidth, launch_us) -> str:
@@ -125,10 +194,15 @@ def main() -> None:
     parser.add_argument("--tflops", type=float, default=790.0)
     parser.add_argument("--tbps", type=float, default=4.3)
     parser.add_argument("--launch-us", type=float, default=3.0)
+    parser.add_argument("--mma-sync-fraction", type=float, default=MMA_SYNC_FRACTION)
     args = parser.parse_args()
     print(f"Model (not a measurement): bf16, N = {args.tokens}, {args.tflops:g} TFLOP/s, "
           f"{args.tbps:g} TB/s, {args.launch_us:g} us per launch\n")
     print(table(args.tokens, args.tflops * 1e12, args.tbps * 1e12, args.launch_us))
+    print(f"\nThe CUDA backend as built today (its mma.sync products charged at "
+          f"{args.mma_sync_fraction:g} of the peak):\n")
+    print(cuda_table(args.tokens, args.tflops * 1e12, args.tbps * 1e12, args.launch_us,
+                     args.mma_sync_fraction))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""scripts/kernel_model.py: kernels are charged one after the other, and the launch counts
+follow the kernels the backends launch."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "kernel_model", Path(__file__).resolve().parents[1] / "scripts" / "kernel_model.py")
+kernel_model = importlib.util.module_from_spec(_spec)
+sys.modules["kernel_model"] = kernel_model  # its dataclass looks its module up there
+_spec.loader.exec_module(kernel_model)
+Cost = kernel_model.Cost
+
+
+def test_a_memory_bound_kernel_after_a_compute_bound_one_is_not_hidden():
+    math_bound = Cost.kernel(flops=2e9, bytes_=1e6)  # 2 us of math at 1 TFLOP/s
+    memory_bound = Cost.kernel(flops=0, bytes_=3e6)  # 3 us at 1 TB/s
+    both = math_bound + memory_bound
+    assert both.launches == 2 and both.flops == 2e9 and both.bytes == 4e6
+    assert both.us(1e15, 1e12, launch_us=0) == pytest.approx(5.0)
+    assert both.us(1e15, 1e12, launch_us=1) == pytest.approx(7.0)
+
+
+def test_launch_counts_and_tables():
+    n, k, o = 12608, 768, 768
+    assert kernel_model.triton_fwd(n, k, o, 1).launches == 1  # lora_b is read in place
+    assert kernel_model.triton_bwd(n, k, o, 1).launches == 2  # the kernel and the slot sum
+    assert kernel_model.cuda_fwd(n, k, o, 1).launches == 3
+    assert kernel_model.cuda_bwd(n, k, o, 1).launches == 10
+    rows = kernel_model.table(n, 790e12, 4.3e12, 3.0).splitlines()
+    assert len(rows) == 2 + len(kernel_model.SHAPES)
+    assert len(kernel_model.cuda_table(n, 790e12, 4.3e12, 3.0, 0.6).splitlines()) == len(rows)
