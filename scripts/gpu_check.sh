@@ -111,7 +111,7 @@ else
 fi
 
 stage "4. timings"
-stage_with_restarts 90 45 timings.jsonl $PY scripts/gpu_check/timings.py
+stage_with_restarts 120 45 timings.jsonl $PY scripts/gpu_check/timings.py
 
 stage "5. ei plan against measured memory"
 stage_with_restarts 45 25 plan_memory.jsonl $PY scripts/gpu_check/plan_memory.py

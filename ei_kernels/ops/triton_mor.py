@@ -447,7 +447,10 @@ def _mor_bwd_kernel(
                  acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
     # The chunk's other tiles: the dgrad GEMM and the LoRA share, with du and dl read back
-    # from the chunk's scratch rows (L2) instead of a second g = dy B over all of O.
+    # from the chunk's scratch rows (L2) instead of a second g = dy B over all of O. Other
+    # threads of the program read what these stored: Triton orders a program's global stores
+    # and loads of the same address across threads only through a barrier.
+    tl.debug_barrier()
     for tile in range(first_tile + 1, end_tile):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < K

@@ -2,9 +2,10 @@
 
 First the machine's measured ceilings (a bf16 GEMM's TFLOP/s, a device copy's bandwidth), then
 per shape the frozen nn.Linear floor and FusedMoRLinear on each backend (torch, triton, cuda),
-and the triton backend once more with one column tile per program ("fused-triton-1tile": the
-launch tables put up to 4 tiles in a program, which the kernel model favours but which leaves
-a ViT-B proj layer 198 programs for 132 SMs; this row says which wins on the real card),
+and two variants of the triton backend: one column tile per program ("fused-triton-1tile":
+the launch tables put up to 4 tiles in a program, which the kernel model favours but which
+leaves a ViT-B proj layer 198 programs for 132 SMs) and the atomic token reductions instead of
+the deterministic slots ("fused-triton-atomic"); these rows say which wins on the real card,
 forward (no grad) and forward + backward (x needs a gradient, the base is frozen): CUDA events
 around each call, median and minimum after warm-up, the peak memory of one fwd+bwd.
 
@@ -36,8 +37,9 @@ N_TOKENS = 33 if DRY else 12608  # ViT-B at batch 64 (197 tokens each)
 # (in_features, out_features, groups): attention proj, qkv (one router per q/k/v), fc1, fc2.
 SHAPES = [(40, 24, 1), (40, 36, 3)] if DRY else [
     (768, 768, 1), (768, 2304, 3), (768, 3072, 1), (3072, 768, 1)]
-# The one-tile comparison last: within the stage's time cap it is what may be cut.
-PROVIDERS = ("linear", "fused-torch", "fused-triton", "fused-cuda", "fused-triton-1tile")
+# The Triton variants last: within the stage's time cap they are what may be cut.
+PROVIDERS = ("linear", "fused-torch", "fused-triton", "fused-cuda", "fused-triton-1tile",
+             "fused-triton-atomic")
 DTYPE = torch.float32 if DRY else torch.bfloat16
 WARMUP, ROUNDS = (1, 2) if DRY else (10, 30)
 
@@ -71,23 +73,27 @@ def ceilings() -> list[dict]:
 
 
 @contextlib.contextmanager
-def _launch_tables(provider: str):
-    """The Triton launch tables as `provider` runs them: "-1tile" with col_tiles = 1."""
-    from ei_kernels.ops import triton_configs
+def _triton_variant(provider: str):
+    """The Triton backend as `provider` runs it: "-1tile" with col_tiles = 1 in every launch
+    table, "-atomic" with the atomic token reductions; yields the plain provider name."""
+    from ei_kernels.ops import triton_configs, triton_mor
 
-    saved = dict(triton_configs.TABLES)
+    tables, deterministic = dict(triton_configs.TABLES), triton_mor.DETERMINISTIC
     if provider.endswith("-1tile"):
         triton_configs.TABLES.update({
             arch: {key: dataclasses.replace(cfg, col_tiles=1) for key, cfg in table.items()}
-            for arch, table in saved.items()})
+            for arch, table in tables.items()})
+    if provider.endswith("-atomic"):
+        triton_mor.DETERMINISTIC = False
     try:
-        yield provider.removesuffix("-1tile")
+        yield provider.removesuffix("-1tile").removesuffix("-atomic")
     finally:
-        triton_configs.TABLES.update(saved)
+        triton_configs.TABLES.update(tables)
+        triton_mor.DETERMINISTIC = deterministic
 
 
 def time_case(provider: str, k: int, o: int, groups: int, mode: str) -> dict:
-    with _launch_tables(provider) as backend_provider:
+    with _triton_variant(provider) as backend_provider:
         return _time_layer(backend_provider, k, o, groups, mode)
 
 
