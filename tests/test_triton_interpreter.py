@@ -136,17 +136,23 @@ def test_forward_and_grads_match_torch_and_fp64(variant, n, dtype):
         _check(name, grads[name], grads_t[name], grads_x[name], dtype)
 
 
-@pytest.mark.parametrize("variant", ["default", "groups3"])
-def test_more_output_tiles_than_dx_column_tiles(variant):
-    """O=72: each backward column tile takes several of the dB tiles of a group."""
-    cfg = VARIANTS[variant]
+def _check_wide_fp32(cfg):
+    """O=72, N=33 in fp32: y, probs and every gradient against torch and fp64; the inputs."""
     inputs, dy = _make(33, cfg, torch.float32, o=72)
     y, probs, grads = _run("triton", inputs, dy, cfg)
     y_t, probs_t, grads_t = _run("torch", inputs, dy, cfg)
     y_x, probs_x, grads_x = _run("torch", inputs, dy, cfg, dtype=torch.float64)
     _check("y", y, y_t, y_x, torch.float32)
+    _check("probs", probs, probs_t, probs_x, torch.float32)
     for name in grads:
         _check(name, grads[name], grads_t[name], grads_x[name], torch.float32)
+    return inputs, dy
+
+
+@pytest.mark.parametrize("variant", ["default", "groups3"])
+def test_more_output_tiles_than_dx_column_tiles(variant):
+    """O=72: each backward column tile takes several of the dB tiles of a group."""
+    _check_wide_fp32(VARIANTS[variant])
 
 
 @pytest.mark.parametrize("col_tiles", [1, 2, 3], ids=lambda c: f"col_tiles{c}")
@@ -163,14 +169,7 @@ def test_programs_that_compute_several_column_tiles(variant, col_tiles, monkeypa
              for name, c in triton_configs._INTERPRETER.items()}
     monkeypatch.setattr(triton_configs, "_INTERPRETER", table)
     cfg = VARIANTS[variant]
-    inputs, dy = _make(33, cfg, torch.float32, o=72)
-    y, probs, grads = _run("triton", inputs, dy, cfg)
-    y_t, probs_t, grads_t = _run("torch", inputs, dy, cfg)
-    y_x, probs_x, grads_x = _run("torch", inputs, dy, cfg, dtype=torch.float64)
-    _check("y", y, y_t, y_x, torch.float32)
-    _check("probs", probs, probs_t, probs_x, torch.float32)
-    for name in grads:
-        _check(name, grads[name], grads_t[name], grads_x[name], torch.float32)
+    inputs, dy = _check_wide_fp32(cfg)
     # Without dx the later tiles still add their dA and dR shares.
     _, _, spec = _direct_inputs(cfg=cfg)
     i = {name: v.detach() if v is not None else None for name, v in inputs.items()}
