@@ -180,7 +180,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   Tensor g = at::empty({N, gr}, f32);
   Tensor z = at::empty({N, gr}, opts);
   Tensor d_shrink = at::empty({N, S}, opts);
-  Tensor dl = at::empty({N, gl}, f32);
   Tensor shrink_partial = at::empty({plan.shrink_splits, S, K}, f32);
   Tensor lora_b_partial = at::empty({plan.lora_b_splits, O, d.rank}, f32);
   Tensor dl_partial = at::empty({plan.dl_splits, gl}, f32);
@@ -202,7 +201,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   args.g = g.data_ptr<float>();
   args.z = z.data_ptr();
   args.d_shrink = d_shrink.data_ptr();
-  args.dl = dl.data_ptr<float>();
   args.shrink_partial = shrink_partial.data_ptr<float>();
   args.lora_b_partial = lora_b_partial.data_ptr<float>();
   args.dl_partial = dl_partial.data_ptr<float>();

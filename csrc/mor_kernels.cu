@@ -5,10 +5,11 @@
 //           (3) y = [x | z] [W | B_cat]^T + b           GEMM with the K-extension, per group
 // backward  (1) u = x A_cat^T                           recomputed (only x and p are saved)
 //           (2) g = dy B_cat                            per group
-//           (3) z, du, dl                               route_backward_kernel
+//           (3) z, du, dl, and dl's sums per block      route_backward_kernel
 //           (4) dx = [dy | du dl] [W ; A_cat ; R]       GEMM with the K-extension
 //           (5) d[A_cat; R] = [du | dl]^T x, dB_cat = dy^T z, dc = sum dl
-//                                                       split-K partials, fixed-order sums
+//                                                       split-K partials (dc: the blocks'
+//                                                       sums of (3)), fixed-order sums
 //
 // Every kernel is a template over the element type; this file instantiates each for fp16,
 // bf16 and fp32 through one dtype switch.
@@ -23,7 +24,6 @@
 namespace ei {
 namespace {
 
-constexpr int kRouteThreads = 128;
 constexpr int kSumThreads = 256;
 
 template <typename T>
@@ -134,7 +134,7 @@ void backward_impl(const MorDims& d, const ReductionPlan& plan, const MorBackwar
     dispatch_routing(d, [&](auto router, auto bypass) {
       route_backward_kernel<T, decltype(router)::value, decltype(bypass)::value>
           <<<blocks_for(d.tokens * G, kRouteThreads), kRouteThreads, 0, stream>>>(
-              d, a.u, a.g, a.probs, z, d_shrink, a.dl);
+              d, a.u, a.g, a.probs, z, d_shrink, a.dl_partial);
     });
 
     if (a.dx) {
@@ -165,12 +165,9 @@ void backward_impl(const MorDims& d, const ReductionPlan& plan, const MorBackwar
   launch_gemm<TallTile, false, false>(db, stream);
   sum_splits<T>(a.lora_b_partial, plan.lora_b_splits, O, r, O, a.d_lora_b, nullptr, stream);
 
-  if (d.router) {
-    const int cols = G * d.logits;
-    const int64_t rows_per_block = (d.tokens + plan.dl_splits - 1) / plan.dl_splits;
-    column_partial_kernel<<<plan.dl_splits, kColumnSumThreads, 0, stream>>>(
-        a.dl, d.tokens, cols, rows_per_block, a.dl_partial);
-    sum_splits<T>(a.dl_partial, plan.dl_splits, 1, cols, 1, a.d_router_bias, nullptr, stream);
+  if (d.router) {  // dc: the routing kernel's per-block sums (none for no tokens), in order
+    sum_splits<T>(a.dl_partial, plan.dl_splits, 1, G * d.logits, 1, a.d_router_bias, nullptr,
+                  stream);
   }
 }
 
@@ -207,9 +204,7 @@ cudaError_t plan_reductions(const MorDims& d, int device, ReductionPlan* plan) {
       tiles(d.shrink_width(), d.in_features, WideTile::BM, WideTile::BN), d.tokens, sms);
   plan->lora_b_splits = splits_for(
       d.groups * tiles(og, d.rank, TallTile::BM, TallTile::BN), d.tokens, sms);
-  // dc: row chunks of at least 256 tokens, up to one block per SM (its kernel reads only
-  // N x G*L fp32 values; a block per column over all N rows left most of the GPU idle).
-  plan->dl_splits = int(std::clamp<int64_t>(d.tokens / 256, 1, sms));
+  plan->dl_splits = int(blocks_for(d.tokens * d.groups, kRouteThreads));
   return cudaSuccess;
 }
 

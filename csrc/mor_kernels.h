@@ -38,7 +38,7 @@ struct MorDims {
 struct ReductionPlan {
   int shrink_splits;  // d[A_cat; R] = [du | dl]^T x
   int lora_b_splits;  // dB_cat = dy^T z
-  int dl_splits;      // dc = column sums of dl, over row chunks
+  int dl_splits;      // dc: one partial per block of the backward routing kernel
 };
 
 struct MorForwardArgs {
@@ -72,10 +72,9 @@ struct MorBackwardArgs {
   float* g;                   // workspace [N, G*r]: dy B_cat
   void* z;                    // workspace [N, G*r]
   void* d_shrink;             // workspace [N, S]: [du | dl] in the input dtype
-  float* dl;                  // workspace [N, G*L]: dl in fp32 for dc
   float* shrink_partial;      // workspace [shrink_splits, S, K]
   float* lora_b_partial;      // workspace [lora_b_splits, O, r]
-  float* dl_partial;          // workspace [dl_splits, G*L]
+  float* dl_partial;          // workspace [dl_splits, G*L]: per-block fp32 sums of dl
 };
 
 // Reads the device's SM count (no stream work, so it is safe during CUDA graph capture).

@@ -75,18 +75,17 @@ __global__ void route_forward_kernel(const MorDims d, const float* __restrict__ 
   }
 }
 
-// From u = x A_cat^T and g = dy B_cat (fp32) and the saved p:
-//   z_j = c_j u_j,  du_j = c_j g_j  with c_j = p_k(j) s_k(j)
-//   dp_k = s_k sum_{j in k} g_j u_j,  dp_bypass = 0,  dl = p (dp - sum_i p_i dp_i)
-// writes z and [du | dl] in the input dtype (operands of the GEMMs that follow) and dl in fp32
-// (for dc, summed over tokens in fp32).
+// Threads per block of the routing kernels.
+constexpr int kRouteThreads = 128;
+
+// One (token, group) of route_backward_kernel; dl_out: its dl values in fp32 (router only).
 template <typename T, bool ROUTER, bool BYPASS>
-__global__ void route_backward_kernel(const MorDims d, const float* __restrict__ u_all,
-                                      const float* __restrict__ g_all,
-                                      const float* __restrict__ probs, T* __restrict__ z,
-                                      T* __restrict__ d_shrink, float* __restrict__ dl) {
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= d.tokens * d.groups) return;
+__device__ __forceinline__ void route_backward_row(const MorDims& d, int64_t idx,
+                                                   const float* __restrict__ u_all,
+                                                   const float* __restrict__ g_all,
+                                                   const float* __restrict__ probs,
+                                                   T* __restrict__ z, T* __restrict__ d_shrink,
+                                                   float* dl_out) {
   const int64_t t = idx / d.groups;
   const int g = int(idx % d.groups);
   const int gr = d.groups * d.rank;
@@ -137,53 +136,51 @@ __global__ void route_backward_kernel(const MorDims d, const float* __restrict__
       if (k < d.branches) dot = fmaf(p[k + BYPASS], dp[k], dot);
     }
     T* const dl_t = shrink_row + gr + g * d.logits;
-    float* const dl_f = dl + t * d.groups * d.logits + g * d.logits;
     if constexpr (BYPASS) {
       const float v = -p[0] * dot;
       dl_t[0] = from_float<T>(v);
-      dl_f[0] = v;
+      dl_out[0] = v;
     }
 #pragma unroll
     for (int k = 0; k < kMaxBranches; ++k) {
       if (k < d.branches) {
         const float v = p[k + BYPASS] * (dp[k] - dot);
         dl_t[k + BYPASS] = from_float<T>(v);
-        dl_f[k + BYPASS] = v;
+        dl_out[k + BYPASS] = v;
       }
     }
   }
 }
 
-constexpr int kColumnSumThreads = 256;
-
-// partial[b, c] = sum of src[r, c] (src fp32 [rows, cols]) over the rows
-// [b * rows_per_block, (b + 1) * rows_per_block). Per pass over up to kColumnSumThreads
-// columns, thread t reads column t % width of every lanes-th row, so a warp's loads are
-// consecutive addresses; the row lanes of a column are then added in lane order, so the result
-// is the same on every run. sum_splits_kernel adds the blocks' partials in block order.
-__global__ void __launch_bounds__(kColumnSumThreads)
-    column_partial_kernel(const float* __restrict__ src, int64_t rows, int cols,
-                          int64_t rows_per_block, float* __restrict__ partial) {
-  __shared__ float lane_sums[kColumnSumThreads];
-  const int width = cols < kColumnSumThreads ? cols : kColumnSumThreads;  // columns per pass
-  const int lanes = kColumnSumThreads / width;                            // rows in parallel
-  const int lane = int(threadIdx.x) / width, offset = int(threadIdx.x) % width;
-  const int64_t begin = int64_t(blockIdx.x) * rows_per_block;
-  const int64_t end = rows < begin + rows_per_block ? rows : begin + rows_per_block;
-  for (int c0 = 0; c0 < cols; c0 += width) {
-    const int col = c0 + offset;
-    float acc = 0.0f;
-    if (lane < lanes && col < cols) {
-      for (int64_t r = begin + lane; r < end; r += lanes) acc += src[r * cols + col];
-    }
-    lane_sums[threadIdx.x] = acc;
+// From u = x A_cat^T and g = dy B_cat (fp32) and the saved p:
+//   z_j = c_j u_j,  du_j = c_j g_j  with c_j = p_k(j) s_k(j)
+//   dp_k = s_k sum_{j in k} g_j u_j,  dp_bypass = 0,  dl = p (dp - sum_i p_i dp_i)
+// writes z and [du | dl] in the input dtype (operands of the GEMMs that follow), and this
+// block's fp32 column sums of dl, dl_partial[block, G*L], added in thread order (dc is their
+// sum over blocks, in block order: the same on every run). One thread per (token, group).
+template <typename T, bool ROUTER, bool BYPASS>
+__global__ void __launch_bounds__(kRouteThreads)
+    route_backward_kernel(const MorDims d, const float* __restrict__ u_all,
+                          const float* __restrict__ g_all, const float* __restrict__ probs,
+                          T* __restrict__ z, T* __restrict__ d_shrink,
+                          float* __restrict__ dl_partial) {
+  constexpr int kLogits = kMaxBranches + 1;
+  __shared__ float block_dl[ROUTER ? kRouteThreads * kLogits : 1];
+  const int64_t idx = int64_t(blockIdx.x) * kRouteThreads + threadIdx.x;
+  if (idx < d.tokens * d.groups) route_backward_row<T, ROUTER, BYPASS>(
+      d, idx, u_all, g_all, probs, z, d_shrink, block_dl + (ROUTER ? threadIdx.x * kLogits : 0));
+  if constexpr (ROUTER) {
     __syncthreads();
-    if (int(threadIdx.x) < width && c0 + int(threadIdx.x) < cols) {
+    const int cols = d.groups * d.logits;
+    for (int c = threadIdx.x; c < cols; c += kRouteThreads) {
+      const int g = c / d.logits, j = c % d.logits;
       float total = 0.0f;
-      for (int l = 0; l < lanes; ++l) total += lane_sums[l * width + threadIdx.x];
-      partial[int64_t(blockIdx.x) * cols + c0 + threadIdx.x] = total;
+      for (int i = 0; i < kRouteThreads; ++i) {
+        const int64_t id = int64_t(blockIdx.x) * kRouteThreads + i;
+        if (id < d.tokens * d.groups && int(id % d.groups) == g) total += block_dl[i * kLogits + j];
+      }
+      dl_partial[int64_t(blockIdx.x) * cols + c] = total;
     }
-    __syncthreads();  // lane_sums is refilled by the next pass
   }
 }
 

@@ -137,8 +137,7 @@ def cuda_bwd(n, k, o, g) -> Cost:
     s, gr = g * (R + L), g * R
     u = Cost.kernel(2 * n * k * _pad(gr, TALL_N), ELEM * (n * k + gr * k) + F32 * n * gr)
     gg = Cost.kernel(2 * n * o * _pad(R, TALL_N), ELEM * (n * o + o * R) + F32 * n * gr)
-    route = Cost.kernel(0, F32 * (2 * n * gr + n * g * L) + ELEM * (n * gr + n * s)
-                        + F32 * n * g * L)
+    route = Cost.kernel(0, F32 * (2 * n * gr + n * g * L) + ELEM * (n * gr + n * s))
     dx = Cost.kernel(2 * n * o * k + 2 * n * _pad(s, BK_CUDA) * k,
                      ELEM * (n * o + o * k + n * s + s * k + n * k))
     # The token reductions: split-K partials in fp32 (about two waves of blocks), then a sum.
@@ -149,7 +148,7 @@ def cuda_bwd(n, k, o, g) -> Cost:
     db = Cost.kernel(2 * o * _pad(R, TALL_N) * n,
                      ELEM * (n * o + n * gr) + F32 * splits * o * R)
     db_sum = Cost.kernel(0, F32 * splits * o * R + ELEM * o * R)
-    dc = Cost.kernel(0, F32 * n * g * L) + Cost.kernel(0, F32 * g * L)  # partials, their sum
+    dc = Cost.kernel(0, F32 * math.ceil(n * g / 128) * g * L)  # the routing blocks' sums
     return u + gg + route + dx + dw + dw_sum + db + db_sum + dc
 
 
