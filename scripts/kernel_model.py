@@ -35,24 +35,31 @@ PAD = 16  # tl.dot's minimum width: r and L are padded to it
 SHAPES = [(768, 768, 1), (768, 2304, 3), (768, 3072, 1), (3072, 768, 1)]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Cost:
-    """Work of one or more kernels run one after the other: totals for the ratio columns, and
-    per kernel (FLOPs, bytes) for its time, max(math, memory): kernels do not overlap."""
-    flops: float = 0.0
-    bytes: float = 0.0
-    launches: int = 0
-    programs: int = 0  # of the main kernel (informational: the model ignores wave shapes)
+    """Kernels run one after the other, each (MMA FLOPs, HBM bytes), each charged
+    max(math, memory): kernels do not overlap. Totals for the ratio columns."""
     kernels: tuple = ()
+    programs: int = 0  # of the main kernel (informational: the model ignores wave shapes)
 
     @staticmethod
     def kernel(flops: float, bytes_: float, programs: int = 0) -> "Cost":
-        return Cost(flops, bytes_, 1, programs, ((flops, bytes_),))
+        return Cost(((flops, bytes_),), programs)
 
     def __add__(self, other: "Cost") -> "Cost":
-        return Cost(self.flops + other.flops, self.bytes + other.bytes,
-                    self.launches + other.launches, self.programs or other.programs,
-                    self.kernels + other.kernels)
+        return Cost(self.kernels + other.kernels, self.programs or other.programs)
+
+    @property
+    def flops(self) -> float:
+        return sum(f for f, _ in self.kernels)
+
+    @property
+    def bytes(self) -> float:
+        return sum(b for _, b in self.kernels)
+
+    @property
+    def launches(self) -> int:
+        return len(self.kernels)
 
     def us(self, peak: float, bandwidth: float, launch_us: float) -> float:
         busy = sum(max(f / peak, b / bandwidth) for f, b in self.kernels)
