@@ -65,6 +65,13 @@ def cuda_capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
+def multiprocessor_count(device: torch.device) -> int | None:
+    """SMs of a CUDA device (torch keeps its properties), None for any other."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """Turn "auto" into a concrete backend for `device`, or raise why `name` cannot run there."""
     if name == "auto":

@@ -1,6 +1,8 @@
 """A traffic and FLOP model of the MoR kernels (Triton and CUDA backends) next to nn.Linear,
 at the benchmark's ViT-B layer shapes, and the time it implies at an H200's measured ceilings.
 A model, not a measurement: each kernel is charged max(MMA FLOPs / peak, HBM bytes / bandwidth)
+divided by its schedule efficiency (the share of program slots its rounds keep busy, as the
+launcher's chunking gives it on 132 SMs; nn.Linear's taken as perfect, in its favour),
 plus a fixed cost per launch, kernels one after the other, assuming every operand tile that
 several thread blocks share is read from HBM once (the grouped launch order keeps x, dy and W
 in the 50-60 MB L2) and perfect overlap of memory and math inside a kernel. What it is for:
@@ -25,8 +27,11 @@ import torch
 
 from ei_kernels.ops.torch_mor import SAVED_PER_TOKEN
 from ei_kernels.ops.triton_configs import launch_config
+from ei_kernels.ops.triton_mor import bwd_chunk_cost, fwd_chunk_cost
+from ei_kernels.ops.triton_schedule import column_chunks, schedule_efficiency
 
 HOPPER = (9, 0)  # the launch table the model follows: sm90's, as on an H100/H200
+SMS = 132  # an H100 SXM's or H200's streaming multiprocessors
 ELEM = 2  # bf16 bytes
 F32 = 4
 R, L = 14, 4  # total rank and router outputs per group
@@ -37,32 +42,40 @@ SHAPES = [(768, 768, 1), (768, 2304, 3), (768, 3072, 1), (3072, 768, 1)]
 
 @dataclass(frozen=True)
 class Cost:
-    """Kernels run one after the other, each (MMA FLOPs, HBM bytes), each charged
-    max(math, memory): kernels do not overlap. Totals for the ratio columns."""
+    """Kernels run one after the other, each (MMA FLOPs, HBM bytes, schedule efficiency), each
+    charged max(math, memory) / efficiency: kernels do not overlap. The efficiency is the
+    share of the GPU's program slots the kernel's rounds keep busy (triton_schedule); 1.0 for
+    nn.Linear, whose cuBLAS tile schedule the model takes as perfect (an assumption in its
+    favour). Totals for the ratio columns."""
     kernels: tuple = ()
-    programs: int = 0  # of the main kernel (informational: the model ignores wave shapes)
+    programs: int = 0  # of the main kernel (informational)
 
     @staticmethod
-    def kernel(flops: float, bytes_: float, programs: int = 0) -> "Cost":
-        return Cost(((flops, bytes_),), programs)
+    def kernel(flops: float, bytes_: float, programs: int = 0,
+               efficiency: float = 1.0) -> "Cost":
+        return Cost(((flops, bytes_, efficiency),), programs)
 
     def __add__(self, other: "Cost") -> "Cost":
         return Cost(self.kernels + other.kernels, self.programs or other.programs)
 
     @property
     def flops(self) -> float:
-        return sum(f for f, _ in self.kernels)
+        return sum(f for f, _, _ in self.kernels)
 
     @property
     def bytes(self) -> float:
-        return sum(b for _, b in self.kernels)
+        return sum(b for _, b, _ in self.kernels)
 
     @property
     def launches(self) -> int:
         return len(self.kernels)
 
+    @property
+    def efficiency(self) -> float:  # of the main (first) kernel
+        return self.kernels[0][2]
+
     def us(self, peak: float, bandwidth: float, launch_us: float) -> float:
-        busy = sum(max(f / peak, b / bandwidth) for f, b in self.kernels)
+        busy = sum(max(f / peak, b / bandwidth) / e for f, b, e in self.kernels)
         return busy * 1e6 + self.launches * launch_us
 
 
@@ -78,27 +91,32 @@ def keeps_u(groups: int) -> bool:
     return groups * (R + L) <= SAVED_PER_TOKEN
 
 
-def _chunks(tiles: int, col_tiles: int) -> tuple[int, int]:
-    from ei_kernels.ops.triton_mor import _column_chunks
-
-    return _column_chunks(max(1, tiles), col_tiles)
+def _schedule(cfg, tiles: int, row_programs: int, chunk_cost: float):
+    """(chunks, tiles per chunk, schedule efficiency) as the launcher picks them on an H200."""
+    slots = SMS * cfg.programs_per_sm
+    chunks, per = column_chunks(max(1, tiles), cfg.col_tiles, row_programs, slots, chunk_cost)
+    return chunks, per, schedule_efficiency(max(1, tiles), chunks, row_programs, slots,
+                                            chunk_cost)
 
 
 def triton_fwd(n, k, o, g) -> Cost:
     cfg = launch_config("fwd", HOPPER, n, torch.bfloat16, "ieee")
-    chunks, _ = _chunks(math.ceil(o / g / cfg.block_n), cfg.col_tiles)  # per group, row block
+    row_programs = math.ceil(n / cfg.block_m) * g
+    chunks, _, efficiency = _schedule(cfg, math.ceil(o / g / cfg.block_n), row_programs,
+                                      fwd_chunk_cost(cfg, R, L, True))
     shrink = 2 * n * k * (PAD + PAD) * g * chunks  # every chunk redoes its group's shrink
     expand = 2 * n * PAD * o
     stored = n * g * L * F32 + (n * g * R * F32 if keeps_u(g) else 0)  # p (and u)
     traffic = ELEM * (n * k + o * k + g * (R + L) * k + o * R + n * o) + stored
-    programs = math.ceil(n / cfg.block_m) * g * chunks
-    return Cost.kernel(2 * n * k * o + shrink + expand, traffic, programs)
+    return Cost.kernel(2 * n * k * o + shrink + expand, traffic, row_programs * chunks,
+                       efficiency)
 
 
 def triton_bwd(n, k, o, g) -> Cost:
     cfg = launch_config("bwd", HOPPER, n, torch.bfloat16, "ieee")
-    chunks, per_chunk = _chunks(math.ceil(k / cfg.block_n), cfg.col_tiles)
     blocks = math.ceil(n / cfg.block_m)
+    chunks, per_chunk, efficiency = _schedule(cfg, math.ceil(k / cfg.block_n), blocks,
+                                              bwd_chunk_cost(cfg, R, g, k, o, keeps_u(g)))
     dgrad = 2 * n * o * k
     g_redo = 2 * n * o * PAD * chunks  # g = dy B, once per chunk of dx column tiles
     u_redo = 0 if keeps_u(g) else 2 * n * k * PAD * g * chunks
@@ -115,7 +133,7 @@ def triton_bwd(n, k, o, g) -> Cost:
     slots = blocks * (g * (R + L) * k + o * R + g * L) * F32
     results = ELEM * (g * (R + L) * k + o * R + g * L)
     main = Cost.kernel(dgrad + g_redo + u_redo + db + k_ext + da_dr,
-                       read + ELEM * n * k + scratch + slots, blocks * chunks)
+                       read + ELEM * n * k + scratch + slots, blocks * chunks, efficiency)
     return main + Cost.kernel(0, slots + results)
 
 
@@ -179,7 +197,8 @@ def cuda_table(n, peak, bandwidth, launch_us, fraction) -> str:
 def table(n, peak, bandwidth, launch_us) -> str:
     rows = ["| shape | linear fwd us | triton fwd us | ratio | linear fwd+bwd us | "
             "triton fwd+bwd us | ratio | triton fwd+bwd: MMA work / linear's, HBM bytes / "
-            "linear's, launches | programs fwd, bwd |", "|---|---|---|---|---|---|---|---|---|"]
+            "linear's, launches | programs fwd, bwd | schedule efficiency fwd, bwd |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for k, o, g in SHAPES:
         lf, lb = linear_fwd(n, k, o), linear_bwd(n, k, o)
         tf, tb = triton_fwd(n, k, o, g), triton_bwd(n, k, o, g)
@@ -190,7 +209,7 @@ def table(n, peak, bandwidth, launch_us) -> str:
             f"| {name} | {t(lf):.1f} | {t(tf):.1f} | {t(tf) / t(lf):.2f} | {t(floor):.1f} | "
             f"{t(ours):.1f} | {t(ours) / t(floor):.2f} | {ours.flops / floor.flops:.2f}x, "
             f"{ours.bytes / floor.bytes:.2f}x, {ours.launches} | {tf.programs}, "
-            f"{tb.programs} |")
+            f"{tb.programs} | {tf.efficiency:.2f}, {tb.efficiency:.2f} |")
     return "\n".join(rows)
 
 

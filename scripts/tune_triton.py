@@ -7,9 +7,11 @@
         a real call specialises it (ViT-B shapes, unit strides, 16-byte alignment) and reports,
         kernel by kernel, the MMA instructions of the PTX (wgmma / mma.sync), whether every
         main loop (one that carries an MMA accumulator) is software-pipelined, shared memory,
-        registers and spills (ptxas). Fails on a compile error, a main loop that is not
-        pipelined, spills over SPILL_LIMIT_BYTES or shared memory over the architecture's
-        limit. --ci: only the bf16 ViT-B forward and backward on sm_90a (G = 1, large), and
+        registers and spills (ptxas), and how many programs fit on one SM. Fails on a compile
+        error, a main loop that is not pipelined, spills over SPILL_LIMIT_BYTES, shared memory
+        over the architecture's limit, or fewer programs per SM than the entry's
+        programs_per_sm (what the launcher's chunking assumes). --ci: only the bf16 ViT-B
+        forward and backward on sm_90a (G = 1, large), and
         any spill at all fails (about a minute on a 2-core CPU). --kernel / --groups: only
         those entries (a quick look at one kernel while changing it).
 
@@ -53,6 +55,23 @@ NO_ASYNC_COPY = {"sm75"}
 # more than this means the tile is too big for the kernel.
 SPILL_LIMIT_BYTES = 256
 CAPABILITY = {"sm90": (9, 0), "sm80": (8, 0), "sm86": (8, 6), "sm89": (8, 9), "sm75": (7, 5)}
+# Per SM (CUDA programming guide, compute capability tables): shared memory in KiB, resident
+# threads, resident blocks; 64 Ki 32-bit registers everywhere, 1 KiB of shared memory reserved
+# per block from sm_80 on.
+SM_LIMITS = {"sm90": (228, 2048, 32), "sm80": (164, 2048, 32), "sm86": (100, 1536, 16),
+             "sm89": (100, 1536, 24), "sm75": (64, 1024, 16)}
+
+
+def programs_per_sm(arch: str, regs: int, smem_bytes: int, num_warps: int) -> int:
+    """Blocks of a compiled kernel that fit on one SM at once: the least of what registers
+    (allocated per warp in units of 256), shared memory and the thread and block limits
+    allow."""
+    smem_kib, threads, blocks = SM_LIMITS[arch]
+    warp_regs = -(-regs * 32 // 256) * 256
+    by_regs = (65536 // warp_regs) // num_warps
+    reserved = 0 if arch == "sm75" else 1024
+    by_smem = (smem_kib * 1024) // (smem_bytes + reserved) if smem_bytes else blocks
+    return min(by_regs, by_smem, threads // (32 * num_warps), blocks)
 
 
 def _inputs(shape, dtype, device):
@@ -135,8 +154,10 @@ def _compile(jit_fn, args, kwargs, dtype, arch):
     ptx = compiled.asm["ptx"]
     mma = "+".join(kind for kind, op in (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync"))
                    if op in ptx) or "none"
-    return dict(smem=compiled.metadata.shared // 1024, regs=regs, spills=spills, mma=mma,
-                loops=main_loop_report(compiled.asm["ttgir"]))
+    shared = compiled.metadata.shared
+    return dict(smem=shared // 1024, regs=regs, spills=spills, mma=mma,
+                loops=main_loop_report(compiled.asm["ttgir"]),
+                per_sm=programs_per_sm(arch, regs, shared, options["num_warps"]))
 
 
 def _loop_regions(ttgir: str) -> list[tuple[str, str]]:
@@ -219,11 +240,12 @@ def check(archs, ci: bool = False, kernels_only=("fwd", "bwd"), groups_only=(1, 
                 unpipelined = [] if arch in NO_ASYNC_COPY else [
                     v for v in r["loops"] if v != "pipelined"]
                 bad = (r["spills"] > spill_limit or r["smem"] > smem_limit
-                       or bool(unpipelined))
+                       or bool(unpipelined) or r["per_sm"] < cfg.programs_per_sm)
                 failures += bad
                 print(f"{'FAIL' if bad else 'ok  '} {label}: {r['mma']}, main loops "
                       f"{'; '.join(r['loops']) or 'none'}, smem {r['smem']} KiB, "
-                      f"{r['regs']} registers, {r['spills']} B spilled", flush=True)
+                      f"{r['regs']} registers, {r['spills']} B spilled, {r['per_sm']} per SM "
+                      f"(table: {cfg.programs_per_sm})", flush=True)
     return 1 if failures else 0
 
 

@@ -26,6 +26,14 @@ def test_a_memory_bound_kernel_after_a_compute_bound_one_is_not_hidden():
     assert both.us(1e15, 1e12, launch_us=1) == pytest.approx(7.0)
 
 
+def test_a_kernel_that_leaves_part_of_the_gpu_idle_is_charged_for_it():
+    half_idle = Cost.kernel(flops=2e9, bytes_=1e6, efficiency=0.5)
+    assert half_idle.us(1e15, 1e12, launch_us=0) == pytest.approx(4.0)
+    # nn.Linear is given a perfect schedule; the fused kernels their launcher's.
+    assert kernel_model.linear_fwd(12608, 768, 768).efficiency == 1.0
+    assert 0 < kernel_model.triton_fwd(12608, 768, 768, 1).efficiency <= 1
+
+
 def test_launch_counts_and_tables():
     n, k, o = 12608, 768, 768
     assert kernel_model.triton_fwd(n, k, o, 1).launches == 1  # lora_b is read in place

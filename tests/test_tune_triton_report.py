@@ -1,5 +1,6 @@
 """scripts/tune_triton.py check: the verdict on a main loop read from compiled TTGIR; the
-launch tables, and how the launchers split a row's column tiles into chunks."""
+launch tables, how many programs fit on an SM, and how the launchers split a row's column
+tiles into chunks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ei_kernels.ops.triton_mor import _column_chunks
+from ei_kernels.ops.triton_schedule import column_chunks, schedule_efficiency
 
 _spec = importlib.util.spec_from_file_location(
     "tune_triton", Path(__file__).resolve().parents[1] / "scripts" / "tune_triton.py")
@@ -62,10 +63,48 @@ def test_column_tiles_are_spread_evenly_over_the_chunks():
     cases = {(6, 4): (2, 3), (24, 4): (6, 4), (5, 2): (3, 2), (1, 4): (1, 1), (7, 1): (7, 1),
              (25, 4): (7, 4)}
     for (tiles, col_tiles), expected in cases.items():
-        chunks, per_chunk = _column_chunks(tiles, col_tiles)
+        chunks, per_chunk = column_chunks(tiles, col_tiles)  # the GPU's size unknown
         assert (chunks, per_chunk) == expected
         assert per_chunk <= col_tiles and chunks * per_chunk >= tiles
         assert (chunks - 1) * per_chunk < tiles  # no empty chunk
+
+
+def test_the_chunking_that_fills_the_gpu_rounds_best_is_chosen():
+    # ViT-B proj at N = 12608 on 132 SMs, one program per SM: 99 row blocks of 6 tiles.
+    # Chunks of 3 (198 programs) take 2 rounds of 3 tiles; chunks of 1 (594 programs) take
+    # 5 rounds of 1 tile plus the redone shrink (a quarter of a tile): 6.25 < 6.5 tile times.
+    assert column_chunks(6, 4, row_programs=99, slots=132, chunk_cost=0.25) == (6, 1)
+    # With little per-chunk work to redo the same holds; with a lot, fewer chunks win.
+    assert column_chunks(6, 4, row_programs=99, slots=132, chunk_cost=2.0) == (2, 3)
+    # 44 row blocks: chunks of 2 are exactly 132 programs, one full round of 2 tiles.
+    assert column_chunks(6, 4, row_programs=44, slots=132, chunk_cost=0.25) == (3, 2)
+    # A grid far below one round: the shortest programs.
+    assert column_chunks(6, 6, row_programs=2, slots=132, chunk_cost=0.1) == (6, 1)
+    # Ties go to fewer chunks (fewer programs): with nothing redone, 132 row blocks take
+    # 6 tile times however they are chunked.
+    assert column_chunks(6, 6, row_programs=132, slots=132, chunk_cost=0.0) == (1, 6)
+    for rows in (1, 7, 99, 131, 400):
+        for cost in (0.0, 0.125, 0.25, 1.0):
+            chunks, per = column_chunks(24, 4, rows, 132, cost)
+            assert per <= 4 and (chunks - 1) * per < 24 <= chunks * per
+            assert 0 < schedule_efficiency(24, chunks, rows, 132, cost) <= 1
+
+
+def test_schedule_efficiency_counts_the_idle_part_of_the_last_round():
+    # 594 one-tile programs on 132 slots: 4.5 rounds of work in 5.
+    assert schedule_efficiency(6, 6, 99, 132, 0.0) == 0.9
+    assert schedule_efficiency(6, 2, 44, 132, 0.0) == 88 / 132  # one round, 88 slots busy
+
+
+def test_programs_per_sm_follow_registers_shared_memory_and_threads():
+    # 8 warps at 255 registers fill the register file: one program.
+    assert tune_triton.programs_per_sm("sm90", 255, 56 * 1024, 8) == 1
+    # 4 warps at 128 registers: 4 by registers, 2 by 100 KiB of shared memory each.
+    assert tune_triton.programs_per_sm("sm90", 128, 100 * 1024, 4) == 2
+    # sm86: 1536 threads; 4 warps at 32 registers and little shared memory: 12 by threads.
+    assert tune_triton.programs_per_sm("sm86", 32, 1024, 4) == 12
+    # Registers are allocated per warp in units of 256: 129 registers count as 136.
+    assert tune_triton.programs_per_sm("sm80", 129, 0, 4) == 3
 
 
 def test_each_architecture_family_gets_its_own_launch_table():

@@ -40,6 +40,10 @@ class KernelConfig:
     # spreads a row's tiles evenly): the per-row work that every column tile needs (the
     # forward's shrink, the backward's g = dy B and du, dl) is done once per chunk of tiles.
     col_tiles: int = 1
+    # Programs of this config that fit on one SM at once (registers, shared memory, threads)
+    # for every variant of the kernel: what the launcher's chunking assumes of the GPU
+    # (triton_schedule). `tune_triton.py check` fails where the compiled code fits fewer.
+    programs_per_sm: int = 1
 
 
 _C = KernelConfig
@@ -55,9 +59,10 @@ _IEEE32 = {
 
 # (kernel, dtype class, shape class) -> config; dtype class "16" is fp16/bf16, "tf32" is fp32
 # with TF32 allowed, "fp32" is IEEE fp32.
-# sm90 (227 KiB shared memory per SM). Large layers: chunks of 3 column tiles, so the per-row
-# work is redone once per 384 columns (the forward's 32-column shrink: 8.3 % more MMA work)
-# while a ViT-B layer at N = 12608 still gives 198 programs or more for the 132 SMs.
+# sm90 (227 KiB shared memory per SM). Large layers: chunks of up to 4 column tiles; the
+# launcher picks the chunking per launch from the SM count (triton_schedule). At N = 12608 on
+# 132 SMs that is 1-tile programs for ViT-B proj (594 programs: 4.5 rounds, where chunks of 3
+# would be 198 programs in 2 rounds of 3 tiles) and chunks of 3 of fc1's 24 forward tiles.
 _SM90 = {
     ("fwd", "16", "large"): _C(128, 128, 64, 8, 4, col_tiles=4),
     ("fwd", "16", "small"): _C(64, 128, 64, 4, 4),

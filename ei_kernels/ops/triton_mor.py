@@ -2,9 +2,10 @@
 
 Same contract as `torch_mor` (forward / backward). Two kernels, each program computing a
 CHUNK: one block of BLOCK_M tokens and up to `col_tiles` consecutive BLOCK_N-column tiles of
-it (launch table; the launcher spreads a row's tiles evenly over its chunks). What every
-column tile of a row needs (the forward's shrink, the backward's g = dy B, du and dl) is done
-once per chunk instead of once per tile.
+it (launch table). What every column tile of a row needs (the forward's shrink, the
+backward's g = dy B, du and dl) is done once per chunk instead of once per tile. The launcher
+picks the chunking per launch from the GPU's SM count (`triton_schedule`): the one whose
+rounds of programs end soonest, since a half-empty last round costs a whole one.
 
 `_mor_fwd_kernel` (one pass over x). Chunks never straddle groups (grid: rows x groups x
     chunks per group; a group's last tile is masked at its edge). The first tile's K loop
@@ -69,11 +70,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backends import cuda_capability
+from ..backends import cuda_capability, multiprocessor_count
 from ..spec import MoRSpec
 from . import triton_interpreter_compat
 from .device_constants import cached
-from .triton_configs import launch_config
+from .triton_configs import KernelConfig, launch_config
+from .triton_schedule import column_chunks
 
 triton_interpreter_compat.apply()  # a no-op unless the triton 3.6 interpreter meets numpy 2.4
 
@@ -567,12 +569,24 @@ def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _column_chunks(tiles: int, col_tiles: int) -> tuple[int, int]:
-    """(chunks, tiles per chunk): `tiles` column tiles in at most `col_tiles`-tile chunks, the
-    tiles spread evenly over the chunks (6 tiles at col_tiles 4 make 2 chunks of 3, not 4 + 2,
-    which would leave half the second wave idle)."""
-    chunks = triton.cdiv(tiles, col_tiles)
-    return chunks, triton.cdiv(tiles, chunks)
+def _slots(device: torch.device, cfg: KernelConfig) -> int | None:
+    """Programs of `cfg` the GPU runs at once (None in the interpreter)."""
+    sms = multiprocessor_count(device)
+    return sms * cfg.programs_per_sm if sms is not None else None
+
+
+def fwd_chunk_cost(cfg: KernelConfig, R: int, L: int, router: bool) -> float:
+    """The forward's per-chunk work in tiles' worth: the shrink's rank (and router) columns
+    over K next to a tile's BLOCK_N."""
+    return (_pad(R) + (_pad(L) if router else 0)) / cfg.block_n
+
+
+def bwd_chunk_cost(cfg: KernelConfig, R: int, G: int, k: int, o: int, has_u: bool) -> float:
+    """The backward's per-chunk work in tiles' worth: g = dy B_g over each group's O/G columns
+    (and, without the forward's u, u = x A_g^T over K per group) next to a tile's dgrad, dy W
+    over O into BLOCK_N columns."""
+    per_chunk = _pad(R) * o + (0 if has_u else G * _pad(R) * k)
+    return per_chunk / (cfg.block_n * max(o, 1))
 
 
 def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: MoRSpec,
@@ -591,7 +605,8 @@ def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: M
     cfg = _config("fwd", x)
     # At least one tile per group, so that probs are written even with no output columns.
     tiles = max(1, triton.cdiv(og, cfg.block_n))
-    chunks, col_tiles = _column_chunks(tiles, cfg.col_tiles)
+    chunks, col_tiles = column_chunks(tiles, cfg.col_tiles, triton.cdiv(n, cfg.block_m) * G,
+                                      _slots(x.device, cfg), fwd_chunk_cost(cfg, R, L, spec.router))
     col_logit, col_scale = _branch_table(spec, x.device)
     rw = router_weight if router_weight is not None else lora_a  # placeholders are never read
     b = lora_b.contiguous()  # the kernels index it with row stride R (a no-op for a parameter)
@@ -633,7 +648,8 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
     blocks = triton.cdiv(n, cfg.block_m)
     # At least one column tile, so that dB and dc are computed even when K == 0.
     n_tiles = max(1, triton.cdiv(k, cfg.block_n))
-    chunks, col_tiles = _column_chunks(n_tiles, cfg.col_tiles)
+    chunks, col_tiles = column_chunks(n_tiles, cfg.col_tiles, blocks, _slots(dev, cfg),
+                                      bwd_chunk_cost(cfg, R, G, k, o, u is not None))
     col_logit, col_scale = _branch_table(spec, dev)
     dx = _alloc((n, k) if compute_dx else (0, k), dtype, dev)
     n_a, n_r, n_b, n_c = G * R * k, G * L * k, o * R, G * L

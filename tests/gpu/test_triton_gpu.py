@@ -24,9 +24,10 @@ CASES = [
     pytest.param(1576, 768, 768, {"bypass": False}, "bf16", id="no-bypass-bf16"),
     pytest.param(1576, 768, 768, {"router": False}, "bf16", id="plain-lora-bf16"),
     pytest.param(1576, 768, 768, {"non_contiguous": True}, "fp16", id="non-contiguous-fp16"),
-    # Large 16-bit layers run programs of several column tiles (triton_configs col_tiles):
-    # fc1's forward chunks of 4 tiles, fc2's backward chunks of 4 dx tiles, qkv's of 3 per
-    # group with u recomputed.
+    # Large 16-bit layers run programs of up to 4 column tiles (triton_configs col_tiles), as
+    # many as the launcher's round model picks for this GPU's SM count (triton_schedule; on
+    # 132 SMs: fc1's forward and fc2's backward chunks of 3, qkv's forward of 2 per group).
+    # test_programs_of_the_fewest_chunks runs the same cases in the largest chunks.
     pytest.param(12608, 768, 3072, {}, "bf16", id="mlp-fc1-12608-bf16"),
     pytest.param(12608, 3072, 768, {}, "bf16", id="mlp-fc2-12608-bf16"),
     pytest.param(12608, 768, 2304, {"groups": 3}, "bf16", id="qkv-groups3-12608-bf16"),
@@ -45,6 +46,15 @@ def poisoned(monkeypatch):
 
 @pytest.mark.parametrize("n, k, o, cfg, dtype", CASES)
 def test_forward_and_grads_match_torch_and_fp64(poisoned, n, k, o, cfg, dtype):
+    check_against_torch_and_fp64("triton", n, k, o, cfg, DTYPES[dtype], ulps=1)
+
+
+@pytest.mark.parametrize("n, k, o, cfg, dtype", [c for c in CASES if c.values[0] == 12608
+                                                and c.values[4] == "bf16"])
+def test_programs_of_the_fewest_chunks(poisoned, monkeypatch, n, k, o, cfg, dtype):
+    """What the launcher runs where the GPU's size is unknown: chunks of col_tiles tiles
+    (qkv's backward then computes u in chunks of 3 dx tiles, which 132 SMs never pick)."""
+    monkeypatch.setattr(poisoned, "_slots", lambda device, cfg: None)
     check_against_torch_and_fp64("triton", n, k, o, cfg, DTYPES[dtype], ulps=1)
 
 
