@@ -14,11 +14,14 @@ rounds of programs end soonest, since a half-empty last round costs a whole one.
     later tiles run the plain GEMM loop. Epilogue per tile: fp32 softmax of l + c (once),
     p_k * s_k per rank column, z = u * coef, the rank-r expand z B_g^T into the accumulator,
     bias, one store of y. The group's first chunk also stores p (and u, for the backward).
-    Cost over x W^T: the shrink, 2 * BLOCK_M * K * 32 per chunk, 8.3 % of the MMA work for a
-    chunk of 3 x 128 columns (ViT-B proj and qkv), 6.3 % for 4 x 128 (fc1), plus the expand,
+    Cost over x W^T: the shrink, 2 * BLOCK_M * K * 32 per chunk, 25 % of the MMA work for
+    one-tile chunks of 128 columns (what 132 SMs give ViT-B proj at N = 12608), 8.3 % for
+    chunks of 3 x 128 (fc1), plus the expand,
     16 / K. The two-kernel form (a shrink kernel, then the GEMM with z as a K-extension) does
     each shrink once but reads x once more from HBM and adds a launch: at N = 12608 on an H200
-    that is 4.5-18 us of reads against the 0.8-3.9 us of shrink the chunks redo (ViT-B).
+    that is 4.5-18 us of reads (+ 3 us of launch) against the 3.9-15.7 us of shrink that
+    the chunks the launcher picks on 132 SMs redo (ViT-B proj to fc2; fewer, longer chunks
+    redo less but leave the last round of programs emptier).
 `_mor_bwd_kernel` (one pass over dy; W frozen, no dW). Tiles are dx columns (over K). Per
     group, in the chunk's first tile: u = x A_g^T as the forward stored it (fp32, when u and p
     fit the op's 32 values per token: one group), else recomputed over all K (qkv; these x
@@ -30,10 +33,10 @@ rounds of programs end soonest, since a half-empty last round costs a whole one.
     [du | dl] [A_g; R_g] of dx, and the tile's share of dA_g = du^T x, dR_g = dl^T x from the
     x tile of the same (rows, columns). dB_g = dy^T z is split over the row block's chunks
     (each takes every NUM_CHUNKS-th dy tile of the group, re-read from L2), dc is summed by
-    the first chunk. Cost over dy W: g once per chunk (2 x 16 / K with two chunks at K = 768),
+    the first chunk. Cost over dy W: g once per chunk (16 / BLOCK_N per one-tile chunk),
     dB 16 / K, the K-extension and dA, dR 32 / O each. A row-block pre-pass that reads dy once
     for g (and would leave dx a plain GEMM) costs 4.5-18 us of HBM reads at N = 12608 plus a
-    launch, more than the 0.4-2.4 us of g (and qkv's u) that chunks redo. Without dx (x needs
+    launch, more than the 2-12 us of g (and qkv's u) that those chunks redo. Without dx (x needs
     no gradient) the dy W GEMM and the K-extension are compiled out. `scripts/kernel_model.py`
     prints what this plan implies at the ViT-B shapes (a model, BENCHMARKS.md).
 
