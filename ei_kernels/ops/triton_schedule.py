@@ -13,9 +13,11 @@ grid soonest under this model (equal programs, `slots` of them at a time), ties 
 
 from __future__ import annotations
 
+import functools
 import math
 
 
+@functools.lru_cache(maxsize=4096)  # called on every launch; a layer's arguments repeat
 def column_chunks(tiles: int, col_tiles: int, row_programs: int = 1, slots: int | None = None,
                   chunk_cost: float = 0.0) -> tuple[int, int]:
     """(chunks, tiles per chunk) for rows of `tiles` column tiles, chunks of at most `col_tiles`
