@@ -11,9 +11,9 @@
         error, a main loop that is not pipelined, spills over SPILL_LIMIT_BYTES, shared memory
         over the architecture's limit, or fewer programs per SM than the entry's
         programs_per_sm (what the launcher's chunking assumes). --ci: only the bf16 ViT-B
-        forward and backward on sm_90a (G = 1, large), and
-        any spill at all fails (about a minute on a 2-core CPU). --kernel / --groups: only
-        those entries (a quick look at one kernel while changing it).
+        forward and backward on sm_90a (G = 1, large), and any spill at all fails (about a
+        minute on a 2-core CPU). --kernel / --groups: only those entries (a quick look at one
+        kernel while changing it).
 
     python scripts/tune_triton.py tune [--out DIR]
         On a GPU: times candidate configs of every (kernel, dtype class, shape class) entry of

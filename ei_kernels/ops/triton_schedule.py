@@ -17,6 +17,12 @@ import functools
 import math
 
 
+def _finish(tiles: int, chunks: int, row_programs: int, slots: int, chunk_cost: float) -> float:
+    """When the grid ends, in tiles' worth: its rounds times the longest program."""
+    rounds = math.ceil(row_programs * chunks / slots)
+    return rounds * (math.ceil(tiles / chunks) + chunk_cost)
+
+
 @functools.lru_cache(maxsize=4096)  # called on every launch; a layer's arguments repeat
 def column_chunks(tiles: int, col_tiles: int, row_programs: int = 1, slots: int | None = None,
                   chunk_cost: float = 0.0) -> tuple[int, int]:
@@ -29,12 +35,8 @@ def column_chunks(tiles: int, col_tiles: int, row_programs: int = 1, slots: int 
     fewest = math.ceil(tiles / col_tiles)
     if slots is None:
         return fewest, math.ceil(tiles / fewest)
-
-    def finish(chunks: int) -> float:  # rounds x the longest program, in tiles' worth
-        rounds = math.ceil(row_programs * chunks / slots)
-        return rounds * (math.ceil(tiles / chunks) + chunk_cost)
-
-    best = min(range(fewest, tiles + 1), key=lambda chunks: (finish(chunks), chunks))
+    best = min(range(fewest, tiles + 1), key=lambda chunks: (
+        _finish(tiles, chunks, row_programs, slots, chunk_cost), chunks))
     return best, math.ceil(tiles / best)
 
 
@@ -42,7 +44,5 @@ def schedule_efficiency(tiles: int, chunks: int, row_programs: int, slots: int,
                         chunk_cost: float) -> float:
     """Average over longest use of the GPU under the same model (1.0: the last round is full
     and every program as long as the others); what `scripts/kernel_model.py` charges."""
-    per = math.ceil(tiles / chunks)
-    rounds = math.ceil(row_programs * chunks / slots)
     work = row_programs * (tiles + chunks * chunk_cost)
-    return work / (rounds * slots * (per + chunk_cost))
+    return work / (slots * _finish(tiles, chunks, row_programs, slots, chunk_cost))
