@@ -27,8 +27,9 @@ import torch
 
 from ei_kernels.ops.torch_mor import SAVED_PER_TOKEN
 from ei_kernels.ops.triton_configs import launch_config
-from ei_kernels.ops.triton_mor import bwd_chunk_cost, fwd_chunk_cost
-from ei_kernels.ops.triton_schedule import column_chunks, schedule_efficiency
+from ei_kernels.ops.triton_mor import bwd_chunk_cost, fwd_z_cost
+from ei_kernels.ops.triton_schedule import (column_chunks, forward_durations, forward_order,
+                                            list_schedule_efficiency, schedule_efficiency)
 
 HOPPER = (9, 0)  # the launch table the model follows: sm90's, as on an H100/H200
 SMS = 132  # an H100 SXM's or H200's streaming multiprocessors
@@ -100,15 +101,24 @@ def _schedule(cfg, tiles: int, row_programs: int, chunk_cost: float):
 
 
 def triton_fwd(n, k, o, g) -> Cost:
+    """One program per tile; each (row block, group)'s z computed once, by the group's first
+    tile, and read back by its other tiles (z and the split tiles' partials counted as HBM
+    traffic, though mostly L2 reads)."""
     cfg = launch_config("fwd", HOPPER, n, torch.bfloat16, "ieee")
-    row_programs = math.ceil(n / cfg.block_m) * g
-    chunks, _, efficiency = _schedule(cfg, math.ceil(o / g / cfg.block_n), row_programs,
-                                      fwd_chunk_cost(cfg, R, L, True))
-    shrink = 2 * n * k * (PAD + PAD) * g * chunks  # every chunk redoes its group's shrink
+    blocks, tiles, slots = math.ceil(n / cfg.block_m), math.ceil(o / g / cfg.block_n), SMS
+    z_cost = fwd_z_cost(cfg, R, L, True)
+    group_m, split = forward_order(blocks, g, tiles, slots * cfg.programs_per_sm, z_cost,
+                                   cfg.group_m)
+    efficiency = list_schedule_efficiency(
+        forward_durations(blocks, g, tiles, group_m, split, z_cost), slots * cfg.programs_per_sm)
+    units = blocks * g
+    shrink = 2 * n * k * (PAD + PAD) * g
     expand = 2 * n * PAD * o
     stored = n * g * L * F32 + (n * g * R * F32 if keeps_u(g) else 0)  # p (and u)
-    traffic = ELEM * (n * k + o * k + g * (R + L) * k + o * R + n * o) + stored
-    return Cost.kernel(2 * n * k * o + shrink + expand, traffic, row_programs * chunks,
+    z = n * g * PAD * ELEM * tiles  # stored once, read by the other tiles
+    partials = 2 * split * cfg.block_m * cfg.block_n * F32 * 2  # stored, read by the other
+    traffic = ELEM * (n * k + o * k + g * (R + L) * k + o * R + n * o) + stored + z + partials
+    return Cost.kernel(2 * n * k * o + shrink + expand, traffic, units * tiles + split,
                        efficiency)
 
 

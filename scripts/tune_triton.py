@@ -201,7 +201,7 @@ def main_loop_report(ttgir: str) -> list[str]:
 
 
 # Buffers that stay fp32 whatever the input dtype (the capture runs everything in fp32 on CPU).
-_FP32_BUFFERS = ("p_ptr", "u_ptr", "col_scale_ptr", "dar_ptr", "db_ptr", "dc_ptr")
+_FP32_BUFFERS = ("p_ptr", "u_ptr", "col_scale_ptr", "part_ptr", "dar_ptr", "db_ptr", "dc_ptr")
 
 
 def check(archs, ci: bool = False, kernels_only=("fwd", "bwd"), groups_only=(1, 3)) -> int:

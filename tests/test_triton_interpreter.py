@@ -158,9 +158,9 @@ def test_more_output_tiles_than_dx_column_tiles(variant):
 @pytest.mark.parametrize("col_tiles", [1, 2, 3], ids=lambda c: f"col_tiles{c}")
 @pytest.mark.parametrize("variant", ["default", "groups3", "no-bypass"])
 def test_programs_that_compute_several_column_tiles(variant, col_tiles, monkeypatch):
-    """A program computes up to col_tiles column tiles of its row block in turn, reusing the
-    shrink (forward) and g, du, dl (backward). O=72, K=40 at 16-column tiles: 5 forward tiles
-    (3 per group for groups=3) and 3 dx tiles, so chunks of 2 and 3 leave a shorter last one."""
+    """A backward program computes up to col_tiles dx column tiles of its row block in turn,
+    reusing g, du and dl. K=40 at 16-column tiles: 3 dx tiles, so chunks of 2 leave a
+    shorter last one."""
     import dataclasses
 
     from ei_kernels.ops import triton_configs
@@ -180,6 +180,66 @@ def test_programs_that_compute_several_column_tiles(variant, col_tiles, monkeypa
     with_dx, without = triton_mor.backward(*args, True), triton_mor.backward(*args, False)
     for a, b in zip(with_dx[1:], without[1:]):
         assert torch.equal(a, b)
+
+
+def _forward_tiles(cfg, n=33, o=72):
+    """Tiles of the interpreter's forward launch at these sizes (all groups)."""
+    from ei_kernels.ops import triton_configs
+
+    c = triton_configs._INTERPRETER["fwd"]
+    groups = cfg.get("groups", 1)
+    return -(-n // c.block_m) * groups * -(-(o // groups) // c.block_n)
+
+
+@pytest.mark.parametrize("where", ["last-tiles", "every-tile"])
+@pytest.mark.parametrize("variant", ["default", "groups3", "plain-lora"])
+def test_forward_tiles_split_over_k_halves(variant, where, monkeypatch):
+    """The launcher splits the tiles of a last round that would run at most half full into two
+    programs (K halves) each; the second to arrive adds the other's partial and finishes the
+    tile. The interpreter's GPU size is made up so that it splits the last 2 tiles, or every
+    tile (a launch that fills less than half the GPU). O=72, K=40: halves of 32 and 8."""
+    from ei_kernels.ops import triton_mor
+    from ei_kernels.ops.triton_schedule import split_tiles
+
+    cfg = VARIANTS[variant]
+    tiles = _forward_tiles(cfg)
+    slots = tiles - 2 if where == "last-tiles" else 2 * tiles
+    assert split_tiles(tiles, slots) == (2 if where == "last-tiles" else tiles)
+    monkeypatch.setattr(triton_mor, "_slots", lambda device, c: slots)
+    _check_wide_fp32(cfg)
+
+
+@pytest.mark.parametrize("variant", ["default", "groups3", "no-bypass", "plain-lora"])
+def test_tiles_that_find_z_unpublished_compute_the_same_bits(variant, monkeypatch):
+    """Each group's first tile publishes z for the group's other tiles of its rows; a tile
+    that finds it not yet published computes z itself, with the same code. Without
+    publishing (SHARE_Z off) every tile takes that path, and y is bitwise the same."""
+    from ei_kernels.ops import triton_mor
+
+    cfg = VARIANTS[variant]
+    inputs, _ = _make(33, cfg, torch.float32, o=72)
+    spec = MoRSpec.build(RANKS, SCALINGS, bypass=cfg.get("bypass", True),
+                         router=cfg.get("router", True), groups=cfg.get("groups", 1))
+    shared = triton_mor.forward(*inputs.values(), spec, keep_u=True)
+    monkeypatch.setattr(triton_mor, "SHARE_Z", False)
+    alone = triton_mor.forward(*inputs.values(), spec, keep_u=True)
+    for a, b in zip(shared, alone):
+        assert not a.isnan().any() and torch.equal(a, b)
+    _check_wide_fp32(cfg)
+
+
+def test_launch_flags_give_each_launch_a_new_epoch():
+    """Flags count as set when they hold the launch's epoch: no launch reuses one, so no
+    launch sees an earlier launch's flags as its own, and none zeroes them first."""
+    from ei_kernels.ops import launch_flags
+
+    cpu = torch.device("cpu")
+    buf, first = launch_flags.flags(cpu, 5)
+    buf[:5] = first  # what a launch leaves behind
+    again, second = launch_flags.flags(cpu, 5)
+    assert again is buf and second > first
+    bigger, third = launch_flags.flags(cpu, 4 * buf.numel())
+    assert bigger.numel() >= 4 * buf.numel() and not bigger.any() and third > second
 
 
 def _direct_inputs(n=33, cfg=None, dtype=torch.float32):

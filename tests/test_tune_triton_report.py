@@ -7,9 +7,12 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
-from ei_kernels.ops.triton_schedule import column_chunks, schedule_efficiency
+from ei_kernels.ops.triton_schedule import (column_chunks, forward_durations, forward_order,
+                                            list_schedule_efficiency, schedule_efficiency,
+                                            split_tiles)
 
 _spec = importlib.util.spec_from_file_location(
     "tune_triton", Path(__file__).resolve().parents[1] / "scripts" / "tune_triton.py")
@@ -94,6 +97,46 @@ def test_schedule_efficiency_counts_the_idle_part_of_the_last_round():
     # 594 one-tile programs on 132 slots: 4.5 rounds of work in 5.
     assert schedule_efficiency(6, 6, 99, 132, 0.0) == 0.9
     assert schedule_efficiency(6, 2, 44, 132, 0.0) == 88 / 132  # one round, 88 slots busy
+
+
+def test_a_last_round_at_most_half_full_is_split_into_k_halves():
+    assert split_tiles(594, 132) == 66  # ViT-B proj at N = 12608: 4.5 rounds, then 5 full
+    assert split_tiles(2376, 132) == 0  # fc1: 18 full rounds
+    assert split_tiles(600, 132) == 0  # a last round of 72: fuller than half
+    assert split_tiles(60, 132) == 60  # less than half a round: every tile
+    assert split_tiles(594, None) == 0  # the interpreter
+
+
+def test_list_scheduling_takes_programs_in_order_to_the_first_free_slot():
+    assert list_schedule_efficiency([1.0] * 4, 2) == 1.0
+    assert list_schedule_efficiency([1.0] * 3, 2) == 0.75  # the last program alone
+    # 2, then 1 + 1 on the other slot: both end at 2.
+    assert list_schedule_efficiency([2.0, 1.0, 1.0], 2) == 1.0
+
+
+def test_forward_programs_in_launch_order():
+    # 2 row blocks, 1 group of 3 tiles, sweeps of 2 row blocks: both first tiles first.
+    assert forward_durations(2, 1, 3, 2, 0, 0.25) == [1.25, 1.25, 1.0, 1.0, 1.0, 1.0]
+    # groups=2 of 2 tiles, one row block per sweep: the first tile of each group is longer.
+    assert forward_durations(1, 2, 2, 1, 0, 0.5) == [1.5, 1.0, 1.5, 1.0]
+    # The last 2 tiles split: two programs of half a tile each, the first keeps the z work.
+    assert forward_durations(1, 1, 3, 1, 2, 0.25) == [1.25, 0.5, 0.5, 0.5, 0.5]
+
+
+def test_forward_sweeps_that_fill_a_round_spread_the_longer_programs():
+    # ViT-B proj at N = 12608 on 132 SMs: sweeps of 8 row blocks leave some slots a quarter
+    # tile behind at the end (list scheduling: 5 tile times for 4.69 of work); sweeps of
+    # 22 row blocks (one round of 132 programs) end at 4.75.
+    z_cost = 0.25
+    default = list_schedule_efficiency(forward_durations(99, 1, 6, 8, 66, z_cost), 132)
+    group_m, split = forward_order(99, 1, 6, 132, z_cost, 8)
+    chosen = list_schedule_efficiency(forward_durations(99, 1, 6, group_m, split, z_cost), 132)
+    assert split == 66 and default == pytest.approx(618.75 / (132 * 5.0))
+    assert group_m == 22 and chosen == pytest.approx(618.75 / (132 * 4.75))
+    assert forward_order(99, 1, 6, None, z_cost, 8) == (8, 0)  # the interpreter: the table's
+    for blocks, groups, tiles in ((1, 1, 1), (13, 3, 6), (99, 1, 24), (400, 1, 6)):
+        m, s = forward_order(blocks, groups, tiles, 132, z_cost, 8)
+        assert m >= 1 and 0 <= s <= blocks * groups * tiles
 
 
 def test_programs_per_sm_follow_registers_shared_memory_and_threads():

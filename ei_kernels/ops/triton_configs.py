@@ -36,9 +36,10 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8  # row blocks that sweep all column tiles together (L2 reuse of W and x)
-    # Column tiles one program computes in turn for its row block (at most; the launcher
-    # spreads a row's tiles evenly): the per-row work that every column tile needs (the
-    # forward's shrink, the backward's g = dy B and du, dl) is done once per chunk of tiles.
+    # Backward: dx column tiles one program computes in turn for its row block (at most; the
+    # launcher spreads a row's tiles evenly): the per-row work that every dx tile needs
+    # (g = dy B, du, dl) is done once per chunk of tiles. The forward computes one tile per
+    # program and shares its per-row work (z) between programs instead (triton_mor).
     col_tiles: int = 1
     # Programs of this config that fit on one SM at once (registers, shared memory, threads)
     # for every variant of the kernel: what the launcher's chunking assumes of the GPU
@@ -59,12 +60,12 @@ _IEEE32 = {
 
 # (kernel, dtype class, shape class) -> config; dtype class "16" is fp16/bf16, "tf32" is fp32
 # with TF32 allowed, "fp32" is IEEE fp32.
-# sm90 (227 KiB shared memory per SM). Large layers: chunks of up to 4 column tiles; the
-# launcher picks the chunking per launch from the SM count (triton_schedule). At N = 12608 on
-# 132 SMs that is 1-tile programs for ViT-B proj (594 programs: 4.5 rounds, where chunks of 3
-# would be 198 programs in 2 rounds of 3 tiles) and chunks of 3 of fc1's 24 forward tiles.
+# sm90 (227 KiB shared memory per SM). Large layers' backward: chunks of up to 4 dx column
+# tiles; the launcher picks the chunking per launch from the SM count (triton_schedule). At
+# N = 12608 on 132 SMs that is 1-tile programs for ViT-B proj (594 programs: 4.5 rounds,
+# where chunks of 3 would be 198 programs in 2 rounds of 3 tiles).
 _SM90 = {
-    ("fwd", "16", "large"): _C(128, 128, 64, 8, 4, col_tiles=4),
+    ("fwd", "16", "large"): _C(128, 128, 64, 8, 4),
     ("fwd", "16", "small"): _C(64, 128, 64, 4, 4),
     ("fwd", "tf32", "large"): _C(128, 128, 32, 8, 3),
     ("fwd", "tf32", "small"): _C(64, 128, 32, 4, 3),
@@ -79,7 +80,7 @@ _SM90 = {
 # 128 rows its groups=3 form spills 332 B (tune_triton.py check), at the cost of twice the
 # deterministic slot traffic (not timed on such a card yet).
 _SM80 = {
-    ("fwd", "16", "large"): _C(128, 128, 64, 8, 3, col_tiles=4),
+    ("fwd", "16", "large"): _C(128, 128, 64, 8, 3),
     ("fwd", "16", "small"): _C(64, 128, 32, 4, 3),
     ("fwd", "tf32", "large"): _C(128, 128, 32, 8, 3),
     ("fwd", "tf32", "small"): _C(64, 128, 32, 4, 3),
@@ -104,10 +105,10 @@ _SM75 = {
 }
 
 # TRITON_INTERPRET=1 on CPU: the smallest tiles tl.dot accepts, so that the tiny test shapes
-# (K=40, O=24, N=33) cross several tiles and every masked edge is exercised, in chunks of two
-# (the backward's 3 dx tiles make chunks of 2 and 1).
+# (K=40, O=24, N=33) cross several tiles and every masked edge is exercised, the backward's in
+# chunks of two (its 3 dx tiles make chunks of 2 and 1).
 _INTERPRETER = {
-    "fwd": _C(16, 16, 32, 1, 1, col_tiles=2),
+    "fwd": _C(16, 16, 32, 1, 1),
     "bwd": _C(16, 16, 16, 1, 1, group_m=2, col_tiles=2),
 }
 

@@ -1,27 +1,30 @@
 """The "triton" backend: fused MoR forward and backward kernels (docs/MOR_MATH.md), Liger style.
 
-Same contract as `torch_mor` (forward / backward). Two kernels, each program computing a
-CHUNK: one block of BLOCK_M tokens and up to `col_tiles` consecutive BLOCK_N-column tiles of
-it (launch table). What every column tile of a row needs (the forward's shrink, the
-backward's g = dy B, du and dl) is done once per chunk instead of once per tile. The launcher
-picks the chunking per launch from the GPU's SM count (`triton_schedule`): the one whose
-rounds of programs end soonest, since a half-empty last round costs a whole one.
+Same contract as `torch_mor` (forward / backward). What every column tile of a row needs (the
+forward's z, the backward's g = dy B, du and dl) is computed once per row block where it can
+be: the forward shares it between programs, the backward between the tiles of a chunk.
 
-`_mor_fwd_kernel` (one pass over x). Chunks never straddle groups (grid: rows x groups x
-    chunks per group; a group's last tile is masked at its edge). The first tile's K loop
-    accumulates the base GEMM x W^T and the shrink of group g, u = x A_g^T and l = x R_g^T
-    (rank and router columns padded to 16 for tl.dot), from the same x tiles; the chunk's
-    later tiles run the plain GEMM loop. Epilogue per tile: fp32 softmax of l + c (once),
-    p_k * s_k per rank column, z = u * coef, the rank-r expand z B_g^T into the accumulator,
-    bias, one store of y. The group's first chunk also stores p (and u, for the backward).
-    Cost over x W^T: the shrink, 2 * BLOCK_M * K * 32 per chunk, 25 % of the MMA work for
-    one-tile chunks of 128 columns (what 132 SMs give ViT-B proj at N = 12608), 8.3 % for
-    chunks of 3 x 128 (fc1), plus the expand,
-    16 / K. The two-kernel form (a shrink kernel, then the GEMM with z as a K-extension) does
-    each shrink once but reads x once more from HBM and adds a launch: at N = 12608 on an H200
-    that is 4.5-18 us of reads (+ 3 us of launch) against the 3.9-15.7 us of shrink that
-    the chunks the launcher picks on 132 SMs redo (ViT-B proj to fc2; fewer, longer chunks
-    redo less but leave the last round of programs emptier).
+`_mor_fwd_kernel` (one program per output tile; grid: tiles, in the grouped order of
+    `triton_schedule.forward_order`). Each group's first tile of a row block computes the
+    group's z = (x A_g^T) * coef for those rows (the shrink u = x A_g^T and l = x R_g^T over
+    all of K, rank and router columns padded to 16 for tl.dot, fp32 softmax of l + c,
+    p_k * s_k per rank column), stores p (and u, for the backward) and z, and publishes z by
+    a flag (`launch_flags`), all before its own GEMM. Every tile then runs the plain x W^T
+    loop and, in its epilogue, takes z: its own, or the published one (16 values per row),
+    or, where the flag is not set yet, computes it with the same code (same bits). The other
+    tiles of a row block launch with or after its first and look only after their GEMM,
+    about three quarters of a tile after the z was published, so the fallback is for safety,
+    not for speed. Epilogue: the rank-r expand z B_g^T into the accumulator, bias, one store.
+    Cost over x W^T: the shrink once per row block and group, 32 / O of the MMA work (4.2 % at
+    O = 768), and the expand, 16 / K; where one program per tile recomputed the shrink (25 % at
+    BLOCK_N = 128) this removes 19-20 % of the MMA work, and where a separate shrink kernel
+    would read x once more from HBM (4.5-18 us at N = 12608) and add a launch, it reads x a
+    second time only from L2 (its first tile's GEMM). A last round of programs at most half
+    full is split: its tiles become two programs each over the two halves of K, the second to
+    finish adds the other's fp32 partial (stored, then a ticket flag) and writes the tile, so
+    that round runs full and half as long. With sweeps of a round of programs (group_m, fitted
+    per launch), list scheduling puts the 660 programs of ViT-B proj at N = 12608 on 132 SMs
+    at 0.99 of the GPU, against 0.90 for 594 equal tiles (`scripts/kernel_model.py`).
 `_mor_bwd_kernel` (one pass over dy; W frozen, no dW). Tiles are dx columns (over K). Per
     group, in the chunk's first tile: u = x A_g^T as the forward stored it (fp32, when u and p
     fit the op's 32 values per token: one group), else recomputed over all K (qkv; these x
@@ -44,6 +47,14 @@ Variants are constexpr specialisations of the same two kernels, never copies: ro
 router bias, base bias, groups (backward), rank r and router outputs L, dx on/off, atomics;
 the output dtype follows the pointer type. The bypass needs no flag: a small per-spec table
 maps each rank column to the router output weighting it (bypass + k) and its scaling s_k.
+
+Programs signal each other only without waiting: a flag is read once and, if it is not set,
+the reader does the work itself, so no program ever spins on another (no deadlock, whatever
+the GPU runs at once) and the result does not depend on timing. Publishing stores data, a
+barrier of the program's threads, then an atomic release of the flag; reading is an atomic
+acquire, then loads that bypass L1 (.cg). `SHARE_Z` (env EI_KERNELS_TRITON_SHARE_Z=0 turns
+it off) publishes nothing, so every tile computes its own z: the earlier cost, for timing
+against and as a switch should a GPU ever show a problem with the flags.
 
 Token reductions (dB, dA_cat, dR, dc) accumulate in fp32. `DETERMINISTIC` (default True; env
 EI_KERNELS_TRITON_DETERMINISTIC=0 turns it off) writes one fp32 slot per token block, a flat
@@ -75,16 +86,17 @@ from torch import Tensor
 
 from ..backends import cuda_capability, multiprocessor_count
 from ..spec import MoRSpec
-from . import triton_interpreter_compat
+from . import launch_flags, triton_interpreter_compat
 from .device_constants import cached
 from .triton_configs import KernelConfig, launch_config
-from .triton_schedule import column_chunks
+from .triton_schedule import column_chunks, forward_order
 
 triton_interpreter_compat.apply()  # a no-op unless the triton 3.6 interpreter meets numpy 2.4
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DETERMINISTIC = os.environ.get("EI_KERNELS_TRITON_DETERMINISTIC", "1") != "0"
 POISON_OUTPUTS = os.environ.get("EI_KERNELS_TRITON_POISON", "0") == "1"
+SHARE_Z = os.environ.get("EI_KERNELS_TRITON_SHARE_Z", "1") != "0"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,36 +130,79 @@ def _mor_branch_coef(
 
 
 @triton.jit
-def _mor_fwd_k_loop(
-    acc, acc_u, acc_l,  # [BM, BN], [BM, BR], [BM, BL] fp32 accumulators
-    x_ptr, w_ptr, a_ptr, rw_ptr, rows64, row_ok, cols, col_ok, g, K,
-    stride_xm, stride_xk, stride_wo, stride_wk, stride_am, stride_ak, stride_rm, stride_rk,
-    R: tl.constexpr, L: tl.constexpr, ROUTER: tl.constexpr, SHRINK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+def _mor_fwd_gemm(
+    acc,  # [BM, BN] fp32 accumulator
+    x_ptr, w_ptr, rows64, row_ok, cols, col_ok, k_lo, k_hi,
+    stride_xm, stride_xk, stride_wo, stride_wk,
+    DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """The base GEMM x W^T of one tile over all of K; with SHRINK also the shrink of group g,
-    u = x A_g^T and l = x R_g^T, from the same x tiles."""
-    cr = tl.arange(0, BLOCK_R)
-    cl = tl.arange(0, BLOCK_L)
-    for k0 in range(0, K, BLOCK_K):
+    """acc + x W^T of one tile over K in [k_lo, k_hi) (all of K, or half of a split tile's)."""
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
+        k_ok = ks < k_hi
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
         w = tl.load(w_ptr + cols[None, :] * stride_wo + ks[:, None] * stride_wk,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BK, BN]
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
-        if SHRINK:
-            a = tl.load(a_ptr + (g * R + cr)[None, :] * stride_am + ks[:, None] * stride_ak,
-                        mask=k_ok[:, None] & (cr < R)[None, :], other=0.0)  # [BK, BR]
-            acc_u = tl.dot(x, a, acc_u, input_precision=DOT_PRECISION)
-            if ROUTER:
-                rw = tl.load(rw_ptr + (g * L + cl)[None, :] * stride_rm
-                             + ks[:, None] * stride_rk,
-                             mask=k_ok[:, None] & (cl < L)[None, :], other=0.0)  # [BK, BL]
-                acc_l = tl.dot(x, rw, acc_l, input_precision=DOT_PRECISION)
-    return acc, acc_u, acc_l
+    return acc
+
+
+@triton.jit
+def _mor_fwd_z(
+    x_ptr, a_ptr, rw_ptr, rb_ptr, col_logit_ptr, col_scale_ptr, p_ptr, u_ptr, z_ptr,
+    rows64, row_ok, g, K,
+    stride_xm, stride_xk, stride_am, stride_ak, stride_rm, stride_rk, stride_pm, stride_pl,
+    stride_um, stride_zm,
+    R: tl.constexpr, L: tl.constexpr, ROUTER: tl.constexpr, HAS_ROUTER_BIAS: tl.constexpr,
+    STORE: tl.constexpr, STORE_U: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """z = (x A_g^T) * coef of one row block and group, [BM, BR] in the input dtype: the shrink
+    u = x A_g^T and l = x R_g^T over all of K, the fp32 softmax of l + c, p_k * s_k per rank
+    column. STORE: also store p (u with STORE_U, for the backward) and z (for the other
+    tiles of these rows)."""
+    cr = tl.arange(0, BLOCK_R)
+    r_ok = cr < R
+    cl = tl.arange(0, BLOCK_L)
+    l_ok = cl < L
+    acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc_l = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+        a = tl.load(a_ptr + (g * R + cr)[None, :] * stride_am + ks[:, None] * stride_ak,
+                    mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, BR]
+        acc_u = tl.dot(x, a, acc_u, input_precision=DOT_PRECISION)
+        if ROUTER:
+            rw = tl.load(rw_ptr + (g * L + cl)[None, :] * stride_rm + ks[:, None] * stride_rk,
+                         mask=k_ok[:, None] & l_ok[None, :], other=0.0)  # [BK, BL]
+            acc_l = tl.dot(x, rw, acc_l, input_precision=DOT_PRECISION)
+
+    col_logit = tl.load(col_logit_ptr + cr, mask=r_ok, other=-1)  # [BR]
+    col_scale = tl.load(col_scale_ptr + cr, mask=r_ok, other=0.0)  # [BR]
+    p = acc_l
+    if ROUTER:
+        logits = acc_l
+        if HAS_ROUTER_BIAS:
+            logits += tl.load(rb_ptr + g * L + cl, mask=l_ok, other=0.0).to(tl.float32)[None, :]
+        logits = tl.where(l_ok[None, :], logits, float("-inf"))
+        e = tl.exp(logits - tl.max(logits, axis=1)[:, None])  # [BM, BL], 0 in padded columns
+        p = e / tl.sum(e, axis=1)[:, None]
+        if STORE:
+            tl.store(p_ptr + rows64[:, None] * stride_pm + (g * L + cl)[None, :] * stride_pl,
+                     p, mask=row_ok[:, None] & l_ok[None, :])
+    if STORE_U:  # kept for backward, which then skips its shrink over all of K
+        tl.store(u_ptr + rows64[:, None] * stride_um + (g * R + cr)[None, :], acc_u,
+                 mask=row_ok[:, None] & r_ok[None, :])
+    coef = _mor_branch_coef(p, col_logit, col_scale, L, ROUTER, BLOCK_M, BLOCK_R, BLOCK_L)
+    z = (acc_u * coef).to(x_ptr.dtype.element_ty)  # [BM, BR], rounded like the torch backend
+    if STORE:
+        tl.store(z_ptr + rows64[:, None] * stride_zm + (g * BLOCK_R + cr)[None, :], z,
+                 mask=row_ok[:, None])
+    return z
 
 
 @triton.jit
@@ -174,82 +229,103 @@ def _mor_fwd_store_tile(
 @triton.jit
 def _mor_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, rw_ptr, rb_ptr, b_ptr, col_logit_ptr, col_scale_ptr,
-    y_ptr, p_ptr, u_ptr,
-    N, K, OG, G, TILES_PER_GROUP, CHUNKS_PER_GROUP, COL_TILES,
+    y_ptr, p_ptr, u_ptr, z_ptr, part_ptr, flag_ptr,
+    N, K, OG, G, TILES_PER_GROUP, GROUP_M, SPLIT_TILES, K_SPLIT, EPOCH,
     stride_xm, stride_xk, stride_wo, stride_wk, stride_am, stride_ak, stride_rm, stride_rk,
-    stride_ym, stride_yo, stride_pm, stride_pl, stride_um,
+    stride_ym, stride_yo, stride_pm, stride_pl, stride_um, stride_zm,
     R: tl.constexpr, L: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROUTER: tl.constexpr, HAS_ROUTER_BIAS: tl.constexpr,
-    STORE_U: tl.constexpr,
+    STORE_U: tl.constexpr, SHARE_Z: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    # Grouped launch order: GROUP_M row blocks sweep all column chunks together, so their x
-    # rows and the W tiles stay in L2.
+    # Programs: one per tile, except the last SPLIT_TILES tiles, two each (K halves).
     pid = tl.program_id(0)
     num_m = tl.cdiv(N, BLOCK_M)
-    num_n = G * CHUNKS_PER_GROUP
+    first_split = num_m * G * TILES_PER_GROUP - SPLIT_TILES
+    half = pid * 0 - 1  # of a split tile: 0 takes K below K_SPLIT, 1 the rest
+    tile_id = pid
+    if pid >= first_split:
+        tile_id = first_split + (pid - first_split) // 2
+        half = (pid - first_split) % 2
+    # Grouped order: GROUP_M row blocks (a runtime value: the launcher fits it to the GPU,
+    # triton_schedule.forward_order) sweep all column tiles together, so their x rows and the
+    # W tiles stay in L2; the first column tile of each group comes first for all of them.
+    num_n = G * TILES_PER_GROUP
     width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
+    first_m = (tile_id // width) * GROUP_M
     size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    g = pid_n // CHUNKS_PER_GROUP
-    first_tile = (pid_n % CHUNKS_PER_GROUP) * COL_TILES
-    end_tile = min(first_tile + COL_TILES, TILES_PER_GROUP)
+    pid_m = first_m + (tile_id % width) % size_m
+    pid_n = (tile_id % width) // size_m
+    g = pid_n // TILES_PER_GROUP
+    tile = pid_n % TILES_PER_GROUP
+    k_lo = tl.where(half == 1, K_SPLIT, 0)
+    k_hi = tl.where(half == 0, K_SPLIT, K)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)  # N * stride can exceed 2**31
-    cr = tl.arange(0, BLOCK_R)
-    r_ok = cr < R
-    cl = tl.arange(0, BLOCK_L)
-    l_ok = cl < L
-
-    # The chunk's first tile: base GEMM and the group's shrink from the same x tiles.
-    cols_g = first_tile * BLOCK_N + tl.arange(0, BLOCK_N)  # column inside group g
+    cols_g = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # column inside group g
     col_ok = cols_g < OG
-    acc, acc_u, acc_l = _mor_fwd_k_loop(
-        tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-        tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
-        tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32),
-        x_ptr, w_ptr, a_ptr, rw_ptr, rows64, row_ok, g * OG + cols_g, col_ok, g, K,
-        stride_xm, stride_xk, stride_wo, stride_wk, stride_am, stride_ak, stride_rm, stride_rk,
-        R, L, ROUTER, True, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_L)
+    cols = g * OG + cols_g
+    cr = tl.arange(0, BLOCK_R)
+    unit = pid_m * G + g  # the (row block, group) whose z this tile needs
 
-    col_logit = tl.load(col_logit_ptr + cr, mask=r_ok, other=-1)  # [BR]
-    col_scale = tl.load(col_scale_ptr + cr, mask=r_ok, other=0.0)  # [BR]
-    p = acc_l
-    if ROUTER:
-        logits = acc_l
-        if HAS_ROUTER_BIAS:
-            logits += tl.load(rb_ptr + g * L + cl, mask=l_ok, other=0.0).to(tl.float32)[None, :]
-        logits = tl.where(l_ok[None, :], logits, float("-inf"))
-        e = tl.exp(logits - tl.max(logits, axis=1)[:, None])  # [BM, BL], 0 in padded columns
-        p = e / tl.sum(e, axis=1)[:, None]
-        # The group's first chunk owns the probabilities of these rows.
-        tl.store(p_ptr + rows64[:, None] * stride_pm + (g * L + cl)[None, :] * stride_pl, p,
-                 mask=row_ok[:, None] & l_ok[None, :] & (first_tile == 0))
-    if STORE_U:  # kept for backward, which then skips its shrink over all of K
-        tl.store(u_ptr + rows64[:, None] * stride_um + (g * R + cr)[None, :], acc_u,
-                 mask=row_ok[:, None] & r_ok[None, :] & (first_tile == 0))
-    coef = _mor_branch_coef(p, col_logit, col_scale, L, ROUTER, BLOCK_M, BLOCK_R, BLOCK_L)
-    z = (acc_u * coef).to(x_ptr.dtype.element_ty)  # [BM, BR], rounded like the torch backend
-    _mor_fwd_store_tile(acc, z, b_ptr, bias_ptr, y_ptr, rows64, row_ok, g * OG + cols_g, col_ok,
-                        stride_ym, stride_yo, R, HAS_BIAS, DOT_PRECISION, BLOCK_R)
+    # The group's first tile computes z for all the group's tiles of these rows and publishes
+    # it before its own GEMM, so that the other tiles, launched with or after it, find it done
+    # when they need it, after theirs.
+    publisher = (tile == 0) & (half != 1)
+    z = tl.zeros((BLOCK_M, BLOCK_R), dtype=x_ptr.dtype.element_ty)
+    if publisher:
+        z = _mor_fwd_z(
+            x_ptr, a_ptr, rw_ptr, rb_ptr, col_logit_ptr, col_scale_ptr, p_ptr, u_ptr, z_ptr,
+            rows64, row_ok, g, K, stride_xm, stride_xk, stride_am, stride_ak, stride_rm,
+            stride_rk, stride_pm, stride_pl, stride_um, stride_zm,
+            R, L, ROUTER, HAS_ROUTER_BIAS, True, STORE_U, DOT_PRECISION,
+            BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_L)
+        if SHARE_Z:
+            # All threads' stores of z before the flag (the release orders them for others).
+            tl.debug_barrier()
+            tl.atomic_xchg(flag_ptr + unit, EPOCH, sem="release", scope="gpu")
 
-    # The chunk's other tiles reuse z: the shrink is done once per chunk, not once per tile.
-    for tile in range(first_tile + 1, end_tile):
-        cols_g = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols_g < OG
-        acc, acc_u, acc_l = _mor_fwd_k_loop(
-            tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), acc_u, acc_l,
-            x_ptr, w_ptr, a_ptr, rw_ptr, rows64, row_ok, g * OG + cols_g, col_ok, g, K,
-            stride_xm, stride_xk, stride_wo, stride_wk, stride_am, stride_ak, stride_rm,
-            stride_rk, R, L, ROUTER, False, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_L)
-        _mor_fwd_store_tile(acc, z, b_ptr, bias_ptr, y_ptr, rows64, row_ok, g * OG + cols_g,
-                            col_ok, stride_ym, stride_yo, R, HAS_BIAS, DOT_PRECISION, BLOCK_R)
+    acc = _mor_fwd_gemm(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, w_ptr, rows64,
+                        row_ok, cols, col_ok, k_lo, k_hi, stride_xm, stride_xk, stride_wo,
+                        stride_wk, DOT_PRECISION, BLOCK_K)
+
+    # A split tile: each half stores its fp32 partial and takes a ticket; the second to arrive
+    # adds the other's partial (a + b == b + a: the same bits whichever it is) and finishes.
+    finish = pid >= 0
+    if half >= 0:
+        split = tile_id - first_split
+        rr = tl.arange(0, BLOCK_M)
+        cc = tl.arange(0, BLOCK_N)
+        part = part_ptr + split.to(tl.int64) * (2 * BLOCK_M * BLOCK_N)
+        tl.store(part + half * (BLOCK_M * BLOCK_N) + rr[:, None] * BLOCK_N + cc[None, :], acc)
+        tl.debug_barrier()
+        ticket = flag_ptr + num_m * G + split
+        finish = tl.atomic_xchg(ticket, EPOCH, sem="acq_rel", scope="gpu") == EPOCH
+        if finish:
+            # .cg: from L2, never a stale line of this SM's L1.
+            acc += tl.load(part + (1 - half) * (BLOCK_M * BLOCK_N) + rr[:, None] * BLOCK_N
+                           + cc[None, :], cache_modifier=".cg")
+    if finish:
+        if not publisher:
+            done = pid < 0
+            if SHARE_Z:
+                done = tl.atomic_add(flag_ptr + unit, 0, sem="acquire", scope="gpu") == EPOCH
+            if done:
+                z = tl.load(z_ptr + rows64[:, None] * stride_zm + (g * BLOCK_R + cr)[None, :],
+                            mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+            else:  # not published yet: the same computation here, so the same bits
+                z = _mor_fwd_z(
+                    x_ptr, a_ptr, rw_ptr, rb_ptr, col_logit_ptr, col_scale_ptr, p_ptr, u_ptr,
+                    z_ptr, rows64, row_ok, g, K, stride_xm, stride_xk, stride_am, stride_ak,
+                    stride_rm, stride_rk, stride_pm, stride_pl, stride_um, stride_zm,
+                    R, L, ROUTER, HAS_ROUTER_BIAS, False, False, DOT_PRECISION,
+                    BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_L)
+        _mor_fwd_store_tile(acc, z, b_ptr, bias_ptr, y_ptr, rows64, row_ok, cols, col_ok,
+                            stride_ym, stride_yo, R, HAS_BIAS, DOT_PRECISION, BLOCK_R)
 
 
 @triton.jit
@@ -578,9 +654,9 @@ def _slots(device: torch.device, cfg: KernelConfig) -> int | None:
     return sms * cfg.programs_per_sm if sms is not None else None
 
 
-def fwd_chunk_cost(cfg: KernelConfig, R: int, L: int, router: bool) -> float:
-    """The forward's per-chunk work in tiles' worth: the shrink's rank (and router) columns
-    over K next to a tile's BLOCK_N."""
+def fwd_z_cost(cfg: KernelConfig, R: int, L: int, router: bool) -> float:
+    """What computing z adds to a forward program, in tiles' worth: the shrink's rank (and
+    router) columns over K next to a tile's BLOCK_N."""
     return (_pad(R) + (_pad(L) if router else 0)) / cfg.block_n
 
 
@@ -599,35 +675,40 @@ def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: M
     n, k = x.shape
     o = weight.shape[0]
     G, R, L = spec.groups, spec.rank, spec.num_logits
-    y = _alloc((n, o), x.dtype, x.device)
-    probs = _alloc((n, G * L), torch.float32, x.device)
-    u = _alloc((n, G * R), torch.float32, x.device) if keep_u else None
+    dev = x.device
+    y = _alloc((n, o), x.dtype, dev)
+    probs = _alloc((n, G * L), torch.float32, dev)
+    u = _alloc((n, G * R), torch.float32, dev) if keep_u else None
     if n == 0:
         return (y, probs, u) if keep_u else (y, probs)
     og = o // G
     cfg = _config("fwd", x)
     # At least one tile per group, so that probs are written even with no output columns.
     tiles = max(1, triton.cdiv(og, cfg.block_n))
-    chunks, col_tiles = column_chunks(tiles, cfg.col_tiles, triton.cdiv(n, cfg.block_m) * G,
-                                      _slots(x.device, cfg), fwd_chunk_cost(cfg, R, L, spec.router))
-    col_logit, col_scale = _branch_table(spec, x.device)
+    units = triton.cdiv(n, cfg.block_m) * G  # (row block, group) pairs, each with one z
+    group_m, split = forward_order(triton.cdiv(n, cfg.block_m), G, tiles, _slots(dev, cfg),
+                                   fwd_z_cost(cfg, R, L, spec.router), cfg.group_m)
+    z = _alloc((n, G * _pad(R)), x.dtype, dev)  # each unit's z, for its group's other tiles
+    partials = _alloc((max(1, split), 2, cfg.block_m, cfg.block_n), torch.float32, dev)
+    flag_buf, epoch = launch_flags.flags(dev, units + split)
+    col_logit, col_scale = _branch_table(spec, dev)
     rw = router_weight if router_weight is not None else lora_a  # placeholders are never read
     b = lora_b.contiguous()  # the kernels index it with row stride R (a no-op for a parameter)
-    grid = (triton.cdiv(n, cfg.block_m) * G * chunks,)
-    _mor_fwd_kernel[grid](
+    _mor_fwd_kernel[(units * tiles + split,)](
         x, weight, bias if bias is not None else x, lora_a, rw,
         router_bias if router_bias is not None else x, b, col_logit, col_scale, y, probs,
-        u if keep_u else probs,
-        n, k, og, G, tiles, chunks, col_tiles,
+        u if keep_u else probs, z, partials, flag_buf,
+        n, k, og, G, tiles, group_m, split, triton.cdiv(triton.cdiv(k, cfg.block_k), 2) * cfg.block_k,
+        epoch,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         lora_a.stride(0), lora_a.stride(1), rw.stride(0), rw.stride(1),
         y.stride(0), y.stride(1),
-        probs.stride(0), probs.stride(1), u.stride(0) if keep_u else 0,
+        probs.stride(0), probs.stride(1), u.stride(0) if keep_u else 0, z.stride(0),
         R=R, L=L, HAS_BIAS=bias is not None, ROUTER=spec.router,
-        HAS_ROUTER_BIAS=router_bias is not None, STORE_U=keep_u,
+        HAS_ROUTER_BIAS=router_bias is not None, STORE_U=keep_u, SHARE_Z=SHARE_Z,
         DOT_PRECISION=_dot_precision(x),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        BLOCK_R=_pad(R), BLOCK_L=_pad(L), GROUP_M=cfg.group_m,
+        BLOCK_R=_pad(R), BLOCK_L=_pad(L),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return (y, probs, u) if keep_u else (y, probs)

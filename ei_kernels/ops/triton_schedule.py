@@ -14,6 +14,7 @@ grid soonest under this model (equal programs, `slots` of them at a time), ties 
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 
 
@@ -46,3 +47,60 @@ def schedule_efficiency(tiles: int, chunks: int, row_programs: int, slots: int,
     and every program as long as the others); what `scripts/kernel_model.py` charges."""
     work = row_programs * (tiles + chunks * chunk_cost)
     return work / (slots * _finish(tiles, chunks, row_programs, slots, chunk_cost))
+
+
+def split_tiles(tiles: int, slots: int | None) -> int:
+    """How many of a launch's last tiles to split into two programs each (K halves): those of a
+    last round that would run at most half full, so that it runs full, each program half as
+    long. 0 where the GPU's size is unknown (the interpreter) or the last round is fuller."""
+    if slots is None:
+        return 0
+    rest = tiles % slots
+    return rest if 2 * rest <= slots else 0
+
+
+def list_schedule_efficiency(durations, slots: int) -> float:
+    """Busy share of `slots` program slots that take programs in launch order, each next
+    program to the first free slot (what the GPU's block scheduler does, to first order)."""
+    free = [0.0] * slots
+    for d in durations:
+        heapq.heappush(free, heapq.heappop(free) + d)
+    return sum(durations) / (slots * max(free))
+
+
+def forward_durations(row_blocks: int, groups: int, tiles: int, group_m: int, split: int,
+                      z_cost: float) -> list[float]:
+    """The forward's programs in launch order, in tiles' worth: the kernel's grouped order
+    (group_m row blocks sweep all groups' tiles, tile by tile), each program a tile long but
+    a group's first tile z_cost longer (it computes z for the group's other tiles of its rows),
+    the last `split` tiles two programs of half a tile each."""
+    total, width = row_blocks * groups * tiles, group_m * groups * tiles
+    durations = []
+    for t in range(total):
+        size_m = min(row_blocks - (t // width) * group_m, group_m)
+        extra = z_cost if ((t % width) // size_m) % tiles == 0 else 0.0
+        durations += [1.0 + extra] if t < total - split else [0.5 + extra, 0.5]
+    return durations
+
+
+# Beyond this many rounds of programs the last round's shape hardly matters: no simulation.
+_SIMULATED_ROUNDS = 24
+
+
+@functools.lru_cache(maxsize=1024)  # once per layer shape and GPU
+def forward_order(row_blocks: int, groups: int, tiles: int, slots: int | None, z_cost: float,
+                  group_m: int) -> tuple[int, int]:
+    """(group_m, split tiles) of a forward launch. The grouped order puts the longer programs
+    (a group's first tiles) first in each sweep of group_m row blocks; a sweep as long as a
+    round of programs (or a few) spreads them over the GPU's slots evenly, where a shorter
+    one can leave some slots a quarter tile behind the others at the end. So: the table's
+    group_m or a sweep of 1-4 rounds, whichever list scheduling ends soonest; the table's
+    where the GPU's size is unknown or the launch is many rounds long."""
+    total = row_blocks * groups * tiles
+    split = split_tiles(total, slots)
+    if slots is None or total > _SIMULATED_ROUNDS * slots:
+        return group_m, split
+    sweep = math.ceil(slots / (groups * tiles))
+    candidates = dict.fromkeys([group_m] + [m * sweep for m in range(1, 5)])
+    return max(candidates, key=lambda m: list_schedule_efficiency(
+        forward_durations(row_blocks, groups, tiles, m, split, z_cost), slots)), split

@@ -2,12 +2,14 @@
 
 First the machine's measured ceilings (a bf16 GEMM's TFLOP/s, a device copy's bandwidth), then
 per shape the frozen nn.Linear floor and FusedMoRLinear on each backend (torch, triton, cuda),
-and three variants of the triton backend: one column tile per program ("fused-triton-1tile"),
-the largest chunks the tables allow ("fused-triton-fewest": up to 4 tiles per program, what the
-launcher did before it chose chunks from the SM count; a ViT-B proj layer then gets 198
-programs for 132 SMs), and the atomic token reductions instead of the deterministic slots
-("fused-triton-atomic"). "fused-triton" is the launcher's choice by its round model
-(ei_kernels/ops/triton_schedule.py); these rows say whether that model picks the winner,
+and four variants of the triton backend: one dx column tile per backward program
+("fused-triton-1tile"), the GPU's size not consulted ("fused-triton-fewest": the backward's
+largest chunks, up to 4 tiles per program, and the forward's table order with no split last
+round), every forward tile computing its own z ("fused-triton-unshared": nothing published
+between programs, the forward's cost before they shared z), and the atomic token reductions
+instead of the deterministic slots ("fused-triton-atomic"). "fused-triton" is the launcher's
+choice by its schedule models (ei_kernels/ops/triton_schedule.py); these rows say whether
+those models pick the winner,
 forward (no grad) and forward + backward (x needs a gradient, the base is frozen): CUDA events
 around each call, median and minimum after warm-up, the peak memory of one fwd+bwd.
 
@@ -41,7 +43,7 @@ SHAPES = [(40, 24, 1), (40, 36, 3)] if DRY else [
     (768, 768, 1), (768, 2304, 3), (768, 3072, 1), (3072, 768, 1)]
 # The Triton variants last: within the stage's time cap they are what may be cut.
 PROVIDERS = ("linear", "fused-torch", "fused-triton", "fused-cuda", "fused-triton-1tile",
-             "fused-triton-fewest", "fused-triton-atomic")
+             "fused-triton-fewest", "fused-triton-unshared", "fused-triton-atomic")
 DTYPE = torch.float32 if DRY else torch.bfloat16
 WARMUP, ROUNDS = (1, 2) if DRY else (10, 30)
 
@@ -77,26 +79,29 @@ def ceilings() -> list[dict]:
 @contextlib.contextmanager
 def _triton_variant(provider: str):
     """The Triton backend as `provider` runs it: "-1tile" with col_tiles = 1 in every launch
-    table, "-fewest" in the largest chunks (the GPU's size not consulted), "-atomic" with the
-    atomic token reductions; yields the plain provider name."""
+    table, "-fewest" with the GPU's size not consulted, "-unshared" with no z shared between
+    forward programs, "-atomic" with the atomic token reductions; yields the plain provider
+    name."""
     from ei_kernels.ops import triton_configs, triton_mor
 
     tables, deterministic = dict(triton_configs.TABLES), triton_mor.DETERMINISTIC
-    slots = triton_mor._slots
+    slots, share = triton_mor._slots, triton_mor.SHARE_Z
     if provider.endswith("-fewest"):
         triton_mor._slots = lambda device, cfg: None
     if provider.endswith("-1tile"):
         triton_configs.TABLES.update({
             arch: {key: dataclasses.replace(cfg, col_tiles=1) for key, cfg in table.items()}
             for arch, table in tables.items()})
+    if provider.endswith("-unshared"):
+        triton_mor.SHARE_Z = False
     if provider.endswith("-atomic"):
         triton_mor.DETERMINISTIC = False
     try:
-        yield provider.removesuffix("-1tile").removesuffix("-fewest").removesuffix("-atomic")
+        yield "-".join(provider.split("-")[:2])  # "fused-triton-1tile" -> "fused-triton"
     finally:
         triton_configs.TABLES.update(tables)
         triton_mor.DETERMINISTIC = deterministic
-        triton_mor._slots = slots
+        triton_mor._slots, triton_mor.SHARE_Z = slots, share
 
 
 def time_case(provider: str, k: int, o: int, groups: int, mode: str) -> dict:

@@ -24,10 +24,11 @@ CASES = [
     pytest.param(1576, 768, 768, {"bypass": False}, "bf16", id="no-bypass-bf16"),
     pytest.param(1576, 768, 768, {"router": False}, "bf16", id="plain-lora-bf16"),
     pytest.param(1576, 768, 768, {"non_contiguous": True}, "fp16", id="non-contiguous-fp16"),
-    # Large 16-bit layers run programs of up to 4 column tiles (triton_configs col_tiles), as
-    # many as the launcher's round model picks for this GPU's SM count (triton_schedule; on
-    # 132 SMs: fc1's forward and fc2's backward chunks of 3, qkv's forward of 2 per group).
-    # test_programs_of_the_fewest_chunks runs the same cases in the largest chunks.
+    # Large 16-bit layers' backward runs programs of up to 4 dx column tiles (triton_configs
+    # col_tiles), as many as the launcher's round model picks for this GPU's SM count
+    # (triton_schedule; on 132 SMs fc2's backward chunks of 3); the forward shares z between
+    # programs and splits a last round at most half full (on 132 SMs: fc2 and qkv).
+    # test_programs_of_the_fewest_chunks runs the same cases with the GPU's size unknown.
     pytest.param(12608, 768, 3072, {}, "bf16", id="mlp-fc1-12608-bf16"),
     pytest.param(12608, 3072, 768, {}, "bf16", id="mlp-fc2-12608-bf16"),
     pytest.param(12608, 768, 2304, {"groups": 3}, "bf16", id="qkv-groups3-12608-bf16"),
@@ -56,6 +57,55 @@ def test_programs_of_the_fewest_chunks(poisoned, monkeypatch, n, k, o, cfg, dtyp
     (qkv's backward then computes u in chunks of 3 dx tiles, which 132 SMs never pick)."""
     monkeypatch.setattr(poisoned, "_slots", lambda device, cfg: None)
     check_against_torch_and_fp64("triton", n, k, o, cfg, DTYPES[dtype], ulps=1)
+
+
+def _forward_outputs(n, k, o, cfg, dtype=torch.bfloat16):
+    from ei_kernels.ops import triton_mor
+    from ei_kernels.spec import MoRSpec
+
+    inputs, _ = make_inputs(n, k, o, cfg, dtype, seed=2)
+    spec = MoRSpec.build((2, 4, 8), (2.0, 1.0, 0.5), groups=cfg.get("groups", 1))
+    return triton_mor.forward(*inputs.values(), spec, keep_u=True)
+
+
+@pytest.mark.parametrize("n, k, o, cfg", [(12608, 768, 768, {}),
+                                          (12608, 768, 2304, {"groups": 3})],
+                         ids=["proj-12608", "qkv-groups3-12608"])
+def test_forward_is_bitwise_the_same_whoever_computes_z(poisoned, monkeypatch, n, k, o, cfg):
+    """A tile takes z published by its row block's first tile, or computes it where that is not
+    published yet (timing decides which): the same bits either way. Five shared runs and one
+    with nothing published (every tile computes z) agree exactly."""
+    runs = [_forward_outputs(n, k, o, cfg) for _ in range(5)]
+    monkeypatch.setattr(poisoned, "SHARE_Z", False)
+    runs.append(_forward_outputs(n, k, o, cfg))
+    for outputs in runs[1:]:
+        for a, b in zip(runs[0], outputs):
+            assert not a.isnan().any() and torch.equal(a, b)
+
+
+def test_forward_with_every_tile_split_over_k_halves(poisoned, monkeypatch):
+    """A launch under half a round splits every tile: made so here for a ViT-B proj layer by a
+    GPU twice the size of its tiles, against torch and fp64."""
+    n, k, o = 12608, 768, 768
+    monkeypatch.setattr(poisoned, "_slots", lambda device, cfg: 2 * (-(-n // cfg.block_m)) * 6)
+    check_against_torch_and_fp64("triton", n, k, o, {}, torch.bfloat16, ulps=1)
+
+
+def test_forwards_on_two_streams_at_once(poisoned):
+    """Each stream has its own flags: two forwards that overlap do not take each other's z."""
+    first, second = torch.cuda.Stream(), torch.cuda.Stream()
+    cfg = {"groups": 3}
+    expected = [_forward_outputs(12608, 768, 2304, cfg, dtype) for dtype in
+                (torch.bfloat16, torch.float16)]
+    torch.cuda.synchronize()
+    outs = []
+    for stream, dtype in ((first, torch.bfloat16), (second, torch.float16)):
+        with torch.cuda.stream(stream):
+            outs.append(_forward_outputs(12608, 768, 2304, cfg, dtype))
+    torch.cuda.synchronize()
+    for got, want in zip(outs, expected):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
 
 
 def _backward_outputs(n=1576, k=768, o=2304, cfg=None, dtype=torch.bfloat16):
