@@ -1,8 +1,9 @@
 """A traffic and FLOP model of the MoR kernels (Triton and CUDA backends) next to nn.Linear,
 at the benchmark's ViT-B layer shapes, and the time it implies at an H200's measured ceilings.
 A model, not a measurement: each kernel is charged max(MMA FLOPs / peak, HBM bytes / bandwidth)
-divided by its schedule efficiency (the share of program slots its rounds keep busy, as the
-launcher's chunking gives it on 132 SMs; nn.Linear's taken as perfect, in its favour),
+divided by its schedule efficiency (the busy share of the GPU's program slots when the block
+scheduler hands each freed slot the next program, list scheduling, for the launch order and
+split the launcher picks on 132 SMs; nn.Linear's taken as perfect, in its favour),
 plus a fixed cost per launch, kernels one after the other, assuming every operand tile that
 several thread blocks share is read from HBM once (the grouped launch order keeps x, dy and W
 in the 50-60 MB L2) and perfect overlap of memory and math inside a kernel. What it is for:
@@ -27,9 +28,9 @@ import torch
 
 from ei_kernels.ops.torch_mor import SAVED_PER_TOKEN
 from ei_kernels.ops.triton_configs import launch_config
-from ei_kernels.ops.triton_mor import bwd_chunk_cost, fwd_z_cost
-from ei_kernels.ops.triton_schedule import (column_chunks, forward_durations, forward_order,
-                                            list_schedule_efficiency, schedule_efficiency)
+from ei_kernels.ops.triton_mor import bwd_row_cost, fwd_z_cost
+from ei_kernels.ops.triton_schedule import (program_durations, launch_order,
+                                            list_schedule_efficiency)
 
 HOPPER = (9, 0)  # the launch table the model follows: sm90's, as on an H100/H200
 SMS = 132  # an H100 SXM's or H200's streaming multiprocessors
@@ -45,7 +46,7 @@ SHAPES = [(768, 768, 1), (768, 2304, 3), (768, 3072, 1), (3072, 768, 1)]
 class Cost:
     """Kernels run one after the other, each (MMA FLOPs, HBM bytes, schedule efficiency), each
     charged max(math, memory) / efficiency: kernels do not overlap. The efficiency is the
-    share of the GPU's program slots the kernel's rounds keep busy (triton_schedule); 1.0 for
+    busy share of the GPU's program slots over the kernel's run (triton_schedule); 1.0 for
     nn.Linear, whose cuBLAS tile schedule the model takes as perfect (an assumption in its
     favour). Totals for the ratio columns."""
     kernels: tuple = ()
@@ -92,58 +93,54 @@ def keeps_u(groups: int) -> bool:
     return groups * (R + L) <= SAVED_PER_TOKEN
 
 
-def _schedule(cfg, tiles: int, row_programs: int, chunk_cost: float):
-    """(chunks, tiles per chunk, schedule efficiency) as the launcher picks them on an H200."""
+def _fitted(cfg, row_blocks: int, groups: int, tiles: int, extra: float):
+    """(programs, schedule efficiency, split tiles) of a launch in the order its launcher picks
+    on 132 SMs (triton_schedule.launch_order), by list scheduling."""
     slots = SMS * cfg.programs_per_sm
-    chunks, per = column_chunks(max(1, tiles), cfg.col_tiles, row_programs, slots, chunk_cost)
-    return chunks, per, schedule_efficiency(max(1, tiles), chunks, row_programs, slots,
-                                            chunk_cost)
+    group_m, split = launch_order(row_blocks, groups, tiles, slots, extra, cfg.group_m)
+    durations = program_durations(row_blocks, groups, tiles, group_m, split, extra)
+    return row_blocks * groups * tiles + split, list_schedule_efficiency(durations, slots), split
 
 
 def triton_fwd(n, k, o, g) -> Cost:
     """One program per tile; each (row block, group)'s z computed once, by the group's first
-    tile, and read back by its other tiles (z and the split tiles' partials counted as HBM
-    traffic, though mostly L2 reads)."""
+    tile, and read back by its other tiles; a split tile's halves store their fp32 partials,
+    the second reads the other's (both counted as HBM traffic, though mostly L2)."""
     cfg = launch_config("fwd", HOPPER, n, torch.bfloat16, "ieee")
-    blocks, tiles, slots = math.ceil(n / cfg.block_m), math.ceil(o / g / cfg.block_n), SMS
-    z_cost = fwd_z_cost(cfg, R, L, True)
-    group_m, split = forward_order(blocks, g, tiles, slots * cfg.programs_per_sm, z_cost,
-                                   cfg.group_m)
-    efficiency = list_schedule_efficiency(
-        forward_durations(blocks, g, tiles, group_m, split, z_cost), slots * cfg.programs_per_sm)
-    units = blocks * g
+    blocks, tiles = math.ceil(n / cfg.block_m), math.ceil(o / g / cfg.block_n)
+    programs, efficiency, split = _fitted(cfg, blocks, g, tiles, fwd_z_cost(cfg, R, L, True))
     shrink = 2 * n * k * (PAD + PAD) * g
     expand = 2 * n * PAD * o
     stored = n * g * L * F32 + (n * g * R * F32 if keeps_u(g) else 0)  # p (and u)
-    z = n * g * PAD * ELEM * tiles  # stored once, read by the other tiles
-    partials = 2 * split * cfg.block_m * cfg.block_n * F32 * 2  # stored, read by the other
+    z = 2 * n * g * PAD * ELEM  # stored once, read (once, as every shared operand) by the rest
+    partials = 3 * split * cfg.block_m * cfg.block_n * F32  # both halves store, one reads
     traffic = ELEM * (n * k + o * k + g * (R + L) * k + o * R + n * o) + stored + z + partials
-    return Cost.kernel(2 * n * k * o + shrink + expand, traffic, units * tiles + split,
-                       efficiency)
+    return Cost.kernel(2 * n * k * o + shrink + expand, traffic, programs, efficiency)
 
 
 def triton_bwd(n, k, o, g) -> Cost:
+    """One program per dx tile; each row block's du | dl | z computed once, by its first tile,
+    and read back by the others; split tiles as in the forward."""
     cfg = launch_config("bwd", HOPPER, n, torch.bfloat16, "ieee")
-    blocks = math.ceil(n / cfg.block_m)
-    chunks, per_chunk, efficiency = _schedule(cfg, math.ceil(k / cfg.block_n), blocks,
-                                              bwd_chunk_cost(cfg, R, g, k, o, keeps_u(g)))
+    blocks, tiles = math.ceil(n / cfg.block_m), math.ceil(k / cfg.block_n)
+    programs, efficiency, split = _fitted(cfg, blocks, 1, tiles,
+                                          bwd_row_cost(cfg, R, g, k, o, keeps_u(g)))
     dgrad = 2 * n * o * k
-    g_redo = 2 * n * o * PAD * chunks  # g = dy B, once per chunk of dx column tiles
-    u_redo = 0 if keeps_u(g) else 2 * n * k * PAD * g * chunks
+    g_once = 2 * n * o * PAD  # g = dy B, once per row block
+    u_once = 0 if keeps_u(g) else 2 * n * k * PAD * g
     db = 2 * n * o * PAD
     k_ext = 2 * n * k * (PAD + PAD) * g  # [du | dl] [A; R] into dx
     da_dr = 2 * n * k * (PAD + PAD) * g  # du^T x, dl^T x
     read = ELEM * (n * o + n * k + o * k + o * R + g * (R + L) * k) + n * g * L * F32
     read += n * g * R * F32 if keeps_u(g) else 0
-    # du | dl per chunk, written for the chunk's later tiles and read back (counted as HBM
-    # traffic, though the same program reads it back soon after, mostly from L2).
-    scratch = 2 * chunks * n * g * (PAD + PAD) * ELEM if per_chunk > 1 else 0
+    scratch = 2 * n * g * (3 * PAD) * ELEM  # du | dl | z stored, read (once) by the tiles
+    partials = 3 * split * cfg.block_m * cfg.block_n * F32
     # Deterministic slots: one fp32 partial sum per row block, written by the kernel, read
     # back by the slot-sum kernel, which then writes the results in their dtype.
     slots = blocks * (g * (R + L) * k + o * R + g * L) * F32
     results = ELEM * (g * (R + L) * k + o * R + g * L)
-    main = Cost.kernel(dgrad + g_redo + u_redo + db + k_ext + da_dr,
-                       read + ELEM * n * k + scratch + slots, blocks * chunks, efficiency)
+    main = Cost.kernel(dgrad + g_once + u_once + db + k_ext + da_dr,
+                       read + ELEM * n * k + scratch + partials + slots, programs, efficiency)
     return main + Cost.kernel(0, slots + results)
 
 

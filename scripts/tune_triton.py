@@ -10,7 +10,7 @@
         registers and spills (ptxas), and how many programs fit on one SM. Fails on a compile
         error, a main loop that is not pipelined, spills over SPILL_LIMIT_BYTES, shared memory
         over the architecture's limit, or fewer programs per SM than the entry's
-        programs_per_sm (what the launcher's chunking assumes). --ci: only the bf16 ViT-B
+        programs_per_sm (what the launcher's schedule assumes). --ci: only the bf16 ViT-B
         forward and backward on sm_90a (G = 1, large), and any spill at all fails (about a
         minute on a 2-core CPU). --kernel / --groups: only those entries (a quick look at one
         kernel while changing it).
@@ -251,10 +251,9 @@ def check(archs, ci: bool = False, kernels_only=("fwd", "bwd"), groups_only=(1, 
 
 # ---------------------------------------------------------------------------------- tune ----
 
-# (block_m, block_n, block_k, num_warps, num_stages[, col_tiles]): the 16-bit entries also try
-# chunks of 4 column tiles per program against one tile.
+# (block_m, block_n, block_k, num_warps, num_stages).
 CANDIDATES = {
-    "16": list(product((64, 128), (64, 128, 256), (32, 64), (4, 8), (3, 4), (1, 4))),
+    "16": list(product((64, 128), (64, 128, 256), (32, 64), (4, 8), (3, 4))),
     "tf32": list(product((64, 128), (64, 128), (32,), (4, 8), (3,))),
     "fp32": list(product((32, 64, 128), (32, 64), (16,), (4, 8), (3,))),
 }
@@ -283,9 +282,8 @@ def tune(out_dir) -> int:
         torch.backends.cuda.matmul.allow_tf32 = dtype_class == "tf32"
         spec, tensors, probs, dy = _inputs(SHAPES[shape_class][0], DTYPES[dtype_class], "cuda")
         results = []
-        for bm, bn, bk, warps, stages, *chunk in CANDIDATES[dtype_class]:
-            cfg = triton_configs.KernelConfig(bm, bn, bk, warps, stages,
-                                              col_tiles=chunk[0] if chunk else 1)
+        for bm, bn, bk, warps, stages in CANDIDATES[dtype_class]:
+            cfg = triton_configs.KernelConfig(bm, bn, bk, warps, stages)
             tm.launch_config = lambda *a, cfg=cfg: cfg
             try:
                 ms = _time_ms(lambda: _call(tm, kernel, spec, tensors, probs, dy))
@@ -297,8 +295,7 @@ def tune(out_dir) -> int:
         current_ms = _time_ms(lambda: _call(tm, kernel, spec, tensors, probs, dy))
         table[(kernel, dtype_class, shape_class)] = best
         print(f"    {(kernel, dtype_class, shape_class)!r}: _C({best.block_m}, {best.block_n}, "
-              f"{best.block_k}, {best.num_warps}, {best.num_stages}, "
-              f"col_tiles={best.col_tiles}),  # {best_ms:.3f} ms, "
+              f"{best.block_k}, {best.num_warps}, {best.num_stages}),  # {best_ms:.3f} ms, "
               f"table had {current_ms:.3f} ms", flush=True)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"triton_configs_{arch}.json")

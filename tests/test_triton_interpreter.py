@@ -155,74 +155,63 @@ def test_more_output_tiles_than_dx_column_tiles(variant):
     _check_wide_fp32(VARIANTS[variant])
 
 
-@pytest.mark.parametrize("col_tiles", [1, 2, 3], ids=lambda c: f"col_tiles{c}")
-@pytest.mark.parametrize("variant", ["default", "groups3", "no-bypass"])
-def test_programs_that_compute_several_column_tiles(variant, col_tiles, monkeypatch):
-    """A backward program computes up to col_tiles dx column tiles of its row block in turn,
-    reusing g, du and dl. K=40 at 16-column tiles: 3 dx tiles, so chunks of 2 leave a
-    shorter last one."""
-    import dataclasses
-
+def _tiles(kernel, cfg, n=33, o=72):
+    """Tiles of the interpreter's forward or backward launch at these sizes."""
     from ei_kernels.ops import triton_configs
 
-    table = {name: dataclasses.replace(c, col_tiles=col_tiles)
-             for name, c in triton_configs._INTERPRETER.items()}
-    monkeypatch.setattr(triton_configs, "_INTERPRETER", table)
-    cfg = VARIANTS[variant]
-    inputs, dy = _check_wide_fp32(cfg)
-    # Without dx the later tiles still add their dA and dR shares.
-    _, _, spec = _direct_inputs(cfg=cfg)
-    i = {name: v.detach() if v is not None else None for name, v in inputs.items()}
-    from ei_kernels.ops import triton_mor
-
-    _, p_ = triton_mor.forward(*i.values(), spec)
-    args = (dy, i["x"], p_, i["weight"], i["lora_a"], i["lora_b"], i["router_weight"], spec)
-    with_dx, without = triton_mor.backward(*args, True), triton_mor.backward(*args, False)
-    for a, b in zip(with_dx[1:], without[1:]):
-        assert torch.equal(a, b)
-
-
-def _forward_tiles(cfg, n=33, o=72):
-    """Tiles of the interpreter's forward launch at these sizes (all groups)."""
-    from ei_kernels.ops import triton_configs
-
-    c = triton_configs._INTERPRETER["fwd"]
+    c = triton_configs._INTERPRETER[kernel]
     groups = cfg.get("groups", 1)
+    if kernel == "bwd":
+        return -(-n // c.block_m) * -(-K // c.block_n)
     return -(-n // c.block_m) * groups * -(-(o // groups) // c.block_n)
 
 
 @pytest.mark.parametrize("where", ["last-tiles", "every-tile"])
 @pytest.mark.parametrize("variant", ["default", "groups3", "plain-lora"])
-def test_forward_tiles_split_over_k_halves(variant, where, monkeypatch):
-    """The launcher splits the tiles of a last round that would run at most half full into two
-    programs (K halves) each; the second to arrive adds the other's partial and finishes the
-    tile. The interpreter's GPU size is made up so that it splits the last 2 tiles, or every
-    tile (a launch that fills less than half the GPU). O=72, K=40: halves of 32 and 8."""
-    from ei_kernels.ops import triton_mor
+def test_tiles_split_in_two_halves_of_the_reduction(variant, where, monkeypatch):
+    """The launchers split the tiles of a last round that would run at most half full into two
+    programs each, over halves of the reduction (K forward, O backward); the second to arrive
+    adds the other's partial and finishes the tile. The interpreter's GPU size is made up so
+    that each kernel splits its last 2 tiles, or every tile (a launch under half a round).
+    O=72, K=40: forward halves of 32 and 8 columns of K, backward of 48 and 24 of O."""
+    from ei_kernels.ops import triton_configs, triton_mor
     from ei_kernels.ops.triton_schedule import split_tiles
 
     cfg = VARIANTS[variant]
-    tiles = _forward_tiles(cfg)
-    slots = tiles - 2 if where == "last-tiles" else 2 * tiles
-    assert split_tiles(tiles, slots) == (2 if where == "last-tiles" else tiles)
-    monkeypatch.setattr(triton_mor, "_slots", lambda device, c: slots)
+    slots = {}
+    for kernel in ("fwd", "bwd"):
+        tiles = _tiles(kernel, cfg)
+        slots[kernel] = tiles - 2 if where == "last-tiles" else 2 * tiles
+        assert split_tiles(tiles, slots[kernel]) == (2 if where == "last-tiles" else tiles)
+    fwd = triton_configs._INTERPRETER["fwd"]
+    monkeypatch.setattr(triton_mor, "_slots",
+                        lambda device, c: slots["fwd" if c is fwd else "bwd"])
     _check_wide_fp32(cfg)
 
 
 @pytest.mark.parametrize("variant", ["default", "groups3", "no-bypass", "plain-lora"])
 def test_tiles_that_find_z_unpublished_compute_the_same_bits(variant, monkeypatch):
-    """Each group's first tile publishes z for the group's other tiles of its rows; a tile
-    that finds it not yet published computes z itself, with the same code. Without
-    publishing (SHARE_Z off) every tile takes that path, and y is bitwise the same."""
+    """A row block's first tile publishes what the row block's other tiles need (forward: z
+    of each group; backward: du | dl | z); a tile that finds it not yet published computes it
+    itself, with the same code. Without publishing (SHARE_Z off) every tile takes that path,
+    and every output is bitwise the same."""
     from ei_kernels.ops import triton_mor
 
     cfg = VARIANTS[variant]
-    inputs, _ = _make(33, cfg, torch.float32, o=72)
+    inputs, dy = _make(33, cfg, torch.float32, o=72)
     spec = MoRSpec.build(RANKS, SCALINGS, bypass=cfg.get("bypass", True),
                          router=cfg.get("router", True), groups=cfg.get("groups", 1))
-    shared = triton_mor.forward(*inputs.values(), spec, keep_u=True)
+    i = inputs
+
+    def outputs():
+        y, probs, u = triton_mor.forward(*inputs.values(), spec, keep_u=True)
+        args = (dy, i["x"], probs, i["weight"], i["lora_a"], i["lora_b"], i["router_weight"],
+                spec, True)
+        return (y, probs, u, *triton_mor.backward(*args, u=u), *triton_mor.backward(*args))
+
+    shared = outputs()
     monkeypatch.setattr(triton_mor, "SHARE_Z", False)
-    alone = triton_mor.forward(*inputs.values(), spec, keep_u=True)
+    alone = outputs()
     for a, b in zip(shared, alone):
         assert not a.isnan().any() and torch.equal(a, b)
     _check_wide_fp32(cfg)

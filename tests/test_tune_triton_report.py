@@ -1,6 +1,6 @@
 """scripts/tune_triton.py check: the verdict on a main loop read from compiled TTGIR; the
-launch tables, how many programs fit on an SM, and how the launchers split a row's column
-tiles into chunks."""
+launch tables, how many programs fit on an SM, and how the launchers order and split their
+programs for the GPU's size."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ei_kernels.ops.triton_schedule import (column_chunks, forward_durations, forward_order,
-                                            list_schedule_efficiency, schedule_efficiency,
-                                            split_tiles)
+from ei_kernels.ops.triton_schedule import (launch_order, list_schedule_efficiency,
+                                            program_durations, split_tiles)
 
 _spec = importlib.util.spec_from_file_location(
     "tune_triton", Path(__file__).resolve().parents[1] / "scripts" / "tune_triton.py")
@@ -61,45 +60,7 @@ def test_a_wait_for_all_mmas_or_a_synchronous_tile_load_is_reported():
     assert "synchronous 2-D loads: b_7" in verdict
 
 
-def test_column_tiles_are_spread_evenly_over_the_chunks():
-    # (tiles, col_tiles) -> (chunks, tiles per chunk): 6 tiles at 4 make 2 chunks of 3.
-    cases = {(6, 4): (2, 3), (24, 4): (6, 4), (5, 2): (3, 2), (1, 4): (1, 1), (7, 1): (7, 1),
-             (25, 4): (7, 4)}
-    for (tiles, col_tiles), expected in cases.items():
-        chunks, per_chunk = column_chunks(tiles, col_tiles)  # the GPU's size unknown
-        assert (chunks, per_chunk) == expected
-        assert per_chunk <= col_tiles and chunks * per_chunk >= tiles
-        assert (chunks - 1) * per_chunk < tiles  # no empty chunk
-
-
-def test_the_chunking_that_fills_the_gpu_rounds_best_is_chosen():
-    # ViT-B proj at N = 12608 on 132 SMs, one program per SM: 99 row blocks of 6 tiles.
-    # Chunks of 3 (198 programs) take 2 rounds of 3 tiles; chunks of 1 (594 programs) take
-    # 5 rounds of 1 tile plus the redone shrink (a quarter of a tile): 6.25 < 6.5 tile times.
-    assert column_chunks(6, 4, row_programs=99, slots=132, chunk_cost=0.25) == (6, 1)
-    # With little per-chunk work to redo the same holds; with a lot, fewer chunks win.
-    assert column_chunks(6, 4, row_programs=99, slots=132, chunk_cost=2.0) == (2, 3)
-    # 44 row blocks: chunks of 2 are exactly 132 programs, one full round of 2 tiles.
-    assert column_chunks(6, 4, row_programs=44, slots=132, chunk_cost=0.25) == (3, 2)
-    # A grid far below one round: the shortest programs.
-    assert column_chunks(6, 6, row_programs=2, slots=132, chunk_cost=0.1) == (6, 1)
-    # Ties go to fewer chunks (fewer programs): with nothing redone, 132 row blocks take
-    # 6 tile times however they are chunked.
-    assert column_chunks(6, 6, row_programs=132, slots=132, chunk_cost=0.0) == (1, 6)
-    for rows in (1, 7, 99, 131, 400):
-        for cost in (0.0, 0.125, 0.25, 1.0):
-            chunks, per = column_chunks(24, 4, rows, 132, cost)
-            assert per <= 4 and (chunks - 1) * per < 24 <= chunks * per
-            assert 0 < schedule_efficiency(24, chunks, rows, 132, cost) <= 1
-
-
-def test_schedule_efficiency_counts_the_idle_part_of_the_last_round():
-    # 594 one-tile programs on 132 slots: 4.5 rounds of work in 5.
-    assert schedule_efficiency(6, 6, 99, 132, 0.0) == 0.9
-    assert schedule_efficiency(6, 2, 44, 132, 0.0) == 88 / 132  # one round, 88 slots busy
-
-
-def test_a_last_round_at_most_half_full_is_split_into_k_halves():
+def test_a_last_round_at_most_half_full_is_split_in_two():
     assert split_tiles(594, 132) == 66  # ViT-B proj at N = 12608: 4.5 rounds, then 5 full
     assert split_tiles(2376, 132) == 0  # fc1: 18 full rounds
     assert split_tiles(600, 132) == 0  # a last round of 72: fuller than half
@@ -114,28 +75,28 @@ def test_list_scheduling_takes_programs_in_order_to_the_first_free_slot():
     assert list_schedule_efficiency([2.0, 1.0, 1.0], 2) == 1.0
 
 
-def test_forward_programs_in_launch_order():
+def test_programs_in_launch_order():
     # 2 row blocks, 1 group of 3 tiles, sweeps of 2 row blocks: both first tiles first.
-    assert forward_durations(2, 1, 3, 2, 0, 0.25) == [1.25, 1.25, 1.0, 1.0, 1.0, 1.0]
+    assert program_durations(2, 1, 3, 2, 0, 0.25) == [1.25, 1.25, 1.0, 1.0, 1.0, 1.0]
     # groups=2 of 2 tiles, one row block per sweep: the first tile of each group is longer.
-    assert forward_durations(1, 2, 2, 1, 0, 0.5) == [1.5, 1.0, 1.5, 1.0]
+    assert program_durations(1, 2, 2, 1, 0, 0.5) == [1.5, 1.0, 1.5, 1.0]
     # The last 2 tiles split: two programs of half a tile each, the first keeps the z work.
-    assert forward_durations(1, 1, 3, 1, 2, 0.25) == [1.25, 0.5, 0.5, 0.5, 0.5]
+    assert program_durations(1, 1, 3, 1, 2, 0.25) == [1.25, 0.5, 0.5, 0.5, 0.5]
 
 
-def test_forward_sweeps_that_fill_a_round_spread_the_longer_programs():
+def test_sweeps_that_fill_a_round_spread_the_longer_programs():
     # ViT-B proj at N = 12608 on 132 SMs: sweeps of 8 row blocks leave some slots a quarter
     # tile behind at the end (list scheduling: 5 tile times for 4.69 of work); sweeps of
     # 22 row blocks (one round of 132 programs) end at 4.75.
     z_cost = 0.25
-    default = list_schedule_efficiency(forward_durations(99, 1, 6, 8, 66, z_cost), 132)
-    group_m, split = forward_order(99, 1, 6, 132, z_cost, 8)
-    chosen = list_schedule_efficiency(forward_durations(99, 1, 6, group_m, split, z_cost), 132)
+    default = list_schedule_efficiency(program_durations(99, 1, 6, 8, 66, z_cost), 132)
+    group_m, split = launch_order(99, 1, 6, 132, z_cost, 8)
+    chosen = list_schedule_efficiency(program_durations(99, 1, 6, group_m, split, z_cost), 132)
     assert split == 66 and default == pytest.approx(618.75 / (132 * 5.0))
     assert group_m == 22 and chosen == pytest.approx(618.75 / (132 * 4.75))
-    assert forward_order(99, 1, 6, None, z_cost, 8) == (8, 0)  # the interpreter: the table's
+    assert launch_order(99, 1, 6, None, z_cost, 8) == (8, 0)  # the interpreter: the table's
     for blocks, groups, tiles in ((1, 1, 1), (13, 3, 6), (99, 1, 24), (400, 1, 6)):
-        m, s = forward_order(blocks, groups, tiles, 132, z_cost, 8)
+        m, s = launch_order(blocks, groups, tiles, 132, z_cost, 8)
         assert m >= 1 and 0 <= s <= blocks * groups * tiles
 
 

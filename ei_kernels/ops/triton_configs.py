@@ -6,9 +6,9 @@ its group loop): `python scripts/tune_triton.py check` verifies this without a G
 timings behind the choices are not measured yet (`tune_triton.py tune` on a GPU does it).
 
 One table per architecture family (sm75 for Turing, sm80 for the A100 and as the conservative
-default, sm86 for the 100 KiB Ampere/Ada cards, sm90 for Hopper), keyed by kernel, dtype class and shape class. Nothing
-is autotuned in the autograd path: a new shape never triggers benchmarking, only (at most) one
-compilation.
+default, sm86 for the 100 KiB Ampere/Ada cards, sm90 for Hopper), keyed by kernel, dtype class
+and shape class. Nothing is autotuned in the autograd path: a new shape never triggers
+benchmarking, only (at most) one compilation.
 
 Block meanings per kernel (every kernel tiles tokens by `block_m`):
     fwd       block_n: output columns per tile (inside one group), block_k: step over K.
@@ -35,14 +35,11 @@ class KernelConfig:
     block_k: int
     num_warps: int
     num_stages: int
-    group_m: int = 8  # row blocks that sweep all column tiles together (L2 reuse of W and x)
-    # Backward: dx column tiles one program computes in turn for its row block (at most; the
-    # launcher spreads a row's tiles evenly): the per-row work that every dx tile needs
-    # (g = dy B, du, dl) is done once per chunk of tiles. The forward computes one tile per
-    # program and shares its per-row work (z) between programs instead (triton_mor).
-    col_tiles: int = 1
+    # Row blocks that sweep all their column tiles together (L2 reuse of W and x); the launcher
+    # may widen the sweep to fit the GPU's rounds (triton_schedule.launch_order).
+    group_m: int = 8
     # Programs of this config that fit on one SM at once (registers, shared memory, threads)
-    # for every variant of the kernel: what the launcher's chunking assumes of the GPU
+    # for every variant of the kernel: what the launcher's schedule assumes of the GPU
     # (triton_schedule). `tune_triton.py check` fails where the compiled code fits fewer.
     programs_per_sm: int = 1
 
@@ -60,16 +57,15 @@ _IEEE32 = {
 
 # (kernel, dtype class, shape class) -> config; dtype class "16" is fp16/bf16, "tf32" is fp32
 # with TF32 allowed, "fp32" is IEEE fp32.
-# sm90 (227 KiB shared memory per SM). Large layers' backward: chunks of up to 4 dx column
-# tiles; the launcher picks the chunking per launch from the SM count (triton_schedule). At
-# N = 12608 on 132 SMs that is 1-tile programs for ViT-B proj (594 programs: 4.5 rounds,
-# where chunks of 3 would be 198 programs in 2 rounds of 3 tiles).
+# sm90 (227 KiB shared memory per SM). The launcher fits each launch's order to the SM count
+# (triton_schedule): for ViT-B proj at N = 12608 on 132 SMs, 594 tiles of 128 x 128 in sweeps
+# of 22 row blocks, the last 66 split in two, 660 programs.
 _SM90 = {
     ("fwd", "16", "large"): _C(128, 128, 64, 8, 4),
     ("fwd", "16", "small"): _C(64, 128, 64, 4, 4),
     ("fwd", "tf32", "large"): _C(128, 128, 32, 8, 3),
     ("fwd", "tf32", "small"): _C(64, 128, 32, 4, 3),
-    ("bwd", "16", "large"): _C(128, 128, 32, 8, 3, col_tiles=4),
+    ("bwd", "16", "large"): _C(128, 128, 32, 8, 3),
     ("bwd", "16", "small"): _C(64, 128, 64, 8, 4),
     ("bwd", "tf32", "large"): _C(64, 128, 32, 8, 3),
     ("bwd", "tf32", "small"): _C(64, 128, 32, 8, 3),
@@ -84,7 +80,7 @@ _SM80 = {
     ("fwd", "16", "small"): _C(64, 128, 32, 4, 3),
     ("fwd", "tf32", "large"): _C(128, 128, 32, 8, 3),
     ("fwd", "tf32", "small"): _C(64, 128, 32, 4, 3),
-    ("bwd", "16", "large"): _C(64, 128, 32, 8, 3, col_tiles=4),
+    ("bwd", "16", "large"): _C(64, 128, 32, 8, 3),
     ("bwd", "16", "small"): _C(64, 128, 32, 8, 3),
     ("bwd", "tf32", "large"): _C(64, 64, 32, 8, 3),
     ("bwd", "tf32", "small"): _C(64, 64, 32, 8, 3),
@@ -105,11 +101,10 @@ _SM75 = {
 }
 
 # TRITON_INTERPRET=1 on CPU: the smallest tiles tl.dot accepts, so that the tiny test shapes
-# (K=40, O=24, N=33) cross several tiles and every masked edge is exercised, the backward's in
-# chunks of two (its 3 dx tiles make chunks of 2 and 1).
+# (K=40, O=24, N=33) cross several tiles and every masked edge is exercised.
 _INTERPRETER = {
     "fwd": _C(16, 16, 32, 1, 1),
-    "bwd": _C(16, 16, 16, 1, 1, group_m=2, col_tiles=2),
+    "bwd": _C(16, 16, 16, 1, 1, group_m=2),
 }
 
 TABLES = {"sm75": _SM75, "sm80": _SM80, "sm86": _SM86, "sm90": _SM90}

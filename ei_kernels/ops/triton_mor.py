@@ -1,11 +1,11 @@
 """The "triton" backend: fused MoR forward and backward kernels (docs/MOR_MATH.md), Liger style.
 
-Same contract as `torch_mor` (forward / backward). What every column tile of a row needs (the
-forward's z, the backward's g = dy B, du and dl) is computed once per row block where it can
-be: the forward shares it between programs, the backward between the tiles of a chunk.
+Same contract as `torch_mor` (forward / backward). Both kernels run one program per tile, and
+what every column tile of a row block needs (the forward's z, the backward's du | dl | z) is
+computed once per row block, by its first tile, and shared with the others (below: flags).
 
 `_mor_fwd_kernel` (one program per output tile; grid: tiles, in the grouped order of
-    `triton_schedule.forward_order`). Each group's first tile of a row block computes the
+    `triton_schedule.launch_order`). Each group's first tile of a row block computes the
     group's z = (x A_g^T) * coef for those rows (the shrink u = x A_g^T and l = x R_g^T over
     all of K, rank and router columns padded to 16 for tl.dot, fp32 softmax of l + c,
     p_k * s_k per rank column), stores p (and u, for the backward) and z, and publishes z by
@@ -17,7 +17,7 @@ be: the forward shares it between programs, the backward between the tiles of a 
     not for speed. Epilogue: the rank-r expand z B_g^T into the accumulator, bias, one store.
     Cost over x W^T: the shrink once per row block and group, 32 / O of the MMA work (4.2 % at
     O = 768), and the expand, 16 / K; where one program per tile recomputed the shrink (25 % at
-    BLOCK_N = 128) this removes 19-20 % of the MMA work, and where a separate shrink kernel
+    BLOCK_N = 128) this removes a fifth of the MMA work, and where a separate shrink kernel
     would read x once more from HBM (4.5-18 us at N = 12608) and add a launch, it reads x a
     second time only from L2 (its first tile's GEMM). A last round of programs at most half
     full is split: its tiles become two programs each over the two halves of K, the second to
@@ -25,23 +25,22 @@ be: the forward shares it between programs, the backward between the tiles of a 
     that round runs full and half as long. With sweeps of a round of programs (group_m, fitted
     per launch), list scheduling puts the 660 programs of ViT-B proj at N = 12608 on 132 SMs
     at 0.99 of the GPU, against 0.90 for 594 equal tiles (`scripts/kernel_model.py`).
-`_mor_bwd_kernel` (one pass over dy; W frozen, no dW). Tiles are dx columns (over K). Per
-    group, in the chunk's first tile: u = x A_g^T as the forward stored it (fp32, when u and p
-    fit the op's 32 values per token: one group), else recomputed over all K (qkv; these x
-    rows are read by all chunks of the row block at about the same time, so mostly from L2);
-    z = u * coef; one loop over the group's dy columns accumulates both the dgrad GEMM dy W and
-    g = dy B_g from the same dy tiles; du = g * coef and the fp32 softmax backward dl, kept in
-    a small per-chunk scratch (N x 32 values per group, read back from L2) for the chunk's
-    later tiles. Per tile and group: the dgrad loop (later tiles: without g), the K-extension
-    [du | dl] [A_g; R_g] of dx, and the tile's share of dA_g = du^T x, dR_g = dl^T x from the
-    x tile of the same (rows, columns). dB_g = dy^T z is split over the row block's chunks
-    (each takes every NUM_CHUNKS-th dy tile of the group, re-read from L2), dc is summed by
-    the first chunk. Cost over dy W: g once per chunk (16 / BLOCK_N per one-tile chunk),
-    dB 16 / K, the K-extension and dA, dR 32 / O each. A row-block pre-pass that reads dy once
-    for g (and would leave dx a plain GEMM) costs 4.5-18 us of HBM reads at N = 12608 plus a
-    launch, more than the 2-12 us of g (and qkv's u) that those chunks redo. Without dx (x needs
-    no gradient) the dy W GEMM and the K-extension are compiled out. `scripts/kernel_model.py`
-    prints what this plan implies at the ViT-B shapes (a model, BENCHMARKS.md).
+`_mor_bwd_kernel` (one program per dx tile, over K; W frozen, no dW; the same grouped order,
+    split and sharing as the forward). Each row block's first tile computes, per group, u =
+    x A_g^T as the forward stored it (fp32, when u and p fit the op's 32 values per token: one
+    group), else over all of K (qkv), z = u * coef, g = dy B_g over the group's dy columns,
+    du = g * coef and the fp32 softmax backward dl, and dc; it stores du | dl | z (48 values
+    per row and group) and publishes them, all before its own dgrad loop. Every tile then runs
+    the plain dy W loop over all of O and, after it, per group: the K-extension
+    [du | dl] [A_g; R_g] of dx, its share of dA_g = du^T x and dR_g = dl^T x from the x tile
+    of the same (rows, columns), and of dB_g = dy^T z (every NUM_N_TILES-th dy tile of the
+    group, re-read from L2), into the row block's slot. Cost over dy W: g once per row block
+    (16 / K of the MMA work), dB 16 / K, the K-extension and dA, dR 32 / O each; where
+    one-tile programs recomputed g (16 / BLOCK_N, 12.5 %) this removes 10 % at ViT-B proj.
+    A split tile's halves take the two halves of O (dy columns). Without dx (x needs no
+    gradient) the dgrad loop and the K-extension are compiled out and nothing is split.
+    `scripts/kernel_model.py` prints what this plan implies at the ViT-B shapes (a model,
+    BENCHMARKS.md).
 
 Variants are constexpr specialisations of the same two kernels, never copies: router on/off,
 router bias, base bias, groups (backward), rank r and router outputs L, dx on/off, atomics;
@@ -53,8 +52,9 @@ the reader does the work itself, so no program ever spins on another (no deadloc
 the GPU runs at once) and the result does not depend on timing. Publishing stores data, a
 barrier of the program's threads, then an atomic release of the flag; reading is an atomic
 acquire, then loads that bypass L1 (.cg). `SHARE_Z` (env EI_KERNELS_TRITON_SHARE_Z=0 turns
-it off) publishes nothing, so every tile computes its own z: the earlier cost, for timing
-against and as a switch should a GPU ever show a problem with the flags.
+it off) publishes nothing, so every tile computes what it needs itself (the cost of one-tile
+programs before): for timing against, and a switch should a GPU ever show a problem with the
+flags.
 
 Token reductions (dB, dA_cat, dR, dc) accumulate in fp32. `DETERMINISTIC` (default True; env
 EI_KERNELS_TRITON_DETERMINISTIC=0 turns it off) writes one fp32 slot per token block, a flat
@@ -89,7 +89,7 @@ from ..spec import MoRSpec
 from . import launch_flags, triton_interpreter_compat
 from .device_constants import cached
 from .triton_configs import KernelConfig, launch_config
-from .triton_schedule import column_chunks, forward_order
+from .triton_schedule import launch_order
 
 triton_interpreter_compat.apply()  # a no-op unless the triton 3.6 interpreter meets numpy 2.4
 
@@ -250,7 +250,7 @@ def _mor_fwd_kernel(
         tile_id = first_split + (pid - first_split) // 2
         half = (pid - first_split) % 2
     # Grouped order: GROUP_M row blocks (a runtime value: the launcher fits it to the GPU,
-    # triton_schedule.forward_order) sweep all column tiles together, so their x rows and the
+    # triton_schedule.launch_order) sweep all column tiles together, so their x rows and the
     # W tiles stay in L2; the first column tile of each group comes first for all of them.
     num_n = G * TILES_PER_GROUP
     width = GROUP_M * num_n
@@ -329,34 +329,103 @@ def _mor_fwd_kernel(
 
 
 @triton.jit
-def _mor_bwd_o_loop(
-    acc, acc_g,  # [BM, BN] fp32 dx tile, [BM, BR] fp32 g = dy B_grp
-    dy_ptr, w_ptr, b_ptr, rows64, row_ok, cols, col_ok, grp, OG, O_TILES,
+def _mor_bwd_dgrad(
+    acc,  # [BM, BN] fp32 dx tile
+    dy_ptr, w_ptr, rows64, row_ok, cols, col_ok, o_lo, o_hi,
     stride_dym, stride_dyo, stride_wo, stride_wk,
-    R: tl.constexpr, WITH_G: tl.constexpr, COMPUTE_DX: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One loop over group grp's dy columns: the dgrad GEMM dy W of the tile and, WITH_G, the
-    thin product g = dy B_grp, both from the same dy tiles."""
-    cr = tl.arange(0, BLOCK_R)
-    for t in range(0, O_TILES):
-        o_loc = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        o_ok = o_loc < OG
-        os_ = grp * OG + o_loc
+    """acc + dy W of one dx tile over the dy columns in [o_lo, o_hi) (all groups at once)."""
+    for o0 in range(o_lo, o_hi, BLOCK_K):
+        os_ = o0 + tl.arange(0, BLOCK_K)
+        o_ok = os_ < o_hi
         dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + os_[None, :] * stride_dyo,
                      mask=row_ok[:, None] & o_ok[None, :], other=0.0)  # [BM, BK]
-        if WITH_G:
-            # lora_b contiguous [O, R]: the constexpr row stride R tells the compiler its rows
-            # are 4-byte aligned, enough for asynchronous copies, so the loop stays pipelined
-            # without a padded copy (a runtime stride of 14 made it wait for every MMA).
+        w = tl.load(w_ptr + os_[:, None] * stride_wo + cols[None, :] * stride_wk,
+                    mask=o_ok[:, None] & col_ok[None, :], other=0.0)  # [BK, BN]
+        acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _mor_bwd_row_grads(
+    x_ptr, dy_ptr, p_ptr, u_ptr, a_ptr, b_ptr, col_logit_ptr, col_scale_ptr, dc_ptr, grad_ptr,
+    rows64, row_ok, K, OG, O_TILES, slot,
+    stride_xm, stride_xk, stride_dym, stride_dyo, stride_pm, stride_pl, stride_um,
+    stride_am, stride_ak, stride_dc_slot,
+    G: tl.constexpr, R: tl.constexpr, L: tl.constexpr, ROUTER: tl.constexpr,
+    HAS_U: tl.constexpr, STORE_DC: tl.constexpr, USE_ATOMICS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """What every dx tile of a row block needs, per group, stored in the row block's rows of
+    the scratch (du | dl | z, in the input dtype): u = x A_g^T (the forward's, or over all of
+    K), z = u * coef, g = dy B_g over the group's dy columns, du = g * coef and the fp32
+    softmax backward dl; with STORE_DC also the row block's dc = sum of dl into its slot."""
+    cr = tl.arange(0, BLOCK_R)
+    r_ok = cr < R
+    cl = tl.arange(0, BLOCK_L)
+    l_ok = cl < L
+    col_logit = tl.load(col_logit_ptr + cr, mask=r_ok, other=-1)  # [BR]
+    col_scale = tl.load(col_scale_ptr + cr, mask=r_ok, other=0.0)  # [BR]
+    dtype = x_ptr.dtype.element_ty
+    grad_rows = rows64 * (G * (2 * BLOCK_R + BLOCK_L))
+    # Unrolled (G is 1 or 3 in practice); nothing else is live here, so it costs no spills.
+    for grp in tl.static_range(G):
+        if HAS_U:  # u as the forward computed it (fp32), when it fits the memory contract
+            acc_u = tl.load(u_ptr + rows64[:, None] * stride_um + (grp * R + cr)[None, :],
+                            mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BR]
+        else:
+            acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < K
+                x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+                a = tl.load(a_ptr + (grp * R + cr)[None, :] * stride_am
+                            + ks[:, None] * stride_ak,
+                            mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, BR]
+                acc_u = tl.dot(x, a, acc_u, input_precision=DOT_PRECISION)
+        # Rows past N and padded columns load p = 0, so they contribute nothing below.
+        p = tl.load(p_ptr + rows64[:, None] * stride_pm + (grp * L + cl)[None, :] * stride_pl,
+                    mask=row_ok[:, None] & l_ok[None, :], other=0.0)  # [BM, BL] fp32
+        coef = _mor_branch_coef(p, col_logit, col_scale, L, ROUTER, BLOCK_M, BLOCK_R, BLOCK_L)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for t in range(0, O_TILES):
+            o_loc = t * BLOCK_K + tl.arange(0, BLOCK_K)
+            o_ok = o_loc < OG
+            os_ = grp * OG + o_loc
+            dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + os_[None, :] * stride_dyo,
+                         mask=row_ok[:, None] & o_ok[None, :], other=0.0)  # [BM, BK]
+            # lora_b contiguous [O, R]: the constexpr row stride R tells the compiler its
+            # rows are 4-byte aligned, enough for asynchronous copies (pipelined loop).
             b = tl.load(b_ptr + os_[:, None] * R + cr[None, :],
-                        mask=o_ok[:, None] & (cr < R)[None, :], other=0.0)  # [BK, BR]
+                        mask=o_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, BR]
             acc_g = tl.dot(dy, b, acc_g, input_precision=DOT_PRECISION)
-        if COMPUTE_DX:
-            w = tl.load(w_ptr + os_[:, None] * stride_wo + cols[None, :] * stride_wk,
-                        mask=o_ok[:, None] & col_ok[None, :], other=0.0)  # [BK, BN]
-            acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
-    return acc, acc_g
+        # du and dl, rounded to the input dtype first, as the torch backend does.
+        du = (acc_g * coef).to(dtype)  # [BM, BR]
+        dl_c = tl.zeros((BLOCK_M, BLOCK_L), dtype=dtype)
+        if ROUTER:
+            # dp_k = s_k * sum_{j in branch k} g_j u_j (dp of the bypass stays 0), then the
+            # softmax backward dl = p * (dp - sum_i p_i dp_i), all in fp32.
+            gu = acc_g * acc_u * col_scale[None, :]  # [BM, BR]
+            dp = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
+            for c in tl.static_range(L):
+                dp_c = tl.sum(tl.where(col_logit[None, :] == c, gu, 0.0), axis=1)  # [BM]
+                dp = tl.where(cl[None, :] == c, dp_c[:, None], dp)
+            dl = p * (dp - tl.sum(p * dp, axis=1)[:, None])  # [BM, BL] fp32
+            if STORE_DC:
+                dc_ptrs = dc_ptr + slot * stride_dc_slot + grp * L + cl
+                if USE_ATOMICS:
+                    tl.atomic_add(dc_ptrs, tl.sum(dl, axis=0), mask=l_ok, sem="relaxed")
+                else:
+                    tl.store(dc_ptrs, tl.sum(dl, axis=0), mask=l_ok)
+            dl_c = dl.to(dtype)
+        z = (acc_u * coef).to(dtype)  # the forward's z, for dB = dy^T z
+        row = grad_ptr + grad_rows[:, None] + grp * (2 * BLOCK_R + BLOCK_L)
+        tl.store(row + cr[None, :], du, mask=row_ok[:, None])
+        tl.store(row + BLOCK_R + cl[None, :], dl_c, mask=row_ok[:, None])
+        tl.store(row + BLOCK_R + BLOCK_L + cr[None, :], z, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -406,155 +475,130 @@ def _mor_bwd_lora_tile(
 @triton.jit
 def _mor_bwd_kernel(
     x_ptr, dy_ptr, p_ptr, u_ptr, w_ptr, a_ptr, rw_ptr, b_ptr, col_logit_ptr, col_scale_ptr,
-    dx_ptr, dar_ptr, db_ptr, dc_ptr, grad_ptr,
-    N, K, OG, NUM_N_TILES, NUM_CHUNKS, COL_TILES, O_TILES,
+    dx_ptr, dar_ptr, db_ptr, dc_ptr, grad_ptr, part_ptr, flag_ptr,
+    N, K, O, OG, NUM_N_TILES, O_TILES, GROUP_M, SPLIT_TILES, O_SPLIT, EPOCH,
     stride_xm, stride_xk, stride_dym, stride_dyo, stride_pm, stride_pl, stride_um,
     stride_wo, stride_wk,
     stride_am, stride_ak, stride_rm, stride_rk, stride_dxm, stride_dxk,
-    stride_dar_slot, stride_db_slot, stride_dc_slot, stride_grad_chunk,
+    stride_dar_slot, stride_db_slot, stride_dc_slot,
     G: tl.constexpr, R: tl.constexpr, L: tl.constexpr, ROUTER: tl.constexpr,
     HAS_U: tl.constexpr, COMPUTE_DX: tl.constexpr,
-    USE_ATOMICS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_ATOMICS: tl.constexpr, SHARE_Z: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
+    # Programs: one per dx tile, except the last SPLIT_TILES tiles, two each (halves of O).
     pid = tl.program_id(0)
     num_m = tl.cdiv(N, BLOCK_M)
-    width = GROUP_M * NUM_CHUNKS
-    first_m = (pid // width) * GROUP_M
+    first_split = num_m * NUM_N_TILES - SPLIT_TILES
+    half = pid * 0 - 1  # of a split tile: 0 takes dy columns below O_SPLIT, 1 the rest
+    tile_id = pid
+    if pid >= first_split:
+        tile_id = first_split + (pid - first_split) // 2
+        half = (pid - first_split) % 2
+    # Grouped order as in the forward: GROUP_M row blocks sweep their dx tiles together, the
+    # first tile of each row block first.
+    width = GROUP_M * NUM_N_TILES
+    first_m = (tile_id // width) * GROUP_M
     size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m  # the chunk of COL_TILES dx column tiles
-    first_tile = pid_n * COL_TILES
-    end_tile = min(first_tile + COL_TILES, NUM_N_TILES)
+    pid_m = first_m + (tile_id % width) % size_m
+    pid_n = (tile_id % width) // size_m  # the dx column tile
+    o_lo = tl.where(half == 1, O_SPLIT, 0)
+    o_hi = tl.where(half == 0, O_SPLIT, O)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)  # N * stride can exceed 2**31
-    cols = first_tile * BLOCK_N + tl.arange(0, BLOCK_N)  # dx columns, i.e. over K
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # dx columns, i.e. over K
     col_ok = cols < K
     cr = tl.arange(0, BLOCK_R)
     r_ok = cr < R
     cl = tl.arange(0, BLOCK_L)
-    l_ok = cl < L
-    col_logit = tl.load(col_logit_ptr + cr, mask=r_ok, other=-1)  # [BR]
-    col_scale = tl.load(col_scale_ptr + cr, mask=r_ok, other=0.0)  # [BR]
     dtype = x_ptr.dtype.element_ty
     # This row block's fp32 slot of the reduction buffers (all slots alias one in atomic mode).
     slot = pid_m.to(tl.int64)
-    # The chunk's private rows of the du | dl scratch, for its later tiles.
-    grad_rows = pid_n.to(tl.int64) * stride_grad_chunk + rows64 * (G * (BLOCK_R + BLOCK_L))
-    keep = row_ok & (end_tile - first_tile > 1)
+    grad_rows = rows64 * (G * (2 * BLOCK_R + BLOCK_L))
 
-    # The chunk's first tile: u, z, g = dy B, du, dl once for the chunk's rows, per group.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Unrolled (G is 1 or 3 in practice): a runtime loop carrying acc spills more registers.
-    for grp in tl.static_range(G):
-        if HAS_U:  # u as the forward computed it (fp32), when it fits the memory contract
-            acc_u = tl.load(u_ptr + rows64[:, None] * stride_um + (grp * R + cr)[None, :],
-                            mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BR]
-        else:
-            # u = x A_grp^T over all of K, recomputed once per chunk; these x rows are read by
-            # all chunks of the row block at about the same time, so mostly from L2.
-            acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < K
-                x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-                a = tl.load(a_ptr + (grp * R + cr)[None, :] * stride_am
-                            + ks[:, None] * stride_ak,
-                            mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, BR]
-                acc_u = tl.dot(x, a, acc_u, input_precision=DOT_PRECISION)
-        # Rows past N and padded columns load p = 0, so they contribute nothing below.
-        p = tl.load(p_ptr + rows64[:, None] * stride_pm + (grp * L + cl)[None, :] * stride_pl,
-                    mask=row_ok[:, None] & l_ok[None, :], other=0.0)  # [BM, BL] fp32
-        coef = _mor_branch_coef(p, col_logit, col_scale, L, ROUTER, BLOCK_M, BLOCK_R, BLOCK_L)
-        z = (acc_u * coef).to(dtype)  # the forward's z, for dB = dy^T z
-
-        acc, acc_g = _mor_bwd_o_loop(
-            acc, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), dy_ptr, w_ptr, b_ptr, rows64,
-            row_ok, cols, col_ok, grp, OG, O_TILES, stride_dym, stride_dyo, stride_wo,
-            stride_wk, R, True, COMPUTE_DX, DOT_PRECISION, BLOCK_K, BLOCK_R)
-
-        # dB_grp = dy^T z: every chunk of the row block takes every NUM_CHUNKS-th dy tile of
-        # the group (re-read from L2), so this block's share is computed exactly once and the
-        # main loop above stays free of conditionals.
-        first = (pid_n + NUM_CHUNKS - (grp * O_TILES) % NUM_CHUNKS) % NUM_CHUNKS
-        for t in range(first, O_TILES, NUM_CHUNKS):
-            o_loc = t * BLOCK_K + tl.arange(0, BLOCK_K)
-            o_ok = o_loc < OG
-            os_ = grp * OG + o_loc
-            dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + os_[None, :] * stride_dyo,
-                         mask=row_ok[:, None] & o_ok[None, :], other=0.0)  # [BM, BK]
-            db = tl.dot(tl.trans(dy), z, input_precision=DOT_PRECISION)  # [BK, BR] fp32
-            db_ptrs = db_ptr + slot * stride_db_slot + os_[:, None] * R + cr[None, :]
-            if USE_ATOMICS:
-                tl.atomic_add(db_ptrs, db, mask=o_ok[:, None] & r_ok[None, :], sem="relaxed")
-            else:
-                tl.store(db_ptrs, db, mask=o_ok[:, None] & r_ok[None, :])
-
-        # du and dl, rounded to the input dtype first, as the torch backend does.
-        du = (acc_g * coef).to(dtype)  # [BM, BR]
-        dl_c = tl.zeros((BLOCK_M, BLOCK_L), dtype=dtype)
-        if ROUTER:
-            # dp_k = s_k * sum_{j in branch k} g_j u_j (dp of the bypass stays 0), then the
-            # softmax backward dl = p * (dp - sum_i p_i dp_i), all in fp32.
-            gu = acc_g * acc_u * col_scale[None, :]  # [BM, BR]
-            dp = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
-            for c in tl.static_range(L):
-                dp_c = tl.sum(tl.where(col_logit[None, :] == c, gu, 0.0), axis=1)  # [BM]
-                dp = tl.where(cl[None, :] == c, dp_c[:, None], dp)
-            dl = p * (dp - tl.sum(p * dp, axis=1)[:, None])  # [BM, BL] fp32
-            # dc: the row block's sum, stored by its first chunk only.
-            dc_ptrs = dc_ptr + slot * stride_dc_slot + grp * L + cl
-            if USE_ATOMICS:
-                tl.atomic_add(dc_ptrs, tl.sum(dl, axis=0), mask=l_ok & (pid_n == 0), sem="relaxed")
-            else:
-                tl.store(dc_ptrs, tl.sum(dl, axis=0), mask=l_ok & (pid_n == 0))
-            dl_c = dl.to(dtype)
-        # Kept for the chunk's later tiles (nothing is written for a one-tile chunk).
-        grad_off = grp * (BLOCK_R + BLOCK_L)
-        tl.store(grad_ptr + grad_rows[:, None] + grad_off + cr[None, :], du, mask=keep[:, None])
-        tl.store(grad_ptr + grad_rows[:, None] + grad_off + BLOCK_R + cl[None, :], dl_c,
-                 mask=keep[:, None])
-        acc = _mor_bwd_lora_tile(
-            acc, du, dl_c, x_ptr, a_ptr, rw_ptr, dar_ptr, rows64, row_ok, cols, col_ok, grp, K,
-            slot, stride_xm, stride_xk, stride_am, stride_ak, stride_rm, stride_rk,
-            stride_dar_slot, G, R, L, ROUTER, COMPUTE_DX, USE_ATOMICS, DOT_PRECISION,
+    # The row block's first tile computes du | dl | z of every group for all its tiles and
+    # publishes them before its own dgrad loop (as the forward's z); the others look after
+    # theirs.
+    publisher = (pid_n == 0) & (half != 1)
+    if publisher:
+        _mor_bwd_row_grads(
+            x_ptr, dy_ptr, p_ptr, u_ptr, a_ptr, b_ptr, col_logit_ptr, col_scale_ptr, dc_ptr,
+            grad_ptr, rows64, row_ok, K, OG, O_TILES, slot, stride_xm, stride_xk, stride_dym,
+            stride_dyo, stride_pm, stride_pl, stride_um, stride_am, stride_ak, stride_dc_slot,
+            G, R, L, ROUTER, HAS_U, True, USE_ATOMICS, DOT_PRECISION, BLOCK_M, BLOCK_K,
             BLOCK_R, BLOCK_L)
-    if COMPUTE_DX:
-        tl.store(dx_ptr + rows64[:, None] * stride_dxm + cols[None, :] * stride_dxk,
-                 acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        # All threads' stores before the flag (the release orders them for others).
+        tl.debug_barrier()
+        if SHARE_Z:
+            tl.atomic_xchg(flag_ptr + pid_m, EPOCH, sem="release", scope="gpu")
 
-    # The chunk's other tiles: the dgrad GEMM and the LoRA share, with du and dl read back
-    # from the chunk's scratch rows (L2) instead of a second g = dy B over all of O. Other
-    # threads of the program read what these stored: Triton orders a program's global stores
-    # and loads of the same address across threads only through a barrier.
-    tl.debug_barrier()
-    for tile in range(first_tile + 1, end_tile):
-        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < K
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for grp_ in range(G):  # a runtime loop: unrolled next to the first tile's, G = 3 spills
-            # The LoRA share first: its x tile and du, dl are dead before the dgrad loop
-            # (the other order keeps them live across it and spills on sm_90a).
-            grad_off = grp_ * (BLOCK_R + BLOCK_L)
-            du = tl.load(grad_ptr + grad_rows[:, None] + grad_off + cr[None, :],
-                         mask=row_ok[:, None], other=0.0)  # [BM, BR]
-            dl_c = tl.load(grad_ptr + grad_rows[:, None] + grad_off + BLOCK_R + cl[None, :],
-                           mask=row_ok[:, None], other=0.0)  # [BM, BL]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if COMPUTE_DX:
+        acc = _mor_bwd_dgrad(acc, dy_ptr, w_ptr, rows64, row_ok, cols, col_ok, o_lo, o_hi,
+                             stride_dym, stride_dyo, stride_wo, stride_wk, DOT_PRECISION,
+                             BLOCK_K)
+
+    # A split tile: as in the forward, the second half to arrive adds the other's partial.
+    finish = pid >= 0
+    if half >= 0:
+        split = tile_id - first_split
+        rr = tl.arange(0, BLOCK_M)
+        cc = tl.arange(0, BLOCK_N)
+        part = part_ptr + split.to(tl.int64) * (2 * BLOCK_M * BLOCK_N)
+        tl.store(part + half * (BLOCK_M * BLOCK_N) + rr[:, None] * BLOCK_N + cc[None, :], acc)
+        tl.debug_barrier()
+        ticket = flag_ptr + num_m + split
+        finish = tl.atomic_xchg(ticket, EPOCH, sem="acq_rel", scope="gpu") == EPOCH
+        if finish:
+            acc += tl.load(part + (1 - half) * (BLOCK_M * BLOCK_N) + rr[:, None] * BLOCK_N
+                           + cc[None, :], cache_modifier=".cg")
+    if finish:
+        if not publisher:
+            seen = pid < 0
+            if SHARE_Z:
+                seen = tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire", scope="gpu") == EPOCH
+            if not seen:
+                # Not published yet: the same computation (same bits) into the same rows, a
+                # harmless second write of what the first tile stores.
+                _mor_bwd_row_grads(
+                    x_ptr, dy_ptr, p_ptr, u_ptr, a_ptr, b_ptr, col_logit_ptr, col_scale_ptr,
+                    dc_ptr, grad_ptr, rows64, row_ok, K, OG, O_TILES, slot, stride_xm,
+                    stride_xk, stride_dym, stride_dyo, stride_pm, stride_pl, stride_um,
+                    stride_am, stride_ak, stride_dc_slot, G, R, L, ROUTER, HAS_U, False,
+                    USE_ATOMICS, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_L)
+                tl.debug_barrier()  # this program's own stores, read by its other threads
+        for grp in range(G):  # a runtime loop: unrolled next to the dgrad acc, G = 3 spills
+            row = grad_ptr + grad_rows[:, None] + grp * (2 * BLOCK_R + BLOCK_L)
+            du = tl.load(row + cr[None, :], mask=row_ok[:, None], other=0.0,
+                         cache_modifier=".cg")  # [BM, BR]
+            dl_c = tl.load(row + BLOCK_R + cl[None, :], mask=row_ok[:, None], other=0.0,
+                           cache_modifier=".cg")  # [BM, BL]
             acc = _mor_bwd_lora_tile(
                 acc, du, dl_c, x_ptr, a_ptr, rw_ptr, dar_ptr, rows64, row_ok, cols, col_ok,
-                grp_, K, slot, stride_xm, stride_xk, stride_am, stride_ak, stride_rm, stride_rk,
+                grp, K, slot, stride_xm, stride_xk, stride_am, stride_ak, stride_rm, stride_rk,
                 stride_dar_slot, G, R, L, ROUTER, COMPUTE_DX, USE_ATOMICS, DOT_PRECISION,
                 BLOCK_R, BLOCK_L)
-            if COMPUTE_DX:
-                acc, _ = _mor_bwd_o_loop(
-                    acc, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), dy_ptr, w_ptr, b_ptr,
-                    rows64, row_ok, cols, col_ok, grp_, OG, O_TILES, stride_dym, stride_dyo,
-                    stride_wo, stride_wk, R, False, COMPUTE_DX, DOT_PRECISION, BLOCK_K,
-                    BLOCK_R)
+            # dB_grp = dy^T z: every dx tile of the row block takes every NUM_N_TILES-th dy
+            # tile of the group (re-read from L2), so this block's share is computed once.
+            z = tl.load(row + BLOCK_R + BLOCK_L + cr[None, :], mask=row_ok[:, None],
+                        other=0.0, cache_modifier=".cg")  # [BM, BR]
+            first = (pid_n + NUM_N_TILES - (grp * O_TILES) % NUM_N_TILES) % NUM_N_TILES
+            for t in range(first, O_TILES, NUM_N_TILES):
+                o_loc = t * BLOCK_K + tl.arange(0, BLOCK_K)
+                o_ok = o_loc < OG
+                os_ = grp * OG + o_loc
+                dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + os_[None, :] * stride_dyo,
+                             mask=row_ok[:, None] & o_ok[None, :], other=0.0)  # [BM, BK]
+                db = tl.dot(tl.trans(dy), z, input_precision=DOT_PRECISION)  # [BK, BR] fp32
+                db_ptrs = db_ptr + slot * stride_db_slot + os_[:, None] * R + cr[None, :]
+                if USE_ATOMICS:
+                    tl.atomic_add(db_ptrs, db, mask=o_ok[:, None] & r_ok[None, :],
+                                  sem="relaxed")
+                else:
+                    tl.store(db_ptrs, db, mask=o_ok[:, None] & r_ok[None, :])
         if COMPUTE_DX:
             tl.store(dx_ptr + rows64[:, None] * stride_dxm + cols[None, :] * stride_dxk,
                      acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -660,12 +704,12 @@ def fwd_z_cost(cfg: KernelConfig, R: int, L: int, router: bool) -> float:
     return (_pad(R) + (_pad(L) if router else 0)) / cfg.block_n
 
 
-def bwd_chunk_cost(cfg: KernelConfig, R: int, G: int, k: int, o: int, has_u: bool) -> float:
-    """The backward's per-chunk work in tiles' worth: g = dy B_g over each group's O/G columns
-    (and, without the forward's u, u = x A_g^T over K per group) next to a tile's dgrad, dy W
-    over O into BLOCK_N columns."""
-    per_chunk = _pad(R) * o + (0 if has_u else G * _pad(R) * k)
-    return per_chunk / (cfg.block_n * max(o, 1))
+def bwd_row_cost(cfg: KernelConfig, R: int, G: int, k: int, o: int, has_u: bool) -> float:
+    """What computing a row block's du | dl | z adds to a backward program, in tiles' worth:
+    g = dy B_g over each group's O/G columns (and, without the forward's u, u = x A_g^T over
+    K per group) next to a tile's dgrad, dy W over O into BLOCK_N columns."""
+    per_row = _pad(R) * o + (0 if has_u else G * _pad(R) * k)
+    return per_row / (cfg.block_n * max(o, 1))
 
 
 def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: MoRSpec,
@@ -686,7 +730,7 @@ def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: M
     # At least one tile per group, so that probs are written even with no output columns.
     tiles = max(1, triton.cdiv(og, cfg.block_n))
     units = triton.cdiv(n, cfg.block_m) * G  # (row block, group) pairs, each with one z
-    group_m, split = forward_order(triton.cdiv(n, cfg.block_m), G, tiles, _slots(dev, cfg),
+    group_m, split = launch_order(triton.cdiv(n, cfg.block_m), G, tiles, _slots(dev, cfg),
                                    fwd_z_cost(cfg, R, L, spec.router), cfg.group_m)
     z = _alloc((n, G * _pad(R)), x.dtype, dev)  # each unit's z, for its group's other tiles
     partials = _alloc((max(1, split), 2, cfg.block_m, cfg.block_n), torch.float32, dev)
@@ -698,8 +742,8 @@ def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: M
         x, weight, bias if bias is not None else x, lora_a, rw,
         router_bias if router_bias is not None else x, b, col_logit, col_scale, y, probs,
         u if keep_u else probs, z, partials, flag_buf,
-        n, k, og, G, tiles, group_m, split, triton.cdiv(triton.cdiv(k, cfg.block_k), 2) * cfg.block_k,
-        epoch,
+        n, k, og, G, tiles, group_m, split,
+        triton.cdiv(triton.cdiv(k, cfg.block_k), 2) * cfg.block_k, epoch,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         lora_a.stride(0), lora_a.stride(1), rw.stride(0), rw.stride(1),
         y.stride(0), y.stride(1),
@@ -732,8 +776,9 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
     blocks = triton.cdiv(n, cfg.block_m)
     # At least one column tile, so that dB and dc are computed even when K == 0.
     n_tiles = max(1, triton.cdiv(k, cfg.block_n))
-    chunks, col_tiles = column_chunks(n_tiles, cfg.col_tiles, blocks, _slots(dev, cfg),
-                                      bwd_chunk_cost(cfg, R, G, k, o, u is not None))
+    # The tiles' dgrad is what a split halves: without dx there is nothing to split.
+    group_m, split = launch_order(blocks, 1, n_tiles, _slots(dev, cfg) if compute_dx else None,
+                                   bwd_row_cost(cfg, R, G, k, o, u is not None), cfg.group_m)
     col_logit, col_scale = _branch_table(spec, dev)
     dx = _alloc((n, k) if compute_dx else (0, k), dtype, dev)
     n_a, n_r, n_b, n_c = G * R * k, G * L * k, o * R, G * L
@@ -742,25 +787,27 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
         slots[:, slots.shape[1] - n_c :]
     rw = router_weight if router_weight is not None else lora_a  # never read without router
     slot_stride = slots.stride(0) if DETERMINISTIC else 0
-    # du | dl of each chunk's rows, per group, for the chunk's tiles after its first.
-    scratch = (_alloc((chunks, n, G * (_pad(R) + _pad(L))), dtype, dev)
-               if col_tiles > 1 else None)
-    _mor_bwd_kernel[(blocks * chunks,)](
+    # du | dl | z of each row, per group, for the row block's other tiles.
+    scratch = _alloc((n, G * (2 * _pad(R) + _pad(L))), dtype, dev)
+    partials = _alloc((max(1, split), 2, cfg.block_m, cfg.block_n), torch.float32, dev)
+    flag_buf, epoch = launch_flags.flags(dev, blocks + split)
+    _mor_bwd_kernel[(blocks * n_tiles + split,)](
         x, dy, probs, u if u is not None else probs, weight, lora_a, rw, lora_b.contiguous(),
-        col_logit, col_scale, dx if compute_dx else x, dar_buf, db_buf, dc_buf,
-        scratch if scratch is not None else x,
-        n, k, og, n_tiles, chunks, col_tiles, triton.cdiv(og, cfg.block_k),
+        col_logit, col_scale, dx if compute_dx else x, dar_buf, db_buf, dc_buf, scratch,
+        partials, flag_buf,
+        n, k, o, og, n_tiles, triton.cdiv(og, cfg.block_k), group_m, split,
+        triton.cdiv(triton.cdiv(o, cfg.block_k), 2) * cfg.block_k, epoch,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), probs.stride(0), probs.stride(1),
         u.stride(0) if u is not None else 0,
         weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
         rw.stride(0), rw.stride(1),
         dx.stride(0) if compute_dx else 0, dx.stride(1) if compute_dx else 0,
-        slot_stride, slot_stride, slot_stride, scratch.stride(0) if scratch is not None else 0,
+        slot_stride, slot_stride, slot_stride,
         G=G, R=R, L=L, ROUTER=spec.router, HAS_U=u is not None, COMPUTE_DX=compute_dx,
-        USE_ATOMICS=not DETERMINISTIC,
+        USE_ATOMICS=not DETERMINISTIC, SHARE_Z=SHARE_Z,
         DOT_PRECISION=_dot_precision(x),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        BLOCK_R=_pad(R), BLOCK_L=_pad(L), GROUP_M=cfg.group_m,
+        BLOCK_R=_pad(R), BLOCK_L=_pad(L),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 

@@ -2,14 +2,14 @@
 
 First the machine's measured ceilings (a bf16 GEMM's TFLOP/s, a device copy's bandwidth), then
 per shape the frozen nn.Linear floor and FusedMoRLinear on each backend (torch, triton, cuda),
-and four variants of the triton backend: one dx column tile per backward program
-("fused-triton-1tile"), the GPU's size not consulted ("fused-triton-fewest": the backward's
-largest chunks, up to 4 tiles per program, and the forward's table order with no split last
-round), every forward tile computing its own z ("fused-triton-unshared": nothing published
-between programs, the forward's cost before they shared z), and the atomic token reductions
-instead of the deterministic slots ("fused-triton-atomic"). "fused-triton" is the launcher's
-choice by its schedule models (ei_kernels/ops/triton_schedule.py); these rows say whether
-those models pick the winner,
+and three variants of the triton backend: the GPU's size not consulted ("fused-triton-unfitted":
+the table's launch order, no split last round; a ViT-B proj layer then runs 594 programs in 5
+rounds of 132 for 4.5 rounds of work), every row block's tile computing what it needs itself
+("fused-triton-unshared": nothing published between programs; the forward's z and the
+backward's du | dl | z then cost what they did in one-tile programs before), and the atomic
+token reductions instead of the deterministic slots ("fused-triton-atomic"). "fused-triton" is
+the launcher's choice by its schedule model (ei_kernels/ops/triton_schedule.py); these rows say
+what the split, the fitted order and the sharing buy,
 forward (no grad) and forward + backward (x needs a gradient, the base is frozen): CUDA events
 around each call, median and minimum after warm-up, the peak memory of one fwd+bwd.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import sys
 import time
 
@@ -42,8 +41,8 @@ N_TOKENS = 33 if DRY else 12608  # ViT-B at batch 64 (197 tokens each)
 SHAPES = [(40, 24, 1), (40, 36, 3)] if DRY else [
     (768, 768, 1), (768, 2304, 3), (768, 3072, 1), (3072, 768, 1)]
 # The Triton variants last: within the stage's time cap they are what may be cut.
-PROVIDERS = ("linear", "fused-torch", "fused-triton", "fused-cuda", "fused-triton-1tile",
-             "fused-triton-fewest", "fused-triton-unshared", "fused-triton-atomic")
+PROVIDERS = ("linear", "fused-torch", "fused-triton", "fused-cuda", "fused-triton-unfitted",
+             "fused-triton-unshared", "fused-triton-atomic")
 DTYPE = torch.float32 if DRY else torch.bfloat16
 WARMUP, ROUNDS = (1, 2) if DRY else (10, 30)
 
@@ -78,30 +77,23 @@ def ceilings() -> list[dict]:
 
 @contextlib.contextmanager
 def _triton_variant(provider: str):
-    """The Triton backend as `provider` runs it: "-1tile" with col_tiles = 1 in every launch
-    table, "-fewest" with the GPU's size not consulted, "-unshared" with no z shared between
-    forward programs, "-atomic" with the atomic token reductions; yields the plain provider
-    name."""
-    from ei_kernels.ops import triton_configs, triton_mor
+    """The Triton backend as `provider` runs it: "-unfitted" with the GPU's size not consulted,
+    "-unshared" with nothing shared between programs, "-atomic" with the atomic token
+    reductions; yields the plain provider name."""
+    from ei_kernels.ops import triton_mor
 
-    tables, deterministic = dict(triton_configs.TABLES), triton_mor.DETERMINISTIC
-    slots, share = triton_mor._slots, triton_mor.SHARE_Z
-    if provider.endswith("-fewest"):
+    deterministic, slots, share = triton_mor.DETERMINISTIC, triton_mor._slots, triton_mor.SHARE_Z
+    if provider.endswith("-unfitted"):
         triton_mor._slots = lambda device, cfg: None
-    if provider.endswith("-1tile"):
-        triton_configs.TABLES.update({
-            arch: {key: dataclasses.replace(cfg, col_tiles=1) for key, cfg in table.items()}
-            for arch, table in tables.items()})
     if provider.endswith("-unshared"):
         triton_mor.SHARE_Z = False
     if provider.endswith("-atomic"):
         triton_mor.DETERMINISTIC = False
     try:
-        yield "-".join(provider.split("-")[:2])  # "fused-triton-1tile" -> "fused-triton"
+        yield "-".join(provider.split("-")[:2])  # "fused-triton-atomic" -> "fused-triton"
     finally:
-        triton_configs.TABLES.update(tables)
-        triton_mor.DETERMINISTIC = deterministic
-        triton_mor._slots, triton_mor.SHARE_Z = slots, share
+        triton_mor.DETERMINISTIC, triton_mor._slots, triton_mor.SHARE_Z = deterministic, slots, \
+            share
 
 
 def time_case(provider: str, k: int, o: int, groups: int, mode: str) -> dict:

@@ -24,11 +24,11 @@ CASES = [
     pytest.param(1576, 768, 768, {"bypass": False}, "bf16", id="no-bypass-bf16"),
     pytest.param(1576, 768, 768, {"router": False}, "bf16", id="plain-lora-bf16"),
     pytest.param(1576, 768, 768, {"non_contiguous": True}, "fp16", id="non-contiguous-fp16"),
-    # Large 16-bit layers' backward runs programs of up to 4 dx column tiles (triton_configs
-    # col_tiles), as many as the launcher's round model picks for this GPU's SM count
-    # (triton_schedule; on 132 SMs fc2's backward chunks of 3); the forward shares z between
-    # programs and splits a last round at most half full (on 132 SMs: fc2 and qkv).
-    # test_programs_of_the_fewest_chunks runs the same cases with the GPU's size unknown.
+    # Large 16-bit layers: both kernels share per-row work between programs, and split a last
+    # round at most half full and fit the sweep size to this GPU's SM count (triton_schedule;
+    # on 132 SMs the forward of proj, qkv and fc2 and the backward of proj, qkv and fc1 split
+    # their last 66 tiles).
+    # test_programs_in_the_table_order runs the same cases with the GPU's size unknown.
     pytest.param(12608, 768, 3072, {}, "bf16", id="mlp-fc1-12608-bf16"),
     pytest.param(12608, 3072, 768, {}, "bf16", id="mlp-fc2-12608-bf16"),
     pytest.param(12608, 768, 2304, {"groups": 3}, "bf16", id="qkv-groups3-12608-bf16"),
@@ -52,9 +52,9 @@ def test_forward_and_grads_match_torch_and_fp64(poisoned, n, k, o, cfg, dtype):
 
 @pytest.mark.parametrize("n, k, o, cfg, dtype", [c for c in CASES if c.values[0] == 12608
                                                 and c.values[4] == "bf16"])
-def test_programs_of_the_fewest_chunks(poisoned, monkeypatch, n, k, o, cfg, dtype):
-    """What the launcher runs where the GPU's size is unknown: chunks of col_tiles tiles
-    (qkv's backward then computes u in chunks of 3 dx tiles, which 132 SMs never pick)."""
+def test_programs_in_the_table_order(poisoned, monkeypatch, n, k, o, cfg, dtype):
+    """What the launcher runs where the GPU's size is unknown: the table's sweeps of row
+    blocks, no tile split."""
     monkeypatch.setattr(poisoned, "_slots", lambda device, cfg: None)
     check_against_torch_and_fp64("triton", n, k, o, cfg, DTYPES[dtype], ulps=1)
 
