@@ -59,33 +59,41 @@ def test_programs_in_the_table_order(poisoned, monkeypatch, n, k, o, cfg, dtype)
     check_against_torch_and_fp64("triton", n, k, o, cfg, DTYPES[dtype], ulps=1)
 
 
-def _forward_outputs(n, k, o, cfg, dtype=torch.bfloat16):
+def _forward_outputs(n, k, o, cfg, dtype=torch.bfloat16, backward=False):
+    """(y, probs, u) of the Triton forward, and with backward its gradients, u kept and not."""
     from ei_kernels.ops import triton_mor
     from ei_kernels.spec import MoRSpec
 
-    inputs, _ = make_inputs(n, k, o, cfg, dtype, seed=2)
+    inputs, dy = make_inputs(n, k, o, cfg, dtype, seed=2)
     spec = MoRSpec.build((2, 4, 8), (2.0, 1.0, 0.5), groups=cfg.get("groups", 1))
-    return triton_mor.forward(*inputs.values(), spec, keep_u=True)
+    y, probs, u = triton_mor.forward(*inputs.values(), spec, keep_u=True)
+    if not backward:
+        return y, probs, u
+    i = inputs
+    args = (dy, i["x"], probs, i["weight"], i["lora_a"], i["lora_b"], i["router_weight"], spec,
+            True)
+    return (y, probs, u, *triton_mor.backward(*args, u=u), *triton_mor.backward(*args))
 
 
 @pytest.mark.parametrize("n, k, o, cfg", [(12608, 768, 768, {}),
                                           (12608, 768, 2304, {"groups": 3})],
                          ids=["proj-12608", "qkv-groups3-12608"])
-def test_forward_is_bitwise_the_same_whoever_computes_z(poisoned, monkeypatch, n, k, o, cfg):
-    """A tile takes z published by its row block's first tile, or computes it where that is not
-    published yet (timing decides which): the same bits either way. Five shared runs and one
-    with nothing published (every tile computes z) agree exactly."""
-    runs = [_forward_outputs(n, k, o, cfg) for _ in range(5)]
+def test_outputs_are_bitwise_the_same_whoever_computes_the_shared_rows(poisoned, monkeypatch,
+                                                                       n, k, o, cfg):
+    """A tile takes what its row block's first tile published (forward z, backward du | dl |
+    z), or computes it where that is not published yet (timing decides which): the same bits
+    either way. Five shared runs and one with nothing published agree exactly."""
+    runs = [_forward_outputs(n, k, o, cfg, backward=True) for _ in range(5)]
     monkeypatch.setattr(poisoned, "SHARE_Z", False)
-    runs.append(_forward_outputs(n, k, o, cfg))
+    runs.append(_forward_outputs(n, k, o, cfg, backward=True))
     for outputs in runs[1:]:
         for a, b in zip(runs[0], outputs):
             assert not a.isnan().any() and torch.equal(a, b)
 
 
-def test_forward_with_every_tile_split_over_k_halves(poisoned, monkeypatch):
+def test_every_tile_split_in_two_halves(poisoned, monkeypatch):
     """A launch under half a round splits every tile: made so here for a ViT-B proj layer by a
-    GPU twice the size of its tiles, against torch and fp64."""
+    GPU twice the size of its 594 tiles (forward and backward), against torch and fp64."""
     n, k, o = 12608, 768, 768
     monkeypatch.setattr(poisoned, "_slots", lambda device, cfg: 2 * (-(-n // cfg.block_m)) * 6)
     check_against_torch_and_fp64("triton", n, k, o, {}, torch.bfloat16, ulps=1)
