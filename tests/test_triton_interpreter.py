@@ -166,9 +166,10 @@ def _tiles(kernel, cfg, n=33, o=72):
     return -(-n // c.block_m) * groups * -(-(o // groups) // c.block_n)
 
 
+@pytest.mark.parametrize("reduction", ["slots", "atomics"])
 @pytest.mark.parametrize("where", ["last-tiles", "every-tile"])
 @pytest.mark.parametrize("variant", ["default", "groups3", "plain-lora"])
-def test_tiles_split_in_two_halves_of_the_reduction(variant, where, monkeypatch):
+def test_tiles_split_in_two_halves_of_the_reduction(variant, where, reduction, monkeypatch):
     """The launchers split the tiles of a last round that would run at most half full into two
     programs each, over halves of the reduction (K forward, O backward); the second to arrive
     adds the other's partial and finishes the tile. The interpreter's GPU size is made up so
@@ -186,6 +187,7 @@ def test_tiles_split_in_two_halves_of_the_reduction(variant, where, monkeypatch)
     fwd = triton_configs._INTERPRETER["fwd"]
     monkeypatch.setattr(triton_mor, "_slots",
                         lambda device, c: slots["fwd" if c is fwd else "bwd"])
+    monkeypatch.setattr(triton_mor, "DETERMINISTIC", reduction == "slots")
     _check_wide_fp32(cfg)
 
 
