@@ -129,7 +129,8 @@ def _compile(jit_fn, args, kwargs, dtype, arch):
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(jit_fn.arg_names):
         value = kwargs[name] if name in kwargs else args[i]
-        if name in kwargs or (isinstance(value, int) and value == 1):
+        if name in kwargs or (isinstance(value, int) and value == 1
+                              and name not in jit_fn.do_not_specialize):
             signature[name], constexprs[name] = "constexpr", value  # as the JIT specialises 1
         elif isinstance(value, torch.Tensor):
             signature[name] = "*" + type_name[dtype if value.dtype == torch.float32 and
@@ -137,7 +138,7 @@ def _compile(jit_fn, args, kwargs, dtype, arch):
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i64" if value >= 2 ** 31 else "i32"
-            if value % 16 == 0:
+            if value % 16 == 0 and name not in jit_fn.do_not_specialize:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     major, minor = CAPABILITY[arch]
     cap = major * 10 + minor

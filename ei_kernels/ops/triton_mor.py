@@ -226,7 +226,9 @@ def _mor_fwd_store_tile(
              acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+# EPOCH changes every launch: not specialised (a value of 1, or one divisible by 16, would
+# otherwise compile a variant of its own on first sight, mid-run).
+@triton.jit(do_not_specialize=["EPOCH"])
 def _mor_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, rw_ptr, rb_ptr, b_ptr, col_logit_ptr, col_scale_ptr,
     y_ptr, p_ptr, u_ptr, z_ptr, part_ptr, flag_ptr,
@@ -472,7 +474,9 @@ def _mor_bwd_lora_tile(
     return acc
 
 
-@triton.jit
+# EPOCH changes every launch: not specialised (a value of 1, or one divisible by 16, would
+# otherwise compile a variant of its own on first sight, mid-run).
+@triton.jit(do_not_specialize=["EPOCH"])
 def _mor_bwd_kernel(
     x_ptr, dy_ptr, p_ptr, u_ptr, w_ptr, a_ptr, rw_ptr, b_ptr, col_logit_ptr, col_scale_ptr,
     dx_ptr, dar_ptr, db_ptr, dc_ptr, grad_ptr, part_ptr, flag_ptr,
