@@ -51,7 +51,7 @@ def poisoned(monkeypatch):
     return triton_mor
 
 
-def _make(n, cfg, dtype, seed=0, o=O):
+def _make(n, cfg, dtype, seed=0, o=O, k=K):
     gen = torch.Generator().manual_seed(seed)
     G = cfg.get("groups", 1)
     router, bypass = cfg.get("router", True), cfg.get("bypass", True)
@@ -61,12 +61,12 @@ def _make(n, cfg, dtype, seed=0, o=O):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
     inputs = dict(
-        x=rnd(n, K),
-        weight=rnd(o, K, scale=K ** -0.5),
+        x=rnd(n, k),
+        weight=rnd(o, k, scale=k ** -0.5),
         bias=rnd(o) if cfg.get("bias", True) else None,
-        lora_a=rnd(G * r, K, scale=K ** -0.5),
+        lora_a=rnd(G * r, k, scale=k ** -0.5),
         lora_b=rnd(o, r, scale=0.5),
-        router_weight=rnd(G * L, K, scale=2 * K ** -0.5) if router else None,
+        router_weight=rnd(G * L, k, scale=2 * k ** -0.5) if router else None,
         router_bias=rnd(G * L) if router else None,
     )
     dy = rnd(n, o)
@@ -136,9 +136,9 @@ def test_forward_and_grads_match_torch_and_fp64(variant, n, dtype):
         _check(name, grads[name], grads_t[name], grads_x[name], dtype)
 
 
-def _check_wide_fp32(cfg):
+def _check_wide_fp32(cfg, o=72, k=K):
     """O=72, N=33 in fp32: y, probs and every gradient against torch and fp64; the inputs."""
-    inputs, dy = _make(33, cfg, torch.float32, o=72)
+    inputs, dy = _make(33, cfg, torch.float32, o=o, k=k)
     y, probs, grads = _run("triton", inputs, dy, cfg)
     y_t, probs_t, grads_t = _run("torch", inputs, dy, cfg)
     y_x, probs_x, grads_x = _run("torch", inputs, dy, cfg, dtype=torch.float64)
@@ -189,6 +189,18 @@ def test_tiles_split_in_two_halves_of_the_reduction(variant, where, reduction, m
                         lambda device, c: slots["fwd" if c is fwd else "bwd"])
     monkeypatch.setattr(triton_mor, "DETERMINISTIC", reduction == "slots")
     _check_wide_fp32(cfg)
+
+
+def test_a_reduction_of_one_step_is_never_split(monkeypatch):
+    """K = 8 (one 32-wide forward step) and O = 12 (one 16-wide backward step) on a GPU far
+    larger than the launch: there is no half to give a second program, so nothing is split
+    (a split point past the reduction read columns that do not exist)."""
+    from ei_kernels.ops import triton_mor
+
+    assert triton_mor._half_point(8, 32) is None and triton_mor._half_point(40, 32) == 32
+    assert triton_mor._half_point(33, 16) == 32 and triton_mor._half_point(64, 16) == 32
+    monkeypatch.setattr(triton_mor, "_slots", lambda device, c: 1000)
+    _check_wide_fp32(VARIANTS["default"], o=12, k=8)
 
 
 @pytest.mark.parametrize("variant", ["default", "groups3", "no-bypass", "plain-lora"])

@@ -77,6 +77,7 @@ without the padded copy (one more launch) that an unknown runtime stride needed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -696,6 +697,17 @@ def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _device_guard(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _half_point(size: int, block: int) -> int | None:
+    """Where a split tile's halves divide a reduction of `size` in steps of `block`: after half
+    its steps (so strictly inside it), or None where it has fewer than two steps to divide."""
+    steps = triton.cdiv(size, block)
+    return triton.cdiv(steps, 2) * block if steps >= 2 else None
+
+
 def _slots(device: torch.device, cfg: KernelConfig) -> int | None:
     """Programs of `cfg` the GPU runs at once (None in the interpreter)."""
     sms = multiprocessor_count(device)
@@ -734,31 +746,34 @@ def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: M
     # At least one tile per group, so that probs are written even with no output columns.
     tiles = max(1, triton.cdiv(og, cfg.block_n))
     units = triton.cdiv(n, cfg.block_m) * G  # (row block, group) pairs, each with one z
-    group_m, split = launch_order(triton.cdiv(n, cfg.block_m), G, tiles, _slots(dev, cfg),
-                                   fwd_z_cost(cfg, R, L, spec.router), cfg.group_m)
+    k_split = _half_point(k, cfg.block_k)
+    group_m, split = launch_order(triton.cdiv(n, cfg.block_m), G, tiles,
+                                  _slots(dev, cfg) if k_split else None,
+                                  fwd_z_cost(cfg, R, L, spec.router), cfg.group_m)
     z = _alloc((n, G * _pad(R)), x.dtype, dev)  # each unit's z, for its group's other tiles
     partials = _alloc((max(1, split), 2, cfg.block_m, cfg.block_n), torch.float32, dev)
-    flag_buf, epoch = launch_flags.flags(dev, units + split)
     col_logit, col_scale = _branch_table(spec, dev)
     rw = router_weight if router_weight is not None else lora_a  # placeholders are never read
     b = lora_b.contiguous()  # the kernels index it with row stride R (a no-op for a parameter)
-    _mor_fwd_kernel[(units * tiles + split,)](
-        x, weight, bias if bias is not None else x, lora_a, rw,
-        router_bias if router_bias is not None else x, b, col_logit, col_scale, y, probs,
-        u if keep_u else probs, z, partials, flag_buf,
-        n, k, og, G, tiles, group_m, split,
-        triton.cdiv(triton.cdiv(k, cfg.block_k), 2) * cfg.block_k, epoch,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        lora_a.stride(0), lora_a.stride(1), rw.stride(0), rw.stride(1),
-        y.stride(0), y.stride(1),
-        probs.stride(0), probs.stride(1), u.stride(0) if keep_u else 0, z.stride(0),
-        R=R, L=L, HAS_BIAS=bias is not None, ROUTER=spec.router,
-        HAS_ROUTER_BIAS=router_bias is not None, STORE_U=keep_u, SHARE_Z=SHARE_Z,
-        DOT_PRECISION=_dot_precision(x),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        BLOCK_R=_pad(R), BLOCK_L=_pad(L),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    # Triton launches on the current device's stream: make it x's (the flags follow it too).
+    with _device_guard(dev):
+        flag_buf, epoch = launch_flags.flags(dev, units + split)
+        _mor_fwd_kernel[(units * tiles + split,)](
+            x, weight, bias if bias is not None else x, lora_a, rw,
+            router_bias if router_bias is not None else x, b, col_logit, col_scale, y, probs,
+            u if keep_u else probs, z, partials, flag_buf,
+            n, k, og, G, tiles, group_m, split, k_split or 0, epoch,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            lora_a.stride(0), lora_a.stride(1), rw.stride(0), rw.stride(1),
+            y.stride(0), y.stride(1),
+            probs.stride(0), probs.stride(1), u.stride(0) if keep_u else 0, z.stride(0),
+            R=R, L=L, HAS_BIAS=bias is not None, ROUTER=spec.router,
+            HAS_ROUTER_BIAS=router_bias is not None, STORE_U=keep_u, SHARE_Z=SHARE_Z,
+            DOT_PRECISION=_dot_precision(x),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            BLOCK_R=_pad(R), BLOCK_L=_pad(L),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return (y, probs, u) if keep_u else (y, probs)
 
 
@@ -781,8 +796,9 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
     # At least one column tile, so that dB and dc are computed even when K == 0.
     n_tiles = max(1, triton.cdiv(k, cfg.block_n))
     # The tiles' dgrad is what a split halves: without dx there is nothing to split.
-    group_m, split = launch_order(blocks, 1, n_tiles, _slots(dev, cfg) if compute_dx else None,
-                                   bwd_row_cost(cfg, R, G, k, o, u is not None), cfg.group_m)
+    o_split = _half_point(o, cfg.block_k) if compute_dx else None
+    group_m, split = launch_order(blocks, 1, n_tiles, _slots(dev, cfg) if o_split else None,
+                                  bwd_row_cost(cfg, R, G, k, o, u is not None), cfg.group_m)
     col_logit, col_scale = _branch_table(spec, dev)
     dx = _alloc((n, k) if compute_dx else (0, k), dtype, dev)
     n_a, n_r, n_b, n_c = G * R * k, G * L * k, o * R, G * L
@@ -794,26 +810,28 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
     # du | dl | z of each row, per group, for the row block's other tiles.
     scratch = _alloc((n, G * (2 * _pad(R) + _pad(L))), dtype, dev)
     partials = _alloc((max(1, split), 2, cfg.block_m, cfg.block_n), torch.float32, dev)
-    flag_buf, epoch = launch_flags.flags(dev, blocks + split)
-    _mor_bwd_kernel[(blocks * n_tiles + split,)](
-        x, dy, probs, u if u is not None else probs, weight, lora_a, rw, lora_b.contiguous(),
-        col_logit, col_scale, dx if compute_dx else x, dar_buf, db_buf, dc_buf, scratch,
-        partials, flag_buf,
-        n, k, o, og, n_tiles, triton.cdiv(og, cfg.block_k), group_m, split,
-        triton.cdiv(triton.cdiv(o, cfg.block_k), 2) * cfg.block_k, epoch,
-        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), probs.stride(0), probs.stride(1),
-        u.stride(0) if u is not None else 0,
-        weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
-        rw.stride(0), rw.stride(1),
-        dx.stride(0) if compute_dx else 0, dx.stride(1) if compute_dx else 0,
-        slot_stride, slot_stride, slot_stride,
-        G=G, R=R, L=L, ROUTER=spec.router, HAS_U=u is not None, COMPUTE_DX=compute_dx,
-        USE_ATOMICS=not DETERMINISTIC, SHARE_Z=SHARE_Z,
-        DOT_PRECISION=_dot_precision(x),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        BLOCK_R=_pad(R), BLOCK_L=_pad(L),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    # Triton launches on the current device's stream: make it x's (the flags follow it too).
+    with _device_guard(dev):
+        flag_buf, epoch = launch_flags.flags(dev, blocks + split)
+        _mor_bwd_kernel[(blocks * n_tiles + split,)](
+            x, dy, probs, u if u is not None else probs, weight, lora_a, rw, lora_b.contiguous(),
+            col_logit, col_scale, dx if compute_dx else x, dar_buf, db_buf, dc_buf, scratch,
+            partials, flag_buf,
+            n, k, o, og, n_tiles, triton.cdiv(og, cfg.block_k), group_m, split, o_split or 0,
+            epoch,
+            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), probs.stride(0), probs.stride(1),
+            u.stride(0) if u is not None else 0,
+            weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
+            rw.stride(0), rw.stride(1),
+            dx.stride(0) if compute_dx else 0, dx.stride(1) if compute_dx else 0,
+            slot_stride, slot_stride, slot_stride,
+            G=G, R=R, L=L, ROUTER=spec.router, HAS_U=u is not None, COMPUTE_DX=compute_dx,
+            USE_ATOMICS=not DETERMINISTIC, SHARE_Z=SHARE_Z,
+            DOT_PRECISION=_dot_precision(x),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            BLOCK_R=_pad(R), BLOCK_L=_pad(L),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
 
     # Separate tensors (op outputs must not alias each other), written by one launch.
     d_lora_a = _alloc(lora_a.shape, dtype, dev)
@@ -825,8 +843,9 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
     # Narrow programs: the sum reads every slot (9.7 MB at ViT-B proj, N = 12608), which 24
     # programs of 1024 columns would pull through 24 SMs; 256 columns make 97 programs there.
     block = 256
-    _mor_slot_sum_kernel[(triton.cdiv(slots.shape[1], block),)](
-        slots, *outs, slots.shape[0], n_a, n_r, n_b, n_c, slots.stride(0), BLOCK=block,
-        num_warps=2,
-    )
+    with _device_guard(dev):
+        _mor_slot_sum_kernel[(triton.cdiv(slots.shape[1], block),)](
+            slots, *outs, slots.shape[0], n_a, n_r, n_b, n_c, slots.stride(0), BLOCK=block,
+            num_warps=2,
+        )
     return dx, d_lora_a, d_lora_b, d_router_weight, d_router_bias

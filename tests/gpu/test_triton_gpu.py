@@ -34,6 +34,9 @@ CASES = [
     pytest.param(12608, 768, 2304, {"groups": 3}, "bf16", id="qkv-groups3-12608-bf16"),
     pytest.param(12608, 3072, 768, {}, "fp32", id="mlp-fc2-12608-fp32"),
     pytest.param(333, 100, 120, {"groups": 3}, "bf16", id="odd-groups3-bf16"),
+    # Reductions of one step (K = 40, O = 24 under 64-wide steps), in a launch far under a
+    # round: nothing to split.
+    pytest.param(33, 40, 24, {}, "bf16", id="tiny-bf16"),
 ]
 
 
