@@ -131,22 +131,112 @@ def _mor_branch_coef(
 
 
 @triton.jit
-def _mor_fwd_gemm(
+def _program_tile(num_m, num_n, GROUP_M, SPLIT_TILES, SPLIT_AT, FULL):
+    """(tile_id, half, pid_m, pid_n, lo, hi, split) of this program. One program per tile,
+    except the last SPLIT_TILES tiles, two each: half 0 takes the reduction [0, SPLIT_AT),
+    half 1 [SPLIT_AT, FULL); a tile not split (half -1) all of [0, FULL); split numbers the
+    split tiles from 0. Grouped order: GROUP_M row blocks (a runtime value: the launcher fits
+    it to the GPU, triton_schedule.launch_order) sweep their num_n column tiles together, so
+    their rows and the weight tiles stay in L2, column tile 0 of all of them first."""
+    pid = tl.program_id(0)
+    first_split = num_m * num_n - SPLIT_TILES
+    half = pid * 0 - 1
+    tile_id = pid
+    if pid >= first_split:
+        tile_id = first_split + (pid - first_split) // 2
+        half = (pid - first_split) % 2
+    width = GROUP_M * num_n
+    first_m = (tile_id // width) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (tile_id % width) % size_m
+    pid_n = (tile_id % width) // size_m
+    lo = tl.where(half == 1, SPLIT_AT, 0)
+    hi = tl.where(half == 0, SPLIT_AT, FULL)
+    return tile_id, half, pid_m, pid_n, lo, hi, tile_id - first_split
+
+
+@triton.jit
+def _publish(flag_ptr, EPOCH):
+    """Set a flag for this launch once all of this program's threads stored what it guards."""
+    tl.debug_barrier()
+    tl.atomic_xchg(flag_ptr, EPOCH, sem="release", scope="gpu")
+
+
+@triton.jit
+def _published(flag_ptr, EPOCH):
+    """Whether a flag is set for this launch (what it guards then reads with .cg loads)."""
+    return tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu") == EPOCH
+
+
+@triton.jit
+def _join_halves(acc, part_ptr, ticket_ptr, split, half, EPOCH,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(acc, finish) of a split tile's half: each stores its fp32 partial [BM, BN] and takes a
+    ticket; the second to arrive adds the other's partial (a + b == b + a: the same bits
+    whichever it is) and finishes the tile."""
+    rr = tl.arange(0, BLOCK_M)
+    cc = tl.arange(0, BLOCK_N)
+    part = part_ptr + split.to(tl.int64) * (2 * BLOCK_M * BLOCK_N)
+    tl.store(part + half * (BLOCK_M * BLOCK_N) + rr[:, None] * BLOCK_N + cc[None, :], acc)
+    tl.debug_barrier()
+    finish = tl.atomic_xchg(ticket_ptr, EPOCH, sem="acq_rel", scope="gpu") == EPOCH
+    if finish:
+        # .cg: from L2, never a stale line of this SM's L1.
+        acc += tl.load(part + (1 - half) * (BLOCK_M * BLOCK_N) + rr[:, None] * BLOCK_N
+                       + cc[None, :], cache_modifier=".cg")
+    return acc, finish
+
+
+@triton.jit
+def _mor_gemm(
     acc,  # [BM, BN] fp32 accumulator
-    x_ptr, w_ptr, rows64, row_ok, cols, col_ok, k_lo, k_hi,
-    stride_xm, stride_xk, stride_wo, stride_wk,
+    a_ptr, b_ptr, rows64, row_ok, cols, col_ok, lo, hi,
+    stride_am, stride_ar, stride_br, stride_bn,
     DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """acc + x W^T of one tile over K in [k_lo, k_hi) (all of K, or half of a split tile's)."""
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    """acc + A B of one tile over the reduction in [lo, hi): the forward's x W^T (A = x,
+    B[k, o] = W[o, k]) or the backward's dy W (A = dy, B = W); all of it, or a split tile's
+    half."""
+    for r0 in range(lo, hi, BLOCK_K):
+        rs = r0 + tl.arange(0, BLOCK_K)
+        r_ok = rs < hi
+        a = tl.load(a_ptr + rows64[:, None] * stride_am + rs[None, :] * stride_ar,
+                    mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BK]
+        b = tl.load(b_ptr + rs[:, None] * stride_br + cols[None, :] * stride_bn,
+                    mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # [BK, BN]
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _mor_shrink(
+    x_ptr, a_ptr, rw_ptr, rows64, row_ok, g, K,
+    stride_xm, stride_xk, stride_am, stride_ak, stride_rm, stride_rk,
+    R: tl.constexpr, L: tl.constexpr, ROUTER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """([BM, BR], [BM, BL]) fp32: the shrink of one row block and group over all of K,
+    u = x A_g^T and, with ROUTER, l = x R_g^T from the same x tiles (else zeros)."""
+    cr = tl.arange(0, BLOCK_R)
+    r_ok = cr < R
+    cl = tl.arange(0, BLOCK_L)
+    l_ok = cl < L
+    acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc_l = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < k_hi
+        k_ok = ks < K
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-        w = tl.load(w_ptr + cols[None, :] * stride_wo + ks[:, None] * stride_wk,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BK, BN]
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
-    return acc
+        a = tl.load(a_ptr + (g * R + cr)[None, :] * stride_am + ks[:, None] * stride_ak,
+                    mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, BR]
+        acc_u = tl.dot(x, a, acc_u, input_precision=DOT_PRECISION)
+        if ROUTER:
+            rw = tl.load(rw_ptr + (g * L + cl)[None, :] * stride_rm + ks[:, None] * stride_rk,
+                         mask=k_ok[:, None] & l_ok[None, :], other=0.0)  # [BK, BL]
+            acc_l = tl.dot(x, rw, acc_l, input_precision=DOT_PRECISION)
+
+    return acc_u, acc_l
 
 
 @triton.jit
@@ -167,21 +257,9 @@ def _mor_fwd_z(
     r_ok = cr < R
     cl = tl.arange(0, BLOCK_L)
     l_ok = cl < L
-    acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    acc_l = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-        a = tl.load(a_ptr + (g * R + cr)[None, :] * stride_am + ks[:, None] * stride_ak,
-                    mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, BR]
-        acc_u = tl.dot(x, a, acc_u, input_precision=DOT_PRECISION)
-        if ROUTER:
-            rw = tl.load(rw_ptr + (g * L + cl)[None, :] * stride_rm + ks[:, None] * stride_rk,
-                         mask=k_ok[:, None] & l_ok[None, :], other=0.0)  # [BK, BL]
-            acc_l = tl.dot(x, rw, acc_l, input_precision=DOT_PRECISION)
-
+    acc_u, acc_l = _mor_shrink(x_ptr, a_ptr, rw_ptr, rows64, row_ok, g, K, stride_xm, stride_xk,
+                               stride_am, stride_ak, stride_rm, stride_rk, R, L, ROUTER,
+                               DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_L)
     col_logit = tl.load(col_logit_ptr + cr, mask=r_ok, other=-1)  # [BR]
     col_scale = tl.load(col_scale_ptr + cr, mask=r_ok, other=0.0)  # [BR]
     p = acc_l
@@ -243,28 +321,11 @@ def _mor_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    # Programs: one per tile, except the last SPLIT_TILES tiles, two each (K halves).
-    pid = tl.program_id(0)
     num_m = tl.cdiv(N, BLOCK_M)
-    first_split = num_m * G * TILES_PER_GROUP - SPLIT_TILES
-    half = pid * 0 - 1  # of a split tile: 0 takes K below K_SPLIT, 1 the rest
-    tile_id = pid
-    if pid >= first_split:
-        tile_id = first_split + (pid - first_split) // 2
-        half = (pid - first_split) % 2
-    # Grouped order: GROUP_M row blocks (a runtime value: the launcher fits it to the GPU,
-    # triton_schedule.launch_order) sweep all column tiles together, so their x rows and the
-    # W tiles stay in L2; the first column tile of each group comes first for all of them.
-    num_n = G * TILES_PER_GROUP
-    width = GROUP_M * num_n
-    first_m = (tile_id // width) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (tile_id % width) % size_m
-    pid_n = (tile_id % width) // size_m
+    tile_id, half, pid_m, pid_n, k_lo, k_hi, split = _program_tile(
+        num_m, G * TILES_PER_GROUP, GROUP_M, SPLIT_TILES, K_SPLIT, K)
     g = pid_n // TILES_PER_GROUP
     tile = pid_n % TILES_PER_GROUP
-    k_lo = tl.where(half == 1, K_SPLIT, 0)
-    k_hi = tl.where(half == 0, K_SPLIT, K)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -288,35 +349,20 @@ def _mor_fwd_kernel(
             R, L, ROUTER, HAS_ROUTER_BIAS, True, STORE_U, DOT_PRECISION,
             BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_L)
         if SHARE_Z:
-            # All threads' stores of z before the flag (the release orders them for others).
-            tl.debug_barrier()
-            tl.atomic_xchg(flag_ptr + unit, EPOCH, sem="release", scope="gpu")
+            _publish(flag_ptr + unit, EPOCH)
 
-    acc = _mor_fwd_gemm(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, w_ptr, rows64,
-                        row_ok, cols, col_ok, k_lo, k_hi, stride_xm, stride_xk, stride_wo,
-                        stride_wk, DOT_PRECISION, BLOCK_K)
-
-    # A split tile: each half stores its fp32 partial and takes a ticket; the second to arrive
-    # adds the other's partial (a + b == b + a: the same bits whichever it is) and finishes.
-    finish = pid >= 0
+    acc = _mor_gemm(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, w_ptr, rows64,
+                    row_ok, cols, col_ok, k_lo, k_hi, stride_xm, stride_xk, stride_wk,
+                    stride_wo, DOT_PRECISION, BLOCK_K)
+    finish = tile_id >= 0
     if half >= 0:
-        split = tile_id - first_split
-        rr = tl.arange(0, BLOCK_M)
-        cc = tl.arange(0, BLOCK_N)
-        part = part_ptr + split.to(tl.int64) * (2 * BLOCK_M * BLOCK_N)
-        tl.store(part + half * (BLOCK_M * BLOCK_N) + rr[:, None] * BLOCK_N + cc[None, :], acc)
-        tl.debug_barrier()
-        ticket = flag_ptr + num_m * G + split
-        finish = tl.atomic_xchg(ticket, EPOCH, sem="acq_rel", scope="gpu") == EPOCH
-        if finish:
-            # .cg: from L2, never a stale line of this SM's L1.
-            acc += tl.load(part + (1 - half) * (BLOCK_M * BLOCK_N) + rr[:, None] * BLOCK_N
-                           + cc[None, :], cache_modifier=".cg")
+        acc, finish = _join_halves(acc, part_ptr, flag_ptr + num_m * G + split, split, half,
+                                   EPOCH, BLOCK_M, BLOCK_N)
     if finish:
         if not publisher:
-            done = pid < 0
+            done = tile_id < 0
             if SHARE_Z:
-                done = tl.atomic_add(flag_ptr + unit, 0, sem="acquire", scope="gpu") == EPOCH
+                done = _published(flag_ptr + unit, EPOCH)
             if done:
                 z = tl.load(z_ptr + rows64[:, None] * stride_zm + (g * BLOCK_R + cr)[None, :],
                             mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
@@ -329,25 +375,6 @@ def _mor_fwd_kernel(
                     BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_L)
         _mor_fwd_store_tile(acc, z, b_ptr, bias_ptr, y_ptr, rows64, row_ok, cols, col_ok,
                             stride_ym, stride_yo, R, HAS_BIAS, DOT_PRECISION, BLOCK_R)
-
-
-@triton.jit
-def _mor_bwd_dgrad(
-    acc,  # [BM, BN] fp32 dx tile
-    dy_ptr, w_ptr, rows64, row_ok, cols, col_ok, o_lo, o_hi,
-    stride_dym, stride_dyo, stride_wo, stride_wk,
-    DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """acc + dy W of one dx tile over the dy columns in [o_lo, o_hi) (all groups at once)."""
-    for o0 in range(o_lo, o_hi, BLOCK_K):
-        os_ = o0 + tl.arange(0, BLOCK_K)
-        o_ok = os_ < o_hi
-        dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + os_[None, :] * stride_dyo,
-                     mask=row_ok[:, None] & o_ok[None, :], other=0.0)  # [BM, BK]
-        w = tl.load(w_ptr + os_[:, None] * stride_wo + cols[None, :] * stride_wk,
-                    mask=o_ok[:, None] & col_ok[None, :], other=0.0)  # [BK, BN]
-        acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
-    return acc
 
 
 @triton.jit
@@ -378,17 +405,10 @@ def _mor_bwd_row_grads(
         if HAS_U:  # u as the forward computed it (fp32), when it fits the memory contract
             acc_u = tl.load(u_ptr + rows64[:, None] * stride_um + (grp * R + cr)[None, :],
                             mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BR]
-        else:
-            acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < K
-                x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-                a = tl.load(a_ptr + (grp * R + cr)[None, :] * stride_am
-                            + ks[:, None] * stride_ak,
-                            mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, BR]
-                acc_u = tl.dot(x, a, acc_u, input_precision=DOT_PRECISION)
+        else:  # over all of K, as the forward's shrink (without the router's columns)
+            acc_u, _ = _mor_shrink(x_ptr, a_ptr, a_ptr, rows64, row_ok, grp, K, stride_xm,
+                                   stride_xk, stride_am, stride_ak, 0, 0, R, L, False,
+                                   DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_L)
         # Rows past N and padded columns load p = 0, so they contribute nothing below.
         p = tl.load(p_ptr + rows64[:, None] * stride_pm + (grp * L + cl)[None, :] * stride_pl,
                     mask=row_ok[:, None] & l_ok[None, :], other=0.0)  # [BM, BL] fp32
@@ -492,24 +512,9 @@ def _mor_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    # Programs: one per dx tile, except the last SPLIT_TILES tiles, two each (halves of O).
-    pid = tl.program_id(0)
     num_m = tl.cdiv(N, BLOCK_M)
-    first_split = num_m * NUM_N_TILES - SPLIT_TILES
-    half = pid * 0 - 1  # of a split tile: 0 takes dy columns below O_SPLIT, 1 the rest
-    tile_id = pid
-    if pid >= first_split:
-        tile_id = first_split + (pid - first_split) // 2
-        half = (pid - first_split) % 2
-    # Grouped order as in the forward: GROUP_M row blocks sweep their dx tiles together, the
-    # first tile of each row block first.
-    width = GROUP_M * NUM_N_TILES
-    first_m = (tile_id // width) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (tile_id % width) % size_m
-    pid_n = (tile_id % width) // size_m  # the dx column tile
-    o_lo = tl.where(half == 1, O_SPLIT, 0)
-    o_hi = tl.where(half == 0, O_SPLIT, O)
+    tile_id, half, pid_m, pid_n, o_lo, o_hi, split = _program_tile(
+        num_m, NUM_N_TILES, GROUP_M, SPLIT_TILES, O_SPLIT, O)  # pid_n: the dx column tile
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -535,36 +540,24 @@ def _mor_bwd_kernel(
             stride_dyo, stride_pm, stride_pl, stride_um, stride_am, stride_ak, stride_dc_slot,
             G, R, L, ROUTER, HAS_U, True, USE_ATOMICS, DOT_PRECISION, BLOCK_M, BLOCK_K,
             BLOCK_R, BLOCK_L)
-        # All threads' stores before the flag (the release orders them for others).
-        tl.debug_barrier()
         if SHARE_Z:
-            tl.atomic_xchg(flag_ptr + pid_m, EPOCH, sem="release", scope="gpu")
+            _publish(flag_ptr + pid_m, EPOCH)
+        else:
+            tl.debug_barrier()  # its own stores, read below by its other threads
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if COMPUTE_DX:
-        acc = _mor_bwd_dgrad(acc, dy_ptr, w_ptr, rows64, row_ok, cols, col_ok, o_lo, o_hi,
-                             stride_dym, stride_dyo, stride_wo, stride_wk, DOT_PRECISION,
-                             BLOCK_K)
-
-    # A split tile: as in the forward, the second half to arrive adds the other's partial.
-    finish = pid >= 0
+        acc = _mor_gemm(acc, dy_ptr, w_ptr, rows64, row_ok, cols, col_ok, o_lo, o_hi,
+                        stride_dym, stride_dyo, stride_wo, stride_wk, DOT_PRECISION, BLOCK_K)
+    finish = tile_id >= 0
     if half >= 0:
-        split = tile_id - first_split
-        rr = tl.arange(0, BLOCK_M)
-        cc = tl.arange(0, BLOCK_N)
-        part = part_ptr + split.to(tl.int64) * (2 * BLOCK_M * BLOCK_N)
-        tl.store(part + half * (BLOCK_M * BLOCK_N) + rr[:, None] * BLOCK_N + cc[None, :], acc)
-        tl.debug_barrier()
-        ticket = flag_ptr + num_m + split
-        finish = tl.atomic_xchg(ticket, EPOCH, sem="acq_rel", scope="gpu") == EPOCH
-        if finish:
-            acc += tl.load(part + (1 - half) * (BLOCK_M * BLOCK_N) + rr[:, None] * BLOCK_N
-                           + cc[None, :], cache_modifier=".cg")
+        acc, finish = _join_halves(acc, part_ptr, flag_ptr + num_m + split, split, half, EPOCH,
+                                   BLOCK_M, BLOCK_N)
     if finish:
         if not publisher:
-            seen = pid < 0
+            seen = tile_id < 0
             if SHARE_Z:
-                seen = tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire", scope="gpu") == EPOCH
+                seen = _published(flag_ptr + pid_m, EPOCH)
             if not seen:
                 # Not published yet: the same computation (same bits) into the same rows, a
                 # harmless second write of what the first tile stores.
