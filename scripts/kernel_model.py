@@ -135,13 +135,16 @@ def triton_bwd(n, k, o, g) -> Cost:
     read += n * g * R * F32 if keeps_u(g) else 0
     scratch = 2 * n * g * (3 * PAD) * ELEM  # du | dl | z stored, read (once) by the tiles
     partials = 3 * split * cfg.block_m * cfg.block_n * F32
-    # Deterministic slots: one fp32 partial sum per row block, written by the kernel, read
-    # back by the slot-sum kernel, which then writes the results in their dtype.
-    slots = blocks * (g * (R + L) * k + o * R + g * L) * F32
+    # Deterministic slots: one fp32 partial sum per row block, written by the kernel; the
+    # second row block of each pair reads the first's and writes the pair's sum in its place,
+    # so the slot-sum kernel reads half the slots and writes the results in their dtype.
+    slot = (g * (R + L) * k + o * R + g * L) * F32
+    slots = blocks * slot + (blocks // 2) * slot  # written, + the pairs' first partials read
+    summed = math.ceil(blocks / 2) * slot
     results = ELEM * (g * (R + L) * k + o * R + g * L)
     main = Cost.kernel(dgrad + g_once + u_once + db + k_ext + da_dr,
                        read + ELEM * n * k + scratch + partials + slots, programs, efficiency)
-    return main + Cost.kernel(0, slots + results)
+    return main + Cost.kernel(0, summed + results)
 
 
 # The CUDA backend (csrc/, issue 17): a sequence of WMMA GEMMs and small kernels. Its products

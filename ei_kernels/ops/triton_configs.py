@@ -1,9 +1,11 @@
 """Launch configurations of the Triton MoR kernels (`triton_mor.py`): small static tables.
 
-Every entry compiles for its architecture within the shared-memory limit, without register
-spills for one group and with at most a few hundred bytes for groups=3 (the backward unrolls
-its group loop): `python scripts/tune_triton.py check` verifies this without a GPU. The
-timings behind the choices are not measured yet (`tune_triton.py tune` on a GPU does it).
+Every entry compiles for its architecture within the shared-memory limit, and with at most
+256 bytes of register spills: none for one group on tensor cores (16-bit, TF32), up to 216 B
+for the IEEE-fp32 backward's FMA tiles (its operands live in registers) and for groups=3
+(the backward unrolls its group loop). `python scripts/tune_triton.py check` verifies this
+without a GPU. The timings behind the choices are not measured yet (`tune_triton.py tune`
+on a GPU does it).
 
 One table per architecture family (sm75 for Turing, sm80 for the A100 and as the conservative
 default, sm86 for the 100 KiB Ampere/Ada cards, sm90 for Hopper), keyed by kernel, dtype class

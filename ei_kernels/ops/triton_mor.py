@@ -57,11 +57,16 @@ programs before): for timing against, and a switch should a GPU ever show a prob
 flags.
 
 Token reductions (dB, dA_cat, dR, dc) accumulate in fp32. `DETERMINISTIC` (default True; env
-EI_KERNELS_TRITON_DETERMINISTIC=0 turns it off) writes one fp32 slot per token block, a flat
-row dA | dR | dB | dc, and `_mor_slot_sum_kernel` sums the slots in a fixed order and casts
-each gradient, in one launch (bitwise reproducible); off, the kernels use relaxed fp32 atomics
-into one zeroed slot (less memory, order-dependent rounding). Atomics are not the default
-because their speed-up has not been measured.
+EI_KERNELS_TRITON_DETERMINISTIC=0 turns it off) gives each token block an fp32 slot, a flat
+row dA | dR | dB | dc, in pairs: per dx column tile, the first of row blocks 2i and 2i + 1 to
+get there stores its partial sums in the even slot, and the second adds its own to them
+there (once they are published stored) or else stores them in the odd slot and marks it.
+`_mor_slot_sum_kernel` then sums, in a fixed order, each pair (even + marked odd: a + b of
+the same two partials either way) and casts each gradient, in one launch: bitwise
+reproducible, reading half the slots (4.9 of 9.7 MB at ViT-B proj, N = 12608; the pairs'
+second halves read 4.9 MB more inside the backward, which is compute-bound there). Off, the
+kernels use relaxed fp32 atomics into one zeroed slot (less memory, order-dependent
+rounding). Atomics are not the default because their speed-up has not been measured.
 
 `POISON_OUTPUTS` (env EI_KERNELS_TRITON_POISON=1) fills every buffer the kernels write with NaN
 before launch, so a test sees any element a kernel forgot to write.
@@ -452,17 +457,31 @@ def _mor_bwd_row_grads(
 
 
 @triton.jit
+def _slot_out(ptrs, val, mask, odd_step, mode, USE_ATOMICS: tl.constexpr):
+    """Write a tile's fp32 partial sums into its row-block pair's even slot (mode 0), add them
+    to what the pair's other row block stored there (mode 1), or store them in the odd slot
+    (mode 2: the other one's were not stored yet); atomic mode adds into the one slot."""
+    if USE_ATOMICS:
+        tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
+    else:
+        if mode == 1:
+            val += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(ptrs + (mode == 2).to(tl.int64) * odd_step, val, mask=mask)
+
+
+@triton.jit
 def _mor_bwd_lora_tile(
     acc,  # [BM, BN] fp32 dx tile
     du, dl_c,  # [BM, BR], [BM, BL] in the input dtype: group grp's du and dl of these rows
-    x_ptr, a_ptr, rw_ptr, dar_ptr, rows64, row_ok, cols, col_ok, grp, K, slot,
+    x_ptr, a_ptr, rw_ptr, dar_ptr, rows64, row_ok, cols, col_ok, grp, K, slot, mode,
     stride_xm, stride_xk, stride_am, stride_ak, stride_rm, stride_rk, stride_dar_slot,
     G: tl.constexpr, R: tl.constexpr, L: tl.constexpr, ROUTER: tl.constexpr,
     COMPUTE_DX: tl.constexpr, USE_ATOMICS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Group grp's share of one dx tile: the K-extension [du | dl] [A_grp; R_grp] into acc,
-    and this tile's partial sums dA_grp = du^T x, dR_grp = dl^T x into the row block's slot."""
+    and this tile's partial sums dA_grp = du^T x, dR_grp = dl^T x into slot `slot` as `mode`
+    says (`_slot_out`)."""
     cr = tl.arange(0, BLOCK_R)
     r_ok = cr < R
     cl = tl.arange(0, BLOCK_L)
@@ -475,10 +494,7 @@ def _mor_bwd_lora_tile(
         acc = tl.dot(du, a_cols, acc, input_precision=DOT_PRECISION)
     da = tl.dot(tl.trans(du), x_tile, input_precision=DOT_PRECISION)  # [BR, BN] fp32
     da_ptrs = dar_ptr + slot * stride_dar_slot + (grp * R + cr)[:, None] * K + cols[None, :]
-    if USE_ATOMICS:
-        tl.atomic_add(da_ptrs, da, mask=r_ok[:, None] & col_ok[None, :], sem="relaxed")
-    else:
-        tl.store(da_ptrs, da, mask=r_ok[:, None] & col_ok[None, :])
+    _slot_out(da_ptrs, da, r_ok[:, None] & col_ok[None, :], stride_dar_slot, mode, USE_ATOMICS)
     if ROUTER:
         if COMPUTE_DX:
             rw_cols = tl.load(rw_ptr + (grp * L + cl)[:, None] * stride_rm
@@ -488,10 +504,8 @@ def _mor_bwd_lora_tile(
         dr = tl.dot(tl.trans(dl_c), x_tile, input_precision=DOT_PRECISION)  # [BL, BN] fp32
         dr_ptrs = (dar_ptr + slot * stride_dar_slot + (G * R + grp * L + cl)[:, None] * K
                    + cols[None, :])
-        if USE_ATOMICS:
-            tl.atomic_add(dr_ptrs, dr, mask=l_ok[:, None] & col_ok[None, :], sem="relaxed")
-        else:
-            tl.store(dr_ptrs, dr, mask=l_ok[:, None] & col_ok[None, :])
+        _slot_out(dr_ptrs, dr, l_ok[:, None] & col_ok[None, :], stride_dar_slot, mode,
+                  USE_ATOMICS)
     return acc
 
 
@@ -525,8 +539,10 @@ def _mor_bwd_kernel(
     r_ok = cr < R
     cl = tl.arange(0, BLOCK_L)
     dtype = x_ptr.dtype.element_ty
-    # This row block's fp32 slot of the reduction buffers (all slots alias one in atomic mode).
+    # This row block's fp32 slot of the reduction buffers (all slots alias one in atomic mode),
+    # and its pair's (row blocks 2i and 2i + 1): see the pairing below.
     slot = pid_m.to(tl.int64)
+    even = (pid_m - pid_m % 2).to(tl.int64)
     grad_rows = rows64 * (G * (2 * BLOCK_R + BLOCK_L))
 
     # The row block's first tile computes du | dl | z of every group for all its tiles and
@@ -568,6 +584,20 @@ def _mor_bwd_kernel(
                     stride_am, stride_ak, stride_dc_slot, G, R, L, ROUTER, HAS_U, False,
                     USE_ATOMICS, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_L)
                 tl.debug_barrier()  # this program's own stores, read by its other threads
+        # Row blocks 2i and 2i + 1 share a slot (deterministic mode): for each column tile,
+        # the first to get here stores its partial sums in the even slot; the second adds its
+        # own to them there if they are stored already (mode 1), else stores its own in the
+        # odd slot (mode 2) and marks it, and the slot sum adds even + odd. Either way the
+        # pair's sum is a + b of the same two partials: the same bits, half the slots to sum.
+        mode = tile_id * 0
+        paired = ((pid_m ^ 1) < num_m) & (not USE_ATOMICS)
+        pair_flags = flag_ptr + num_m + SPLIT_TILES + 3 * ((pid_m // 2) * NUM_N_TILES + pid_n)
+        if paired:
+            if tl.atomic_xchg(pair_flags, EPOCH, sem="acq_rel", scope="gpu") == EPOCH:
+                mode = 2
+                if SHARE_Z:
+                    if _published(pair_flags + 1, EPOCH):
+                        mode = 1
         for grp in range(G):  # a runtime loop: unrolled next to the dgrad acc, G = 3 spills
             row = grad_ptr + grad_rows[:, None] + grp * (2 * BLOCK_R + BLOCK_L)
             du = tl.load(row + cr[None, :], mask=row_ok[:, None], other=0.0,
@@ -576,9 +606,9 @@ def _mor_bwd_kernel(
                            cache_modifier=".cg")  # [BM, BL]
             acc = _mor_bwd_lora_tile(
                 acc, du, dl_c, x_ptr, a_ptr, rw_ptr, dar_ptr, rows64, row_ok, cols, col_ok,
-                grp, K, slot, stride_xm, stride_xk, stride_am, stride_ak, stride_rm, stride_rk,
-                stride_dar_slot, G, R, L, ROUTER, COMPUTE_DX, USE_ATOMICS, DOT_PRECISION,
-                BLOCK_R, BLOCK_L)
+                grp, K, even, mode, stride_xm, stride_xk, stride_am, stride_ak, stride_rm,
+                stride_rk, stride_dar_slot, G, R, L, ROUTER, COMPUTE_DX, USE_ATOMICS,
+                DOT_PRECISION, BLOCK_R, BLOCK_L)
             # dB_grp = dy^T z: every dx tile of the row block takes every NUM_N_TILES-th dy
             # tile of the group (re-read from L2), so this block's share is computed once.
             z = tl.load(row + BLOCK_R + BLOCK_L + cr[None, :], mask=row_ok[:, None],
@@ -591,32 +621,49 @@ def _mor_bwd_kernel(
                 dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + os_[None, :] * stride_dyo,
                              mask=row_ok[:, None] & o_ok[None, :], other=0.0)  # [BM, BK]
                 db = tl.dot(tl.trans(dy), z, input_precision=DOT_PRECISION)  # [BK, BR] fp32
-                db_ptrs = db_ptr + slot * stride_db_slot + os_[:, None] * R + cr[None, :]
-                if USE_ATOMICS:
-                    tl.atomic_add(db_ptrs, db, mask=o_ok[:, None] & r_ok[None, :],
-                                  sem="relaxed")
-                else:
-                    tl.store(db_ptrs, db, mask=o_ok[:, None] & r_ok[None, :])
+                db_ptrs = db_ptr + even * stride_db_slot + os_[:, None] * R + cr[None, :]
+                _slot_out(db_ptrs, db, o_ok[:, None] & r_ok[None, :], stride_db_slot, mode,
+                          USE_ATOMICS)
+        if paired:
+            if mode == 0:
+                if SHARE_Z:
+                    _publish(pair_flags + 1, EPOCH)  # stored: the second may add to them
+            if mode == 2:
+                _publish(pair_flags + 2, EPOCH)  # the slot sum adds the odd slot's
         if COMPUTE_DX:
             tl.store(dx_ptr + rows64[:, None] * stride_dxm + cols[None, :] * stride_dxk,
                      acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["EPOCH"])
 def _mor_slot_sum_kernel(
-    buf_ptr, da_ptr, dr_ptr, db_ptr, dc_ptr,
-    SLOTS, N_A, N_R, N_B, N_C, stride_slot,
-    BLOCK: tl.constexpr,
+    buf_ptr, da_ptr, dr_ptr, db_ptr, dc_ptr, mark_ptr,
+    SLOTS, N_A, N_R, N_B, N_C, stride_slot, K, OG, O_TILES, NUM_N_TILES, EPOCH,
+    R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # The backward's fp32 slots [SLOTS, N_A + N_R + N_B + N_C] (dA | dR | dB | dc, flattened)
-    # summed over slots in a fixed order (bitwise reproducible), then each gradient written in
-    # its own dtype: one launch where separate sums and casts took seven.
+    # summed in a fixed order (bitwise reproducible), then each gradient written in its own
+    # dtype: one launch where separate sums and casts took seven. Slots come in row-block
+    # pairs: the even one holds the pair's sum, or its first partial where the column tile's
+    # mark says the second is in the odd one (always for dc, which the pairing leaves alone).
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     total = N_A + N_R + N_B + N_C
     ok = cols < total
+    # The dx column tile each column's partial sums came from (its mark's index in a pair).
+    is_dar = cols < N_A + N_R
+    is_dc = cols >= N_A + N_R + N_B
+    o = (cols - N_A - N_R) // R
+    dy_tile = (o // tl.maximum(OG, 1)) * O_TILES + (o % tl.maximum(OG, 1)) // BLOCK_K
+    tile = tl.where(is_dar, (cols % tl.maximum(K, 1)) // BLOCK_N, dy_tile % NUM_N_TILES)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, SLOTS):
-        acc += tl.load(buf_ptr + s * stride_slot + cols, mask=ok, other=0.0)
+    for s in range(0, SLOTS, 2):
+        pair = tl.load(buf_ptr + s * stride_slot + cols, mask=ok, other=0.0)
+        odd_ok = ok & (s + 1 < SLOTS)
+        mark = tl.load(mark_ptr + 3 * ((s // 2) * NUM_N_TILES + tile), mask=odd_ok & ~is_dc,
+                       other=0)
+        pair += tl.load(buf_ptr + (s + 1) * stride_slot + cols,
+                        mask=odd_ok & (is_dc | (mark == EPOCH)), other=0.0)
+        acc += pair
     tl.store(da_ptr + cols, acc.to(da_ptr.dtype.element_ty), mask=cols < N_A)
     c = cols - N_A
     tl.store(dr_ptr + c, acc.to(dr_ptr.dtype.element_ty), mask=(c >= 0) & (c < N_R))
@@ -805,7 +852,10 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
     partials = _alloc((max(1, split), 2, cfg.block_m, cfg.block_n), torch.float32, dev)
     # Triton launches on the current device's stream: make it x's (the flags follow it too).
     with _device_guard(dev):
-        flag_buf, epoch = launch_flags.flags(dev, blocks + split)
+        # Flags: the row blocks', the split tiles' tickets, then per row-block pair and dx
+        # column tile a ticket, a "stored" and a mark (deterministic mode).
+        pairs = triton.cdiv(blocks, 2) * n_tiles if DETERMINISTIC else 0
+        flag_buf, epoch = launch_flags.flags(dev, blocks + split + 3 * pairs)
         _mor_bwd_kernel[(blocks * n_tiles + split,)](
             x, dy, probs, u if u is not None else probs, weight, lora_a, rw, lora_b.contiguous(),
             col_logit, col_scale, dx if compute_dx else x, dar_buf, db_buf, dc_buf, scratch,
@@ -838,7 +888,8 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
     block = 256
     with _device_guard(dev):
         _mor_slot_sum_kernel[(triton.cdiv(slots.shape[1], block),)](
-            slots, *outs, slots.shape[0], n_a, n_r, n_b, n_c, slots.stride(0), BLOCK=block,
-            num_warps=2,
+            slots, *outs, flag_buf[blocks + split + 2:], slots.shape[0], n_a, n_r, n_b, n_c,
+            slots.stride(0), k, og, triton.cdiv(og, cfg.block_k), n_tiles, epoch,
+            R=max(R, 1), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK=block, num_warps=2,
         )
     return dx, d_lora_a, d_lora_b, d_router_weight, d_router_bias
