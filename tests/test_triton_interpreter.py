@@ -13,6 +13,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from ei_kernels import FusedMoRLinear, mor_linear_with_routing  # noqa: E402
 from ei_kernels.backends import unavailable_reason  # noqa: E402
 from ei_kernels.spec import MoRSpec  # noqa: E402
@@ -203,12 +206,33 @@ def test_a_reduction_of_one_step_is_never_split(monkeypatch):
     _check_wide_fp32(VARIANTS["default"], o=12, k=8)
 
 
+@triton.jit
+def _published_two_thirds(flag_ptr, EPOCH):
+    """triton_mor._published, except that every third program never sees a flag set."""
+    seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu") == EPOCH
+    return seen & (tl.program_id(0) % 3 != 1)
+
+
+@triton.jit
+def _program_tile_reversed(num_m, num_n, GROUP_M, SPLIT_TILES, SPLIT_AT, FULL):
+    """The programs in the reverse order: the last tile first."""
+    from ei_kernels.ops.triton_mor import _tile_of
+
+    return _tile_of(tl.num_programs(0) - 1 - tl.program_id(0), num_m, num_n, GROUP_M,
+                    SPLIT_TILES, SPLIT_AT, FULL)
+
+
+@pytest.mark.parametrize("order", ["unshared", "some-unpublished", "reversed"])
 @pytest.mark.parametrize("variant", ["default", "groups3", "no-bypass", "plain-lora"])
-def test_tiles_that_find_z_unpublished_compute_the_same_bits(variant, monkeypatch):
-    """A row block's first tile publishes what the row block's other tiles need (forward: z
-    of each group; backward: du | dl | z); a tile that finds it not yet published computes it
-    itself, with the same code. Without publishing (SHARE_Z off) every tile takes that path,
-    and every output is bitwise the same."""
+def test_the_same_bits_whatever_order_the_programs_meet_in(variant, order, monkeypatch):
+    """A row block's first tile publishes what its other tiles need (forward: z of each group;
+    backward: du | dl | z), and of a slot pair the first to arrive stores its partial sums
+    for the second to add to. The interpreter runs programs one after the other, in order, so
+    the shared data is always there in time. Here nothing is published (SHARE_Z off: every
+    tile computes it, every pair's second stores in its own slot), or every third program
+    finds no flag set (a mix of both paths), or the programs run last to first (a pair's
+    partner arrives first). Every output is bitwise the same as in order, and matches torch
+    and fp64."""
     from ei_kernels.ops import triton_mor
 
     cfg = VARIANTS[variant]
@@ -223,10 +247,14 @@ def test_tiles_that_find_z_unpublished_compute_the_same_bits(variant, monkeypatc
                 spec, True)
         return (y, probs, u, *triton_mor.backward(*args, u=u), *triton_mor.backward(*args))
 
-    shared = outputs()
-    monkeypatch.setattr(triton_mor, "SHARE_Z", False)
-    alone = outputs()
-    for a, b in zip(shared, alone):
+    in_order = outputs()
+    if order == "unshared":
+        monkeypatch.setattr(triton_mor, "SHARE_Z", False)
+    elif order == "reversed":
+        monkeypatch.setattr(triton_mor, "_program_tile", _program_tile_reversed)
+    else:
+        monkeypatch.setattr(triton_mor, "_published", _published_two_thirds)
+    for a, b in zip(in_order, outputs()):
         assert not a.isnan().any() and torch.equal(a, b)
     _check_wide_fp32(cfg)
 
@@ -237,12 +265,12 @@ def test_launch_flags_give_each_launch_a_new_epoch():
     from ei_kernels.ops import launch_flags
 
     cpu = torch.device("cpu")
-    buf, first = launch_flags.flags(cpu, 5)
-    buf[:5] = first  # what a launch leaves behind
-    again, second = launch_flags.flags(cpu, 5)
-    assert again is buf and second > first
-    bigger, third = launch_flags.flags(cpu, 4 * buf.numel())
-    assert bigger.numel() >= 4 * buf.numel() and not bigger.any() and third > second
+    with launch_flags.reserved(cpu, 5) as (buf, first):
+        buf[:5] = first  # what a launch leaves behind
+    with launch_flags.reserved(cpu, 5) as (again, second):
+        assert again is buf and second > first
+    with launch_flags.reserved(cpu, 4 * buf.numel()) as (bigger, third):
+        assert bigger.numel() >= 4 * buf.numel() and not bigger.any() and third > second
 
 
 def _direct_inputs(n=33, cfg=None, dtype=torch.float32):

@@ -58,11 +58,13 @@ flags.
 
 Token reductions (dB, dA_cat, dR, dc) accumulate in fp32. `DETERMINISTIC` (default True; env
 EI_KERNELS_TRITON_DETERMINISTIC=0 turns it off) gives each token block an fp32 slot, a flat
-row dA | dR | dB | dc, in pairs: per dx column tile, the first of row blocks 2i and 2i + 1 to
-get there stores its partial sums in the even slot, and the second adds its own to them
-there (once they are published stored) or else stores them in the odd slot and marks it.
-`_mor_slot_sum_kernel` then sums, in a fixed order, each pair (even + marked odd: a + b of
-the same two partials either way) and casts each gradient, in one launch: bitwise
+row dA | dR | dB | dc, in pairs one sweep apart (row blocks m and m + GROUP_M, m in an even
+sweep): per dx column tile, the first of the two to get there (almost always m, a round of
+programs earlier) stores its partial sums in the pair's head slot, and the second adds its
+own to them there (once they are published stored) or else stores them in its own slot and
+marks it. `_mor_slot_sum_kernel` then sums, in a fixed order, each pair (head + marked
+partner: a + b of the same two partials either way) and casts each gradient, in one launch:
+bitwise
 reproducible, reading half the slots (4.9 of 9.7 MB at ViT-B proj, N = 12608; the pairs'
 second halves read 4.9 MB more inside the backward, which is compute-bound there). Off, the
 kernels use relaxed fp32 atomics into one zeroed slot (less memory, order-dependent
@@ -137,13 +139,18 @@ def _mor_branch_coef(
 
 @triton.jit
 def _program_tile(num_m, num_n, GROUP_M, SPLIT_TILES, SPLIT_AT, FULL):
-    """(tile_id, half, pid_m, pid_n, lo, hi, split) of this program. One program per tile,
+    """`_tile_of` this program (a seam: tests run the programs in other orders)."""
+    return _tile_of(tl.program_id(0), num_m, num_n, GROUP_M, SPLIT_TILES, SPLIT_AT, FULL)
+
+
+@triton.jit
+def _tile_of(pid, num_m, num_n, GROUP_M, SPLIT_TILES, SPLIT_AT, FULL):
+    """(tile_id, half, pid_m, pid_n, lo, hi, split) of program pid. One program per tile,
     except the last SPLIT_TILES tiles, two each: half 0 takes the reduction [0, SPLIT_AT),
     half 1 [SPLIT_AT, FULL); a tile not split (half -1) all of [0, FULL); split numbers the
     split tiles from 0. Grouped order: GROUP_M row blocks (a runtime value: the launcher fits
     it to the GPU, triton_schedule.launch_order) sweep their num_n column tiles together, so
     their rows and the weight tiles stay in L2, column tile 0 of all of them first."""
-    pid = tl.program_id(0)
     first_split = num_m * num_n - SPLIT_TILES
     half = pid * 0 - 1
     tile_id = pid
@@ -457,16 +464,20 @@ def _mor_bwd_row_grads(
 
 
 @triton.jit
-def _slot_out(ptrs, val, mask, odd_step, mode, USE_ATOMICS: tl.constexpr):
-    """Write a tile's fp32 partial sums into its row-block pair's even slot (mode 0), add them
-    to what the pair's other row block stored there (mode 1), or store them in the odd slot
-    (mode 2: the other one's were not stored yet); atomic mode adds into the one slot."""
+def _slot_out(ptrs, val, mask, partner_step, mode, USE_ATOMICS: tl.constexpr):
+    """Write a tile's fp32 partial sums into its row-block pair's head slot (mode 0), add them
+    to what the pair's other row block stored there (mode 1), or store them in the partner's
+    own slot, `partner_step` further (mode 2: the other one's were not stored yet); atomic
+    mode adds into the one slot."""
     if USE_ATOMICS:
         tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
     else:
         if mode == 1:
+            # A separate fp32 add of the finished partial, inside this branch: written without
+            # the branch, the compiler may fold it into the dot's accumulator, which rounds
+            # differently, and mode 1 would no longer give mode 2's bits.
             val += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(ptrs + (mode == 2).to(tl.int64) * odd_step, val, mask=mask)
+        tl.store(ptrs + (mode == 2).to(tl.int64) * partner_step, val, mask=mask)
 
 
 @triton.jit
@@ -474,6 +485,7 @@ def _mor_bwd_lora_tile(
     acc,  # [BM, BN] fp32 dx tile
     du, dl_c,  # [BM, BR], [BM, BL] in the input dtype: group grp's du and dl of these rows
     x_ptr, a_ptr, rw_ptr, dar_ptr, rows64, row_ok, cols, col_ok, grp, K, slot, mode,
+    partner_step,
     stride_xm, stride_xk, stride_am, stride_ak, stride_rm, stride_rk, stride_dar_slot,
     G: tl.constexpr, R: tl.constexpr, L: tl.constexpr, ROUTER: tl.constexpr,
     COMPUTE_DX: tl.constexpr, USE_ATOMICS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -494,7 +506,7 @@ def _mor_bwd_lora_tile(
         acc = tl.dot(du, a_cols, acc, input_precision=DOT_PRECISION)
     da = tl.dot(tl.trans(du), x_tile, input_precision=DOT_PRECISION)  # [BR, BN] fp32
     da_ptrs = dar_ptr + slot * stride_dar_slot + (grp * R + cr)[:, None] * K + cols[None, :]
-    _slot_out(da_ptrs, da, r_ok[:, None] & col_ok[None, :], stride_dar_slot, mode, USE_ATOMICS)
+    _slot_out(da_ptrs, da, r_ok[:, None] & col_ok[None, :], partner_step, mode, USE_ATOMICS)
     if ROUTER:
         if COMPUTE_DX:
             rw_cols = tl.load(rw_ptr + (grp * L + cl)[:, None] * stride_rm
@@ -504,7 +516,7 @@ def _mor_bwd_lora_tile(
         dr = tl.dot(tl.trans(dl_c), x_tile, input_precision=DOT_PRECISION)  # [BL, BN] fp32
         dr_ptrs = (dar_ptr + slot * stride_dar_slot + (G * R + grp * L + cl)[:, None] * K
                    + cols[None, :])
-        _slot_out(dr_ptrs, dr, l_ok[:, None] & col_ok[None, :], stride_dar_slot, mode,
+        _slot_out(dr_ptrs, dr, l_ok[:, None] & col_ok[None, :], partner_step, mode,
                   USE_ATOMICS)
     return acc
 
@@ -540,9 +552,11 @@ def _mor_bwd_kernel(
     cl = tl.arange(0, BLOCK_L)
     dtype = x_ptr.dtype.element_ty
     # This row block's fp32 slot of the reduction buffers (all slots alias one in atomic mode),
-    # and its pair's (row blocks 2i and 2i + 1): see the pairing below.
+    # and its pair's head (row blocks m and m + GROUP_M, m in an even sweep): see below.
     slot = pid_m.to(tl.int64)
-    even = (pid_m - pid_m % 2).to(tl.int64)
+    partner = tl.where((pid_m // GROUP_M) % 2 == 0, pid_m + GROUP_M, pid_m - GROUP_M)
+    paired = (partner < num_m) & (not USE_ATOMICS)
+    head = tl.where(paired, tl.minimum(pid_m, partner), pid_m).to(tl.int64)
     grad_rows = rows64 * (G * (2 * BLOCK_R + BLOCK_L))
 
     # The row block's first tile computes du | dl | z of every group for all its tiles and
@@ -584,14 +598,14 @@ def _mor_bwd_kernel(
                     stride_am, stride_ak, stride_dc_slot, G, R, L, ROUTER, HAS_U, False,
                     USE_ATOMICS, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_L)
                 tl.debug_barrier()  # this program's own stores, read by its other threads
-        # Row blocks 2i and 2i + 1 share a slot (deterministic mode): for each column tile,
-        # the first to get here stores its partial sums in the even slot; the second adds its
-        # own to them there if they are stored already (mode 1), else stores its own in the
-        # odd slot (mode 2) and marks it, and the slot sum adds even + odd. Either way the
+        # Row blocks one sweep apart share a slot (deterministic mode): for each column tile,
+        # the first to get here stores its partial sums in the head slot; the second adds its
+        # own to them there if they are stored already (mode 1), else stores its own in its
+        # slot (mode 2) and marks it, and the slot sum adds head + partner. Either way the
         # pair's sum is a + b of the same two partials: the same bits, half the slots to sum.
+        # A sweep apart, the second comes about a round of programs after the first.
         mode = tile_id * 0
-        paired = ((pid_m ^ 1) < num_m) & (not USE_ATOMICS)
-        pair_flags = flag_ptr + num_m + SPLIT_TILES + 3 * ((pid_m // 2) * NUM_N_TILES + pid_n)
+        pair_flags = flag_ptr + num_m + SPLIT_TILES + 3 * (head * NUM_N_TILES + pid_n)
         if paired:
             if tl.atomic_xchg(pair_flags, EPOCH, sem="acq_rel", scope="gpu") == EPOCH:
                 mode = 2
@@ -606,9 +620,9 @@ def _mor_bwd_kernel(
                            cache_modifier=".cg")  # [BM, BL]
             acc = _mor_bwd_lora_tile(
                 acc, du, dl_c, x_ptr, a_ptr, rw_ptr, dar_ptr, rows64, row_ok, cols, col_ok,
-                grp, K, even, mode, stride_xm, stride_xk, stride_am, stride_ak, stride_rm,
-                stride_rk, stride_dar_slot, G, R, L, ROUTER, COMPUTE_DX, USE_ATOMICS,
-                DOT_PRECISION, BLOCK_R, BLOCK_L)
+                grp, K, head, mode, GROUP_M * stride_dar_slot, stride_xm, stride_xk, stride_am,
+                stride_ak, stride_rm, stride_rk, stride_dar_slot, G, R, L, ROUTER, COMPUTE_DX,
+                USE_ATOMICS, DOT_PRECISION, BLOCK_R, BLOCK_L)
             # dB_grp = dy^T z: every dx tile of the row block takes every NUM_N_TILES-th dy
             # tile of the group (re-read from L2), so this block's share is computed once.
             z = tl.load(row + BLOCK_R + BLOCK_L + cr[None, :], mask=row_ok[:, None],
@@ -621,9 +635,9 @@ def _mor_bwd_kernel(
                 dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + os_[None, :] * stride_dyo,
                              mask=row_ok[:, None] & o_ok[None, :], other=0.0)  # [BM, BK]
                 db = tl.dot(tl.trans(dy), z, input_precision=DOT_PRECISION)  # [BK, BR] fp32
-                db_ptrs = db_ptr + even * stride_db_slot + os_[:, None] * R + cr[None, :]
-                _slot_out(db_ptrs, db, o_ok[:, None] & r_ok[None, :], stride_db_slot, mode,
-                          USE_ATOMICS)
+                db_ptrs = db_ptr + head * stride_db_slot + os_[:, None] * R + cr[None, :]
+                _slot_out(db_ptrs, db, o_ok[:, None] & r_ok[None, :], GROUP_M * stride_db_slot,
+                          mode, USE_ATOMICS)
         if paired:
             if mode == 0:
                 if SHARE_Z:
@@ -638,14 +652,15 @@ def _mor_bwd_kernel(
 @triton.jit(do_not_specialize=["EPOCH"])
 def _mor_slot_sum_kernel(
     buf_ptr, da_ptr, dr_ptr, db_ptr, dc_ptr, mark_ptr,
-    SLOTS, N_A, N_R, N_B, N_C, stride_slot, K, OG, O_TILES, NUM_N_TILES, EPOCH,
+    SLOTS, N_A, N_R, N_B, N_C, stride_slot, K, OG, O_TILES, NUM_N_TILES, GROUP_M, EPOCH,
     R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # The backward's fp32 slots [SLOTS, N_A + N_R + N_B + N_C] (dA | dR | dB | dc, flattened)
     # summed in a fixed order (bitwise reproducible), then each gradient written in its own
     # dtype: one launch where separate sums and casts took seven. Slots come in row-block
-    # pairs: the even one holds the pair's sum, or its first partial where the column tile's
-    # mark says the second is in the odd one (always for dc, which the pairing leaves alone).
+    # pairs one sweep apart: the head holds the pair's sum, or its first partial where the
+    # column tile's mark says the second is in the partner's slot (always for dc, which the
+    # pairing leaves alone).
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     total = N_A + N_R + N_B + N_C
     ok = cols < total
@@ -656,14 +671,17 @@ def _mor_slot_sum_kernel(
     dy_tile = (o // tl.maximum(OG, 1)) * O_TILES + (o % tl.maximum(OG, 1)) // BLOCK_K
     tile = tl.where(is_dar, (cols % tl.maximum(K, 1)) // BLOCK_N, dy_tile % NUM_N_TILES)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, SLOTS, 2):
-        pair = tl.load(buf_ptr + s * stride_slot + cols, mask=ok, other=0.0)
-        odd_ok = ok & (s + 1 < SLOTS)
-        mark = tl.load(mark_ptr + 3 * ((s // 2) * NUM_N_TILES + tile), mask=odd_ok & ~is_dc,
-                       other=0)
-        pair += tl.load(buf_ptr + (s + 1) * stride_slot + cols,
-                        mask=odd_ok & (is_dc | (mark == EPOCH)), other=0.0)
-        acc += pair
+    for first in range(0, SLOTS, 2 * GROUP_M):  # the even sweeps' first row blocks
+        for pos in range(0, GROUP_M):
+            head = first + pos
+            partner_ok = ok & (head + GROUP_M < SLOTS)
+            pair = tl.load(buf_ptr + head * stride_slot + cols, mask=ok & (head < SLOTS),
+                           other=0.0)
+            mark = tl.load(mark_ptr + 3 * (head * NUM_N_TILES + tile),
+                           mask=partner_ok & ~is_dc, other=0)
+            pair += tl.load(buf_ptr + (head + GROUP_M) * stride_slot + cols,
+                            mask=partner_ok & (is_dc | (mark == EPOCH)), other=0.0)
+            acc += pair
     tl.store(da_ptr + cols, acc.to(da_ptr.dtype.element_ty), mask=cols < N_A)
     c = cols - N_A
     tl.store(dr_ptr + c, acc.to(dr_ptr.dtype.element_ty), mask=(c >= 0) & (c < N_R))
@@ -796,8 +814,7 @@ def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: M
     rw = router_weight if router_weight is not None else lora_a  # placeholders are never read
     b = lora_b.contiguous()  # the kernels index it with row stride R (a no-op for a parameter)
     # Triton launches on the current device's stream: make it x's (the flags follow it too).
-    with _device_guard(dev):
-        flag_buf, epoch = launch_flags.flags(dev, units + split)
+    with _device_guard(dev), launch_flags.reserved(dev, units + split) as (flag_buf, epoch):
         _mor_fwd_kernel[(units * tiles + split,)](
             x, weight, bias if bias is not None else x, lora_a, rw,
             router_bias if router_bias is not None else x, b, col_logit, col_scale, y, probs,
@@ -850,12 +867,19 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
     # du | dl | z of each row, per group, for the row block's other tiles.
     scratch = _alloc((n, G * (2 * _pad(R) + _pad(L))), dtype, dev)
     partials = _alloc((max(1, split), 2, cfg.block_m, cfg.block_n), torch.float32, dev)
+    # Separate tensors (op outputs must not alias each other), written by one launch.
+    d_lora_a = _alloc(lora_a.shape, dtype, dev)
+    d_router_weight = _alloc((G * L, k), dtype, dev)
+    d_lora_b = _alloc(lora_b.shape, dtype, dev)
+    d_router_bias = _alloc((G * L,), dtype, dev)
+    outs = [t if t.numel() else slots for t in (d_lora_a, d_router_weight, d_lora_b,
+                                                 d_router_bias)]  # empty: a placeholder
+    # Flags: the row blocks', the split tiles' tickets, then per pair head (indexed by row
+    # block) and dx column tile a ticket, a "stored" and a mark (deterministic mode).
+    pairs = blocks * n_tiles if DETERMINISTIC else 0
     # Triton launches on the current device's stream: make it x's (the flags follow it too).
-    with _device_guard(dev):
-        # Flags: the row blocks', the split tiles' tickets, then per row-block pair and dx
-        # column tile a ticket, a "stored" and a mark (deterministic mode).
-        pairs = triton.cdiv(blocks, 2) * n_tiles if DETERMINISTIC else 0
-        flag_buf, epoch = launch_flags.flags(dev, blocks + split + 3 * pairs)
+    with _device_guard(dev), launch_flags.reserved(dev, blocks + split + 3 * pairs) as (
+            flag_buf, epoch):
         _mor_bwd_kernel[(blocks * n_tiles + split,)](
             x, dy, probs, u if u is not None else probs, weight, lora_a, rw, lora_b.contiguous(),
             col_logit, col_scale, dx if compute_dx else x, dar_buf, db_buf, dc_buf, scratch,
@@ -875,21 +899,13 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
             BLOCK_R=_pad(R), BLOCK_L=_pad(L),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-
-    # Separate tensors (op outputs must not alias each other), written by one launch.
-    d_lora_a = _alloc(lora_a.shape, dtype, dev)
-    d_router_weight = _alloc((G * L, k), dtype, dev)
-    d_lora_b = _alloc(lora_b.shape, dtype, dev)
-    d_router_bias = _alloc((G * L,), dtype, dev)
-    outs = [t if t.numel() else slots for t in (d_lora_a, d_router_weight, d_lora_b,
-                                                 d_router_bias)]  # empty: a placeholder
-    # Narrow programs: the sum reads every slot (9.7 MB at ViT-B proj, N = 12608), which 24
-    # programs of 1024 columns would pull through 24 SMs; 256 columns make 97 programs there.
-    block = 256
-    with _device_guard(dev):
+        # The slot sum reads the kernel's marks: the flags stay reserved until it is enqueued.
+        # Narrow programs: the sum reads every pair head (4.9 MB at ViT-B proj, N = 12608),
+        # which 24 programs of 1024 columns would pull through 24 SMs; 256 make 97 there.
+        block = 256
         _mor_slot_sum_kernel[(triton.cdiv(slots.shape[1], block),)](
             slots, *outs, flag_buf[blocks + split + 2:], slots.shape[0], n_a, n_r, n_b, n_c,
-            slots.stride(0), k, og, triton.cdiv(og, cfg.block_k), n_tiles, epoch,
+            slots.stride(0), k, og, triton.cdiv(og, cfg.block_k), n_tiles, group_m, epoch,
             R=max(R, 1), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK=block, num_warps=2,
         )
     return dx, d_lora_a, d_lora_b, d_router_weight, d_router_bias
