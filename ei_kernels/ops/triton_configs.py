@@ -1,7 +1,7 @@
 """Launch configurations of the Triton MoR kernels (`triton_mor.py`): small static tables.
 
 Every entry compiles for its architecture within the shared-memory limit, and with at most
-256 bytes of register spills: none for one group on tensor cores (16-bit, TF32), up to 216 B
+256 bytes of register spills: none for one group on tensor cores (16-bit, TF32), up to 200 B
 for the IEEE-fp32 backward's FMA tiles (its operands live in registers) and for groups=3
 (the backward unrolls its group loop). `python scripts/tune_triton.py check` verifies this
 without a GPU. The timings behind the choices are not measured yet (`tune_triton.py tune`

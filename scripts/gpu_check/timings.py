@@ -6,7 +6,8 @@ and three variants of the triton backend: the GPU's size not consulted ("fused-t
 the table's launch order, no split last round; a ViT-B proj layer then runs 594 programs in 5
 rounds of 132 for 4.5 rounds of work), every row block's tile computing what it needs itself
 ("fused-triton-unshared": nothing published between programs; the forward's z and the
-backward's du | dl | z then cost what they did in one-tile programs before), and the atomic
+backward's du | dl | z then cost what they did in one-tile programs before, and every slot
+pair's second stores in its own slot, which the slot sum then reads too), and the atomic
 token reductions instead of the deterministic slots ("fused-triton-atomic"). "fused-triton" is
 the launcher's choice by its schedule model (ei_kernels/ops/triton_schedule.py); these rows say
 what the split, the fitted order and the sharing buy,
