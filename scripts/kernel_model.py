@@ -94,12 +94,19 @@ def keeps_u(groups: int) -> bool:
 
 
 def _fitted(cfg, row_blocks: int, groups: int, tiles: int, extra: float):
-    """(programs, schedule efficiency, split tiles) of a launch in the order its launcher picks
-    on 132 SMs (triton_schedule.launch_order), by list scheduling."""
+    """(programs, schedule efficiency, split tiles, group_m) of a launch in the order its
+    launcher picks on 132 SMs (triton_schedule.launch_order), by list scheduling."""
     slots = SMS * cfg.programs_per_sm
     group_m, split = launch_order(row_blocks, groups, tiles, slots, extra, cfg.group_m)
     durations = program_durations(row_blocks, groups, tiles, group_m, split, extra)
-    return row_blocks * groups * tiles + split, list_schedule_efficiency(durations, slots), split
+    programs = row_blocks * groups * tiles + split
+    return programs, list_schedule_efficiency(durations, slots), split, group_m
+
+
+def paired_slots(blocks: int, group_m: int) -> int:
+    """Row blocks whose slot is a pair's partner (m + group_m for m in an even sweep): the
+    backward's slots that the slot sum does not read when pairs add in place."""
+    return sum(1 for m in range(blocks) if (m // group_m) % 2 == 0 and m + group_m < blocks)
 
 
 def triton_fwd(n, k, o, g) -> Cost:
@@ -108,7 +115,7 @@ def triton_fwd(n, k, o, g) -> Cost:
     the second reads the other's (both counted as HBM traffic, though mostly L2)."""
     cfg = launch_config("fwd", HOPPER, n, torch.bfloat16, "ieee")
     blocks, tiles = math.ceil(n / cfg.block_m), math.ceil(o / g / cfg.block_n)
-    programs, efficiency, split = _fitted(cfg, blocks, g, tiles, fwd_z_cost(cfg, R, L, True))
+    programs, efficiency, split, _ = _fitted(cfg, blocks, g, tiles, fwd_z_cost(cfg, R, L, True))
     shrink = 2 * n * k * (PAD + PAD) * g
     expand = 2 * n * PAD * o
     stored = n * g * L * F32 + (n * g * R * F32 if keeps_u(g) else 0)  # p (and u)
@@ -123,8 +130,8 @@ def triton_bwd(n, k, o, g) -> Cost:
     and read back by the others; split tiles as in the forward."""
     cfg = launch_config("bwd", HOPPER, n, torch.bfloat16, "ieee")
     blocks, tiles = math.ceil(n / cfg.block_m), math.ceil(k / cfg.block_n)
-    programs, efficiency, split = _fitted(cfg, blocks, 1, tiles,
-                                          bwd_row_cost(cfg, R, g, k, o, keeps_u(g)))
+    programs, efficiency, split, group_m = _fitted(cfg, blocks, 1, tiles,
+                                                   bwd_row_cost(cfg, R, g, k, o, keeps_u(g)))
     dgrad = 2 * n * o * k
     g_once = 2 * n * o * PAD  # g = dy B, once per row block
     u_once = 0 if keeps_u(g) else 2 * n * k * PAD * g
@@ -136,11 +143,13 @@ def triton_bwd(n, k, o, g) -> Cost:
     scratch = 2 * n * g * (3 * PAD) * ELEM  # du | dl | z stored, read (once) by the tiles
     partials = 3 * split * cfg.block_m * cfg.block_n * F32
     # Deterministic slots: one fp32 partial sum per row block, written by the kernel; the
-    # second row block of each pair reads the first's and writes the pair's sum in its place,
-    # so the slot-sum kernel reads half the slots and writes the results in their dtype.
+    # second of each pair (row blocks one sweep apart) reads the first's and writes the pair's
+    # sum in its place, so the slot-sum kernel reads the other slots only, then writes the
+    # results in their dtype.
     slot = (g * (R + L) * k + o * R + g * L) * F32
-    slots = blocks * slot + (blocks // 2) * slot  # written, + the pairs' first partials read
-    summed = math.ceil(blocks / 2) * slot
+    pairs = paired_slots(blocks, group_m)
+    slots = (blocks + pairs) * slot  # written, + the pairs' first partials read
+    summed = (blocks - pairs) * slot
     results = ELEM * (g * (R + L) * k + o * R + g * L)
     main = Cost.kernel(dgrad + g_once + u_once + db + k_ext + da_dr,
                        read + ELEM * n * k + scratch + partials + slots, programs, efficiency)

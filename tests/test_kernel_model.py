@@ -43,3 +43,11 @@ def test_launch_counts_and_tables():
     rows = kernel_model.table(n, 790e12, 4.3e12, 3.0).splitlines()
     assert len(rows) == 2 + len(kernel_model.SHAPES)
     assert len(kernel_model.cuda_table(n, 790e12, 4.3e12, 3.0, 0.6).splitlines()) == len(rows)
+
+
+def test_paired_slots_are_those_one_sweep_after_an_even_sweep():
+    # Sweeps of 2 over 5 row blocks: (0, 2) and (1, 3) pair, 4 is alone.
+    assert kernel_model.paired_slots(5, 2) == 2
+    # ViT-B proj at N = 12608 in sweeps of 22: sweeps 0+1 and 2+3 pair, the last 11 alone.
+    assert kernel_model.paired_slots(99, 22) == 44
+    assert kernel_model.paired_slots(1, 8) == 0

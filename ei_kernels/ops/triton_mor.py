@@ -64,11 +64,11 @@ programs earlier) stores its partial sums in the pair's head slot, and the secon
 own to them there (once they are published stored) or else stores them in its own slot and
 marks it. `_mor_slot_sum_kernel` then sums, in a fixed order, each pair (head + marked
 partner: a + b of the same two partials either way) and casts each gradient, in one launch:
-bitwise
-reproducible, reading half the slots (4.9 of 9.7 MB at ViT-B proj, N = 12608; the pairs'
-second halves read 4.9 MB more inside the backward, which is compute-bound there). Off, the
-kernels use relaxed fp32 atomics into one zeroed slot (less memory, order-dependent
-rounding). Atomics are not the default because their speed-up has not been measured.
+bitwise reproducible, reading the slots of 55 of ViT-B proj's 99 row blocks at N = 12608
+(5.4 of 9.7 MB; the pairs' second halves read 4.3 MB more inside the backward, which is
+compute-bound there). Off, the kernels use relaxed fp32 atomics into one zeroed slot (less
+memory, order-dependent rounding). Atomics are not the default because their speed-up has
+not been measured.
 
 `POISON_OUTPUTS` (env EI_KERNELS_TRITON_POISON=1) fills every buffer the kernels write with NaN
 before launch, so a test sees any element a kernel forgot to write.
@@ -643,7 +643,7 @@ def _mor_bwd_kernel(
                 if SHARE_Z:
                     _publish(pair_flags + 1, EPOCH)  # stored: the second may add to them
             if mode == 2:
-                _publish(pair_flags + 2, EPOCH)  # the slot sum adds the odd slot's
+                _publish(pair_flags + 2, EPOCH)  # the slot sum adds the partner's slot
         if COMPUTE_DX:
             tl.store(dx_ptr + rows64[:, None] * stride_dxm + cols[None, :] * stride_dxk,
                      acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -900,8 +900,8 @@ def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         # The slot sum reads the kernel's marks: the flags stay reserved until it is enqueued.
-        # Narrow programs: the sum reads every pair head (4.9 MB at ViT-B proj, N = 12608),
-        # which 24 programs of 1024 columns would pull through 24 SMs; 256 make 97 there.
+        # Narrow programs: the sum reads 5.4 MB of slots at ViT-B proj, N = 12608, which 24
+        # programs of 1024 columns would pull through 24 SMs; 256 columns make 97 there.
         block = 256
         _mor_slot_sum_kernel[(triton.cdiv(slots.shape[1], block),)](
             slots, *outs, flag_buf[blocks + split + 2:], slots.shape[0], n_a, n_r, n_b, n_c,
