@@ -6,10 +6,11 @@ READY := $(VENV)/.ready
 
 .PHONY: train test benchmark cuda-ext
 
-$(READY): requirements.txt setup.py
+$(READY): requirements.txt requirements-cuda-headers.txt setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -r requirements.txt
+	$(VENV)/bin/python -m pip install -q --no-deps -r requirements-cuda-headers.txt
 	EI_KERNELS_SKIP_CUDA_BUILD=1 $(VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "mor_kernels.h"
+#include "sm90_gemm.h"
 
 namespace {
 
@@ -55,6 +56,13 @@ void check_operand(const char* op, const char* name, const Tensor& t, const Tens
               ", expected ", at::IntArrayRef(shape));
   TORCH_CHECK(t.is_contiguous(), op, ": ", name,
               " must be contiguous (the cuda backend's forward/backward make it so)");
+}
+
+// Whether the big GEMMs may take the sm_90a kernel, which reads two extra workspaces.
+bool sm90_enabled(ei::DType dtype, const Tensor& x) {
+  bool enabled = false;
+  C10_CUDA_CHECK(ei::sm90_gemm_enabled(dtype, x.get_device(), &enabled));
+  return enabled;
 }
 
 ei::MorDims make_dims(const char* op, const Tensor& x, int64_t out_features, at::IntArrayRef ranks,
@@ -124,7 +132,9 @@ std::tuple<Tensor, Tensor> mor_fwd(const Tensor& x, const Tensor& weight,
   Tensor y = at::empty({N, O}, x.options());
   Tensor probs = at::empty({N, gl}, f32);
   Tensor shrink = at::empty({N, d.shrink_width()}, f32);
-  Tensor z = at::empty({N, gr}, x.options());
+  Tensor z = at::empty({N, d.rank_ld()}, x.options());
+  Tensor lora_b_ext = sm90_enabled(dtype, x) ? at::empty({O, d.rank_ld()}, x.options())
+                                             : Tensor();
 
   ei::MorForwardArgs args{};
   args.x = x.data_ptr();
@@ -138,6 +148,7 @@ std::tuple<Tensor, Tensor> mor_fwd(const Tensor& x, const Tensor& weight,
   args.probs = probs.data_ptr<float>();
   args.shrink = shrink.data_ptr<float>();
   args.z = z.data_ptr();
+  args.lora_b_ext = lora_b_ext.defined() ? lora_b_ext.data_ptr() : nullptr;
   C10_CUDA_CHECK(ei::mor_forward(dtype, d, args, c10::cuda::getCurrentCUDAStream()));
   return {y, probs};
 }
@@ -178,8 +189,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   Tensor d_router_bias = at::empty({gl}, opts);
   Tensor u = at::empty({N, gr}, f32);
   Tensor g = at::empty({N, gr}, f32);
-  Tensor z = at::empty({N, gr}, opts);
-  Tensor d_shrink = at::empty({N, S}, opts);
+  Tensor z = at::empty({N, d.rank_ld()}, opts);
+  Tensor d_shrink = at::empty({N, d.shrink_ld()}, opts);
+  Tensor shrink_weight =
+      compute_dx && sm90_enabled(dtype, x) ? at::empty({S, K}, opts) : Tensor();
   Tensor shrink_partial = at::empty({plan.shrink_splits, S, K}, f32);
   Tensor lora_b_partial = at::empty({plan.lora_b_splits, O, d.rank}, f32);
   Tensor dl_partial = at::empty({plan.dl_splits, gl}, f32);
@@ -201,6 +214,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   args.g = g.data_ptr<float>();
   args.z = z.data_ptr();
   args.d_shrink = d_shrink.data_ptr();
+  args.shrink_weight = shrink_weight.defined() ? shrink_weight.data_ptr() : nullptr;
   args.shrink_partial = shrink_partial.data_ptr<float>();
   args.lora_b_partial = lora_b_partial.data_ptr<float>();
   args.dl_partial = dl_partial.data_ptr<float>();
@@ -219,6 +233,8 @@ TORCH_LIBRARY(ei_kernels_cuda, m) {
       "mor_bwd(Tensor dy, Tensor x, Tensor probs, Tensor weight, Tensor lora_a, Tensor lora_b, "
       "Tensor? router_weight, int[] ranks, float[] scalings, bool bypass, int groups, "
       "bool compute_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Whether this library holds the sm_90a GEMM (ei_kernels.cuda_extension_info reports it).
+  m.def("sm90_gemm_built() -> bool", [] { return ei::sm90_gemm_built(); });
 }
 
 TORCH_LIBRARY_IMPL(ei_kernels_cuda, CUDA, m) {

@@ -11,6 +11,11 @@ Environment switches:
                                  Turing that CUDA 13 compiles for, "75;80;86;89;90a;compute_90"
                                  (T4; A100; A10/RTX 30xx; L4/RTX 40xx; H100/H200; PTX for newer);
                                  one target, e.g. "90a", builds several times faster.
+  EI_KERNELS_CUTLASS_DIR         a CUTLASS include directory (holding cute/ and cutlass/) for
+                                 the sm_90a TMA + wgmma GEMM; default: the headers of the
+                                 nvidia-cutlass pip package when installed. Without either, or
+                                 without a 90a target, the extension builds without that kernel
+                                 (every GEMM then takes the portable one)
   EI_KERNELS_CUDA_WERROR=1       compile warnings are errors (CI sets it; off by default, so
                                  that a user's host compiler with other warnings still builds)
   MAX_JOBS                       parallel compile jobs (read by torch's ninja build)
@@ -27,7 +32,7 @@ import sys
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent
-SOURCES = ("mor_kernels.cu", "binding.cpp")
+SOURCES = ("mor_kernels.cu", "sm90_gemm.cu", "binding.cpp")
 DEFAULT_ARCHS = "75;80;86;89;90a;compute_90"
 
 
@@ -107,10 +112,14 @@ def build_decision() -> tuple[bool, str]:
     return False, "no CUDA GPU visible; set EI_KERNELS_FORCE_CUDA_BUILD=1 to build anyway"
 
 
+def _targets() -> list[str]:
+    archs = os.environ.get("EI_KERNELS_CUDA_ARCHS", DEFAULT_ARCHS).strip()
+    return [t for t in re.split(r"[;,\s]+", archs) if t]
+
+
 def gencode_flags() -> list[str]:
-    targets = re.split(r"[;,\s]+", os.environ.get("EI_KERNELS_CUDA_ARCHS", DEFAULT_ARCHS).strip())
     flags = []
-    for target in filter(None, targets):
+    for target in _targets():
         if re.fullmatch(r"compute_\d+a?", target):
             flags.append(f"-gencode=arch={target},code={target}")
         elif re.fullmatch(r"\d+a?", target):
@@ -122,6 +131,42 @@ def gencode_flags() -> list[str]:
     if not flags:
         raise ValueError("EI_KERNELS_CUDA_ARCHS: no targets given")
     return flags
+
+
+def cutlass_include_dir() -> Path | None:
+    """EI_KERNELS_CUTLASS_DIR, else the headers inside the nvidia-cutlass pip package (found
+    without importing it: its Python side needs packages we do not)."""
+    if os.environ.get("EI_KERNELS_CUTLASS_DIR"):
+        path = Path(os.environ["EI_KERNELS_CUTLASS_DIR"])
+        if not (path / "cute" / "tensor.hpp").is_file():
+            raise ValueError(f"EI_KERNELS_CUTLASS_DIR={path}: no cute/tensor.hpp there")
+        return path
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = Path(location) / "source" / "include"
+        if (path / "cute" / "tensor.hpp").is_file():
+            return path
+    return None
+
+
+def sm90_gemm_skipped() -> str | None:
+    """Why the build leaves out the sm_90a GEMM (None: it is built)."""
+    if "90a" not in _targets():
+        return "EI_KERNELS_CUDA_ARCHS has no 90a target"
+    if cutlass_include_dir() is None:
+        return "no CUTLASS headers (pip install nvidia-cutlass, or set EI_KERNELS_CUTLASS_DIR)"
+    return None
+
+
+def _sm90_flags() -> list[str]:
+    # -isystem: warnings inside CUTLASS's headers are theirs, not errors of ours.
+    if sm90_gemm_skipped() is not None:
+        return []
+    return ["-DEI_KERNELS_SM90A", "-isystem", str(cutlass_include_dir())]
 
 
 def _torch_system_includes() -> list[str]:
@@ -140,6 +185,9 @@ def compile_args() -> dict[str, list[str]]:
         "cxx": ["-O3", *host_warnings, *_torch_system_includes()],
         "nvcc": [
             "-O3",
+            "-std=c++17",
+            "--expt-relaxed-constexpr",  # CuTe's constexpr helpers run on the device too
+            *_sm90_flags(),
             *(["-Werror", "all-warnings"] if werror else []),
             "-Xcompiler", ",".join(host_warnings),
             "-lineinfo",

@@ -11,15 +11,24 @@
 //                                                       split-K partials (dc: the blocks'
 //                                                       sums of (3)), fixed-order sums
 //
+// On a compute capability 9.0 device, 16-bit inputs whose rows TMA can load take the sm_90a
+// kernel (sm90_gemm.h) for forward (3) and backward (4): one launch over all groups, with
+// B_cat as a block-diagonal [O, G*r] matrix so that the extension is one reduction of G*r.
+// Everything else, and every GEMM elsewhere, runs the portable kernels of gemm.cuh.
+//
 // Every kernel is a template over the element type; this file instantiates each for fp16,
 // bf16 and fp32 through one dtype switch.
 #include <algorithm>
 #include <atomic>
 #include <type_traits>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "gemm.cuh"
 #include "mor_kernels.h"
 #include "routing.cuh"
+#include "sm90_gemm.h"
 
 namespace ei {
 namespace {
@@ -58,13 +67,30 @@ void dispatch_routing(const MorDims& d, F&& f) {
 
 unsigned blocks_for(int64_t work, int threads) { return unsigned((work + threads - 1) / threads); }
 
+// B_cat as one block-diagonal [O, ld] matrix: row o of group g = o / og holds lora_b[o] in
+// columns [g r, g r + r) and zeros elsewhere (the sm_90a forward's extension operand).
 template <typename T>
-void forward_impl(const MorDims& d, const MorForwardArgs& a, cudaStream_t stream) {
+__global__ void block_diagonal_kernel(const T* __restrict__ lora_b, int out_features, int og,
+                                      int rank, int ld, T* __restrict__ out) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= int64_t(out_features) * ld) return;
+  const int o = int(idx / ld), j = int(idx % ld) - (o / og) * rank;
+  out[idx] = j >= 0 && j < rank ? lora_b[int64_t(o) * rank + j] : from_float<T>(0.0f);
+}
+
+template <typename T>
+constexpr DType dtype_of() {
+  return std::is_same_v<T, __half> ? DType::kHalf
+         : std::is_same_v<T, __nv_bfloat16> ? DType::kBFloat16 : DType::kFloat;
+}
+
+template <typename T>
+cudaError_t forward_impl(const MorDims& d, const MorForwardArgs& a, cudaStream_t stream) {
   const int m = int(d.tokens), K = d.in_features, O = d.out_features, G = d.groups;
-  const int r = d.rank, gr = G * r, S = d.shrink_width(), og = O / G;
+  const int r = d.rank, gr = G * r, S = d.shrink_width(), og = O / G, zld = d.rank_ld();
   const T* const x = static_cast<const T*>(a.x);
   T* const z = static_cast<T*>(a.z);
-  if (m == 0) return;
+  if (m == 0) return cudaSuccess;
 
   GemmArgs<T, float> shrink{};
   shrink.m = m, shrink.n = S, shrink.k = K, shrink.k_per_split = K;
@@ -80,18 +106,33 @@ void forward_impl(const MorDims& d, const MorForwardArgs& a, cudaStream_t stream
             d, a.shrink, static_cast<const T*>(a.router_bias), a.probs, z);
   });
 
+  // The sm_90a kernel when the binding enabled it (gave its workspace) and TMA can load
+  // these operands: one launch over all groups.
+  ExtGemmArgs ext{};
+  ext.m = m, ext.n = O, ext.k = K, ext.k2 = gr, ext.b_n_major = false;
+  ext.a = x, ext.lda = K, ext.b = a.weight, ext.ldb = K;
+  ext.a2 = z, ext.lda2 = zld, ext.b2 = a.lora_b_ext, ext.ldb2 = zld;
+  ext.bias = a.bias, ext.c = a.y, ext.ldc = O;
+  if (a.lora_b_ext != nullptr && sm90_gemm_accepts(dtype_of<T>(), ext)) {
+    block_diagonal_kernel<T><<<blocks_for(int64_t(O) * zld, kSumThreads), kSumThreads, 0,
+                               stream>>>(static_cast<const T*>(a.lora_b), O, og, r, zld,
+                                         static_cast<T*>(a.lora_b_ext));
+    return sm90_ext_gemm(dtype_of<T>(), ext, stream);
+  }
+
   // B_cat is block-diagonal: batch entry g computes output columns [g*og, (g+1)*og) from
   // W's rows of that slice and z's rank columns of group g.
   GemmArgs<T, T> y{};
   y.m = m, y.n = og, y.k = K, y.k2 = r, y.k_per_split = K;
   y.a = dense(x, K);
   y.b = dense(static_cast<const T*>(a.weight), K, int64_t(og) * K);
-  y.a2 = dense<T>(z, gr, r);
+  y.a2 = dense<T>(z, zld, r);
   y.b2 = dense(static_cast<const T*>(a.lora_b), r, int64_t(og) * r);
   y.bias = static_cast<const T*>(a.bias), y.bias_batch_stride = og;
   y.c = static_cast<T*>(a.y), y.ldc = O, y.c_batch_stride = og;
   y.batches = G, y.splits = 1;
   launch_gemm<BigTile, true, true>(y, stream);
+  return cudaSuccess;
 }
 
 template <typename T>
@@ -105,10 +146,11 @@ void sum_splits(const float* partial, int splits, int64_t rows, int cols, int64_
 }
 
 template <typename T>
-void backward_impl(const MorDims& d, const ReductionPlan& plan, const MorBackwardArgs& a,
-                   cudaStream_t stream) {
+cudaError_t backward_impl(const MorDims& d, const ReductionPlan& plan, const MorBackwardArgs& a,
+                          cudaStream_t stream) {
   const int m = int(d.tokens), K = d.in_features, O = d.out_features, G = d.groups;
   const int r = d.rank, gr = G * r, S = d.shrink_width(), og = O / G;
+  const int zld = d.rank_ld(), sld = d.shrink_ld();
   const T* const x = static_cast<const T*>(a.x);
   const T* const dy = static_cast<const T*>(a.dy);
   const T* const lora_a = static_cast<const T*>(a.lora_a);
@@ -138,19 +180,38 @@ void backward_impl(const MorDims& d, const ReductionPlan& plan, const MorBackwar
     });
 
     if (a.dx) {
-      GemmArgs<T, T> dx{};
-      dx.m = m, dx.n = K, dx.k = O, dx.k2 = S, dx.k_per_split = O;
-      dx.a = dense(dy, O), dx.b = dense(static_cast<const T*>(a.weight), K);
-      dx.a2 = dense<T>(d_shrink, S), dx.b2 = stacked(lora_a, router_weight, gr, K);
-      dx.c = static_cast<T*>(a.dx), dx.ldc = K, dx.batches = 1, dx.splits = 1;
-      launch_gemm<BigTile, true, false>(dx, stream);
+      ExtGemmArgs ext{};
+      ext.m = m, ext.n = K, ext.k = O, ext.k2 = S, ext.b_n_major = true;
+      ext.a = dy, ext.lda = O, ext.b = a.weight, ext.ldb = K;
+      ext.a2 = d_shrink, ext.lda2 = sld, ext.b2 = a.shrink_weight, ext.ldb2 = K;
+      ext.c = a.dx, ext.ldc = K;
+      if (a.shrink_weight != nullptr && sm90_gemm_accepts(dtype_of<T>(), ext)) {
+        // [A_cat; R] as one [S, K] operand
+        const size_t row_bytes = size_t(K) * sizeof(T);
+        cudaError_t err = cudaMemcpyAsync(a.shrink_weight, lora_a, gr * row_bytes,
+                                          cudaMemcpyDeviceToDevice, stream);
+        if (err == cudaSuccess && d.router) {
+          err = cudaMemcpyAsync(static_cast<T*>(a.shrink_weight) + int64_t(gr) * K,
+                                router_weight, size_t(S - gr) * row_bytes,
+                                cudaMemcpyDeviceToDevice, stream);
+        }
+        if (err == cudaSuccess) err = sm90_ext_gemm(dtype_of<T>(), ext, stream);
+        if (err != cudaSuccess) return err;
+      } else {
+        GemmArgs<T, T> dx{};
+        dx.m = m, dx.n = K, dx.k = O, dx.k2 = S, dx.k_per_split = O;
+        dx.a = dense(dy, O), dx.b = dense(static_cast<const T*>(a.weight), K);
+        dx.a2 = dense<T>(d_shrink, sld), dx.b2 = stacked(lora_a, router_weight, gr, K);
+        dx.c = static_cast<T*>(a.dx), dx.ldc = K, dx.batches = 1, dx.splits = 1;
+        launch_gemm<BigTile, true, false>(dx, stream);
+      }
     }
   }
 
   // Token reductions (they also run for zero tokens: the gradients are then zeros).
   GemmArgs<T, float> dw{};
   dw.m = S, dw.n = K, dw.k = m, dw.k_per_split = split_length<T>(m, plan.shrink_splits);
-  dw.a = dense<T>(d_shrink, S), dw.b = dense(x, K);
+  dw.a = dense<T>(d_shrink, sld), dw.b = dense(x, K);
   dw.c = a.shrink_partial, dw.ldc = K, dw.c_split_stride = int64_t(S) * K;
   dw.batches = 1, dw.splits = plan.shrink_splits;
   launch_gemm<WideTile, false, false>(dw, stream);
@@ -159,7 +220,7 @@ void backward_impl(const MorDims& d, const ReductionPlan& plan, const MorBackwar
 
   GemmArgs<T, float> db{};
   db.m = og, db.n = r, db.k = m, db.k_per_split = split_length<T>(m, plan.lora_b_splits);
-  db.a = dense(dy, O, og), db.b = dense<T>(z, gr, r);
+  db.a = dense(dy, O, og), db.b = dense<T>(z, zld, r);
   db.c = a.lora_b_partial, db.ldc = r, db.c_batch_stride = int64_t(og) * r;
   db.c_split_stride = int64_t(O) * r, db.batches = G, db.splits = plan.lora_b_splits;
   launch_gemm<TallTile, false, false>(db, stream);
@@ -169,6 +230,7 @@ void backward_impl(const MorDims& d, const ReductionPlan& plan, const MorBackwar
     sum_splits<T>(a.dl_partial, plan.dl_splits, 1, G * d.logits, 1, a.d_router_bias, nullptr,
                   stream);
   }
+  return cudaSuccess;
 }
 
 // Two waves of blocks on the device, but at least 256 tokens per split so that the partial
@@ -179,15 +241,37 @@ int splits_for(int64_t tiles, int64_t tokens, int sms) {
   return int(std::clamp<int64_t>(std::min(want, cap), 1, 64));
 }
 
-// SM count per device, queried once: later calls (e.g. inside a CUDA graph capture) make no
-// CUDA API call at all.
-cudaError_t multiprocessor_count(int device, int* sms) {
+// A positive property of a device, queried once per device (per Tag: one cache each): later
+// calls (e.g. inside a CUDA graph capture) make no CUDA API call at all.
+template <typename Tag, typename Query>
+cudaError_t cached_per_device(int device, int* value, Query query) {
   static std::atomic<int> cache[64];
   const bool cached = device >= 0 && device < 64;
-  if (cached && (*sms = cache[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
-  const cudaError_t err = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess && cached) cache[device].store(*sms, std::memory_order_relaxed);
+  if (cached && (*value = cache[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
+  const cudaError_t err = query(value);
+  if (err == cudaSuccess && cached) cache[device].store(*value, std::memory_order_relaxed);
   return err;
+}
+
+cudaError_t multiprocessor_count(int device, int* sms) {
+  struct Tag;
+  return cached_per_device<Tag>(device, sms, [&](int* out) {
+    return cudaDeviceGetAttribute(out, cudaDevAttrMultiProcessorCount, device);
+  });
+}
+
+// 10 * major + minor, e.g. 90 for H100/H200.
+cudaError_t compute_capability(int device, int* capability) {
+  struct Tag;
+  return cached_per_device<Tag>(device, capability, [&](int* out) {
+    int major = 0, minor = 0;
+    cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (err == cudaSuccess) {
+      err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    }
+    *out = 10 * major + minor;
+    return err;
+  });
 }
 
 }  // namespace
@@ -208,19 +292,33 @@ cudaError_t plan_reductions(const MorDims& d, int device, ReductionPlan* plan) {
   return cudaSuccess;
 }
 
+cudaError_t sm90_gemm_enabled(DType dtype, int device, bool* enabled) {
+  *enabled = false;
+  const char* const switch_value = std::getenv("EI_KERNELS_CUDA_SM90");
+  if (!sm90_gemm_built() || dtype == DType::kFloat ||
+      (switch_value != nullptr && std::strcmp(switch_value, "0") == 0)) {
+    return cudaSuccess;
+  }
+  int capability = 0;
+  const cudaError_t err = compute_capability(device, &capability);
+  *enabled = err == cudaSuccess && capability == 90;  // sm_90a code runs on 9.0 only
+  return err;
+}
+
 cudaError_t mor_forward(DType dtype, const MorDims& dims, const MorForwardArgs& args,
                         cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
-    forward_impl<typename decltype(tag)::type>(dims, args, stream);
-    return cudaGetLastError();
+    const cudaError_t err = forward_impl<typename decltype(tag)::type>(dims, args, stream);
+    return err != cudaSuccess ? err : cudaGetLastError();
   });
 }
 
 cudaError_t mor_backward(DType dtype, const MorDims& dims, const ReductionPlan& plan,
                          const MorBackwardArgs& args, cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
-    backward_impl<typename decltype(tag)::type>(dims, plan, args, stream);
-    return cudaGetLastError();
+    const cudaError_t err =
+        backward_impl<typename decltype(tag)::type>(dims, plan, args, stream);
+    return err != cudaSuccess ? err : cudaGetLastError();
   });
 }
 

@@ -16,6 +16,8 @@ enum class DType { kHalf, kBFloat16, kFloat };
 // Branches per group the routing kernels hold in registers (the paper uses 3).
 constexpr int kMaxBranches = 16;
 
+constexpr int round_up8(int n) { return (n + 7) / 8 * 8; }
+
 // Sizes and routing configuration of one MoR layer call (MOR_MATH.md symbols).
 struct MorDims {
   int64_t tokens;    // N
@@ -30,7 +32,12 @@ struct MorDims {
   int start[kMaxBranches + 1];  // rank columns of branch k: [start[k], start[k+1])
   float scale[kMaxBranches];    // s_k
 
-  int shrink_width() const { return groups * (rank + logits); }  // S: columns of [u | l]
+  // S: the columns of [u | l]
+  constexpr int shrink_width() const { return groups * (rank + logits); }
+  // Row strides of the 16-bit workspaces z [N, G*r] and [du | dl] [N, S], rounded up to
+  // 8 elements: the sm_90a GEMM loads them by TMA, which needs rows at 16-byte multiples.
+  constexpr int rank_ld() const { return round_up8(groups * rank); }
+  constexpr int shrink_ld() const { return round_up8(shrink_width()); }
 };
 
 // Split-K factors of the two token reductions of the backward (deterministic: fixed per shape
@@ -52,7 +59,8 @@ struct MorForwardArgs {
   void* y;                    // out [N, O]
   float* probs;               // out [N, G*L]
   float* shrink;              // workspace [N, S]: [u | l] in fp32
-  void* z;                    // workspace [N, G*r]
+  void* z;                    // workspace [N, G*r], row stride rank_ld()
+  void* lora_b_ext;           // workspace [O, rank_ld()] for the sm_90a GEMM, else null
 };
 
 struct MorBackwardArgs {
@@ -70,12 +78,20 @@ struct MorBackwardArgs {
   void* d_router_bias;        // out [G*L]
   float* u;                   // workspace [N, G*r]: x A_cat^T recomputed
   float* g;                   // workspace [N, G*r]: dy B_cat
-  void* z;                    // workspace [N, G*r]
-  void* d_shrink;             // workspace [N, S]: [du | dl] in the input dtype
+  void* z;                    // workspace [N, G*r], row stride rank_ld()
+  void* d_shrink;             // workspace [N, S]: [du | dl] in the input dtype, row stride
+                              // shrink_ld()
+  void* shrink_weight;        // workspace [S, K]: [A_cat; R] for the sm_90a GEMM, else null
   float* shrink_partial;      // workspace [shrink_splits, S, K]
   float* lora_b_partial;      // workspace [lora_b_splits, O, r]
   float* dl_partial;          // workspace [dl_splits, G*L]: per-block fp32 sums of dl
 };
+
+// Whether this call's big GEMMs (forward y, backward dx) may take the sm_90a TMA + wgmma
+// kernel: built with it, a 16-bit dtype, a compute capability 9.0 device, and the environment
+// switch EI_KERNELS_CUDA_SM90 not "0". The binding then allocates the two workspaces above
+// that only that kernel reads. Queries the device once (cached: safe under graph capture).
+cudaError_t sm90_gemm_enabled(DType dtype, int device, bool* enabled);
 
 // Reads the device's SM count (no stream work, so it is safe during CUDA graph capture).
 cudaError_t plan_reductions(const MorDims& dims, int device, ReductionPlan* plan);

@@ -66,7 +66,7 @@ __global__ void route_forward_kernel(const MorDims d, const float* __restrict__ 
     }
   }
 
-  T* const zr = z + t * gr + g * d.rank;
+  T* const zr = z + t * d.rank_ld() + g * d.rank;
 #pragma unroll
   for (int k = 0; k < kMaxBranches; ++k) {
     if (k < d.branches) {
@@ -112,8 +112,8 @@ __device__ __forceinline__ void route_backward_row(const MorDims& d, int64_t idx
     }
   }
 
-  T* const zr = z + offset;
-  T* const shrink_row = d_shrink + t * (gr + d.groups * d.logits);
+  T* const zr = z + offset + t * (d.rank_ld() - gr);  // z's rows are padded
+  T* const shrink_row = d_shrink + t * d.shrink_ld();
   T* const du = shrink_row + g * d.rank;
   float dp[kMaxBranches];
 #pragma unroll
@@ -158,8 +158,10 @@ __device__ __forceinline__ void route_backward_row(const MorDims& d, int64_t idx
 // writes z and [du | dl] in the input dtype (operands of the GEMMs that follow), and this
 // block's fp32 column sums of dl, dl_partial[block, G*L], added in thread order (dc is their
 // sum over blocks, in block order: the same on every run). One thread per (token, group).
+// The launch bounds name 4 blocks per SM (a budget of 128 registers): with the thread count
+// alone ptxas sometimes aimed at 64 registers for the fp32 variants and spilled.
 template <typename T, bool ROUTER, bool BYPASS>
-__global__ void __launch_bounds__(kRouteThreads)
+__global__ void __launch_bounds__(kRouteThreads, 4)
     route_backward_kernel(const MorDims d, const float* __restrict__ u_all,
                           const float* __restrict__ g_all, const float* __restrict__ probs,
                           T* __restrict__ z, T* __restrict__ d_shrink,

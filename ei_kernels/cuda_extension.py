@@ -62,10 +62,13 @@ def _load() -> tuple[str | None, str | None, str | None]:
 
 
 def cuda_extension_info() -> dict:
-    """{"built": bool, "loaded": bool, "path": str | None, "reason": str | None}.
+    """{"built": bool, "loaded": bool, "path": str | None, "reason": str | None,
+    "sm90_gemm": bool | None}.
 
     "path" is the loaded library (else the built one, if any); "reason" says why it is not
-    loaded (None when it is).
+    loaded (None when it is); "sm90_gemm" whether the loaded library holds the sm_90a TMA +
+    wgmma GEMM (None when nothing is loaded). It runs on compute capability 9.0 devices for
+    16-bit inputs unless EI_KERNELS_CUDA_SM90=0; elsewhere every GEMM takes the portable kernel.
     """
     built, loaded, reason = _load()
     return {
@@ -73,6 +76,7 @@ def cuda_extension_info() -> dict:
         "loaded": loaded is not None,
         "path": loaded or built,
         "reason": reason,
+        "sm90_gemm": bool(torch.ops.ei_kernels_cuda.sm90_gemm_built()) if loaded else None,
     }
 
 

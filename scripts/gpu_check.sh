@@ -88,6 +88,15 @@ else
 print(f'{c[0]}{c[1]}' + ('a' if c[0] == 9 else ''))" 2>/dev/null || echo 90a)
     export EI_KERNELS_CUDA_ARCHS=${EI_KERNELS_CUDA_ARCHS:-$arch} EI_KERNELS_CUDA_WERROR=0
     export MAX_JOBS=${MAX_JOBS:-8}
+    # The GPU machine has neither network nor CUDA's CUTLASS headers, which the sm_90a GEMM
+    # needs: a run there carries this checkout's (the device tool's carry, e.g.
+    # .venv/lib/python3.11/site-packages/cutlass_library/source/include, 27 MB).
+    carried=$(ls -d "$ROOT"/.venv/lib/python3*/site-packages/cutlass_library/source/include \
+              2>/dev/null | head -n 1)
+    if [[ -z "${EI_KERNELS_CUTLASS_DIR:-}" && -n "$carried" ]]; then
+        export EI_KERNELS_CUTLASS_DIR=$carried
+    fi
+    echo "gpu_check: CUTLASS headers: ${EI_KERNELS_CUTLASS_DIR:-none found (no sm_90a GEMM)}"
     build_cmd=(env PYTHON="$PY" bash scripts/build_cuda_ext.sh)
 fi
 (

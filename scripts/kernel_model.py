@@ -11,11 +11,12 @@ seeing where the fused kernels spend work beyond the floor before a GPU measures
 (scripts/gpu_check.sh does).
 
     python scripts/kernel_model.py [--tokens 12608] [--tflops 790] [--tbps 4.3] [--launch-us 3]
-                                   [--mma-sync-fraction 0.6]
+                                   [--mma-sync-fraction 0.6] [--wgmma-fraction 0.8]
 
 Defaults: bf16, ranks 2/4/8 (r = 14) with a bypass router (4 outputs), the sm90 launch table;
 ceilings as measured on an H200 of the lent machines (bf16 8192^3 GEMM 769-798 TFLOP/s, device
-copy 4.3 TB/s). The CUDA backend's mma.sync products are charged at a fraction of that peak.
+copy 4.3 TB/s). The CUDA backend's mma.sync and wgmma products are charged at fractions of that
+peak (assumptions, see MMA_SYNC_FRACTION and WGMMA_FRACTION).
 """
 
 from __future__ import annotations
@@ -53,20 +54,22 @@ class Cost:
     programs: int = 0  # of the main kernel (informational)
 
     @staticmethod
-    def kernel(flops: float, bytes_: float, programs: int = 0,
-               efficiency: float = 1.0) -> "Cost":
-        return Cost(((flops, bytes_, efficiency),), programs)
+    def kernel(flops: float, bytes_: float, programs: int = 0, efficiency: float = 1.0,
+               rate: float = 1.0) -> "Cost":
+        """rate: the share of the MMA peak this kernel's instructions reach (1: wgmma at the
+        measured GEMM ceiling; the CUDA backend's mma.sync and wgmma kernels less)."""
+        return Cost(((flops, bytes_, efficiency, rate),), programs)
 
     def __add__(self, other: "Cost") -> "Cost":
         return Cost(self.kernels + other.kernels, self.programs or other.programs)
 
     @property
     def flops(self) -> float:
-        return sum(f for f, _, _ in self.kernels)
+        return sum(f for f, _, _, _ in self.kernels)
 
     @property
     def bytes(self) -> float:
-        return sum(b for _, b, _ in self.kernels)
+        return sum(b for _, b, _, _ in self.kernels)
 
     @property
     def launches(self) -> int:
@@ -77,7 +80,7 @@ class Cost:
         return self.kernels[0][2]
 
     def us(self, peak: float, bandwidth: float, launch_us: float) -> float:
-        busy = sum(max(f / peak, b / bandwidth) / e for f, b, e in self.kernels)
+        busy = sum(max(f / (peak * rate), b / bandwidth) / e for f, b, e, rate in self.kernels)
         return busy * 1e6 + self.launches * launch_us
 
 
@@ -156,60 +159,95 @@ def triton_bwd(n, k, o, g) -> Cost:
     return main + Cost.kernel(0, summed + results)
 
 
-# The CUDA backend (csrc/, issue 17): a sequence of WMMA GEMMs and small kernels. Its products
-# run on mma.sync, which on Hopper reaches only part of the wgmma peak: charged at
-# MMA_SYNC_FRACTION of it (an assumption, --mma-sync-fraction; not measured).
+# The CUDA backend (csrc/): small kernels and thin products on the portable mma.sync GEMM,
+# which on Hopper reaches only part of the wgmma peak (MMA_SYNC_FRACTION of it), and on an
+# H100/H200 the two big products (forward y, backward dx) on the sm_90a TMA + wgmma GEMM, a
+# plain one-tile-per-CTA kernel whose epilogue does not overlap the next tile's loads
+# (WGMMA_FRACTION of the peak). Both fractions are assumptions, not measurements.
 MMA_SYNC_FRACTION = 0.6
+WGMMA_FRACTION = 0.8
 TALL_N = 32  # TallTile / WideTile width: the thin products are padded to it
-BK_CUDA = 32  # tile depth in 16-bit types: the K-extension is padded to it
+BK_CUDA = 32  # portable tile depth in 16-bit types: its K-extension is padded to it
+SM90_TILE = (128, 192, 64)  # the sm_90a GEMM's tile (M, N, K): the extension pads to 64
 
 
 def _pad(n: int, to: int) -> int:
     return math.ceil(n / to) * to
 
 
-def cuda_fwd(n, k, o, g) -> Cost:
-    s = g * (R + L)
-    shrink = Cost.kernel(2 * n * k * _pad(s, TALL_N), ELEM * (n * k + s * k) + F32 * n * s)
-    route = Cost.kernel(0, F32 * n * s + F32 * n * g * L + ELEM * n * g * R)
-    main = Cost.kernel(2 * n * k * o + 2 * n * _pad(R, BK_CUDA) * o,
-                       ELEM * (n * k + o * k + n * g * R + o * R + n * o))
-    return shrink + route + main
+def _pad8(n: int) -> int:  # the 16-bit workspaces' row strides (TMA: 16-byte rows)
+    return _pad(n, 8)
 
 
-def cuda_bwd(n, k, o, g) -> Cost:
+def sm90_gemm(n, cols, k, k2, a2_ld, b2_rows, b2_ld) -> Cost:
+    """C[n, cols] = A[n, k] B^T + A2[n, k2] B2^T on the sm_90a kernel: one CTA per 128 x 192
+    tile on 132 SMs in waves (the schedule efficiency is the busy share of the last wave);
+    every operand read once, C written once."""
+    bm, bn, bk = SM90_TILE
+    tiles = math.ceil(n / bm) * math.ceil(cols / bn)
+    efficiency = tiles / (math.ceil(tiles / SMS) * SMS)
+    flops = 2 * n * cols * (k + _pad(k2, bk))
+    bytes_ = ELEM * (n * k + cols * k + n * a2_ld + b2_rows * b2_ld + n * cols)
+    return Cost.kernel(flops, bytes_, tiles, efficiency, WGMMA_FRACTION)
+
+
+def cuda_fwd(n, k, o, g, hopper=True) -> Cost:
     s, gr = g * (R + L), g * R
-    u = Cost.kernel(2 * n * k * _pad(gr, TALL_N), ELEM * (n * k + gr * k) + F32 * n * gr)
-    gg = Cost.kernel(2 * n * o * _pad(R, TALL_N), ELEM * (n * o + o * R) + F32 * n * gr)
+    shrink = Cost.kernel(2 * n * k * _pad(s, TALL_N), ELEM * (n * k + s * k) + F32 * n * s,
+                         rate=MMA_SYNC_FRACTION)
+    route = Cost.kernel(0, F32 * n * s + F32 * n * g * L + ELEM * n * gr)
+    if not hopper:
+        return shrink + route + Cost.kernel(
+            2 * n * k * o + 2 * n * _pad(R, BK_CUDA) * o,
+            ELEM * (n * k + o * k + n * gr + o * R + n * o), rate=MMA_SYNC_FRACTION)
+    block_diagonal = Cost.kernel(0, ELEM * (o * R + o * _pad8(gr)))  # B_cat as [O, G r]
+    return (shrink + route + block_diagonal
+            + sm90_gemm(n, o, k, gr, _pad8(gr), o, _pad8(gr)))
+
+
+def cuda_bwd(n, k, o, g, hopper=True) -> Cost:
+    s, gr = g * (R + L), g * R
+    u = Cost.kernel(2 * n * k * _pad(gr, TALL_N), ELEM * (n * k + gr * k) + F32 * n * gr,
+                    rate=MMA_SYNC_FRACTION)
+    gg = Cost.kernel(2 * n * o * _pad(R, TALL_N), ELEM * (n * o + o * R) + F32 * n * gr,
+                     rate=MMA_SYNC_FRACTION)
     route = Cost.kernel(0, F32 * (2 * n * gr + n * g * L) + ELEM * (n * gr + n * s))
-    dx = Cost.kernel(2 * n * o * k + 2 * n * _pad(s, BK_CUDA) * k,
-                     ELEM * (n * o + o * k + n * s + s * k + n * k))
+    if hopper:  # [A_cat; R] copied into one [S, K] operand (two copies), then the GEMM
+        stack = Cost.kernel(0, 2 * ELEM * gr * k) + Cost.kernel(0, 2 * ELEM * (s - gr) * k)
+        dx = stack + sm90_gemm(n, k, o, s, _pad8(s), s, k)
+    else:
+        dx = Cost.kernel(2 * n * o * k + 2 * n * _pad(s, BK_CUDA) * k,
+                         ELEM * (n * o + o * k + n * s + s * k + n * k), rate=MMA_SYNC_FRACTION)
     # The token reductions: split-K partials in fp32 (about two waves of blocks), then a sum.
     splits = 8
     dw = Cost.kernel(2 * _pad(s, TALL_N) * k * n,
-                     ELEM * (n * s + n * k) + F32 * splits * s * k)
+                     ELEM * (n * s + n * k) + F32 * splits * s * k, rate=MMA_SYNC_FRACTION)
     dw_sum = Cost.kernel(0, F32 * splits * s * k + ELEM * s * k)
     db = Cost.kernel(2 * o * _pad(R, TALL_N) * n,
-                     ELEM * (n * o + n * gr) + F32 * splits * o * R)
+                     ELEM * (n * o + n * gr) + F32 * splits * o * R, rate=MMA_SYNC_FRACTION)
     db_sum = Cost.kernel(0, F32 * splits * o * R + ELEM * o * R)
     dc = Cost.kernel(0, F32 * math.ceil(n * g / 128) * g * L)  # the routing blocks' sums
     return u + gg + route + dx + dw + dw_sum + db + db_sum + dc
 
 
-def cuda_table(n, peak, bandwidth, launch_us, fraction) -> str:
-    rows = ["| shape | linear fwd+bwd us | cuda fwd us | cuda fwd+bwd us | ratio | MMA work / "
-            "linear's, HBM bytes / linear's, launches |", "|---|---|---|---|---|---|"]
+def cuda_table(n, peak, bandwidth, launch_us) -> str:
+    rows = ["| shape | linear fwd us | cuda fwd us (ratio) | linear fwd+bwd us | cuda fwd+bwd us "
+            "(ratio) | portable GEMMs only: fwd, fwd+bwd ratio | cuda fwd+bwd: MMA work / "
+            "linear's, HBM bytes / linear's, launches | sm_90a GEMM wave efficiency fwd, dx |",
+            "|---|---|---|---|---|---|---|---|"]
     for k, o, g in SHAPES:
-        floor = linear_fwd(n, k, o) + linear_bwd(n, k, o)
+        lf, floor = linear_fwd(n, k, o), linear_fwd(n, k, o) + linear_bwd(n, k, o)
         cf, cb = cuda_fwd(n, k, o, g), cuda_bwd(n, k, o, g)
+        pf, pb = cuda_fwd(n, k, o, g, hopper=False), cuda_bwd(n, k, o, g, hopper=False)
+        t = lambda c: c.us(peak, bandwidth, launch_us)  # noqa: E731
         ours = cf + cb
-        t_floor = floor.us(peak, bandwidth, launch_us)
-        t_ours = ours.us(peak * fraction, bandwidth, launch_us)
+        dx_gemm = cb.kernels[5]  # after u, g, routing and the two copies
         rows.append(
-            f"| K{k}-O{o}{'-qkv' if g == 3 else ''}-N{n} | {t_floor:.1f} | "
-            f"{cf.us(peak * fraction, bandwidth, launch_us):.1f} | {t_ours:.1f} | "
-            f"{t_ours / t_floor:.2f} | {ours.flops / floor.flops:.2f}x, "
-            f"{ours.bytes / floor.bytes:.2f}x, {ours.launches} |")
+            f"| K{k}-O{o}{'-qkv' if g == 3 else ''}-N{n} | {t(lf):.1f} | {t(cf):.1f} "
+            f"({t(cf) / t(lf):.2f}) | {t(floor):.1f} | {t(ours):.1f} ({t(ours) / t(floor):.2f})"
+            f" | {t(pf) / t(lf):.2f}, {t(pf + pb) / t(floor):.2f} | "
+            f"{ours.flops / floor.flops:.2f}x, {ours.bytes / floor.bytes:.2f}x, "
+            f"{ours.launches} | {cf.kernels[-1][2]:.2f}, {dx_gemm[2]:.2f} |")
     return "\n".join(rows)
 
 
@@ -233,20 +271,23 @@ def table(n, peak, bandwidth, launch_us) -> str:
 
 
 def main() -> None:
+    global MMA_SYNC_FRACTION, WGMMA_FRACTION  # the cuda_* costs read them
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=12608)
     parser.add_argument("--tflops", type=float, default=790.0)
     parser.add_argument("--tbps", type=float, default=4.3)
     parser.add_argument("--launch-us", type=float, default=3.0)
     parser.add_argument("--mma-sync-fraction", type=float, default=MMA_SYNC_FRACTION)
+    parser.add_argument("--wgmma-fraction", type=float, default=WGMMA_FRACTION)
     args = parser.parse_args()
+    MMA_SYNC_FRACTION, WGMMA_FRACTION = args.mma_sync_fraction, args.wgmma_fraction
     print(f"Model (not a measurement): bf16, N = {args.tokens}, {args.tflops:g} TFLOP/s, "
           f"{args.tbps:g} TB/s, {args.launch_us:g} us per launch\n")
     print(table(args.tokens, args.tflops * 1e12, args.tbps * 1e12, args.launch_us))
-    print(f"\nThe CUDA backend as built today (its mma.sync products charged at "
-          f"{args.mma_sync_fraction:g} of the peak):\n")
-    print(cuda_table(args.tokens, args.tflops * 1e12, args.tbps * 1e12, args.launch_us,
-                     args.mma_sync_fraction))
+    print(f"\nThe CUDA backend on an H100/H200 (its sm_90a wgmma GEMMs charged at "
+          f"{args.wgmma_fraction:g} of the peak, its mma.sync products at "
+          f"{args.mma_sync_fraction:g}):\n")
+    print(cuda_table(args.tokens, args.tflops * 1e12, args.tbps * 1e12, args.launch_us))
 
 
 if __name__ == "__main__":

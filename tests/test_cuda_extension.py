@@ -67,8 +67,9 @@ def _bwd_args(inp, bypass, groups, compute_dx, logits):
 
 
 def test_info_has_the_documented_keys():
-    assert set(INFO) == {"built", "loaded", "path", "reason"}
+    assert set(INFO) == {"built", "loaded", "path", "reason", "sm90_gemm"}
     assert (INFO["reason"] is None) == INFO["loaded"]
+    assert (INFO["sm90_gemm"] is None) == (not INFO["loaded"])
 
 
 def test_backend_cuda_on_cpu_tensors_is_refused_before_the_op():
@@ -101,7 +102,8 @@ class TestCompiledExtension:
 
     def test_holds_code_for_every_build_target(self):
         """SASS for each `NN[a]` target and PTX for each `compute_NN` one of csrc/build.py (as
-        this environment sets them: CI builds with the defaults), read back with cuobjdump."""
+        this environment sets them: CI builds with the defaults), in every CUDA source's code,
+        read back with cuobjdump."""
         import subprocess
 
         tool = _cuobjdump()
@@ -110,15 +112,23 @@ class TestCompiledExtension:
         listing = subprocess.run([tool, "--list-elf", "--list-ptx", INFO["path"]],
                                  capture_output=True, text=True, check=True).stdout
         # "ELF file 1: mor_kernels.sm_75.cubin", "PTX file 1: mor_kernels.sm_90.ptx"
-        found = sorted(("compute_" if line.endswith(".ptx") else "sm_")
-                       + line.rsplit(".sm_", 1)[1].split(".")[0]
-                       for line in listing.splitlines() if ".sm_" in line)
-        assert found == want, f"built with other targets than {flags}? {listing}"
+        found = {}
+        for line in listing.splitlines():
+            if ".sm_" in line:
+                source, target = line.rsplit(": ", 1)[1].rsplit(".sm_", 1)
+                found.setdefault(source, []).append(
+                    ("compute_" if line.endswith(".ptx") else "sm_") + target.split(".")[0])
+        sources = [Path(name).stem for name in _build_module().SOURCES if name.endswith(".cu")]
+        assert sorted(found) == sorted(sources), listing
+        for source, targets in found.items():
+            assert sorted(targets) == want, f"{source} built for other targets than {flags}?"
 
     def test_sass_gemms_copy_asynchronously_into_tensor_cores_and_nothing_spills(self):
-        """From the built SASS: on every sm_80+ target each 16-bit GEMM instantiation loads its
-        tiles with asynchronous copies (LDGSTS) and multiplies on tensor cores (HMMA), and no
-        kernel of any target has a stack frame (ptxas spilled nothing)."""
+        """From the built SASS: on every sm_80+ target each 16-bit portable GEMM instantiation
+        loads its tiles with asynchronous copies (LDGSTS) and multiplies on tensor cores (HMMA);
+        in the sm_90a image every instantiation of the Hopper GEMM loads by TMA (UTMALDG) and
+        multiplies with warp-group MMA (HGMMA), present whenever the build found CUTLASS and a
+        90a target; and no kernel of any target has a stack frame (ptxas spilled nothing)."""
         import re
         import subprocess
 
@@ -131,17 +141,25 @@ class TestCompiledExtension:
         assert frames and all(stack == "0" for _, stack in frames), [
             f for f in frames if f[1] != "0"]
         # "code for sm_90a" ... "Function : <mangled name>" ... instructions
-        checked = 0
+        checked, hopper = 0, 0
         for arch, body in re.findall(r"code for (sm_\d+a?)\n(.*?)(?=\n\s*code for sm_|\Z)",
                                      sass, re.S):
             if int(re.sub(r"\D", "", arch)) < 80:
                 continue
             for name, code in re.findall(r"Function : (\S+)\n(.*?)(?=Function : |\Z)", body,
                                          re.S):
-                if "gemm_kernel" in name and ("__half" in name or "bfloat16" in name):
+                if "ext_gemm_kernel" in name:  # the Hopper GEMM: a stub in other images
+                    if arch == "sm_90a":
+                        assert "UTMALDG" in code and "HGMMA" in code, (arch, name)
+                        hopper += 1
+                elif "gemm_kernel" in name and ("__half" in name or "bfloat16" in name):
                     assert "LDGSTS" in code and "HMMA" in code, (arch, name)
                     checked += 1
         assert checked, "no 16-bit GEMM found for an sm_80+ target"
+        expected = _build_module().sm90_gemm_skipped() is None
+        assert INFO["sm90_gemm"] == expected, _build_module().sm90_gemm_skipped()
+        # fp16 and bf16, each with B k-major (forward) and n-major (input gradient)
+        assert hopper == (4 if expected else 0)
 
     def test_schemas(self):
         assert str(torch.ops.ei_kernels_cuda.mor_fwd.default._schema) == FWD_SCHEMA

@@ -38,11 +38,27 @@ def test_launch_counts_and_tables():
     n, k, o = 12608, 768, 768
     assert kernel_model.triton_fwd(n, k, o, 1).launches == 1  # lora_b is read in place
     assert kernel_model.triton_bwd(n, k, o, 1).launches == 2  # the kernel and the slot sum
-    assert kernel_model.cuda_fwd(n, k, o, 1).launches == 3
-    assert kernel_model.cuda_bwd(n, k, o, 1).launches == 9
+    # As csrc/mor_kernels.cu launches: the portable path, and on Hopper B_cat's block-diagonal
+    # copy before the forward GEMM and [A_cat; R]'s two copies before dx.
+    assert kernel_model.cuda_fwd(n, k, o, 1, hopper=False).launches == 3
+    assert kernel_model.cuda_bwd(n, k, o, 1, hopper=False).launches == 9
+    assert kernel_model.cuda_fwd(n, k, o, 1).launches == 4
+    assert kernel_model.cuda_bwd(n, k, o, 1).launches == 11
     rows = kernel_model.table(n, 790e12, 4.3e12, 3.0).splitlines()
     assert len(rows) == 2 + len(kernel_model.SHAPES)
-    assert len(kernel_model.cuda_table(n, 790e12, 4.3e12, 3.0, 0.6).splitlines()) == len(rows)
+    assert len(kernel_model.cuda_table(n, 790e12, 4.3e12, 3.0).splitlines()) == len(rows)
+
+
+def test_the_hopper_gemm_tiles_fill_whole_waves_at_vit_b_widths():
+    """128 x 192 tiles: 99 row blocks times 4, 12 or 16 column tiles are whole multiples of
+    132 SMs, and the LoRA extension costs one 64-deep K step."""
+    for cols in (768, 2304, 3072):
+        gemm = kernel_model.sm90_gemm(12608, cols, 768, 42, 48, cols, 48)
+        assert gemm.programs == 99 * cols // 192
+        assert gemm.efficiency == 1.0
+        assert gemm.flops == 2 * 12608 * cols * (768 + 64)
+    assert kernel_model.sm90_gemm(1576, 768, 768, 14, 16, 768, 16).efficiency == pytest.approx(
+        13 * 4 / 132)
 
 
 def test_paired_slots_are_those_one_sweep_after_an_even_sweep():

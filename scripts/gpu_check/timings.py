@@ -8,7 +8,9 @@ rounds of 132 for 4.5 rounds of work), every row block's tile computing what it 
 ("fused-triton-unshared": nothing published between programs; the forward's z and the
 backward's du | dl | z then cost what they did in one-tile programs before, and every slot
 pair's second stores in its own slot, which the slot sum then reads too), and the atomic
-token reductions instead of the deterministic slots ("fused-triton-atomic"). "fused-triton" is
+token reductions instead of the deterministic slots ("fused-triton-atomic"), and the cuda
+backend with its sm_90a TMA + wgmma GEMM switched off ("fused-cuda-portable":
+EI_KERNELS_CUDA_SM90=0, every GEMM on the portable mma.sync kernel). "fused-triton" is
 the launcher's choice by its schedule model (ei_kernels/ops/triton_schedule.py); these rows say
 what the split, the fitted order and the sharing buy,
 forward (no grad) and forward + backward (x needs a gradient, the base is frozen): CUDA events
@@ -42,8 +44,8 @@ N_TOKENS = 33 if DRY else 12608  # ViT-B at batch 64 (197 tokens each)
 SHAPES = [(40, 24, 1), (40, 36, 3)] if DRY else [
     (768, 768, 1), (768, 2304, 3), (768, 3072, 1), (3072, 768, 1)]
 # The Triton variants last: within the stage's time cap they are what may be cut.
-PROVIDERS = ("linear", "fused-torch", "fused-triton", "fused-cuda", "fused-triton-unfitted",
-             "fused-triton-unshared", "fused-triton-atomic")
+PROVIDERS = ("linear", "fused-torch", "fused-triton", "fused-cuda", "fused-cuda-portable",
+             "fused-triton-unfitted", "fused-triton-unshared", "fused-triton-atomic")
 DTYPE = torch.float32 if DRY else torch.bfloat16
 WARMUP, ROUNDS = (1, 2) if DRY else (10, 30)
 
@@ -97,8 +99,26 @@ def _triton_variant(provider: str):
             share
 
 
+@contextlib.contextmanager
+def _cuda_variant(provider: str):
+    """The cuda backend as `provider` runs it: "-portable" without the sm_90a GEMM (the
+    extension reads the switch at every call)."""
+    import os
+
+    before = os.environ.get("EI_KERNELS_CUDA_SM90")
+    if provider.endswith("-portable"):
+        os.environ["EI_KERNELS_CUDA_SM90"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("EI_KERNELS_CUDA_SM90", None)
+        else:
+            os.environ["EI_KERNELS_CUDA_SM90"] = before
+
+
 def time_case(provider: str, k: int, o: int, groups: int, mode: str) -> dict:
-    with _triton_variant(provider) as backend_provider:
+    with _triton_variant(provider) as backend_provider, _cuda_variant(provider):
         return _time_layer(backend_provider, k, o, groups, mode)
 
 
@@ -149,7 +169,7 @@ def main() -> int:
                     continue
                 base = dict(stage="layer", case=case, provider=provider, mode=mode, k=k, o=o,
                             groups=groups, n=N_TOKENS, dtype=str(DTYPE).removeprefix("torch."))
-                if provider == "fused-cuda" and (DRY or not cuda_loaded):
+                if provider.startswith("fused-cuda") and (DRY or not cuda_loaded):
                     append(FILE, {**base, "skipped": "no CUDA device" if DRY else
                                   "the CUDA extension is not loaded"})
                     continue

@@ -1,14 +1,17 @@
 """The CUDA C++ backend (csrc/, ei_kernels._C) on a CUDA GPU, run by scripts/gpu_check.sh:
 forward and every gradient against the torch backend and an fp64 reference in fp32/bf16/fp16,
 odd shapes (every dimension ending in a partial tile), N = 0 and 1, each flag off, groups=3,
-bitwise determinism, CUDA graph capture and replay, torch.compile(fullgraph=True)."""
+bitwise determinism, CUDA graph capture and replay, torch.compile(fullgraph=True). On an
+H100/H200 the 16-bit cases whose rows TMA can load take the sm_90a GEMM (the K=104/O=40 ones:
+partial tiles in every dimension there), the rest the portable one; both are also compared
+with the switch EI_KERNELS_CUDA_SM90=0."""
 
 import pytest
 import torch
 
 import ei_kernels
 from ei_kernels import mor_linear
-from gpu_common import (DTYPES, RANKS, SCALINGS, check_against_torch_and_fp64,
+from gpu_common import (DTYPES, RANKS, SCALINGS, check, check_against_torch_and_fp64,
                         check_compile_fullgraph, check_cuda_graph_replay, make_inputs, make_layer,
                         run)
 
@@ -32,6 +35,8 @@ CASES = [
     pytest.param(1576, 768, 768, {"no_dx": True}, "bf16", id="no-dx-bf16"),
     pytest.param(12608, 768, 3072, {}, "bf16", id="mlp-fc1-12608-bf16"),
     pytest.param(12608, 3072, 768, {}, "fp32", id="mlp-fc2-12608-fp32"),
+    pytest.param(333, 104, 40, {}, "bf16", id="odd-tiles-K104-O40-bf16"),
+    pytest.param(333, 104, 48, {"groups": 3}, "fp16", id="odd-tiles-K104-O48-groups3-fp16"),
     pytest.param(333, 100, 37, {}, "bf16", id="odd-K100-O37-bf16"),
     pytest.param(333, 100, 37, {}, "fp32", id="odd-K100-O37-fp32"),
     pytest.param(333, 100, 36, {"groups": 3}, "fp16", id="odd-K100-O36-groups3-fp16"),
@@ -53,6 +58,56 @@ def test_forward_and_grads_match_torch_and_fp64(n, k, o, cfg, dtype):
     # The kernels round once where PyTorch rounds the shrink, the logits and y's two terms
     # separately, but sum in another order: a few ulps of the largest value on top.
     check_against_torch_and_fp64("cuda", n, k, o, cfg, DTYPES[dtype], ulps=4)
+
+
+def _hopper_gemm_expected() -> bool:
+    return bool(ei_kernels.cuda_extension_info()["sm90_gemm"]) and (
+        torch.cuda.get_device_capability() == (9, 0))
+
+
+@pytest.mark.parametrize("switch", ["1", "0"], ids=["sm90-on", "sm90-off"])
+@pytest.mark.parametrize("n, k, o, cfg, dtype", [
+    pytest.param(1576, 768, 2304, {"groups": 3}, "bf16", id="qkv-groups3-bf16"),
+    pytest.param(333, 104, 40, {"bypass": False}, "fp16", id="odd-tiles-no-bypass-fp16"),
+    pytest.param(333, 104, 40, {"router": False}, "bf16", id="odd-tiles-plain-lora-bf16"),
+])
+def test_both_gemm_paths_match_torch_and_fp64(monkeypatch, switch, n, k, o, cfg, dtype):
+    monkeypatch.setenv("EI_KERNELS_CUDA_SM90", switch)
+    check_against_torch_and_fp64("cuda", n, k, o, cfg, DTYPES[dtype], ulps=4)
+
+
+@pytest.mark.parametrize("switch", ["1", "0"], ids=["sm90-on", "sm90-off"])
+def test_the_hopper_gemm_runs_exactly_where_it_should(monkeypatch, switch):
+    """Kernel names from the profiler: the sm_90a GEMM runs the forward and dx on an
+    H100/H200 build that holds it, unless switched off; nowhere else."""
+    monkeypatch.setenv("EI_KERNELS_CUDA_SM90", switch)
+    layer = make_layer("cuda")
+    x = torch.randn(256, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        layer(x).float().square().sum().backward()
+        torch.cuda.synchronize()
+    launches = sum("ext_gemm_kernel" in e.name for e in prof.events())
+    assert launches == (2 if switch == "1" and _hopper_gemm_expected() else 0)
+
+
+def test_an_x_that_tma_cannot_load_takes_the_portable_forward_and_stays_right():
+    """x contiguous but 2 bytes past a 16-byte boundary: the forward falls back (dx, in fresh
+    buffers, still takes the sm_90a GEMM), and the results stay right."""
+    inputs, dy = make_inputs(333, 104, 40, {}, torch.bfloat16)
+    x = inputs["x"]
+    shifted = torch.empty(x.numel() + 1, device="cuda", dtype=x.dtype)[1:].view_as(x)
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 16 != 0 and shifted.is_contiguous()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        y, _, grads = run("cuda", {**inputs, "x": shifted}, dy, {})
+        torch.cuda.synchronize()
+    launches = sum("ext_gemm_kernel" in e.name for e in prof.events())
+    assert launches == (1 if _hopper_gemm_expected() else 0)
+    y_t, _, grads_t = run("torch", inputs, dy, {})
+    y_x, _, grads_x = run("torch", inputs, dy, {}, dtype=torch.float64)
+    check("y", y, y_t, y_x, ulps=4)
+    for name in grads_x:
+        check(name, grads[name], grads_t[name], grads_x[name], ulps=4)
 
 
 def test_float64_is_refused_with_a_clear_error():
