@@ -100,7 +100,10 @@ ei::MorDims make_dims(const char* op, const Tensor& x, int64_t out_features, at:
   return d;
 }
 
-std::tuple<Tensor, Tensor> mor_fwd(const Tensor& x, const Tensor& weight,
+// -> (y, probs, shrink): shrink = [u | l] [N, S] in fp32, the forward's own workspace. A caller
+// that keeps it (within its memory budget) passes it to mor_bwd, which then skips recomputing
+// u = x A_cat^T: one read of x and one launch fewer.
+std::tuple<Tensor, Tensor, Tensor> mor_fwd(const Tensor& x, const Tensor& weight,
                                    const std::optional<Tensor>& bias, const Tensor& lora_a,
                                    const Tensor& lora_b,
                                    const std::optional<Tensor>& router_weight,
@@ -150,14 +153,14 @@ std::tuple<Tensor, Tensor> mor_fwd(const Tensor& x, const Tensor& weight,
   args.z = z.data_ptr();
   args.lora_b_ext = lora_b_ext.defined() ? lora_b_ext.data_ptr() : nullptr;
   C10_CUDA_CHECK(ei::mor_forward(dtype, d, args, c10::cuda::getCurrentCUDAStream()));
-  return {y, probs};
+  return {y, probs, shrink};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
     const Tensor& dy, const Tensor& x, const Tensor& probs, const Tensor& weight,
     const Tensor& lora_a, const Tensor& lora_b, const std::optional<Tensor>& router_weight,
-    at::IntArrayRef ranks, at::ArrayRef<double> scalings, bool bypass, int64_t groups,
-    bool compute_dx) {
+    const std::optional<Tensor>& shrink, at::IntArrayRef ranks, at::ArrayRef<double> scalings,
+    bool bypass, int64_t groups, bool compute_dx) {
   check_x(kBwd, "x", x);
   const ei::DType dtype = kernel_dtype(kBwd, x);
   TORCH_CHECK(weight.dim() == 2, kBwd, ": weight must be 2-D [out, in], got shape ",
@@ -176,6 +179,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   check_operand(kBwd, "lora_a", lora_a, x, st, {gr, K});
   check_operand(kBwd, "lora_b", lora_b, x, st, {O, d.rank});
   if (router) check_operand(kBwd, "router_weight", *router_weight, x, st, {gl, K});
+  if (shrink) check_operand(kBwd, "shrink", *shrink, x, at::kFloat, {N, S});
 
   const c10::cuda::CUDAGuard guard(x.device());
   ei::ReductionPlan plan{};
@@ -187,7 +191,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   Tensor d_lora_b = at::empty({O, d.rank}, opts);
   Tensor d_router_weight = at::empty({gl, K}, opts);
   Tensor d_router_bias = at::empty({gl}, opts);
-  Tensor u = at::empty({N, gr}, f32);
+  Tensor u = shrink ? *shrink : at::empty({N, gr}, f32);  // the forward's [u | l], if kept
   Tensor g = at::empty({N, gr}, f32);
   Tensor z = at::empty({N, d.rank_ld()}, opts);
   Tensor d_shrink = at::empty({N, d.shrink_ld()}, opts);
@@ -211,6 +215,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   args.d_router_weight = d_router_weight.data_ptr();
   args.d_router_bias = d_router_bias.data_ptr();
   args.u = u.data_ptr<float>();
+  args.u_ld = u.size(1);
+  args.recompute_u = !shrink.has_value();
   args.g = g.data_ptr<float>();
   args.z = z.data_ptr();
   args.d_shrink = d_shrink.data_ptr();
@@ -228,11 +234,11 @@ TORCH_LIBRARY(ei_kernels_cuda, m) {
   m.def(
       "mor_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
       "Tensor? router_weight, Tensor? router_bias, int[] ranks, float[] scalings, bool bypass, "
-      "int groups) -> (Tensor, Tensor)");
+      "int groups) -> (Tensor, Tensor, Tensor)");
   m.def(
       "mor_bwd(Tensor dy, Tensor x, Tensor probs, Tensor weight, Tensor lora_a, Tensor lora_b, "
-      "Tensor? router_weight, int[] ranks, float[] scalings, bool bypass, int groups, "
-      "bool compute_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? router_weight, Tensor? shrink, int[] ranks, float[] scalings, bool bypass, "
+      "int groups, bool compute_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Whether this library holds the sm_90a GEMM (ei_kernels.cuda_extension_info reports it).
   m.def("sm90_gemm_built() -> bool", [] { return ei::sm90_gemm_built(); });
 }

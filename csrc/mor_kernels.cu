@@ -3,7 +3,8 @@
 // forward   (1) [u | l] = x [A_cat; R]^T               skinny GEMM, fp32 out
 //           (2) p = softmax(l + c), z = p s u           route_forward_kernel
 //           (3) y = [x | z] [W | B_cat]^T + b           GEMM with the K-extension, per group
-// backward  (1) u = x A_cat^T                           recomputed (only x and p are saved)
+// backward  (1) u = x A_cat^T                           the forward's, when the caller kept
+//                                                       [u | l]; else recomputed from x
 //           (2) g = dy B_cat                            per group
 //           (3) z, du, dl, and dl's sums per block      route_backward_kernel
 //           (4) dx = [dy | du dl] [W ; A_cat ; R]       GEMM with the K-extension
@@ -160,11 +161,13 @@ cudaError_t backward_impl(const MorDims& d, const ReductionPlan& plan, const Mor
   T* const d_shrink = static_cast<T*>(a.d_shrink);
 
   if (m > 0) {
-    GemmArgs<T, float> u{};
-    u.m = m, u.n = gr, u.k = K, u.k_per_split = K;
-    u.a = dense(x, K), u.b = dense(lora_a, K);
-    u.c = a.u, u.ldc = gr, u.batches = 1, u.splits = 1;
-    launch_gemm<TallTile, true, true>(u, stream);
+    if (a.recompute_u) {
+      GemmArgs<T, float> u{};
+      u.m = m, u.n = gr, u.k = K, u.k_per_split = K;
+      u.a = dense(x, K), u.b = dense(lora_a, K);
+      u.c = a.u, u.ldc = a.u_ld, u.batches = 1, u.splits = 1;
+      launch_gemm<TallTile, true, true>(u, stream);
+    }
 
     // Batch entry g: g[:, group g's rank columns] = dy[:, output slice g] lora_b[slice g].
     GemmArgs<T, float> g{};
@@ -176,24 +179,27 @@ cudaError_t backward_impl(const MorDims& d, const ReductionPlan& plan, const Mor
     dispatch_routing(d, [&](auto router, auto bypass) {
       route_backward_kernel<T, decltype(router)::value, decltype(bypass)::value>
           <<<blocks_for(d.tokens * G, kRouteThreads), kRouteThreads, 0, stream>>>(
-              d, a.u, a.g, a.probs, z, d_shrink, a.dl_partial);
+              d, a.u, a.u_ld, a.g, a.probs, z, d_shrink, a.dl_partial);
     });
 
     if (a.dx) {
       ExtGemmArgs ext{};
       ext.m = m, ext.n = K, ext.k = O, ext.k2 = S, ext.b_n_major = true;
       ext.a = dy, ext.lda = O, ext.b = a.weight, ext.ldb = K;
-      ext.a2 = d_shrink, ext.lda2 = sld, ext.b2 = a.shrink_weight, ext.ldb2 = K;
-      ext.c = a.dx, ext.ldc = K;
+      // [A_cat; R] as one [S, K] operand: lora_a itself without a router, else a copy
+      ext.a2 = d_shrink, ext.lda2 = sld, ext.b2 = d.router ? a.shrink_weight : a.lora_a;
+      ext.ldb2 = K, ext.c = a.dx, ext.ldc = K;
       if (a.shrink_weight != nullptr && sm90_gemm_accepts(dtype_of<T>(), ext)) {
-        // [A_cat; R] as one [S, K] operand
-        const size_t row_bytes = size_t(K) * sizeof(T);
-        cudaError_t err = cudaMemcpyAsync(a.shrink_weight, lora_a, gr * row_bytes,
-                                          cudaMemcpyDeviceToDevice, stream);
-        if (err == cudaSuccess && d.router) {
-          err = cudaMemcpyAsync(static_cast<T*>(a.shrink_weight) + int64_t(gr) * K,
-                                router_weight, size_t(S - gr) * row_bytes,
+        cudaError_t err = cudaSuccess;
+        if (d.router) {
+          const size_t row_bytes = size_t(K) * sizeof(T);
+          err = cudaMemcpyAsync(a.shrink_weight, lora_a, gr * row_bytes,
                                 cudaMemcpyDeviceToDevice, stream);
+          if (err == cudaSuccess) {
+            err = cudaMemcpyAsync(static_cast<T*>(a.shrink_weight) + int64_t(gr) * K,
+                                  router_weight, size_t(S - gr) * row_bytes,
+                                  cudaMemcpyDeviceToDevice, stream);
+          }
         }
         if (err == cudaSuccess) err = sm90_ext_gemm(dtype_of<T>(), ext, stream);
         if (err != cudaSuccess) return err;

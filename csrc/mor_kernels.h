@@ -76,7 +76,11 @@ struct MorBackwardArgs {
   void* d_lora_b;             // out [O, r]
   void* d_router_weight;      // out [G*L, K] (unused without a router)
   void* d_router_bias;        // out [G*L]
-  float* u;                   // workspace [N, G*r]: x A_cat^T recomputed
+  float* u;                   // u = x A_cat^T in fp32, row stride u_ld: the forward's [u | l]
+                              // (u_ld = S), or a workspace [N, G*r] recomputed here (u_ld =
+                              // G*r) when recompute_u
+  int64_t u_ld;
+  bool recompute_u;
   float* g;                   // workspace [N, G*r]: dy B_cat
   void* z;                    // workspace [N, G*r], row stride rank_ld()
   void* d_shrink;             // workspace [N, S]: [du | dl] in the input dtype, row stride

@@ -82,6 +82,7 @@ constexpr int kRouteThreads = 128;
 template <typename T, bool ROUTER, bool BYPASS>
 __device__ __forceinline__ void route_backward_row(const MorDims& d, int64_t idx,
                                                    const float* __restrict__ u_all,
+                                                   int64_t u_ld,
                                                    const float* __restrict__ g_all,
                                                    const float* __restrict__ probs,
                                                    T* __restrict__ z, T* __restrict__ d_shrink,
@@ -90,7 +91,7 @@ __device__ __forceinline__ void route_backward_row(const MorDims& d, int64_t idx
   const int g = int(idx % d.groups);
   const int gr = d.groups * d.rank;
   const int64_t offset = t * gr + g * d.rank;
-  const float* const u = u_all + offset;
+  const float* const u = u_all + t * u_ld + g * d.rank;
   const float* const gy = g_all + offset;
 
   float p[kMaxBranches + 1];
@@ -152,7 +153,7 @@ __device__ __forceinline__ void route_backward_row(const MorDims& d, int64_t idx
   }
 }
 
-// From u = x A_cat^T and g = dy B_cat (fp32) and the saved p:
+// From u = x A_cat^T (row stride u_ld) and g = dy B_cat (fp32) and the saved p:
 //   z_j = c_j u_j,  du_j = c_j g_j  with c_j = p_k(j) s_k(j)
 //   dp_k = s_k sum_{j in k} g_j u_j,  dp_bypass = 0,  dl = p (dp - sum_i p_i dp_i)
 // writes z and [du | dl] in the input dtype (operands of the GEMMs that follow), and this
@@ -162,7 +163,7 @@ __device__ __forceinline__ void route_backward_row(const MorDims& d, int64_t idx
 // alone ptxas sometimes aimed at 64 registers for the fp32 variants and spilled.
 template <typename T, bool ROUTER, bool BYPASS>
 __global__ void __launch_bounds__(kRouteThreads, 4)
-    route_backward_kernel(const MorDims d, const float* __restrict__ u_all,
+    route_backward_kernel(const MorDims d, const float* __restrict__ u_all, int64_t u_ld,
                           const float* __restrict__ g_all, const float* __restrict__ probs,
                           T* __restrict__ z, T* __restrict__ d_shrink,
                           float* __restrict__ dl_partial) {
@@ -170,7 +171,8 @@ __global__ void __launch_bounds__(kRouteThreads, 4)
   __shared__ float block_dl[ROUTER ? kRouteThreads * kLogits : 1];
   const int64_t idx = int64_t(blockIdx.x) * kRouteThreads + threadIdx.x;
   if (idx < d.tokens * d.groups) route_backward_row<T, ROUTER, BYPASS>(
-      d, idx, u_all, g_all, probs, z, d_shrink, block_dl + (ROUTER ? threadIdx.x * kLogits : 0));
+      d, idx, u_all, u_ld, g_all, probs, z, d_shrink,
+      block_dl + (ROUTER ? threadIdx.x * kLogits : 0));
   if constexpr (ROUTER) {
     __syncthreads();
     const int cols = d.groups * d.logits;

@@ -15,8 +15,10 @@
 // 3, 9 and 12 full waves of 132 CTAs (H100/H200 SXM), where 128 x 128 leaves a last wave half
 // empty; 40 KiB per stage keeps 5 stages in 200 KiB of shared memory.
 //
-// The body exists only in the sm_90a image. Other targets compile an empty kernel with the
-// same signature, which the host never launches (mor_kernels.cu asks the device first).
+// The body exists only in the sm_90a image. Other targets compile a trapping stub with the
+// same signature, which the host never launches (mor_kernels.cu asks the device first): a
+// 9.0 device runs the sm_90a SASS. (Forcing the driver to JIT the compute_90 PTX instead,
+// CUDA_FORCE_PTX_JIT=1, would reach the stub: set EI_KERNELS_CUDA_SM90=0 with it.)
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 
@@ -244,8 +246,8 @@ cudaError_t launch(const ExtGemmArgs& g, cudaStream_t stream) {
   constexpr int kSmem = int(sizeof(typename Cfg::Shared));
   cudaError_t err = allow_shared_memory(kernel, kSmem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned((g.n + Cfg::kBN - 1) / Cfg::kBN),
-                  unsigned((g.m + Cfg::kBM - 1) / Cfg::kBM));
+  const dim3 grid(unsigned((int64_t(g.n) + Cfg::kBN - 1) / Cfg::kBN),
+                  unsigned((int64_t(g.m) + Cfg::kBM - 1) / Cfg::kBM));
   kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(
       tma_a, tma_a2, tma_b, tma_b2, g.m, g.n, g.k, g.k2, static_cast<const T*>(g.bias),
       static_cast<T*>(g.c), g.ldc);
@@ -269,16 +271,20 @@ bool sm90_gemm_built() {
 #endif
 }
 
+// Everything CuTe's TMA descriptor encoding asserts on the host (an assert there would end
+// the process), checked first so that the caller falls back instead.
 bool sm90_gemm_accepts(DType dtype, const ExtGemmArgs& g) {
   if (!sm90_gemm_built() || dtype == DType::kFloat) return false;
   if (g.m <= 0 || g.n <= 0 || g.k <= 0 || g.k2 < 0) return false;
-  const auto stride_ok = [](int64_t ld) { return ld % 8 == 0; };  // 16 bytes of 16-bit values
-  const bool ext_ok = g.k2 == 0 || (aligned16(g.a2) && aligned16(g.b2) && stride_ok(g.lda2) &&
-                                    stride_ok(g.ldb2));
+  // Rows of 16-bit values at 16-byte multiples, each at least as long as the row it holds.
+  const auto rows_ok = [](int64_t ld, int64_t cols) { return ld % 8 == 0 && ld >= cols; };
+  const int64_t b_cols = g.b_n_major ? g.n : g.k, b2_cols = g.b_n_major ? g.n : g.k2;
+  const bool ext_ok = g.k2 == 0 || (aligned16(g.a2) && aligned16(g.b2) &&
+                                    rows_ok(g.lda2, g.k2) && rows_ok(g.ldb2, b2_cols));
   constexpr int kBM = Sm90Config<cutlass::half_t, false>::kBM;  // the same for every config
   const bool grid_ok = (int64_t(g.m) + kBM - 1) / kBM <= 65535;  // row tiles: grid.y
   return grid_ok && ext_ok && aligned16(g.a) && aligned16(g.b) && aligned16(g.c) &&
-         stride_ok(g.lda) && stride_ok(g.ldb) && stride_ok(g.ldc);
+         rows_ok(g.lda, g.k) && rows_ok(g.ldb, b_cols) && rows_ok(g.ldc, g.n);
 }
 
 cudaError_t sm90_ext_gemm(DType dtype, const ExtGemmArgs& g, cudaStream_t stream) {

@@ -7,6 +7,7 @@ torch.utils.cpp_extension on first use (minutes) instead.
 
 Loading also registers the fake (meta) functions of the ops `ei_kernels_cuda::mor_fwd` and
 `ei_kernels_cuda::mor_bwd`, so they trace under torch.compile and pass torch.library.opcheck.
+mor_fwd returns (y, probs, [u | l]); mor_bwd takes that [u | l] back, or None to recompute u.
 """
 
 from __future__ import annotations
@@ -87,12 +88,13 @@ def _register_fakes() -> None:
     def _(x, weight, bias, lora_a, lora_b, router_weight, router_bias, ranks, scalings, bypass,
           groups):
         logits = groups * (len(ranks) + int(bypass)) if router_weight is not None else 0
-        n = x.shape[0]
-        return x.new_empty((n, weight.shape[0])), x.new_empty((n, logits), dtype=torch.float32)
+        n, f32 = x.shape[0], torch.float32
+        return (x.new_empty((n, weight.shape[0])), x.new_empty((n, logits), dtype=f32),
+                x.new_empty((n, lora_a.shape[0] + logits), dtype=f32))  # [u | l]
 
     @torch.library.register_fake("ei_kernels_cuda::mor_bwd")
-    def _(dy, x, probs, weight, lora_a, lora_b, router_weight, ranks, scalings, bypass, groups,
-          compute_dx):
+    def _(dy, x, probs, weight, lora_a, lora_b, router_weight, shrink, ranks, scalings, bypass,
+          groups, compute_dx):
         logits = probs.shape[1]
         k = x.shape[1]
         return (

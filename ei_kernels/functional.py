@@ -156,8 +156,8 @@ class _EagerMoRFunction(torch.autograd.Function):
 
     torch.library's generic dispatch and autograd wrapper cost about 1 ms of Python per layer
     step, a few percent of a ViT layer on a CPU; outside torch.compile this path skips them.
-    The torch and triton backends also keep u from their forward when it fits the memory
-    contract (`torch_mor.keeps_u`) instead of recomputing it. Under torch.compile
+    Every backend also keeps u from its forward when it fits the memory contract
+    (`torch_mor.keeps_u`) instead of recomputing it. Under torch.compile
     `mor_linear_with_routing` calls the registered custom op instead.
     """
 
@@ -166,7 +166,7 @@ class _EagerMoRFunction(torch.autograd.Function):
         ranks, scalings, bypass, groups, backend = config
         spec = _spec(ranks, scalings, bypass, groups, router_weight is not None)
         u = None
-        if backend in ("torch", "triton") and torch_mor.keeps_u(spec):
+        if torch_mor.keeps_u(spec):
             impl = backends.implementation(backend)
             y, probs, u = impl.forward(x, weight, bias, lora_a, lora_b, router_weight,
                                        router_bias, spec, keep_u=True)

@@ -207,8 +207,10 @@ def cuda_fwd(n, k, o, g, hopper=True) -> Cost:
 
 def cuda_bwd(n, k, o, g, hopper=True) -> Cost:
     s, gr = g * (R + L), g * R
-    u = Cost.kernel(2 * n * k * _pad(gr, TALL_N), ELEM * (n * k + gr * k) + F32 * n * gr,
-                    rate=MMA_SYNC_FRACTION)
+    # u: the forward's [u | l] when it fits the memory contract (eager mode), else recomputed
+    u = Cost() if keeps_u(g) else Cost.kernel(
+        2 * n * k * _pad(gr, TALL_N), ELEM * (n * k + gr * k) + F32 * n * gr,
+        rate=MMA_SYNC_FRACTION)
     gg = Cost.kernel(2 * n * o * _pad(R, TALL_N), ELEM * (n * o + o * R) + F32 * n * gr,
                      rate=MMA_SYNC_FRACTION)
     route = Cost.kernel(0, F32 * (2 * n * gr + n * g * L) + ELEM * (n * gr + n * s))
@@ -241,7 +243,7 @@ def cuda_table(n, peak, bandwidth, launch_us) -> str:
         pf, pb = cuda_fwd(n, k, o, g, hopper=False), cuda_bwd(n, k, o, g, hopper=False)
         t = lambda c: c.us(peak, bandwidth, launch_us)  # noqa: E731
         ours = cf + cb
-        dx_gemm = cb.kernels[5]  # after u, g, routing and the two copies
+        dx_gemm = max(cb.kernels, key=lambda kernel: kernel[0])  # the most MMA work
         rows.append(
             f"| K{k}-O{o}{'-qkv' if g == 3 else ''}-N{n} | {t(lf):.1f} | {t(cf):.1f} "
             f"({t(cf) / t(lf):.2f}) | {t(floor):.1f} | {t(ours):.1f} ({t(ours) / t(floor):.2f})"

@@ -23,12 +23,12 @@ needs_extension = [
 FWD_SCHEMA = (
     "ei_kernels_cuda::mor_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, "
     "Tensor lora_b, Tensor? router_weight, Tensor? router_bias, int[] ranks, float[] scalings, "
-    "bool bypass, int groups) -> (Tensor, Tensor)"
+    "bool bypass, int groups) -> (Tensor, Tensor, Tensor)"
 )
 BWD_SCHEMA = (
     "ei_kernels_cuda::mor_bwd(Tensor dy, Tensor x, Tensor probs, Tensor weight, Tensor lora_a, "
-    "Tensor lora_b, Tensor? router_weight, int[] ranks, float[] scalings, bool bypass, "
-    "int groups, bool compute_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor lora_b, Tensor? router_weight, Tensor? shrink, int[] ranks, float[] scalings, "
+    "bool bypass, int groups, bool compute_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 RANKS, SCALINGS = [2, 4, 8], [2.0, 2.0, 2.0]
 
@@ -58,12 +58,14 @@ def _fwd_args(inp, bypass, groups):
     return (*inp.values(), RANKS, SCALINGS, bypass, groups)
 
 
-def _bwd_args(inp, bypass, groups, compute_dx, logits):
+def _bwd_args(inp, bypass, groups, compute_dx, logits, keep_shrink=False):
     x = inp["x"]
     dy = x.new_empty((x.shape[0], inp["weight"].shape[0]))
     probs = x.new_empty((x.shape[0], logits), dtype=torch.float32)
+    shrink = (x.new_empty((x.shape[0], inp["lora_a"].shape[0] + logits), dtype=torch.float32)
+              if keep_shrink else None)
     return (dy, x, probs, inp["weight"], inp["lora_a"], inp["lora_b"], inp["router_weight"],
-            RANKS, SCALINGS, bypass, groups, compute_dx)
+            shrink, RANKS, SCALINGS, bypass, groups, compute_dx)
 
 
 def test_info_has_the_documented_keys():
@@ -170,18 +172,20 @@ class TestCompiledExtension:
         logits = groups * (len(RANKS) + int(bypass)) if router else 0
         with FakeTensorMode():
             inp = _inputs(37, 100, 36, groups, router, bypass, bias, device="cuda")
-            y, probs = torch.ops.ei_kernels_cuda.mor_fwd(*_fwd_args(inp, bypass, groups))
+            y, probs, shrink = torch.ops.ei_kernels_cuda.mor_fwd(*_fwd_args(inp, bypass, groups))
         assert (y.shape, y.dtype, y.device.type) == ((37, 36), torch.bfloat16, "cuda")
         assert (probs.shape, probs.dtype) == ((37, logits), torch.float32)
+        assert (shrink.shape, shrink.dtype) == ((37, groups * sum(RANKS) + logits), torch.float32)
 
+    @pytest.mark.parametrize("keep_shrink", [False, True], ids=["recompute-u", "kept-u"])
     @pytest.mark.parametrize("compute_dx", [True, False])
     @pytest.mark.parametrize("groups, router, bypass, bias", CONFIGS)
-    def test_fake_backward_shapes(self, groups, router, bypass, bias, compute_dx):
+    def test_fake_backward_shapes(self, groups, router, bypass, bias, compute_dx, keep_shrink):
         logits = groups * (len(RANKS) + int(bypass)) if router else 0
         with FakeTensorMode():
             inp = _inputs(37, 100, 36, groups, router, bypass, bias, device="cuda")
             out = torch.ops.ei_kernels_cuda.mor_bwd(
-                *_bwd_args(inp, bypass, groups, compute_dx, logits)
+                *_bwd_args(inp, bypass, groups, compute_dx, logits, keep_shrink)
             )
         dx, d_a, d_b, d_rw, d_rb = out
         assert dx.shape == ((37 if compute_dx else 0), 100)
@@ -198,8 +202,10 @@ class TestCompiledExtension:
         tests = ("test_schema", "test_faketensor")
         torch.library.opcheck(torch.ops.ei_kernels_cuda.mor_fwd.default,
                               _fwd_args(inp, bypass, groups), test_utils=tests)
-        torch.library.opcheck(torch.ops.ei_kernels_cuda.mor_bwd.default,
-                              _bwd_args(inp, bypass, groups, True, logits), test_utils=tests)
+        for keep_shrink in (False, True):
+            torch.library.opcheck(torch.ops.ei_kernels_cuda.mor_bwd.default,
+                                  _bwd_args(inp, bypass, groups, True, logits, keep_shrink),
+                                  test_utils=tests)
 
     def test_cpu_tensors_raise_a_clear_error(self):
         inp = _inputs(4, 16, 12, 1, True, True, True)

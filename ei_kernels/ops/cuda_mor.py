@@ -25,17 +25,23 @@ def _dense(t):
     return None if t is None else t.contiguous()
 
 
-def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: MoRSpec):
-    return _ops().mor_fwd(
+def forward(x, weight, bias, lora_a, lora_b, router_weight, router_bias, spec: MoRSpec,
+            keep_u: bool = False):
+    """-> (y, probs), or (y, probs, u) with keep_u: here u is the kernels' fp32 [u | l]
+    [N, G*(r + L)], the storage `torch_mor.keeps_u` budgets for, for `backward`."""
+    y, probs, shrink = _ops().mor_fwd(
         x.contiguous(), weight.contiguous(), _dense(bias), lora_a.contiguous(),
         lora_b.contiguous(), _dense(router_weight), _dense(router_bias),
         list(spec.ranks), list(spec.scalings), spec.bypass, spec.groups,
     )
+    return (y, probs, shrink) if keep_u else (y, probs)
 
 
-def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec, compute_dx):
+def backward(dy, x, probs, weight, lora_a, lora_b, router_weight, spec: MoRSpec, compute_dx,
+             u=None):
+    """u: what `forward(..., keep_u=True)` returned, or None to recompute it from x."""
     return _ops().mor_bwd(
         dy.contiguous(), x.contiguous(), probs.contiguous(), weight.contiguous(),
-        lora_a.contiguous(), lora_b.contiguous(), _dense(router_weight),
+        lora_a.contiguous(), lora_b.contiguous(), _dense(router_weight), u,
         list(spec.ranks), list(spec.scalings), spec.bypass, spec.groups, compute_dx,
     )

@@ -11,6 +11,7 @@ import torch
 
 import ei_kernels
 from ei_kernels import mor_linear
+from ei_kernels.ops import torch_mor
 from gpu_common import (DTYPES, RANKS, SCALINGS, check, check_against_torch_and_fp64,
                         check_compile_fullgraph, check_cuda_graph_replay, make_inputs, make_layer,
                         run)
@@ -110,6 +111,16 @@ def test_an_x_that_tma_cannot_load_takes_the_portable_forward_and_stays_right():
         check(name, grads[name], grads_t[name], grads_x[name], ulps=4)
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept-u", "recomputed-u"])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_u_kept_from_the_forward_or_recomputed(monkeypatch, keep, groups):
+    """The eager path keeps the forward's [u | l] when it fits the memory contract (one group)
+    and the backward then skips recomputing u; forced either way, both stay right."""
+    monkeypatch.setattr(torch_mor, "keeps_u", lambda spec: keep)
+    check_against_torch_and_fp64("cuda", 1576, 768, 768 * groups, {"groups": groups},
+                                 torch.bfloat16, ulps=4)
+
+
 def test_float64_is_refused_with_a_clear_error():
     inputs, _ = make_inputs(8, 32, 24, {}, torch.float64)
     with pytest.raises(RuntimeError, match="float16, bfloat16 or float32"):
@@ -139,7 +150,9 @@ def test_opcheck_on_cuda_tensors():
     args = (*inputs.values(), list(RANKS), list(SCALINGS), True, 3)
     tests = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.ei_kernels_cuda.mor_fwd.default, args, test_utils=tests)
-    _, probs = torch.ops.ei_kernels_cuda.mor_fwd(*args)
-    bwd_args = (dy, inputs["x"], probs, inputs["weight"], inputs["lora_a"], inputs["lora_b"],
-                inputs["router_weight"], list(RANKS), list(SCALINGS), True, 3, True)
-    torch.library.opcheck(torch.ops.ei_kernels_cuda.mor_bwd.default, bwd_args, test_utils=tests)
+    _, probs, shrink = torch.ops.ei_kernels_cuda.mor_fwd(*args)
+    for kept in (None, shrink):
+        bwd_args = (dy, inputs["x"], probs, inputs["weight"], inputs["lora_a"], inputs["lora_b"],
+                    inputs["router_weight"], kept, list(RANKS), list(SCALINGS), True, 3, True)
+        torch.library.opcheck(torch.ops.ei_kernels_cuda.mor_bwd.default, bwd_args,
+                              test_utils=tests)
