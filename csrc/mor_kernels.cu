@@ -10,11 +10,13 @@
 //           (4) dx = [dy | du dl] [W ; A_cat ; R]       GEMM with the K-extension
 //           (5) d[A_cat; R] = [du | dl]^T x, dB_cat = dy^T z, dc = sum dl
 //                                                       split-K partials (dc: the blocks'
-//                                                       sums of (3)), fixed-order sums
+//                                                       sums of (3)), then all three summed
+//                                                       in a fixed order by one launch
 //
 // On a compute capability 9.0 device, 16-bit inputs whose rows TMA can load take the sm_90a
 // kernel (sm90_gemm.h) for forward (3) and backward (4): one launch over all groups, with
-// B_cat as a block-diagonal [O, G*r] matrix so that the extension is one reduction of G*r.
+// B_cat as a block-diagonal [O, G*r] matrix so that the extension is one reduction of G*r,
+// and [A_cat; R] stacked into one operand for (4).
 // Everything else, and every GEMM elsewhere, runs the portable kernels of gemm.cuh.
 //
 // Every kernel is a template over the element type; this file instantiates each for fp16,
@@ -137,13 +139,24 @@ cudaError_t forward_impl(const MorDims& d, const MorForwardArgs& a, cudaStream_t
 }
 
 template <typename T>
-void sum_splits(const float* partial, int splits, int64_t rows, int cols, int64_t row_split,
-                void* lo, void* hi, cudaStream_t stream) {
-  const int64_t count = rows * cols;
+void sum_splits(const SplitSums& sums, cudaStream_t stream) {
+  int64_t count = 0;
+  for (int j = 0; j < sums.count; ++j) count += sums.sum[j].rows * sums.sum[j].cols;
   if (count == 0) return;
   const unsigned blocks = unsigned(std::min<int64_t>(blocks_for(count, kSumThreads), 4096));
-  sum_splits_kernel<T><<<blocks, kSumThreads, 0, stream>>>(
-      partial, splits, rows, cols, row_split, static_cast<T*>(lo), static_cast<T*>(hi));
+  sum_splits_kernel<T><<<blocks, kSumThreads, 0, stream>>>(sums);
+}
+
+// [top; bottom] as one contiguous matrix (the sm_90a input gradient's [A_cat; R] operand).
+template <typename T>
+__global__ void stack_rows_kernel(const T* __restrict__ top, int64_t top_count,
+                                  const T* __restrict__ bottom, int64_t bottom_count,
+                                  T* __restrict__ out) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+       idx < top_count + bottom_count; idx += stride) {
+    out[idx] = idx < top_count ? top[idx] : bottom[idx - top_count];
+  }
 }
 
 template <typename T>
@@ -190,18 +203,14 @@ cudaError_t backward_impl(const MorDims& d, const ReductionPlan& plan, const Mor
       ext.a2 = d_shrink, ext.lda2 = sld, ext.b2 = d.router ? a.shrink_weight : a.lora_a;
       ext.ldb2 = K, ext.c = a.dx, ext.ldc = K;
       if (a.shrink_weight != nullptr && sm90_gemm_accepts(dtype_of<T>(), ext)) {
-        cudaError_t err = cudaSuccess;
         if (d.router) {
-          const size_t row_bytes = size_t(K) * sizeof(T);
-          err = cudaMemcpyAsync(a.shrink_weight, lora_a, gr * row_bytes,
-                                cudaMemcpyDeviceToDevice, stream);
-          if (err == cudaSuccess) {
-            err = cudaMemcpyAsync(static_cast<T*>(a.shrink_weight) + int64_t(gr) * K,
-                                  router_weight, size_t(S - gr) * row_bytes,
-                                  cudaMemcpyDeviceToDevice, stream);
-          }
+          const int64_t count = int64_t(S) * K;
+          stack_rows_kernel<T><<<unsigned(std::min<int64_t>(blocks_for(count, kSumThreads), 1024)),
+                                 kSumThreads, 0, stream>>>(
+              lora_a, int64_t(gr) * K, router_weight, int64_t(S - gr) * K,
+              static_cast<T*>(a.shrink_weight));
         }
-        if (err == cudaSuccess) err = sm90_ext_gemm(dtype_of<T>(), ext, stream);
+        const cudaError_t err = sm90_ext_gemm(dtype_of<T>(), ext, stream);
         if (err != cudaSuccess) return err;
       } else {
         GemmArgs<T, T> dx{};
@@ -221,8 +230,6 @@ cudaError_t backward_impl(const MorDims& d, const ReductionPlan& plan, const Mor
   dw.c = a.shrink_partial, dw.ldc = K, dw.c_split_stride = int64_t(S) * K;
   dw.batches = 1, dw.splits = plan.shrink_splits;
   launch_gemm<WideTile, false, false>(dw, stream);
-  sum_splits<T>(a.shrink_partial, plan.shrink_splits, S, K, gr, a.d_lora_a, a.d_router_weight,
-                stream);
 
   GemmArgs<T, float> db{};
   db.m = og, db.n = r, db.k = m, db.k_per_split = split_length<T>(m, plan.lora_b_splits);
@@ -230,12 +237,18 @@ cudaError_t backward_impl(const MorDims& d, const ReductionPlan& plan, const Mor
   db.c = a.lora_b_partial, db.ldc = r, db.c_batch_stride = int64_t(og) * r;
   db.c_split_stride = int64_t(O) * r, db.batches = G, db.splits = plan.lora_b_splits;
   launch_gemm<TallTile, false, false>(db, stream);
-  sum_splits<T>(a.lora_b_partial, plan.lora_b_splits, O, r, O, a.d_lora_b, nullptr, stream);
 
-  if (d.router) {  // dc: the routing kernel's per-block sums (none for no tokens), in order
-    sum_splits<T>(a.dl_partial, plan.dl_splits, 1, G * d.logits, 1, a.d_router_bias, nullptr,
-                  stream);
+  // The partial sums in a fixed order, one launch; dc from the routing kernel's per-block
+  // sums (none for no tokens: zeros).
+  SplitSums sums{};
+  sums.sum[sums.count++] = {a.shrink_partial, plan.shrink_splits, S, K, gr, a.d_lora_a,
+                            a.d_router_weight};
+  sums.sum[sums.count++] = {a.lora_b_partial, plan.lora_b_splits, O, r, O, a.d_lora_b, nullptr};
+  if (d.router) {
+    sums.sum[sums.count++] = {a.dl_partial, plan.dl_splits, 1, G * d.logits, 1, a.d_router_bias,
+                              nullptr};
   }
+  sum_splits<T>(sums, stream);
   return cudaSuccess;
 }
 

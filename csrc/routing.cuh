@@ -188,22 +188,52 @@ __global__ void __launch_bounds__(kRouteThreads, 4)
   }
 }
 
-// out = sum over splits of partial[s] ([rows, cols] fp32 each), in split order; stored rows
-// below row_split go to `lo`, the rest to `hi` (d[A_cat; R] -> d_lora_a and d_router_weight,
-// which must not share storage).
+// One deterministic reduction of split-K partials: out = sum over splits of partial[s]
+// ([rows, cols] fp32 each), in split order; stored rows below row_split go to `lo`, the rest to
+// `hi` (d[A_cat; R] -> d_lora_a and d_router_weight, which must not share storage).
+struct SplitSum {
+  const float* partial;  // [splits, rows, cols]
+  int splits;
+  int64_t rows;
+  int cols;
+  int64_t row_split;
+  void* lo;
+  void* hi;
+};
+
+// The backward's three reductions (d[A_cat; R], dB_cat, dc) in one launch.
+constexpr int kMaxSplitSums = 3;
+struct SplitSums {
+  SplitSum sum[kMaxSplitSums];
+  int count;
+};
+
 template <typename T>
-__global__ void sum_splits_kernel(const float* __restrict__ partial, int splits, int64_t rows,
-                                  int cols, int64_t row_split, T* __restrict__ lo,
-                                  T* __restrict__ hi) {
-  const int64_t count = rows * cols;
+__global__ void sum_splits_kernel(const SplitSums sums) {
+  int64_t total = 0;
+#pragma unroll
+  for (int j = 0; j < kMaxSplitSums; ++j) {
+    if (j < sums.count) total += sums.sum[j].rows * sums.sum[j].cols;
+  }
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < count; idx += stride) {
-    float acc = 0.0f;
-    for (int s = 0; s < splits; ++s) acc += partial[s * count + idx];
-    const int64_t r = idx / cols;
-    const int c = int(idx % cols);
-    T* const dst = r < row_split ? lo + r * cols : hi + (r - row_split) * cols;
-    dst[c] = from_float<T>(acc);
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
+    int64_t start = 0;
+#pragma unroll
+    for (int j = 0; j < kMaxSplitSums; ++j) {  // unrolled: the parameters are read in place
+      const SplitSum& job = sums.sum[j];
+      const int64_t count = j < sums.count ? job.rows * job.cols : 0;
+      if (idx >= start && idx < start + count) {
+        const int64_t at = idx - start;
+        float acc = 0.0f;
+        for (int s = 0; s < job.splits; ++s) acc += job.partial[s * count + at];
+        const int64_t r = at / job.cols;
+        const int c = int(at % job.cols);
+        T* const dst = r < job.row_split ? static_cast<T*>(job.lo) + r * job.cols
+                                         : static_cast<T*>(job.hi) + (r - job.row_split) * job.cols;
+        dst[c] = from_float<T>(acc);
+      }
+      start += count;
+    }
   }
 }
 

@@ -214,22 +214,22 @@ def cuda_bwd(n, k, o, g, hopper=True) -> Cost:
     gg = Cost.kernel(2 * n * o * _pad(R, TALL_N), ELEM * (n * o + o * R) + F32 * n * gr,
                      rate=MMA_SYNC_FRACTION)
     route = Cost.kernel(0, F32 * (2 * n * gr + n * g * L) + ELEM * (n * gr + n * s))
-    if hopper:  # [A_cat; R] copied into one [S, K] operand (two copies), then the GEMM
-        stack = Cost.kernel(0, 2 * ELEM * gr * k) + Cost.kernel(0, 2 * ELEM * (s - gr) * k)
+    if hopper:  # [A_cat; R] stacked into one [S, K] operand, then the GEMM
+        stack = Cost.kernel(0, 2 * ELEM * s * k)
         dx = stack + sm90_gemm(n, k, o, s, _pad8(s), s, k)
     else:
         dx = Cost.kernel(2 * n * o * k + 2 * n * _pad(s, BK_CUDA) * k,
                          ELEM * (n * o + o * k + n * s + s * k + n * k), rate=MMA_SYNC_FRACTION)
-    # The token reductions: split-K partials in fp32 (about two waves of blocks), then a sum.
+    # The token reductions: split-K partials in fp32 (about two waves of blocks), then one
+    # launch sums them and dc's per-block partials of the routing kernel.
     splits = 8
     dw = Cost.kernel(2 * _pad(s, TALL_N) * k * n,
                      ELEM * (n * s + n * k) + F32 * splits * s * k, rate=MMA_SYNC_FRACTION)
-    dw_sum = Cost.kernel(0, F32 * splits * s * k + ELEM * s * k)
     db = Cost.kernel(2 * o * _pad(R, TALL_N) * n,
                      ELEM * (n * o + n * gr) + F32 * splits * o * R, rate=MMA_SYNC_FRACTION)
-    db_sum = Cost.kernel(0, F32 * splits * o * R + ELEM * o * R)
-    dc = Cost.kernel(0, F32 * math.ceil(n * g / 128) * g * L)  # the routing blocks' sums
-    return u + gg + route + dx + dw + dw_sum + db + db_sum + dc
+    sums = Cost.kernel(0, F32 * splits * (s * k + o * R) + ELEM * (s * k + o * R)
+                       + F32 * math.ceil(n * g / 128) * g * L)
+    return u + gg + route + dx + dw + db + sums
 
 
 def cuda_table(n, peak, bandwidth, launch_us) -> str:

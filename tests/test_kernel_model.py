@@ -39,13 +39,14 @@ def test_launch_counts_and_tables():
     assert kernel_model.triton_fwd(n, k, o, 1).launches == 1  # lora_b is read in place
     assert kernel_model.triton_bwd(n, k, o, 1).launches == 2  # the kernel and the slot sum
     # As csrc/mor_kernels.cu launches: the portable path, and on Hopper B_cat's block-diagonal
-    # copy before the forward GEMM and [A_cat; R]'s two copies before dx.
-    # One group keeps the forward's [u | l]: no u GEMM in the backward; qkv recomputes it.
+    # copy before the forward GEMM and [A_cat; R] stacked before dx. One group keeps the
+    # forward's [u | l]: no u GEMM in the backward; qkv recomputes it. Backward: (u,) g,
+    # routing, (stack,) dx, the two split-K products, one sum.
     assert kernel_model.cuda_fwd(n, k, o, 1, hopper=False).launches == 3
-    assert kernel_model.cuda_bwd(n, k, o, 1, hopper=False).launches == 8
+    assert kernel_model.cuda_bwd(n, k, o, 1, hopper=False).launches == 6
     assert kernel_model.cuda_fwd(n, k, o, 1).launches == 4
-    assert kernel_model.cuda_bwd(n, k, o, 1).launches == 10
-    assert kernel_model.cuda_bwd(n, k, 3 * o, 3).launches == 11
+    assert kernel_model.cuda_bwd(n, k, o, 1).launches == 7
+    assert kernel_model.cuda_bwd(n, k, 3 * o, 3).launches == 8
     rows = kernel_model.table(n, 790e12, 4.3e12, 3.0).splitlines()
     assert len(rows) == 2 + len(kernel_model.SHAPES)
     assert len(kernel_model.cuda_table(n, 790e12, 4.3e12, 3.0).splitlines()) == len(rows)
