@@ -19,6 +19,9 @@ def _cuda_extension():
         print(f"ei-kernels: not building the CUDA extension: {reason}", file=sys.stderr)
         return [], {}
     print(f"ei-kernels: building the CUDA extension ({reason})", file=sys.stderr)
+    without = build.sm90_gemm_skipped()
+    if without is not None:
+        print(f"ei-kernels: ... without the sm_90a TMA + wgmma GEMM: {without}", file=sys.stderr)
     from torch.utils.cpp_extension import BuildExtension
 
     return [build.extension()], {"build_ext": BuildExtension.with_options(use_ninja=True)}

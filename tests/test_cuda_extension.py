@@ -268,3 +268,23 @@ class TestBuildSwitches:
         monkeypatch.delenv("EI_KERNELS_CUDA_WERROR", raising=False)
         args = _build_module().compile_args()
         assert not any("Werror" in flag for flag in args["cxx"] + args["nvcc"])
+
+    def test_the_hopper_gemm_is_built_with_cutlass_headers_and_a_90a_target(self, monkeypatch,
+                                                                           tmp_path):
+        (tmp_path / "cute").mkdir()
+        (tmp_path / "cute" / "tensor.hpp").write_text("")
+        monkeypatch.setenv("EI_KERNELS_CUTLASS_DIR", str(tmp_path))
+        monkeypatch.setenv("EI_KERNELS_CUDA_ARCHS", "80;90a")
+        build = _build_module()
+        assert build.sm90_gemm_skipped() is None
+        nvcc = build.compile_args()["nvcc"]
+        assert "-DEI_KERNELS_SM90A" in nvcc
+        assert nvcc[nvcc.index("-isystem") + 1] == str(tmp_path)  # its warnings are not ours
+        monkeypatch.setenv("EI_KERNELS_CUDA_ARCHS", "80")
+        assert "90a" in build.sm90_gemm_skipped()
+        assert "-DEI_KERNELS_SM90A" not in build.compile_args()["nvcc"]
+
+    def test_a_cutlass_dir_without_headers_names_the_variable(self, monkeypatch, tmp_path):
+        monkeypatch.setenv("EI_KERNELS_CUTLASS_DIR", str(tmp_path))
+        with pytest.raises(ValueError, match="EI_KERNELS_CUTLASS_DIR=.*cute/tensor.hpp"):
+            _build_module().sm90_gemm_skipped()
