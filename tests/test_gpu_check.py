@@ -28,7 +28,9 @@ def _lines(path: Path, records: list[dict], cut: str = "") -> None:
 
 def test_summary_of_a_run_killed_half_way(tmp_path):
     (tmp_path / "facts.json").write_text(json.dumps({"gpu": "NVIDIA H200", "torch": "2.11.0"}))
-    (tmp_path / "cuda_build.log").write_text("gpu_check: build rc=0 in 61 s\n")
+    (tmp_path / "cuda_build.log").write_text(
+        "ei-kernels: {'built': True, 'loaded': True, 'sm90_gemm': True}\n"
+        "gpu_check: build rc=0 in 61 s\n")
     case = {"stage": "correctness", "backend": "triton"}
     _lines(tmp_path / "correctness.jsonl", [
         {**case, "case": "vitb-fc1-bf16", "verdict": "started"},
@@ -51,7 +53,7 @@ def test_summary_of_a_run_killed_half_way(tmp_path):
     result = _summary(tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr  # the hung case is a problem
     text = (tmp_path / "summary.md").read_text()
-    assert "NVIDIA H200" in text and "build rc=0" in text
+    assert "NVIDIA H200" in text and "build rc=0 in 61 s, sm_90a GEMM built: yes" in text
     assert (f"correctness triton: 1 hung or crashed, 1 pass, {N_CASES - 2} not run (time)"
             in text)
     assert "started vitb-qkv-groups3-bf16: hung or crashed" in text

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import xml.etree.ElementTree as ET
 from collections import defaultdict
@@ -42,8 +43,11 @@ def _build() -> tuple[list[str], list[str]]:
     if not status:
         return ["CUDA extension build: did not finish"], ["build did not finish"]
     ok = "rc=0" in status[-1]
-    return [f"CUDA extension {status[-1].removeprefix('gpu_check: ')}"], ([] if ok else
-                                                                         ["build failed"])
+    # scripts/build_cuda_ext.sh prints cuda_extension_info(): whether the sm_90a GEMM is in
+    hopper = re.findall(r"'sm90_gemm': (True|False)", path.read_text(errors="replace"))
+    held = f", sm_90a GEMM built: {'yes' if hopper[-1] == 'True' else 'no'}" if hopper else ""
+    return [f"CUDA extension {status[-1].removeprefix('gpu_check: ')}{held}"], (
+        [] if ok else ["build failed"])
 
 
 def _correctness() -> tuple[list[str], list[str], list[str]]:
