@@ -136,8 +136,8 @@ std::tuple<Tensor, Tensor, Tensor> mor_fwd(const Tensor& x, const Tensor& weight
   Tensor probs = at::empty({N, gl}, f32);
   Tensor shrink = at::empty({N, d.shrink_width()}, f32);
   Tensor z = at::empty({N, d.rank_ld()}, x.options());
-  Tensor lora_b_ext = sm90_enabled(dtype, x) ? at::empty({O, d.rank_ld()}, x.options())
-                                             : Tensor();
+  const bool sm90 = sm90_enabled(dtype, x);
+  Tensor lora_b_ext = sm90 ? at::empty({O, d.rank_ld()}, x.options()) : Tensor();
 
   ei::MorForwardArgs args{};
   args.x = x.data_ptr();
@@ -151,7 +151,8 @@ std::tuple<Tensor, Tensor, Tensor> mor_fwd(const Tensor& x, const Tensor& weight
   args.probs = probs.data_ptr<float>();
   args.shrink = shrink.data_ptr<float>();
   args.z = z.data_ptr();
-  args.lora_b_ext = lora_b_ext.defined() ? lora_b_ext.data_ptr() : nullptr;
+  args.sm90 = sm90;
+  args.lora_b_ext = sm90 ? lora_b_ext.data_ptr() : nullptr;
   C10_CUDA_CHECK(ei::mor_forward(dtype, d, args, c10::cuda::getCurrentCUDAStream()));
   return {y, probs, shrink};
 }
@@ -195,8 +196,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   Tensor g = at::empty({N, gr}, f32);
   Tensor z = at::empty({N, d.rank_ld()}, opts);
   Tensor d_shrink = at::empty({N, d.shrink_ld()}, opts);
-  Tensor shrink_weight =
-      compute_dx && sm90_enabled(dtype, x) ? at::empty({S, K}, opts) : Tensor();
+  const bool sm90 = compute_dx && sm90_enabled(dtype, x);  // only dx takes it
+  Tensor shrink_weight = sm90 && router ? at::empty({S, K}, opts) : Tensor();
   Tensor shrink_partial = at::empty({plan.shrink_splits, S, K}, f32);
   Tensor lora_b_partial = at::empty({plan.lora_b_splits, O, d.rank}, f32);
   Tensor dl_partial = at::empty({plan.dl_splits, gl}, f32);
@@ -216,10 +217,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   args.d_router_bias = d_router_bias.data_ptr();
   args.u = u.data_ptr<float>();
   args.u_ld = u.size(1);
-  args.recompute_u = !shrink.has_value();
+  args.u_workspace = shrink ? nullptr : u.data_ptr<float>();
   args.g = g.data_ptr<float>();
   args.z = z.data_ptr();
   args.d_shrink = d_shrink.data_ptr();
+  args.sm90 = sm90;
   args.shrink_weight = shrink_weight.defined() ? shrink_weight.data_ptr() : nullptr;
   args.shrink_partial = shrink_partial.data_ptr<float>();
   args.lora_b_partial = lora_b_partial.data_ptr<float>();

@@ -116,7 +116,7 @@ cudaError_t forward_impl(const MorDims& d, const MorForwardArgs& a, cudaStream_t
   ext.a = x, ext.lda = K, ext.b = a.weight, ext.ldb = K;
   ext.a2 = z, ext.lda2 = zld, ext.b2 = a.lora_b_ext, ext.ldb2 = zld;
   ext.bias = a.bias, ext.c = a.y, ext.ldc = O;
-  if (a.lora_b_ext != nullptr && sm90_gemm_accepts(dtype_of<T>(), ext)) {
+  if (a.sm90 && sm90_gemm_accepts(dtype_of<T>(), ext)) {
     block_diagonal_kernel<T><<<blocks_for(int64_t(O) * zld, kSumThreads), kSumThreads, 0,
                                stream>>>(static_cast<const T*>(a.lora_b), O, og, r, zld,
                                          static_cast<T*>(a.lora_b_ext));
@@ -174,11 +174,11 @@ cudaError_t backward_impl(const MorDims& d, const ReductionPlan& plan, const Mor
   T* const d_shrink = static_cast<T*>(a.d_shrink);
 
   if (m > 0) {
-    if (a.recompute_u) {
+    if (a.u_workspace != nullptr) {
       GemmArgs<T, float> u{};
       u.m = m, u.n = gr, u.k = K, u.k_per_split = K;
       u.a = dense(x, K), u.b = dense(lora_a, K);
-      u.c = a.u, u.ldc = a.u_ld, u.batches = 1, u.splits = 1;
+      u.c = a.u_workspace, u.ldc = a.u_ld, u.batches = 1, u.splits = 1;
       launch_gemm<TallTile, true, true>(u, stream);
     }
 
@@ -202,7 +202,7 @@ cudaError_t backward_impl(const MorDims& d, const ReductionPlan& plan, const Mor
       // [A_cat; R] as one [S, K] operand: lora_a itself without a router, else a copy
       ext.a2 = d_shrink, ext.lda2 = sld, ext.b2 = d.router ? a.shrink_weight : a.lora_a;
       ext.ldb2 = K, ext.c = a.dx, ext.ldc = K;
-      if (a.shrink_weight != nullptr && sm90_gemm_accepts(dtype_of<T>(), ext)) {
+      if (a.sm90 && sm90_gemm_accepts(dtype_of<T>(), ext)) {
         if (d.router) {
           const int64_t count = int64_t(S) * K;
           stack_rows_kernel<T><<<unsigned(std::min<int64_t>(blocks_for(count, kSumThreads), 1024)),

@@ -16,7 +16,14 @@ enum class DType { kHalf, kBFloat16, kFloat };
 // Branches per group the routing kernels hold in registers (the paper uses 3).
 constexpr int kMaxBranches = 16;
 
-constexpr int round_up8(int n) { return (n + 7) / 8 * 8; }
+// Helpers of MorDims that the kernels call too (this header is also plain C++ for binding.cpp).
+#if defined(__CUDACC__)
+#define EI_HOST_DEVICE __host__ __device__
+#else
+#define EI_HOST_DEVICE
+#endif
+
+EI_HOST_DEVICE constexpr int round_up8(int n) { return (n + 7) / 8 * 8; }
 
 // Sizes and routing configuration of one MoR layer call (MOR_MATH.md symbols).
 struct MorDims {
@@ -33,11 +40,11 @@ struct MorDims {
   float scale[kMaxBranches];    // s_k
 
   // S: the columns of [u | l]
-  constexpr int shrink_width() const { return groups * (rank + logits); }
+  EI_HOST_DEVICE constexpr int shrink_width() const { return groups * (rank + logits); }
   // Row strides of the 16-bit workspaces z [N, G*r] and [du | dl] [N, S], rounded up to
   // 8 elements: the sm_90a GEMM loads them by TMA, which needs rows at 16-byte multiples.
-  constexpr int rank_ld() const { return round_up8(groups * rank); }
-  constexpr int shrink_ld() const { return round_up8(shrink_width()); }
+  EI_HOST_DEVICE constexpr int rank_ld() const { return round_up8(groups * rank); }
+  EI_HOST_DEVICE constexpr int shrink_ld() const { return round_up8(shrink_width()); }
 };
 
 // Split-K factors of the two token reductions of the backward (deterministic: fixed per shape
@@ -60,7 +67,8 @@ struct MorForwardArgs {
   float* probs;               // out [N, G*L]
   float* shrink;              // workspace [N, S]: [u | l] in fp32
   void* z;                    // workspace [N, G*r], row stride rank_ld()
-  void* lora_b_ext;           // workspace [O, rank_ld()] for the sm_90a GEMM, else null
+  bool sm90;                  // the binding enabled the sm_90a GEMM (sm90_gemm_enabled)
+  void* lora_b_ext;           // workspace [O, rank_ld()] for it, else null
 };
 
 struct MorBackwardArgs {
@@ -76,16 +84,15 @@ struct MorBackwardArgs {
   void* d_lora_b;             // out [O, r]
   void* d_router_weight;      // out [G*L, K] (unused without a router)
   void* d_router_bias;        // out [G*L]
-  float* u;                   // u = x A_cat^T in fp32, row stride u_ld: the forward's [u | l]
-                              // (u_ld = S), or a workspace [N, G*r] recomputed here (u_ld =
-                              // G*r) when recompute_u
-  int64_t u_ld;
-  bool recompute_u;
+  const float* u;             // u = x A_cat^T in fp32, row stride u_ld: the forward's [u | l]
+  int64_t u_ld;               // (u_ld = S, saved by autograd: never written), or u_workspace
+  float* u_workspace;         // [N, G*r] to recompute u into (u_ld = G*r), or null when kept
   float* g;                   // workspace [N, G*r]: dy B_cat
   void* z;                    // workspace [N, G*r], row stride rank_ld()
   void* d_shrink;             // workspace [N, S]: [du | dl] in the input dtype, row stride
                               // shrink_ld()
-  void* shrink_weight;        // workspace [S, K]: [A_cat; R] for the sm_90a GEMM, else null
+  bool sm90;                  // the binding enabled the sm_90a GEMM (sm90_gemm_enabled)
+  void* shrink_weight;        // workspace [S, K] for it with a router: [A_cat; R], else null
   float* shrink_partial;      // workspace [shrink_splits, S, K]
   float* lora_b_partial;      // workspace [lora_b_splits, O, r]
   float* dl_partial;          // workspace [dl_splits, G*L]: per-block fp32 sums of dl

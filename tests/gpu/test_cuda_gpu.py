@@ -91,9 +91,10 @@ def test_the_hopper_gemm_runs_exactly_where_it_should(monkeypatch, switch):
     assert launches == (2 if switch == "1" and _hopper_gemm_expected() else 0)
 
 
-def test_an_x_that_tma_cannot_load_takes_the_portable_forward_and_stays_right():
+def test_an_x_that_tma_cannot_load_takes_the_portable_forward_and_stays_right(monkeypatch):
     """x contiguous but 2 bytes past a 16-byte boundary: the forward falls back (dx, in fresh
     buffers, still takes the sm_90a GEMM), and the results stay right."""
+    monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
     inputs, dy = make_inputs(333, 104, 40, {}, torch.bfloat16)
     x = inputs["x"]
     shifted = torch.empty(x.numel() + 1, device="cuda", dtype=x.dtype)[1:].view_as(x)
@@ -119,6 +120,21 @@ def test_u_kept_from_the_forward_or_recomputed(monkeypatch, keep, groups):
     monkeypatch.setattr(torch_mor, "keeps_u", lambda spec: keep)
     check_against_torch_and_fp64("cuda", 1576, 768, 768 * groups, {"groups": groups},
                                  torch.bfloat16, ulps=4)
+
+
+def _portable_gemm_launches(keep: bool, monkeypatch) -> int:
+    monkeypatch.setattr(torch_mor, "keeps_u", lambda spec: keep)
+    inputs, dy = make_inputs(256, 768, 768, {}, torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run("cuda", inputs, dy, {})
+        torch.cuda.synchronize()
+    return sum("gemm_kernel" in e.name and "ext_gemm_kernel" not in e.name
+               for e in prof.events())
+
+
+def test_a_kept_u_saves_the_backward_its_u_gemm(monkeypatch):
+    assert (_portable_gemm_launches(False, monkeypatch)
+            == _portable_gemm_launches(True, monkeypatch) + 1)
 
 
 def test_float64_is_refused_with_a_clear_error():
