@@ -22,12 +22,12 @@
 // Every kernel is a template over the element type; this file instantiates each for fp16,
 // bf16 and fp32 through one dtype switch.
 #include <algorithm>
-#include <atomic>
 #include <type_traits>
 
 #include <cstdlib>
 #include <cstring>
 
+#include "device_cache.h"
 #include "gemm.cuh"
 #include "mor_kernels.h"
 #include "routing.cuh"
@@ -82,13 +82,8 @@ __global__ void block_diagonal_kernel(const T* __restrict__ lora_b, int out_feat
 }
 
 template <typename T>
-constexpr DType dtype_of() {
-  return std::is_same_v<T, __half> ? DType::kHalf
-         : std::is_same_v<T, __nv_bfloat16> ? DType::kBFloat16 : DType::kFloat;
-}
-
-template <typename T>
-cudaError_t forward_impl(const MorDims& d, const MorForwardArgs& a, cudaStream_t stream) {
+cudaError_t forward_impl(DType dtype, const MorDims& d, const MorForwardArgs& a,
+                         cudaStream_t stream) {
   const int m = int(d.tokens), K = d.in_features, O = d.out_features, G = d.groups;
   const int r = d.rank, gr = G * r, S = d.shrink_width(), og = O / G, zld = d.rank_ld();
   const T* const x = static_cast<const T*>(a.x);
@@ -109,18 +104,18 @@ cudaError_t forward_impl(const MorDims& d, const MorForwardArgs& a, cudaStream_t
             d, a.shrink, static_cast<const T*>(a.router_bias), a.probs, z);
   });
 
-  // The sm_90a kernel when the binding enabled it (gave its workspace) and TMA can load
-  // these operands: one launch over all groups.
+  // The sm_90a kernel when the binding enabled it and TMA can load these operands: one
+  // launch over all groups.
   ExtGemmArgs ext{};
   ext.m = m, ext.n = O, ext.k = K, ext.k2 = gr, ext.b_n_major = false;
   ext.a = x, ext.lda = K, ext.b = a.weight, ext.ldb = K;
   ext.a2 = z, ext.lda2 = zld, ext.b2 = a.lora_b_ext, ext.ldb2 = zld;
   ext.bias = a.bias, ext.c = a.y, ext.ldc = O;
-  if (a.sm90 && sm90_gemm_accepts(dtype_of<T>(), ext)) {
+  if (a.sm90 && sm90_gemm_accepts(dtype, ext)) {
     block_diagonal_kernel<T><<<blocks_for(int64_t(O) * zld, kSumThreads), kSumThreads, 0,
                                stream>>>(static_cast<const T*>(a.lora_b), O, og, r, zld,
                                          static_cast<T*>(a.lora_b_ext));
-    return sm90_ext_gemm(dtype_of<T>(), ext, stream);
+    return sm90_ext_gemm(dtype, ext, stream);
   }
 
   // B_cat is block-diagonal: batch entry g computes output columns [g*og, (g+1)*og) from
@@ -160,8 +155,8 @@ __global__ void stack_rows_kernel(const T* __restrict__ top, int64_t top_count,
 }
 
 template <typename T>
-cudaError_t backward_impl(const MorDims& d, const ReductionPlan& plan, const MorBackwardArgs& a,
-                          cudaStream_t stream) {
+cudaError_t backward_impl(DType dtype, const MorDims& d, const ReductionPlan& plan,
+                          const MorBackwardArgs& a, cudaStream_t stream) {
   const int m = int(d.tokens), K = d.in_features, O = d.out_features, G = d.groups;
   const int r = d.rank, gr = G * r, S = d.shrink_width(), og = O / G;
   const int zld = d.rank_ld(), sld = d.shrink_ld();
@@ -202,7 +197,7 @@ cudaError_t backward_impl(const MorDims& d, const ReductionPlan& plan, const Mor
       // [A_cat; R] as one [S, K] operand: lora_a itself without a router, else a copy
       ext.a2 = d_shrink, ext.lda2 = sld, ext.b2 = d.router ? a.shrink_weight : a.lora_a;
       ext.ldb2 = K, ext.c = a.dx, ext.ldc = K;
-      if (a.sm90 && sm90_gemm_accepts(dtype_of<T>(), ext)) {
+      if (a.sm90 && sm90_gemm_accepts(dtype, ext)) {
         if (d.router) {
           const int64_t count = int64_t(S) * K;
           stack_rows_kernel<T><<<unsigned(std::min<int64_t>(blocks_for(count, kSumThreads), 1024)),
@@ -210,7 +205,7 @@ cudaError_t backward_impl(const MorDims& d, const ReductionPlan& plan, const Mor
               lora_a, int64_t(gr) * K, router_weight, int64_t(S - gr) * K,
               static_cast<T*>(a.shrink_weight));
         }
-        const cudaError_t err = sm90_ext_gemm(dtype_of<T>(), ext, stream);
+        const cudaError_t err = sm90_ext_gemm(dtype, ext, stream);
         if (err != cudaSuccess) return err;
       } else {
         GemmArgs<T, T> dx{};
@@ -260,29 +255,16 @@ int splits_for(int64_t tiles, int64_t tokens, int sms) {
   return int(std::clamp<int64_t>(std::min(want, cap), 1, 64));
 }
 
-// A positive property of a device, queried once per device (per Tag: one cache each): later
-// calls (e.g. inside a CUDA graph capture) make no CUDA API call at all.
-template <typename Tag, typename Query>
-cudaError_t cached_per_device(int device, int* value, Query query) {
-  static std::atomic<int> cache[64];
-  const bool cached = device >= 0 && device < 64;
-  if (cached && (*value = cache[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
-  const cudaError_t err = query(value);
-  if (err == cudaSuccess && cached) cache[device].store(*value, std::memory_order_relaxed);
-  return err;
-}
-
+// Queried once per device (device_cache.h).
 cudaError_t multiprocessor_count(int device, int* sms) {
-  struct Tag;
-  return cached_per_device<Tag>(device, sms, [&](int* out) {
+  return cached_per_device(device, sms, [&](int* out) {
     return cudaDeviceGetAttribute(out, cudaDevAttrMultiProcessorCount, device);
   });
 }
 
 // 10 * major + minor, e.g. 90 for H100/H200.
 cudaError_t compute_capability(int device, int* capability) {
-  struct Tag;
-  return cached_per_device<Tag>(device, capability, [&](int* out) {
+  return cached_per_device(device, capability, [&](int* out) {
     int major = 0, minor = 0;
     cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     if (err == cudaSuccess) {
@@ -327,7 +309,7 @@ cudaError_t sm90_gemm_enabled(DType dtype, int device, bool* enabled) {
 cudaError_t mor_forward(DType dtype, const MorDims& dims, const MorForwardArgs& args,
                         cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
-    const cudaError_t err = forward_impl<typename decltype(tag)::type>(dims, args, stream);
+    const cudaError_t err = forward_impl<typename decltype(tag)::type>(dtype, dims, args, stream);
     return err != cudaSuccess ? err : cudaGetLastError();
   });
 }
@@ -336,7 +318,7 @@ cudaError_t mor_backward(DType dtype, const MorDims& dims, const ReductionPlan& 
                          const MorBackwardArgs& args, cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
     const cudaError_t err =
-        backward_impl<typename decltype(tag)::type>(dims, plan, args, stream);
+        backward_impl<typename decltype(tag)::type>(dtype, dims, plan, args, stream);
     return err != cudaSuccess ? err : cudaGetLastError();
   });
 }

@@ -22,9 +22,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 
-#include <atomic>
-#include <cstdlib>
-
+#include "device_cache.h"
 #include "sm90_gemm.h"
 
 #if defined(CUTE_ARCH_MMA_SM90A_ENABLED) && defined(CUTE_ARCH_TMA_SM90_ENABLED)
@@ -60,7 +58,6 @@ struct Sm90Config {
   using Mma = decltype(make_tiled_mma(
       GMMA::ss_op_selector<T, T, float, Shape<Int<64>, BN, BK>, GMMA::Major::K, kBMajor>(),
       Layout<Shape<_2, _1, _1>>{}));  // warp group w owns rows [64 w, 64 w + 64)
-
 
   struct Shared {
     alignas(1024) ArrayEngine<T, cosize_v<SmemA>> a;
@@ -212,14 +209,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 // attribute call: no stream work, so it is also safe during CUDA graph capture).
 template <class Kernel>
 cudaError_t allow_shared_memory(Kernel kernel, int bytes) {
-  static std::atomic<bool> done[64];
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
+  int device = 0, done = 0;
+  const cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  if (device < 64 && done[device].load(std::memory_order_relaxed)) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err == cudaSuccess && device < 64) done[device].store(true, std::memory_order_relaxed);
-  return err;
+  return cached_per_device(device, &done, [&](int* out) {
+    *out = 1;
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  });
 }
 
 template <typename T, bool kBNMajor>

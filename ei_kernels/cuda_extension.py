@@ -77,8 +77,14 @@ def cuda_extension_info() -> dict:
         "loaded": loaded is not None,
         "path": loaded or built,
         "reason": reason,
-        "sm90_gemm": bool(torch.ops.ei_kernels_cuda.sm90_gemm_built()) if loaded else None,
+        "sm90_gemm": _sm90_gemm_built() if loaded else None,
     }
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_gemm_built() -> bool:
+    # Asked once: cuda_extension_info() runs on every call of the cuda backend.
+    return bool(torch.ops.ei_kernels_cuda.sm90_gemm_built())
 
 
 def _register_fakes() -> None:
