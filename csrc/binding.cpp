@@ -58,7 +58,7 @@ void check_operand(const char* op, const char* name, const Tensor& t, const Tens
               " must be contiguous (the cuda backend's forward/backward make it so)");
 }
 
-// Whether the big GEMMs may take the sm_90a kernel, which reads two extra workspaces.
+// Whether the big GEMMs may take the sm_90a kernels (some of their paths read extra workspaces).
 bool sm90_enabled(ei::DType dtype, const Tensor& x) {
   bool enabled = false;
   C10_CUDA_CHECK(ei::sm90_gemm_enabled(dtype, x.get_device(), &enabled));
@@ -135,9 +135,7 @@ std::tuple<Tensor, Tensor, Tensor> mor_fwd(const Tensor& x, const Tensor& weight
   Tensor y = at::empty({N, O}, x.options());
   Tensor probs = at::empty({N, gl}, f32);
   Tensor shrink = at::empty({N, d.shrink_width()}, f32);
-  Tensor z = at::empty({N, d.rank_ld()}, x.options());
   const bool sm90 = sm90_enabled(dtype, x);
-  Tensor lora_b_ext = sm90 ? at::empty({O, d.rank_ld()}, x.options()) : Tensor();
 
   ei::MorForwardArgs args{};
   args.x = x.data_ptr();
@@ -150,9 +148,17 @@ std::tuple<Tensor, Tensor, Tensor> mor_fwd(const Tensor& x, const Tensor& weight
   args.y = y.data_ptr();
   args.probs = probs.data_ptr<float>();
   args.shrink = shrink.data_ptr<float>();
-  args.z = z.data_ptr();
   args.sm90 = sm90;
-  args.lora_b_ext = sm90 ? lora_b_ext.data_ptr() : nullptr;
+  // The routed sm_90a forward keeps z and B_cat in shared memory; the other paths need them.
+  Tensor z, lora_b_ext;
+  if (!(sm90 && ei::sm90_routed_accepts(dtype, d, args))) {
+    z = at::empty({N, d.rank_ld()}, x.options());
+    args.z = z.data_ptr();
+    if (sm90) {
+      lora_b_ext = at::empty({O, d.rank_ld()}, x.options());
+      args.lora_b_ext = lora_b_ext.data_ptr();
+    }
+  }
   C10_CUDA_CHECK(ei::mor_forward(dtype, d, args, c10::cuda::getCurrentCUDAStream()));
   return {y, probs, shrink};
 }

@@ -14,9 +14,10 @@
 //                                                       in a fixed order by one launch
 //
 // On a compute capability 9.0 device, 16-bit inputs whose rows TMA can load take the sm_90a
-// kernel (sm90_gemm.h) for forward (3) and backward (4): one launch over all groups, with
-// B_cat as a block-diagonal [O, G*r] matrix so that the extension is one reduction of G*r,
-// and [A_cat; R] stacked into one operand for (4).
+// kernels (sm90_gemm.h): the whole forward in one launch (routed_gemm: (1) and (2) folded
+// into (3)) where the ranks fit it, else forward (3) as one launch over all groups with B_cat
+// as a block-diagonal [O, G*r] matrix; and backward (4) with [A_cat; R] stacked into one
+// operand.
 // Everything else, and every GEMM elsewhere, runs the portable kernels of gemm.cuh.
 //
 // Every kernel is a template over the element type; this file instantiates each for fp16,
@@ -89,6 +90,7 @@ cudaError_t forward_impl(DType dtype, const MorDims& d, const MorForwardArgs& a,
   const T* const x = static_cast<const T*>(a.x);
   T* const z = static_cast<T*>(a.z);
   if (m == 0) return cudaSuccess;
+  if (a.sm90 && sm90_routed_accepts(dtype, d, a)) return sm90_routed_gemm(dtype, d, a, stream);
 
   GemmArgs<T, float> shrink{};
   shrink.m = m, shrink.n = S, shrink.k = K, shrink.k_per_split = K;

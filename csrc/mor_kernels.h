@@ -66,9 +66,10 @@ struct MorForwardArgs {
   void* y;                    // out [N, O]
   float* probs;               // out [N, G*L]
   float* shrink;              // workspace [N, S]: [u | l] in fp32
-  void* z;                    // workspace [N, G*r], row stride rank_ld()
+  void* z;                    // workspace [N, G*r], row stride rank_ld(); null when the
+                              // routed sm_90a forward runs (sm90_routed_accepts)
   bool sm90;                  // the binding enabled the sm_90a GEMM (sm90_gemm_enabled)
-  void* lora_b_ext;           // workspace [O, rank_ld()] for it, else null
+  void* lora_b_ext;           // workspace [O, rank_ld()] for the unrouted one, else null
 };
 
 struct MorBackwardArgs {

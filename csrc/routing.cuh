@@ -11,6 +11,7 @@
 
 #include "mor_kernels.h"
 #include "numeric.cuh"
+#include "routing_math.cuh"
 
 namespace ei {
 
@@ -27,44 +28,24 @@ __global__ void route_forward_kernel(const MorDims d, const float* __restrict__ 
   const float* const row = shrink + t * (gr + d.groups * d.logits);
   const float* const u = row + g * d.rank;
 
+  float p[kMaxBranches + 1];
   float coef[kMaxBranches];
   if constexpr (ROUTER) {
     const float* const l = row + gr + g * d.logits;
-    float p[kMaxBranches + 1];
-    float top = -INFINITY;
 #pragma unroll
     for (int i = 0; i < kMaxBranches + 1; ++i) {
       if (i < d.logits) {
         p[i] = l[i] + (router_bias ? to_float(router_bias[g * d.logits + i]) : 0.0f);
-        top = fmaxf(top, p[i]);
       }
     }
-    float sum = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kMaxBranches + 1; ++i) {
-      if (i < d.logits) {
-        p[i] = expf(p[i] - top);
-        sum += p[i];
-      }
-    }
+    softmax_in_place(d.logits, p);
     float* const out = probs + t * d.groups * d.logits + g * d.logits;
 #pragma unroll
     for (int i = 0; i < kMaxBranches + 1; ++i) {
-      if (i < d.logits) {
-        p[i] /= sum;
-        out[i] = p[i];
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < kMaxBranches; ++k) {
-      if (k < d.branches) coef[k] = p[k + BYPASS] * d.scale[k];  // p_0 (bypass) weighs nothing
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < kMaxBranches; ++k) {
-      if (k < d.branches) coef[k] = d.scale[k];
+      if (i < d.logits) out[i] = p[i];
     }
   }
+  branch_coefficients<ROUTER, BYPASS>(d, p, coef);
 
   T* const zr = z + t * d.rank_ld() + g * d.rank;
 #pragma unroll
@@ -102,16 +83,8 @@ __device__ __forceinline__ void route_backward_row(const MorDims& d, int64_t idx
     for (int i = 0; i < kMaxBranches + 1; ++i) {
       if (i < d.logits) p[i] = pr[i];
     }
-#pragma unroll
-    for (int k = 0; k < kMaxBranches; ++k) {
-      if (k < d.branches) coef[k] = p[k + BYPASS] * d.scale[k];
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < kMaxBranches; ++k) {
-      if (k < d.branches) coef[k] = d.scale[k];
-    }
   }
+  branch_coefficients<ROUTER, BYPASS>(d, p, coef);
 
   T* const zr = z + offset + t * (d.rank_ld() - gr);  // z's rows are padded
   T* const shrink_row = d_shrink + t * d.shrink_ld();

@@ -23,6 +23,7 @@
 #include <cutlass/arch/barrier.h>
 
 #include "device_cache.h"
+#include "routing_math.cuh"
 #include "sm90_gemm.h"
 
 #if defined(CUTE_ARCH_MMA_SM90A_ENABLED) && defined(CUTE_ARCH_TMA_SM90_ENABLED)
@@ -34,14 +35,14 @@ namespace {
 
 using namespace cute;
 
-template <typename Element, bool kBNMajor>
+template <typename Element, bool kBNMajor, int kStageCount = 5>
 struct Sm90Config {
   using T = Element;
   static constexpr int kBM = 128, kBN = 192, kBK = 64;  // kBK: one 128-byte swizzle atom
   using BM = Int<kBM>;
   using BN = Int<kBN>;
   using BK = Int<kBK>;
-  static constexpr int kStages = 5;
+  static constexpr int kStages = kStageCount;
   static constexpr int kConsumerThreads = 256;  // two warp groups
   static constexpr int kThreads = 128 + kConsumerThreads;
   static constexpr GMMA::Major kBMajor = kBNMajor ? GMMA::Major::MN : GMMA::Major::K;
@@ -67,6 +68,53 @@ struct Sm90Config {
   };
 };
 
+// The routed forward (routed_gemm_kernel): the same tiles with one stage fewer, which makes
+// room for the shrink's operands and the routing's tiles (about 195 KiB in all).
+template <typename Element>
+struct RoutedConfig : Sm90Config<Element, false, 4> {
+  using Base = Sm90Config<Element, false, 4>;
+  using T = Element;
+  using typename Base::BM;
+  using typename Base::BN;
+  using typename Base::BK;
+  using typename Base::SmemA;
+  using typename Base::SmemB;
+  static constexpr int kStages = Base::kStages;
+  // Rows of A_cat and R one group reads per K step, and the rank columns of z: the shrink's
+  // MMAs are 64x16 and 64x8, so r <= 16 and L <= 8 (the paper's 2/4/8 ranks: r = 14, L = 4).
+  static constexpr int kRanks = 16, kLogits = 8;
+  using Ranks = Int<kRanks>;
+  using Logits = Int<kLogits>;
+  static constexpr int kStagingLd = kRanks + kLogits + 1;  // +1: rows start in other banks
+
+  using SmemU = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
+                                       Shape<Ranks, BK, Int<kStages>>{}));  // [16, BK, stage]
+  using SmemL = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
+                                       Shape<Logits, BK, Int<kStages>>{}));  // [8, BK, stage]
+  // The extension step's operands, k-major with 16 values (32 bytes) per row.
+  using SmemZ = decltype(tile_to_shape(GMMA::Layout_K_SW32_Atom<T>{}, Shape<BM, Ranks>{}));
+  using SmemLoraB = decltype(tile_to_shape(GMMA::Layout_K_SW32_Atom<T>{}, Shape<BN, Ranks>{}));
+  template <int kN>
+  using NarrowMma = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<T, T, float, Shape<Int<64>, Int<kN>, BK>, GMMA::Major::K,
+                           GMMA::Major::K>(),
+      Layout<Shape<_2, _1, _1>>{}));
+  using MmaU = NarrowMma<kRanks>;
+  using MmaL = NarrowMma<kLogits>;
+
+  struct Shared {
+    alignas(1024) ArrayEngine<T, cosize_v<SmemA>> a;
+    alignas(1024) ArrayEngine<T, cosize_v<SmemB>> b;
+    alignas(1024) ArrayEngine<T, cosize_v<SmemU>> u;
+    alignas(1024) ArrayEngine<T, cosize_v<SmemL>> l;
+    alignas(1024) ArrayEngine<T, cosize_v<SmemZ>> z;
+    alignas(1024) ArrayEngine<T, cosize_v<SmemLoraB>> lora_b;
+    float staging[Base::kBM][kStagingLd];  // [u | l] of the tile's rows in fp32
+    alignas(8) uint64_t full[kStages];
+    alignas(8) uint64_t empty[kStages];
+  };
+};
+
 // [rows, cols] row-major with leading dimension ld, as CuTe's (row, col) tensor.
 template <typename T>
 auto row_major(const void* p, int rows, int cols, int64_t ld) {
@@ -82,6 +130,47 @@ auto b_operand(const void* p, int n, int k, int64_t ld) {
                        make_stride(Int<1>{}, ld));
   } else {
     return row_major<T>(p, n, k, ld);
+  }
+}
+
+// The ring's barriers: `full` counts TMA bytes (one arrival, the producer's), `empty` the
+// consumer threads that finished reading a stage.
+template <class Shared, int kStages>
+__device__ void init_ring(Shared& smem, int consumers) {
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      cutlass::arch::ClusterTransactionBarrier::init(&smem.full[s], 1);
+      cutlass::arch::ClusterBarrier::init(&smem.empty[s], consumers);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+}
+
+// The epilogue: C = acc (+ bias) for the tile's rows below m and columns below n.
+// Accumulator elements 2i and 2i+1 are neighbouring columns of one row: one 4-byte store
+// (ldc and c are 16-byte aligned, so column pairs starting at even columns are 4-byte
+// aligned).
+template <typename T, class Acc, class Coords>
+__device__ void store_tile(const Acc& acc, const Coords& tCcC, int m, int n, const T* bias, T* c,
+                           int64_t ldc) {
+  static_assert(size(Acc{}) % 2 == 0);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); i += 2) {
+    const auto [row, col] = tCcC(i);
+    if (row >= m || col >= n) continue;
+    float v0 = acc(i), v1 = acc(i + 1);
+    if (bias != nullptr) {
+      v0 += float(bias[col]);
+      if (col + 1 < n) v1 += float(bias[col + 1]);
+    }
+    T* out = c + int64_t(row) * ldc + col;
+    if (col + 1 < n) {
+      *reinterpret_cast<uint32_t*>(out) =
+          uint32_t(T(v0).raw()) | uint32_t(T(v1).raw()) << 16;  // little-endian: v0 first
+    } else {
+      *out = T(v0);
+    }
   }
 }
 
@@ -108,14 +197,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // CTAs that run together share a row block of A, read once from memory
   const int k_steps = (k + Cfg::kBK - 1) / Cfg::kBK + (k2 + Cfg::kBK - 1) / Cfg::kBK;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      TxBarrier::init(&smem.full[s], 1);
-      Barrier::init(&smem.empty[s], Cfg::kConsumerThreads);
-    }
-    cutlass::arch::fence_barrier_init();
-  }
-  __syncthreads();
+  init_ring<typename Cfg::Shared, kStages>(smem, Cfg::kConsumerThreads);
 
   if (threadIdx.x < 128) {  // producer warp group: one thread issues every load
     if (threadIdx.x >= 32 || !elect_one_sync()) return;
@@ -175,32 +257,250 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc);
 
-  // Accumulator elements 2i and 2i+1 are neighbouring columns of one row: one 4-byte store
-  // (ldc and c are 16-byte aligned, so column pairs starting at even columns are 4-byte
-  // aligned).
-  static_assert(size(decltype(acc){}) % 2 == 0);
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc); i += 2) {
-    const auto [row, col] = tCcC(i);
-    if (row >= m || col >= n) continue;
-    float v0 = acc(i), v1 = acc(i + 1);
-    if (bias != nullptr) {
-      v0 += float(bias[col]);
-      if (col + 1 < n) v1 += float(bias[col + 1]);
-    }
-    T* out = c + int64_t(row) * ldc + col;
-    if (col + 1 < n) {
-      *reinterpret_cast<uint32_t*>(out) =
-          uint32_t(T(v0).raw()) | uint32_t(T(v1).raw()) << 16;  // little-endian: v0 first
-    } else {
-      *out = T(v0);
-    }
-  }
+  store_tile(acc, tCcC, m, n, bias, c, ldc);
 #else
   (void)tma_a, (void)tma_a2, (void)tma_b, (void)tma_b2, (void)m, (void)n, (void)k, (void)k2;
   (void)bias, (void)c, (void)ldc;
 #if defined(__CUDA_ARCH__)
   __trap();  // only the sm_90a image holds this kernel; the host never launches it elsewhere
+#endif
+#endif
+}
+
+// What the routed forward reads and writes besides its TMA operands.
+template <typename T>
+struct RoutedPointers {
+  const T* bias;         // [O] or null
+  const T* lora_b;       // [O, r], read by plain loads (its rows are 2 r bytes: no TMA)
+  const T* router_bias;  // [G*L] or null
+  T* y;                  // [N, O]
+  float* probs;          // [N, G*L]
+  float* shrink;         // [N, S]: [u | l], kept for the backward
+};
+
+// One (row, group) of the routed forward: p and the coefficients from the fp32 [u | l] row of
+// the staging tile, z's row into the extension operand (zeros past r), and, from the group's
+// first column tile only, p and [u | l] to memory. Rows past the last token hold zeros (TMA
+// filled x with them) and are not stored.
+template <class Cfg, bool ROUTER, bool BYPASS, class SZ>
+__device__ void route_row(const MorDims& d, int group, int row, int64_t token, bool keeps,
+                          const RoutedPointers<typename Cfg::T>& ptr, const float* staged,
+                          SZ& sZ) {
+  using T = typename Cfg::T;
+  const int logits = ROUTER ? d.logits : 0;
+  float p[kMaxBranches + 1];
+  float coef[kMaxBranches];
+#pragma unroll
+  for (int i = 0; i < Cfg::kLogits; ++i) {
+    if (i < logits) {
+      p[i] = staged[Cfg::kRanks + i] +
+             (ptr.router_bias ? float(ptr.router_bias[group * logits + i]) : 0.0f);
+    }
+  }
+  if constexpr (ROUTER) softmax_in_place(logits, p);
+  branch_coefficients<ROUTER, BYPASS>(d, p, coef);
+  if (keeps && token < d.tokens) {
+    const int gr = d.groups * d.rank;
+    float* const kept = ptr.shrink + token * d.shrink_width();
+    for (int j = 0; j < d.rank; ++j) kept[group * d.rank + j] = staged[j];
+    float* const probs = ptr.probs + token * d.groups * logits + group * logits;
+#pragma unroll
+    for (int i = 0; i < Cfg::kLogits; ++i) {
+      if (i < logits) {
+        kept[gr + group * logits + i] = staged[Cfg::kRanks + i];
+        probs[i] = p[i];
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kMaxBranches; ++k) {
+    if (k < d.branches) {
+      for (int j = d.start[k]; j < d.start[k + 1]; ++j) sZ(row, j) = T(coef[k] * staged[j]);
+    }
+  }
+  for (int j = d.rank; j < Cfg::kRanks; ++j) sZ(row, j) = T(0.0f);
+}
+
+// The forward with the shrink and the routing folded in (sm90_gemm.h). Each K step also
+// brings the group's 16 rows of A_cat and 8 rows of R into the ring, and the consumers run
+// u = x A_cat^T and l = x R^T (64x16 and 64x8 MMAs) beside the main 64x192 one: 12.5 % more
+// MMA work and no second read of x. After the main loop each consumer thread routes one row
+// in fp32 and writes z into shared memory, and z B^T becomes the last K step. A tile's
+// columns lie in one group (the host checks O / G % 192 == 0 when G > 1).
+template <class Cfg, class TmaA, class TmaB, class TmaU, class TmaL>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    routed_gemm_kernel(CUTE_GRID_CONSTANT const TmaA tma_x, CUTE_GRID_CONSTANT const TmaB tma_w,
+                       CUTE_GRID_CONSTANT const TmaU tma_lora_a,
+                       CUTE_GRID_CONSTANT const TmaL tma_router, const MorDims d,
+                       const RoutedPointers<typename Cfg::T> ptr) {
+#if defined(EI_SM90_DEVICE_CODE)
+  using T = typename Cfg::T;
+  using Barrier = cutlass::arch::ClusterBarrier;
+  using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
+  constexpr int kStages = Cfg::kStages;
+  const int m = int(d.tokens), n = d.out_features, k = d.in_features;
+  const int n0 = int(blockIdx.x) * Cfg::kBN, group = n0 / (n / d.groups);
+  constexpr uint32_t kStageBytes =
+      uint32_t((Cfg::kBM + Cfg::kBN + Cfg::kRanks + Cfg::kLogits) * Cfg::kBK * sizeof(T));
+  extern __shared__ __align__(1024) char shared_bytes[];
+  auto& smem = *reinterpret_cast<typename Cfg::Shared*>(shared_bytes);
+  Tensor sA = make_tensor(make_smem_ptr(smem.a.begin()), typename Cfg::SmemA{});  // [BM,BK,P]
+  Tensor sB = make_tensor(make_smem_ptr(smem.b.begin()), typename Cfg::SmemB{});  // [BN,BK,P]
+  Tensor sU = make_tensor(make_smem_ptr(smem.u.begin()), typename Cfg::SmemU{});  // [16,BK,P]
+  Tensor sL = make_tensor(make_smem_ptr(smem.l.begin()), typename Cfg::SmemL{});  // [8,BK,P]
+  Tensor sZ = make_tensor(make_smem_ptr(smem.z.begin()), typename Cfg::SmemZ{});  // [BM, 16]
+  Tensor sLoraB = make_tensor(make_smem_ptr(smem.lora_b.begin()),
+                              typename Cfg::SmemLoraB{});  // [BN, 16]
+
+  const auto tiler = Shape<typename Cfg::BM, typename Cfg::BN, typename Cfg::BK>{};
+  const auto tile = make_coord(int(blockIdx.y), int(blockIdx.x), _);
+  init_ring<typename Cfg::Shared, kStages>(smem, Cfg::kConsumerThreads);
+
+  if (threadIdx.x < 128) {  // producer warp group: one thread issues every load
+    if (threadIdx.x >= 32 || !elect_one_sync()) return;
+    prefetch_tma_descriptor(tma_x.get_tma_descriptor());
+    prefetch_tma_descriptor(tma_w.get_tma_descriptor());
+    prefetch_tma_descriptor(tma_lora_a.get_tma_descriptor());
+    prefetch_tma_descriptor(tma_router.get_tma_descriptor());
+    Tensor gX = local_tile(tma_x.get_tma_tensor(make_shape(m, k)), tiler, tile,
+                           Step<_1, X, _1>{});  // [BM, BK, k steps]
+    Tensor gW = local_tile(tma_w.get_tma_tensor(make_shape(n, k)), tiler, tile,
+                           Step<X, _1, _1>{});  // [BN, BK, k steps]
+    // The group's rows: from row g r of A_cat and g L of R (TMA fills past the end with zeros)
+    Tensor gU = local_tile(
+        domain_offset(make_coord(group * d.rank, 0),
+                      tma_lora_a.get_tma_tensor(make_shape(d.groups * d.rank, k))),
+        Shape<typename Cfg::Ranks, typename Cfg::BK>{}, make_coord(0, _));  // [16, BK, steps]
+    // Without a router this descriptor reads lora_a's first rows, and the logits it yields
+    // are never used: the l MMA then runs on defined values with no branch in the main loop
+    // (a branch around a wgmma makes ptxas close the batch and wait for it every step).
+    const int router_rows = d.router ? d.groups * d.logits : d.groups * d.rank;
+    Tensor gL = local_tile(
+        domain_offset(make_coord(d.router ? group * d.logits : 0, 0),
+                      tma_router.get_tma_tensor(make_shape(router_rows, k))),
+        Shape<typename Cfg::Logits, typename Cfg::BK>{}, make_coord(0, _));  // [8, BK, steps]
+    auto [tXg, tXs] = tma_partition(tma_x, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA),
+                                    group_modes<0, 2>(gX));
+    auto [tWg, tWs] = tma_partition(tma_w, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB),
+                                    group_modes<0, 2>(gW));
+    auto [tUg, tUs] = tma_partition(tma_lora_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sU),
+                                    group_modes<0, 2>(gU));
+    auto [tLg, tLs] = tma_partition(tma_router, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sL),
+                                    group_modes<0, 2>(gL));
+    const int steps = (k + Cfg::kBK - 1) / Cfg::kBK;
+    int stage = 0, phase = 0;
+    for (int kt = 0; kt < steps; ++kt) {
+      Barrier::wait(&smem.empty[stage], phase ^ 1);
+      TxBarrier::arrive_and_expect_tx(&smem.full[stage], kStageBytes);
+      copy(tma_x.with(smem.full[stage]), tXg(_, kt), tXs(_, stage));
+      copy(tma_w.with(smem.full[stage]), tWg(_, kt), tWs(_, stage));
+      copy(tma_lora_a.with(smem.full[stage]), tUg(_, kt), tUs(_, stage));
+      copy(tma_router.with(smem.full[stage]), tLg(_, kt), tLs(_, stage));
+      if (++stage == kStages) stage = 0, phase ^= 1;
+    }
+    return;
+  }
+
+  // Consumer warp groups. First the tile's rows of lora_b, zero-padded to 16 columns; the
+  // loads overlap the producer's first TMA transfers.
+  const int thread = int(threadIdx.x) - 128;
+  for (int idx = thread; idx < Cfg::kBN * Cfg::kRanks; idx += Cfg::kConsumerThreads) {
+    const int row = idx / Cfg::kRanks, j = idx % Cfg::kRanks, o = n0 + row;
+    sLoraB(row, j) = o < n && j < d.rank ? ptr.lora_b[int64_t(o) * d.rank + j] : T(0.0f);
+  }
+
+  typename Cfg::Mma mma;
+  typename Cfg::MmaU mma_u;
+  typename Cfg::MmaL mma_l;
+  auto thr_mma = mma.get_thread_slice(thread);
+  auto thr_u = mma_u.get_thread_slice(thread);
+  auto thr_l = mma_l.get_thread_slice(thread);
+  Tensor tCrA = thr_mma.make_fragment_A(thr_mma.partition_A(sA));  // smem descriptors
+  Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(sB));
+  Tensor tUrA = thr_u.make_fragment_A(thr_u.partition_A(sA));
+  Tensor tUrB = thr_u.make_fragment_B(thr_u.partition_B(sU));
+  Tensor tLrA = thr_l.make_fragment_A(thr_l.partition_A(sA));
+  Tensor tLrB = thr_l.make_fragment_B(thr_l.partition_B(sL));
+  Tensor gC = local_tile(make_identity_tensor(make_shape(m, n)), tiler, tile,
+                         Step<_1, _1, X>{});  // [BM, BN] of (row, col)
+  Tensor tCcC = thr_mma.partition_C(gC);
+  Tensor acc = thr_mma.partition_fragment_C(gC);  // fp32 accumulators
+  const auto tile_u = make_identity_tensor(Shape<typename Cfg::BM, typename Cfg::Ranks>{});
+  const auto tile_l = make_identity_tensor(Shape<typename Cfg::BM, typename Cfg::Logits>{});
+  Tensor acc_u = thr_u.partition_fragment_C(tile_u);  // [u] of the tile's rows
+  Tensor acc_l = thr_l.partition_fragment_C(tile_l);  // [l]
+  clear(acc);
+  clear(acc_u);
+  clear(acc_l);
+
+  const int k_steps = (k + Cfg::kBK - 1) / Cfg::kBK;
+  int stage = 0, phase = 0, reading = -1;
+  for (int step = 0; step < k_steps; ++step) {
+    TxBarrier::wait(&smem.full[stage], phase);
+    warpgroup_fence_operand(acc);
+    warpgroup_fence_operand(acc_u);
+    warpgroup_fence_operand(acc_l);
+    warpgroup_arrive();
+    gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
+    gemm(mma_u, tUrA(_, _, _, stage), tUrB(_, _, _, stage), acc_u);
+    gemm(mma_l, tLrA(_, _, _, stage), tLrB(_, _, _, stage), acc_l);
+    warpgroup_commit_batch();
+    warpgroup_wait<1>();
+    warpgroup_fence_operand(acc);
+    warpgroup_fence_operand(acc_u);
+    warpgroup_fence_operand(acc_l);
+    if (reading >= 0) Barrier::arrive(&smem.empty[reading]);
+    reading = stage;
+    if (++stage == kStages) stage = 0, phase ^= 1;
+  }
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc);
+  warpgroup_fence_operand(acc_u);
+  warpgroup_fence_operand(acc_l);
+
+  // [u | l] to the staging tile, then one thread per row routes it.
+  const Tensor tUc = thr_u.partition_C(tile_u);
+  const Tensor tLc = thr_l.partition_C(tile_l);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_u); ++i) {
+    const auto [row, col] = tUc(i);
+    smem.staging[row][col] = acc_u(i);
+  }
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_l); ++i) {
+    const auto [row, col] = tLc(i);
+    smem.staging[row][Cfg::kRanks + col] = acc_l(i);
+  }
+  cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);  // id 0: __syncthreads
+  if (thread < Cfg::kBM) {
+    const int64_t token = int64_t(blockIdx.y) * Cfg::kBM + thread;
+    const bool keeps = n0 % (n / d.groups) == 0;  // the group's first column tile
+    const float* const staged = smem.staging[thread];
+    if (!d.router) {
+      route_row<Cfg, false, false>(d, group, thread, token, keeps, ptr, staged, sZ);
+    } else if (d.bypass) {
+      route_row<Cfg, true, true>(d, group, thread, token, keeps, ptr, staged, sZ);
+    } else {
+      route_row<Cfg, true, false>(d, group, thread, token, keeps, ptr, staged, sZ);
+    }
+  }
+  cutlass::arch::fence_view_async_shared();  // z and lora_b: written by threads, read by wgmma
+  cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
+
+  // The extension: acc += z B^T, one 64x192x16 MMA per warp group.
+  Tensor tZrA = thr_mma.make_fragment_A(thr_mma.partition_A(sZ));
+  Tensor tZrB = thr_mma.make_fragment_B(thr_mma.partition_B(sLoraB));
+  warpgroup_fence_operand(acc);
+  warpgroup_arrive();
+  gemm(mma, tZrA, tZrB, acc);
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc);
+  store_tile(acc, tCcC, m, n, ptr.bias, ptr.y, int64_t(n));
+#else
+  (void)tma_x, (void)tma_w, (void)tma_lora_a, (void)tma_router, (void)d, (void)ptr;
+#if defined(__CUDA_ARCH__)
+  __trap();
 #endif
 #endif
 }
@@ -257,6 +557,41 @@ cudaError_t launch_majors(const ExtGemmArgs& g, cudaStream_t stream) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+template <typename T>
+cudaError_t launch_routed(const MorDims& d, const MorForwardArgs& a, cudaStream_t stream) {
+  using Cfg = RoutedConfig<T>;
+  const int m = int(d.tokens), n = d.out_features, k = d.in_features;
+  const auto tma_x = make_tma_atom(SM90_TMA_LOAD{}, row_major<T>(a.x, m, k, k),
+                                   typename Cfg::SmemA{}(_, _, Int<0>{}),
+                                   make_shape(typename Cfg::BM{}, typename Cfg::BK{}));
+  const auto tma_w = make_tma_atom(SM90_TMA_LOAD{}, row_major<T>(a.weight, n, k, k),
+                                   typename Cfg::SmemB{}(_, _, Int<0>{}),
+                                   make_shape(typename Cfg::BN{}, typename Cfg::BK{}));
+  const auto tma_lora_a = make_tma_atom(
+      SM90_TMA_LOAD{}, row_major<T>(a.lora_a, d.groups * d.rank, k, k),
+      typename Cfg::SmemU{}(_, _, Int<0>{}), make_shape(typename Cfg::Ranks{}, typename Cfg::BK{}));
+  // Without a router its descriptor reads lora_a (the kernel ignores those logits).
+  const auto tma_router = make_tma_atom(
+      SM90_TMA_LOAD{},
+      d.router ? row_major<T>(a.router_weight, d.groups * d.logits, k, k)
+               : row_major<T>(a.lora_a, d.groups * d.rank, k, k),
+      typename Cfg::SmemL{}(_, _, Int<0>{}),
+      make_shape(typename Cfg::Logits{}, typename Cfg::BK{}));
+  const RoutedPointers<T> ptr{static_cast<const T*>(a.bias), static_cast<const T*>(a.lora_b),
+                              static_cast<const T*>(a.router_bias), static_cast<T*>(a.y),
+                              a.probs, a.shrink};
+  auto* kernel = &routed_gemm_kernel<Cfg, decltype(tma_x), decltype(tma_w),
+                                     decltype(tma_lora_a), decltype(tma_router)>;
+  constexpr int kSmem = int(sizeof(typename Cfg::Shared));
+  const cudaError_t err = allow_shared_memory(kernel, kSmem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned((n + Cfg::kBN - 1) / Cfg::kBN),
+                  unsigned((int64_t(m) + Cfg::kBM - 1) / Cfg::kBM));
+  kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(tma_x, tma_w, tma_lora_a, tma_router, d, ptr);
+  return cudaGetLastError();
+}
+
+
 }  // namespace
 
 bool sm90_gemm_built() {
@@ -289,6 +624,32 @@ cudaError_t sm90_ext_gemm(DType dtype, const ExtGemmArgs& g, cudaStream_t stream
       return launch_majors<cutlass::half_t>(g, stream);
     case DType::kBFloat16:
       return launch_majors<cutlass::bfloat16_t>(g, stream);
+    case DType::kFloat:
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+bool sm90_routed_accepts(DType dtype, const MorDims& d, const MorForwardArgs& a) {
+  using Cfg = RoutedConfig<cutlass::half_t>;  // the same sizes for both dtypes
+  if (!sm90_gemm_built() || dtype == DType::kFloat) return false;
+  if (d.tokens <= 0 || d.tokens > INT32_MAX || d.out_features <= 0) return false;
+  if (d.rank > Cfg::kRanks || (d.router && d.logits > Cfg::kLogits)) return false;
+  if (d.groups > 1 && (d.out_features / d.groups) % Cfg::kBN != 0) return false;
+  // TMA: 16-byte aligned bases and rows (K and O multiples of 8 elements)
+  const bool aligned = aligned16(a.x) && aligned16(a.weight) && aligned16(a.lora_a) &&
+                       aligned16(a.y) && (!d.router || aligned16(a.router_weight));
+  return aligned && d.in_features % 8 == 0 && d.out_features % 8 == 0 &&
+         (d.tokens + Cfg::kBM - 1) / Cfg::kBM <= 65535;
+}
+
+cudaError_t sm90_routed_gemm(DType dtype, const MorDims& dims, const MorForwardArgs& args,
+                             cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kHalf:
+      return launch_routed<cutlass::half_t>(dims, args, stream);
+    case DType::kBFloat16:
+      return launch_routed<cutlass::bfloat16_t>(dims, args, stream);
     case DType::kFloat:
       break;
   }

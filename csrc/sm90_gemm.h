@@ -41,4 +41,16 @@ bool sm90_gemm_accepts(DType dtype, const ExtGemmArgs& args);
 // Launches the kernel; call only on a compute capability 9.0 device after sm90_gemm_accepts.
 cudaError_t sm90_ext_gemm(DType dtype, const ExtGemmArgs& args, cudaStream_t stream);
 
+// The whole forward of mor_kernels.h in one launch, with the shrink and the routing folded
+// into the GEMM above: y = [x | z][W | B_cat]^T + b, where every CTA also computes
+// [u | l] = x [A_cat; R]^T for its group from the x tiles it already holds, routes in fp32,
+// and multiplies z by B as the last K step. p and [u | l] (what the backward keeps) are
+// written once per group; z and B_cat's block-diagonal copy are never written to memory.
+// Accepts r <= 16, L <= 8, O / G a multiple of the 192-column tile when G > 1, and the TMA
+// alignment of x, W, A_cat and R (K and O multiples of 8); otherwise the caller runs the shrink,
+// the routing and sm90_ext_gemm as separate launches.
+bool sm90_routed_accepts(DType dtype, const MorDims& dims, const MorForwardArgs& args);
+cudaError_t sm90_routed_gemm(DType dtype, const MorDims& dims, const MorForwardArgs& args,
+                             cudaStream_t stream);
+
 }  // namespace ei

@@ -128,9 +128,11 @@ class TestCompiledExtension:
     def test_sass_gemms_copy_asynchronously_into_tensor_cores_and_nothing_spills(self):
         """From the built SASS: on every sm_80+ target each 16-bit portable GEMM instantiation
         loads its tiles with asynchronous copies (LDGSTS) and multiplies on tensor cores (HMMA);
-        in the sm_90a image every instantiation of the Hopper GEMM loads by TMA (UTMALDG) and
-        multiplies with warp-group MMA (HGMMA), present whenever the build found CUTLASS and a
-        90a target; and no kernel of any target has a stack frame (ptxas spilled nothing)."""
+        in the sm_90a image every instantiation of the Hopper GEMMs loads by TMA (UTMALDG) and
+        multiplies with warp-group MMA (HGMMA) with one batch in flight, the routed forward
+        with the shrink's 64x16 and 64x8 MMAs beside the 64x192 one, present whenever the build
+        found CUTLASS and a 90a target; and no kernel of any target has a stack frame (ptxas
+        spilled nothing)."""
         import re
         import subprocess
 
@@ -150,9 +152,13 @@ class TestCompiledExtension:
                 continue
             for name, code in re.findall(r"Function : (\S+)\n(.*?)(?=Function : |\Z)", body,
                                          re.S):
-                if "ext_gemm_kernel" in name:  # the Hopper GEMM: a stub in other images
-                    if arch == "sm_90a":
+                if "ext_gemm_kernel" in name or "routed_gemm_kernel" in name:
+                    if arch == "sm_90a":  # the Hopper GEMMs: stubs in the other images
                         assert "UTMALDG" in code and "HGMMA" in code, (arch, name)
+                        # the main loop keeps one batch of MMAs in flight
+                        assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in code, (arch, name)
+                        if "routed_gemm_kernel" in name:  # the shrink's MMAs beside the main
+                            assert all(f"HGMMA.64x{n}x16.F32" in code for n in (192, 16, 8))
                         hopper += 1
                 elif "gemm_kernel" in name and ("__half" in name or "bfloat16" in name):
                     assert "LDGSTS" in code and "HMMA" in code, (arch, name)
@@ -160,8 +166,9 @@ class TestCompiledExtension:
         assert checked, "no 16-bit GEMM found for an sm_80+ target"
         expected = _build_module().sm90_gemm_skipped() is None
         assert INFO["sm90_gemm"] == expected, _build_module().sm90_gemm_skipped()
-        # fp16 and bf16, each with B k-major (forward) and n-major (input gradient)
-        assert hopper == (4 if expected else 0)
+        # fp16 and bf16, each with B k-major (forward) and n-major (input gradient), and the
+        # routed forward
+        assert hopper == (6 if expected else 0)
 
     def test_schemas(self):
         assert str(torch.ops.ei_kernels_cuda.mor_fwd.default._schema) == FWD_SCHEMA
