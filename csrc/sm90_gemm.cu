@@ -1,5 +1,6 @@
-// The Hopper GEMM with a K-extension (interface and semantics: sm90_gemm.h), written with CuTe
-// (CUTLASS 3 headers, from PyPI's nvidia-cutlass; none of CUTLASS's kernels are used).
+// The Hopper GEMM with a K-extension and the routed forward built on it (interface and
+// semantics: sm90_gemm.h), written with CuTe (CUTLASS 3 headers, from PyPI's nvidia-cutlass;
+// none of CUTLASS's kernels are used).
 //
 // One CTA per 128 x 192 output tile, three warp groups (warp specialised):
 //   producer  one elected thread of warp 0 issues the TMA loads of every K step into a

@@ -55,21 +55,22 @@ class Cost:
 
     @staticmethod
     def kernel(flops: float, bytes_: float, programs: int = 0, efficiency: float = 1.0,
-               rate: float = 1.0) -> "Cost":
+               rate: float = 1.0, serial_us: float = 0.0) -> "Cost":
         """rate: the share of the MMA peak this kernel's instructions reach (1: wgmma at the
-        measured GEMM ceiling; the CUDA backend's mma.sync and wgmma kernels less)."""
-        return Cost(((flops, bytes_, efficiency, rate),), programs)
+        measured GEMM ceiling; the CUDA backend's mma.sync and wgmma kernels less).
+        serial_us: time on top in which its tensor cores wait (a step between MMA phases)."""
+        return Cost(((flops, bytes_, efficiency, rate, serial_us),), programs)
 
     def __add__(self, other: "Cost") -> "Cost":
         return Cost(self.kernels + other.kernels, self.programs or other.programs)
 
     @property
     def flops(self) -> float:
-        return sum(f for f, _, _, _ in self.kernels)
+        return sum(kernel[0] for kernel in self.kernels)
 
     @property
     def bytes(self) -> float:
-        return sum(b for _, b, _, _ in self.kernels)
+        return sum(kernel[1] for kernel in self.kernels)
 
     @property
     def launches(self) -> int:
@@ -80,8 +81,9 @@ class Cost:
         return self.kernels[0][2]
 
     def us(self, peak: float, bandwidth: float, launch_us: float) -> float:
-        busy = sum(max(f / (peak * rate), b / bandwidth) / e for f, b, e, rate in self.kernels)
-        return busy * 1e6 + self.launches * launch_us
+        busy = sum(max(f / (peak * rate), b / bandwidth) / e * 1e6 + serial
+                   for f, b, e, rate, serial in self.kernels)
+        return busy + self.launches * launch_us
 
 
 def linear_fwd(n, k, o) -> Cost:
@@ -169,6 +171,11 @@ WGMMA_FRACTION = 0.8
 TALL_N = 32  # TallTile / WideTile width: the thin products are padded to it
 BK_CUDA = 32  # portable tile depth in 16-bit types: its K-extension is padded to it
 SM90_TILE = (128, 192, 64)  # the sm_90a GEMM's tile (M, N, K): the extension pads to 64
+# The routed forward's step between its main loop and the extension MMA, per tile: [u | l] to
+# shared memory, two barriers, one thread routing each row (about 40 shared-memory accesses
+# and L exps), the 16-deep MMA and its wait: ~500 cycles at 1.75 GHz (an assumption).
+ROUTE_STEP_US = 0.3
+ROUTED_RANKS, ROUTED_LOGITS = 16, 8  # its shrink MMAs' widths: A_cat's and R's rows per group
 
 
 def _pad(n: int, to: int) -> int:
@@ -191,8 +198,28 @@ def sm90_gemm(n, cols, k, k2, a2_ld, b2_rows, b2_ld) -> Cost:
     return Cost.kernel(flops, bytes_, tiles, efficiency, WGMMA_FRACTION)
 
 
+def sm90_routed(n, k, o, g) -> Cost:
+    """The routed forward (routed_gemm_kernel): sm90_gemm's tiles, each also multiplying its x
+    tiles by its group's 16 + 8 rows of [A_cat; R] (again in every column tile), then routing
+    (ROUTE_STEP_US per wave, tensor cores idle) and one 16-deep extension step; x, W, A_cat,
+    R and B read once, y, p and [u | l] written once."""
+    bm, bn, _ = SM90_TILE
+    col_tiles = math.ceil(o / bn)
+    tiles = math.ceil(n / bm) * col_tiles
+    waves = math.ceil(tiles / SMS)
+    efficiency = tiles / (waves * SMS)
+    flops = (2 * n * o * (k + ROUTED_RANKS)
+             + 2 * n * col_tiles * (ROUTED_RANKS + ROUTED_LOGITS) * k)
+    bytes_ = (ELEM * (n * k + o * k + g * (R + L) * k + o * R + n * o)
+              + F32 * (n * g * (R + L) + n * g * L))
+    return Cost.kernel(flops, bytes_, tiles, efficiency, WGMMA_FRACTION,
+                       serial_us=waves * ROUTE_STEP_US)
+
+
 def cuda_fwd(n, k, o, g, hopper=True) -> Cost:
     s, gr = g * (R + L), g * R
+    if hopper and R <= ROUTED_RANKS and L <= ROUTED_LOGITS and (g == 1 or o // g % 192 == 0):
+        return sm90_routed(n, k, o, g)  # as csrc/sm90_gemm.cu's sm90_routed_accepts
     shrink = Cost.kernel(2 * n * k * _pad(s, TALL_N), ELEM * (n * k + s * k) + F32 * n * s,
                          rate=MMA_SYNC_FRACTION)
     route = Cost.kernel(0, F32 * n * s + F32 * n * g * L + ELEM * n * gr)

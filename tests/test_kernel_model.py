@@ -38,13 +38,15 @@ def test_launch_counts_and_tables():
     n, k, o = 12608, 768, 768
     assert kernel_model.triton_fwd(n, k, o, 1).launches == 1  # lora_b is read in place
     assert kernel_model.triton_bwd(n, k, o, 1).launches == 2  # the kernel and the slot sum
-    # As csrc/mor_kernels.cu launches: the portable path, and on Hopper B_cat's block-diagonal
-    # copy before the forward GEMM and [A_cat; R] stacked before dx. One group keeps the
-    # forward's [u | l]: no u GEMM in the backward; qkv recomputes it. Backward: (u,) g,
-    # routing, (stack,) dx, the two split-K products, one sum.
+    # As csrc/mor_kernels.cu launches: the portable path (shrink, routing, GEMM), and on
+    # Hopper the routed forward alone (every ViT-B shape: r = 14 <= 16, L = 4 <= 8, qkv's
+    # 768 columns per group a whole number of 192-column tiles) and [A_cat; R] stacked before
+    # dx. One group keeps the forward's [u | l]: no u GEMM in the backward; qkv recomputes
+    # it. Backward: (u,) g, routing, (stack,) dx, the two split-K products, one sum.
     assert kernel_model.cuda_fwd(n, k, o, 1, hopper=False).launches == 3
     assert kernel_model.cuda_bwd(n, k, o, 1, hopper=False).launches == 6
-    assert kernel_model.cuda_fwd(n, k, o, 1).launches == 4
+    assert all(kernel_model.cuda_fwd(n, k_, o_, g).launches == 1
+               for k_, o_, g in kernel_model.SHAPES)
     assert kernel_model.cuda_bwd(n, k, o, 1).launches == 7
     assert kernel_model.cuda_bwd(n, k, 3 * o, 3).launches == 8
     rows = kernel_model.table(n, 790e12, 4.3e12, 3.0).splitlines()
@@ -62,6 +64,18 @@ def test_the_hopper_gemm_tiles_fill_whole_waves_at_vit_b_widths():
         assert gemm.flops == 2 * 12608 * cols * (768 + 64)
     assert kernel_model.sm90_gemm(1576, 768, 768, 14, 16, 768, 16).efficiency == pytest.approx(
         13 * 4 / 132)
+
+
+def test_the_routed_forward_reads_x_once_and_adds_the_shrink_per_column_tile():
+    """Its MMA work: the main product, the 16-deep extension, and the 16 + 8 shrink columns
+    again in each of the 4 column tiles at O = 768; its traffic: each operand once."""
+    n, k, o = 12608, 768, 768
+    routed = kernel_model.sm90_routed(n, k, o, 1)
+    assert routed.flops == 2 * n * o * (k + 16) + 2 * n * 4 * (16 + 8) * k
+    assert routed.bytes == (2 * (n * k + o * k + 18 * k + o * 14 + n * o)
+                            + 4 * (n * 18 + n * 4))
+    assert routed.efficiency == 1.0  # 396 tiles: 3 waves
+    assert routed.kernels[0][4] == pytest.approx(3 * kernel_model.ROUTE_STEP_US)
 
 
 def test_paired_slots_are_those_one_sweep_after_an_even_sweep():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ei_kernels
-from ei_kernels import mor_linear
+from ei_kernels import mor_linear, mor_linear_with_routing
 from ei_kernels.ops import torch_mor
 from gpu_common import (DTYPES, RANKS, SCALINGS, check, check_against_torch_and_fp64,
                         check_compile_fullgraph, check_cuda_graph_replay, make_inputs, make_layer,
@@ -66,6 +66,16 @@ def _hopper_gemm_expected() -> bool:
         torch.cuda.get_device_capability() == (9, 0))
 
 
+def _launches(prof, kernel: str) -> int:
+    """Launches of an sm_90a kernel ("routed_gemm_kernel", "ext_gemm_kernel") or, for
+    "portable", of the portable GEMM."""
+    names = [e.name for e in prof.events()]
+    if kernel == "portable":
+        return sum("gemm_kernel" in name and "ext_gemm_kernel" not in name
+                   and "routed_gemm_kernel" not in name for name in names)
+    return sum(kernel in name for name in names)
+
+
 @pytest.mark.parametrize("switch", ["1", "0"], ids=["sm90-on", "sm90-off"])
 @pytest.mark.parametrize("n, k, o, cfg, dtype", [
     pytest.param(1576, 768, 2304, {"groups": 3}, "bf16", id="qkv-groups3-bf16"),
@@ -79,21 +89,52 @@ def test_both_gemm_paths_match_torch_and_fp64(monkeypatch, switch, n, k, o, cfg,
 
 @pytest.mark.parametrize("switch", ["1", "0"], ids=["sm90-on", "sm90-off"])
 def test_the_hopper_gemm_runs_exactly_where_it_should(monkeypatch, switch):
-    """Kernel names from the profiler: the sm_90a GEMM runs the forward and dx on an
-    H100/H200 build that holds it, unless switched off; nowhere else."""
+    """Kernel names from the profiler: on an H100/H200 build that holds them, unless switched
+    off, the routed sm_90a kernel is the whole forward and the sm_90a GEMM runs dx; nowhere
+    else."""
     monkeypatch.setenv("EI_KERNELS_CUDA_SM90", switch)
     layer = make_layer("cuda")
     x = torch.randn(256, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        layer(x).float().square().sum().backward()
+        y = layer(x)
         torch.cuda.synchronize()
-    launches = sum("ext_gemm_kernel" in e.name for e in prof.events())
-    assert launches == (2 if switch == "1" and _hopper_gemm_expected() else 0)
+    on = switch == "1" and _hopper_gemm_expected()
+    assert _launches(prof, "routed_gemm_kernel") == (1 if on else 0)
+    if on:  # nothing else runs in the forward
+        assert len({e.name for e in prof.events() if e.device_type.name == "CUDA"}) == 1
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        y.float().square().sum().backward()
+        torch.cuda.synchronize()
+    assert _launches(prof, "ext_gemm_kernel") == (1 if on else 0)
+    assert _launches(prof, "routed_gemm_kernel") == 0
+
+
+@pytest.mark.parametrize("k, o, groups, routed", [
+    pytest.param(768, 2304, 3, True, id="qkv-768-per-group"),
+    pytest.param(104, 40, 1, True, id="K104-O40"),
+    pytest.param(104, 48, 3, False, id="K104-O48-groups3-16-per-group"),
+])
+def test_the_forward_routes_inside_the_gemm_where_a_tile_holds_one_group(monkeypatch, k, o,
+                                                                          groups, routed):
+    """The routed forward needs every 192-column tile inside one group; else the shrink, the
+    routing and the sm_90a GEMM run one after the other. Both stay right."""
+    if not _hopper_gemm_expected():
+        pytest.skip("needs the sm_90a kernels on a compute capability 9.0 GPU")
+    monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
+    inputs, dy = make_inputs(333, k, o, {"groups": groups}, torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        mor_linear_with_routing(*inputs.values(), ranks=RANKS, scalings=SCALINGS, bypass=True,
+                                groups=groups, backend="cuda")
+        torch.cuda.synchronize()
+    assert _launches(prof, "routed_gemm_kernel") == int(routed)
+    assert _launches(prof, "ext_gemm_kernel") == int(not routed)
+    check_against_torch_and_fp64("cuda", 333, k, o, {"groups": groups}, torch.bfloat16, ulps=4)
 
 
 def test_an_x_that_tma_cannot_load_takes_the_portable_forward_and_stays_right(monkeypatch):
-    """x contiguous but 2 bytes past a 16-byte boundary: the forward falls back (dx, in fresh
-    buffers, still takes the sm_90a GEMM), and the results stay right."""
+    """x contiguous but 2 bytes past a 16-byte boundary: the forward falls back to the
+    portable kernels (dx, in fresh buffers, still takes the sm_90a GEMM), and the results stay
+    right."""
     monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
     inputs, dy = make_inputs(333, 104, 40, {}, torch.bfloat16)
     x = inputs["x"]
@@ -103,8 +144,8 @@ def test_an_x_that_tma_cannot_load_takes_the_portable_forward_and_stays_right(mo
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         y, _, grads = run("cuda", {**inputs, "x": shifted}, dy, {})
         torch.cuda.synchronize()
-    launches = sum("ext_gemm_kernel" in e.name for e in prof.events())
-    assert launches == (1 if _hopper_gemm_expected() else 0)
+    assert _launches(prof, "routed_gemm_kernel") == 0
+    assert _launches(prof, "ext_gemm_kernel") == (1 if _hopper_gemm_expected() else 0)
     y_t, _, grads_t = run("torch", inputs, dy, {})
     y_x, _, grads_x = run("torch", inputs, dy, {}, dtype=torch.float64)
     check("y", y, y_t, y_x, ulps=4)
@@ -128,8 +169,7 @@ def _portable_gemm_launches(keep: bool, monkeypatch) -> int:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run("cuda", inputs, dy, {})
         torch.cuda.synchronize()
-    return sum("gemm_kernel" in e.name and "ext_gemm_kernel" not in e.name
-               for e in prof.events())
+    return _launches(prof, "portable")
 
 
 def test_a_kept_u_saves_the_backward_its_u_gemm(monkeypatch):
