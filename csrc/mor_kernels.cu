@@ -16,7 +16,8 @@
 // On a compute capability 9.0 device, 16-bit inputs whose rows TMA can load take the sm_90a
 // kernels (sm90_gemm.h): the whole forward in one launch (routed_gemm: (1) and (2) folded
 // into (3)) where the ranks fit it, else forward (3) as one launch over all groups with B_cat
-// as a block-diagonal [O, G*r] matrix; and backward (4) with [A_cat; R] stacked into one
+// as a block-diagonal [O, G*r] matrix; for one group, backward (2)-(4) in one launch
+// (routed_dgrad, after B is zero-padded), else backward (4) with [A_cat; R] stacked into one
 // operand.
 // Everything else, and every GEMM elsewhere, runs the portable kernels of gemm.cuh.
 //
@@ -156,6 +157,46 @@ __global__ void stack_rows_kernel(const T* __restrict__ top, int64_t top_count,
   }
 }
 
+// d[A_cat; R] = [du | dl]^T x, dB_cat = dy^T z and dc from z, [du | dl] and the per-block dl
+// sums that the routing wrote: split-K partials, then one deterministic sum.
+template <typename T>
+cudaError_t token_reductions(const MorDims& d, const ReductionPlan& plan,
+                             const MorBackwardArgs& a, cudaStream_t stream) {
+  const int m = int(d.tokens), K = d.in_features, O = d.out_features, G = d.groups;
+  const int r = d.rank, gr = G * r, S = d.shrink_width(), og = O / G;
+  const int zld = d.rank_ld(), sld = d.shrink_ld();
+  const T* const x = static_cast<const T*>(a.x);
+  const T* const dy = static_cast<const T*>(a.dy);
+  T* const z = static_cast<T*>(a.z);
+  T* const d_shrink = static_cast<T*>(a.d_shrink);
+  GemmArgs<T, float> dw{};
+  dw.m = S, dw.n = K, dw.k = m, dw.k_per_split = split_length<T>(m, plan.shrink_splits);
+  dw.a = dense<T>(d_shrink, sld), dw.b = dense(x, K);
+  dw.c = a.shrink_partial, dw.ldc = K, dw.c_split_stride = int64_t(S) * K;
+  dw.batches = 1, dw.splits = plan.shrink_splits;
+  launch_gemm<WideTile, false, false>(dw, stream);
+
+  GemmArgs<T, float> db{};
+  db.m = og, db.n = r, db.k = m, db.k_per_split = split_length<T>(m, plan.lora_b_splits);
+  db.a = dense(dy, O, og), db.b = dense<T>(z, zld, r);
+  db.c = a.lora_b_partial, db.ldc = r, db.c_batch_stride = int64_t(og) * r;
+  db.c_split_stride = int64_t(O) * r, db.batches = G, db.splits = plan.lora_b_splits;
+  launch_gemm<TallTile, false, false>(db, stream);
+
+  // The partial sums in a fixed order, one launch; dc from the routing kernel's per-block
+  // sums (none for no tokens: zeros).
+  SplitSums sums{};
+  sums.sum[sums.count++] = {a.shrink_partial, plan.shrink_splits, S, K, gr, a.d_lora_a,
+                            a.d_router_weight};
+  sums.sum[sums.count++] = {a.lora_b_partial, plan.lora_b_splits, O, r, O, a.d_lora_b, nullptr};
+  if (d.router) {
+    sums.sum[sums.count++] = {a.dl_partial, plan.dl_splits, 1, G * d.logits, 1, a.d_router_bias,
+                              nullptr};
+  }
+  sum_splits<T>(sums, stream);
+  return cudaSuccess;
+}
+
 template <typename T>
 cudaError_t backward_impl(DType dtype, const MorDims& d, const ReductionPlan& plan,
                           const MorBackwardArgs& a, cudaStream_t stream) {
@@ -177,6 +218,16 @@ cudaError_t backward_impl(DType dtype, const MorDims& d, const ReductionPlan& pl
       u.a = dense(x, K), u.b = dense(lora_a, K);
       u.c = a.u_workspace, u.ldc = a.u_ld, u.batches = 1, u.splits = 1;
       launch_gemm<TallTile, true, true>(u, stream);
+    }
+
+    if (a.sm90 && sm90_routed_dgrad_accepts(dtype, d, a, plan.dl_splits)) {
+      // One group: B zero-padded to rank_ld() columns, then dx with g and the routing inside
+      block_diagonal_kernel<T><<<blocks_for(int64_t(O) * zld, kSumThreads), kSumThreads, 0,
+                                 stream>>>(lora_b, O, og, r, zld,
+                                           static_cast<T*>(a.lora_b_ext));
+      const cudaError_t err = sm90_routed_dgrad(dtype, d, a, stream);
+      if (err != cudaSuccess) return err;
+      return token_reductions<T>(d, plan, a, stream);
     }
 
     // Batch entry g: g[:, group g's rank columns] = dy[:, output slice g] lora_b[slice g].
@@ -221,32 +272,7 @@ cudaError_t backward_impl(DType dtype, const MorDims& d, const ReductionPlan& pl
   }
 
   // Token reductions (they also run for zero tokens: the gradients are then zeros).
-  GemmArgs<T, float> dw{};
-  dw.m = S, dw.n = K, dw.k = m, dw.k_per_split = split_length<T>(m, plan.shrink_splits);
-  dw.a = dense<T>(d_shrink, sld), dw.b = dense(x, K);
-  dw.c = a.shrink_partial, dw.ldc = K, dw.c_split_stride = int64_t(S) * K;
-  dw.batches = 1, dw.splits = plan.shrink_splits;
-  launch_gemm<WideTile, false, false>(dw, stream);
-
-  GemmArgs<T, float> db{};
-  db.m = og, db.n = r, db.k = m, db.k_per_split = split_length<T>(m, plan.lora_b_splits);
-  db.a = dense(dy, O, og), db.b = dense<T>(z, zld, r);
-  db.c = a.lora_b_partial, db.ldc = r, db.c_batch_stride = int64_t(og) * r;
-  db.c_split_stride = int64_t(O) * r, db.batches = G, db.splits = plan.lora_b_splits;
-  launch_gemm<TallTile, false, false>(db, stream);
-
-  // The partial sums in a fixed order, one launch; dc from the routing kernel's per-block
-  // sums (none for no tokens: zeros).
-  SplitSums sums{};
-  sums.sum[sums.count++] = {a.shrink_partial, plan.shrink_splits, S, K, gr, a.d_lora_a,
-                            a.d_router_weight};
-  sums.sum[sums.count++] = {a.lora_b_partial, plan.lora_b_splits, O, r, O, a.d_lora_b, nullptr};
-  if (d.router) {
-    sums.sum[sums.count++] = {a.dl_partial, plan.dl_splits, 1, G * d.logits, 1, a.d_router_bias,
-                              nullptr};
-  }
-  sum_splits<T>(sums, stream);
-  return cudaSuccess;
+  return token_reductions<T>(d, plan, a, stream);
 }
 
 // Two waves of blocks on the device, but at least 256 tokens per split so that the partial

@@ -94,6 +94,8 @@ struct MorBackwardArgs {
                               // shrink_ld()
   bool sm90;                  // the binding enabled the sm_90a GEMM (sm90_gemm_enabled)
   void* shrink_weight;        // workspace [S, K] for it with a router: [A_cat; R], else null
+  void* lora_b_ext;           // workspace [O, rank_ld()] for the routed dx (B zero-padded),
+                              // else null; g is then null
   float* shrink_partial;      // workspace [shrink_splits, S, K]
   float* lora_b_partial;      // workspace [lora_b_splits, O, r]
   float* dl_partial;          // workspace [dl_splits, G*L]: per-block fp32 sums of dl

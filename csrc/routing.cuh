@@ -72,58 +72,19 @@ __device__ __forceinline__ void route_backward_row(const MorDims& d, int64_t idx
   const int g = int(idx % d.groups);
   const int gr = d.groups * d.rank;
   const int64_t offset = t * gr + g * d.rank;
-  const float* const u = u_all + t * u_ld + g * d.rank;
-  const float* const gy = g_all + offset;
-
-  float p[kMaxBranches + 1];
-  float coef[kMaxBranches];
-  if constexpr (ROUTER) {
-    const float* const pr = probs + t * d.groups * d.logits + g * d.logits;
-#pragma unroll
-    for (int i = 0; i < kMaxBranches + 1; ++i) {
-      if (i < d.logits) p[i] = pr[i];
-    }
-  }
-  branch_coefficients<ROUTER, BYPASS>(d, p, coef);
-
   T* const zr = z + offset + t * (d.rank_ld() - gr);  // z's rows are padded
   T* const shrink_row = d_shrink + t * d.shrink_ld();
   T* const du = shrink_row + g * d.rank;
-  float dp[kMaxBranches];
-#pragma unroll
-  for (int k = 0; k < kMaxBranches; ++k) {
-    if (k < d.branches) {
-      float gu = 0.0f;
-      for (int j = d.start[k]; j < d.start[k + 1]; ++j) {
-        zr[j] = from_float<T>(coef[k] * u[j]);
-        du[j] = from_float<T>(coef[k] * gy[j]);
-        gu = fmaf(gy[j], u[j], gu);
-      }
-      dp[k] = gu * d.scale[k];
-    }
-  }
-
-  if constexpr (ROUTER) {
-    float dot = 0.0f;
-#pragma unroll
-    for (int k = 0; k < kMaxBranches; ++k) {
-      if (k < d.branches) dot = fmaf(p[k + BYPASS], dp[k], dot);
-    }
-    T* const dl_t = shrink_row + gr + g * d.logits;
-    if constexpr (BYPASS) {
-      const float v = -p[0] * dot;
-      dl_t[0] = from_float<T>(v);
-      dl_out[0] = v;
-    }
-#pragma unroll
-    for (int k = 0; k < kMaxBranches; ++k) {
-      if (k < d.branches) {
-        const float v = p[k + BYPASS] * (dp[k] - dot);
-        dl_t[k + BYPASS] = from_float<T>(v);
-        dl_out[k + BYPASS] = v;
-      }
-    }
-  }
+  T* const dl = shrink_row + gr + g * d.logits;
+  route_backward_values<ROUTER, BYPASS>(
+      d, u_all + t * u_ld + g * d.rank, g_all + offset,
+      probs + t * d.groups * d.logits + g * d.logits,
+      [&](int j, float v) { zr[j] = from_float<T>(v); },
+      [&](int j, float v) { du[j] = from_float<T>(v); },
+      [&](int i, float v) {
+        dl[i] = from_float<T>(v);
+        dl_out[i] = v;
+      });
 }
 
 // From u = x A_cat^T (row stride u_ld) and g = dy B_cat (fp32) and the saved p:

@@ -69,6 +69,11 @@ struct Sm90Config {
   };
 };
 
+// Branches per group the routed kernels route (the paper has 3): their per-row arrays then
+// stay in the registers left beside the 96 accumulators per thread (with mor_kernels.h's 16,
+// the input gradient's routing spilled).
+constexpr int kRoutedBranches = 4;
+
 // The routed forward (routed_gemm_kernel): the same tiles with one stage fewer, which makes
 // room for the shrink's operands and the routing's tiles (about 195 KiB in all).
 template <typename Element>
@@ -113,6 +118,51 @@ struct RoutedConfig : Sm90Config<Element, false, 4> {
     float staging[Base::kBM][kStagingLd];  // [u | l] of the tile's rows in fp32
     alignas(8) uint64_t full[kStages];
     alignas(8) uint64_t empty[kStages];
+  };
+};
+
+// The routed input gradient (routed_dgrad_kernel): the n-major tiles with one stage fewer.
+template <typename Element>
+struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
+  using Base = Sm90Config<Element, true, 4>;
+  using T = Element;
+  using typename Base::BM;
+  using typename Base::BN;
+  using typename Base::BK;
+  using typename Base::SmemA;
+  using typename Base::SmemB;
+  static constexpr int kStages = Base::kStages;
+  // r and L, each padded to one 16-deep K step of the extension (and g's MMA width).
+  static constexpr int kRanks = 16;
+  using Ranks = Int<kRanks>;
+  static constexpr int kStagingLd = kRanks + 1;
+
+  // lora_b's rows of each K step as g's B operand: (n = rank, k = output), n-major.
+  using SmemLoraB = decltype(tile_to_shape(GMMA::Layout_MN_SW32_Atom<T>{},
+                                           Shape<Ranks, BK, Int<kStages>>{}, Step<_2, _1, _3>{}));
+  // The extension's B tiles, A_cat's and R's (n = input column, k = rank), n-major.
+  using SmemExtB = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<BN, Ranks>{},
+                                          Step<_2, _1>{}));
+  // du and dl of the tile's rows, the extension's A tiles, k-major.
+  using SmemExtA = decltype(tile_to_shape(GMMA::Layout_K_SW32_Atom<T>{}, Shape<BM, Ranks>{}));
+  using MmaG = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<T, T, float, Shape<Int<64>, Ranks, BK>, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      Layout<Shape<_2, _1, _1>>{}));
+
+  struct Shared {
+    alignas(1024) ArrayEngine<T, cosize_v<SmemA>> a;
+    alignas(1024) ArrayEngine<T, cosize_v<SmemB>> b;
+    alignas(1024) ArrayEngine<T, cosize_v<SmemLoraB>> lora_b;
+    alignas(1024) ArrayEngine<T, cosize_v<SmemExtB>> lora_a;
+    alignas(1024) ArrayEngine<T, cosize_v<SmemExtB>> router;
+    alignas(1024) ArrayEngine<T, cosize_v<SmemExtA>> du;
+    alignas(1024) ArrayEngine<T, cosize_v<SmemExtA>> dl;
+    float staging[Base::kBM][kStagingLd];  // g of the tile's rows in fp32
+    float dl_rows[Base::kBM][kStagingLd];  // dl in fp32, for dc's per-block sums
+    alignas(8) uint64_t full[kStages];
+    alignas(8) uint64_t empty[kStages];
+    alignas(8) uint64_t ext_full;  // the extension's B tiles landed
   };
 };
 
@@ -289,8 +339,8 @@ __device__ void route_row(const MorDims& d, int group, int row, int64_t token, b
                           SZ& sZ) {
   using T = typename Cfg::T;
   const int logits = ROUTER ? d.logits : 0;
-  float p[kMaxBranches + 1];
-  float coef[kMaxBranches];
+  float p[kRoutedBranches + 1];
+  float coef[kRoutedBranches];
 #pragma unroll
   for (int i = 0; i < Cfg::kLogits; ++i) {
     if (i < logits) {
@@ -314,7 +364,7 @@ __device__ void route_row(const MorDims& d, int group, int row, int64_t token, b
     }
   }
 #pragma unroll
-  for (int k = 0; k < kMaxBranches; ++k) {
+  for (int k = 0; k < kRoutedBranches; ++k) {
     if (k < d.branches) {
       for (int j = d.start[k]; j < d.start[k + 1]; ++j) sZ(row, j) = T(coef[k] * staged[j]);
     }
@@ -506,6 +556,236 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #endif
 }
 
+// What the routed input gradient reads and writes besides its TMA operands.
+template <typename T>
+struct RoutedDgradPointers {
+  const float* u;      // [N, u_ld]: u = x A_cat^T in fp32 (the forward's [u | l], or recomputed)
+  int64_t u_ld;
+  const float* probs;  // [N, L]
+  T* dx;               // [N, K]
+  T* z;                // [N, rank_ld()]   for the token reductions that follow (dB)
+  T* d_shrink;         // [N, shrink_ld()] [du | dl], for d[A_cat; R]
+  float* dl_partial;   // [row tiles, L]: each tile's fp32 sums of dl, for dc
+};
+
+// One row of the routed input gradient: du and dl from u, p and the fp32 g of the staging
+// tile, into the extension's A tiles (zeros past r and L, and for rows past the last token);
+// from the first column tile only, z and [du | dl] to memory and dl to dl_rows.
+template <class Cfg, bool ROUTER, bool BYPASS, class SA>
+__device__ void route_dgrad_row(const MorDims& d, int row, int64_t token, bool keeps,
+                                const RoutedDgradPointers<typename Cfg::T>& ptr,
+                                const float* staged, float* dl_row, SA& sDu, SA& sDl) {
+  using T = typename Cfg::T;
+  const int logits = ROUTER ? d.logits : 0;
+  for (int j = 0; j < Cfg::kRanks; ++j) {
+    sDu(row, j) = T(0.0f);
+    sDl(row, j) = T(0.0f);
+    dl_row[j] = 0.0f;
+  }
+  if (token >= d.tokens) return;
+  T* const kept = ptr.d_shrink + token * d.shrink_ld();
+  T* const z = ptr.z + token * d.rank_ld();
+  route_backward_values<ROUTER, BYPASS, kRoutedBranches>(
+      d, ptr.u + token * ptr.u_ld, staged, ptr.probs + token * logits,
+      [&](int j, float v) {
+        if (keeps) z[j] = T(v);
+      },
+      [&](int j, float v) {
+        sDu(row, j) = T(v);
+        if (keeps) kept[j] = T(v);
+      },
+      [&](int i, float v) {
+        sDl(row, i) = T(v);
+        dl_row[i] = v;
+        if (keeps) kept[d.rank + i] = T(v);
+      });
+}
+
+// dx = dy W + [du | dl] [A_cat; R] for one group (sm90_gemm.h), with g = dy B and the
+// backward routing folded in: each K step (64 output columns) also brings those rows of B
+// (zero-padded to 16 columns) into the ring, and the consumers run g += dy B (a 64x16 MMA)
+// beside the main 64x192 one, 8 % more MMA work and no separate read of dy for g. After the
+// main loop one thread per row routes in fp32 and writes du and dl into shared memory, and
+// du A_cat and dl R become two last 16-deep K steps. The first column tile also writes z and
+// [du | dl] (the token reductions' operands) and its rows' dl sums (dc's partials).
+template <class Cfg, class TmaA, class TmaB, class TmaG, class TmaE>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    routed_dgrad_kernel(CUTE_GRID_CONSTANT const TmaA tma_dy, CUTE_GRID_CONSTANT const TmaB tma_w,
+                        CUTE_GRID_CONSTANT const TmaG tma_lora_b,
+                        CUTE_GRID_CONSTANT const TmaE tma_lora_a,
+                        CUTE_GRID_CONSTANT const TmaE tma_router, const MorDims d,
+                        const RoutedDgradPointers<typename Cfg::T> ptr) {
+#if defined(EI_SM90_DEVICE_CODE)
+  using T = typename Cfg::T;
+  using Barrier = cutlass::arch::ClusterBarrier;
+  using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
+  constexpr int kStages = Cfg::kStages;
+  const int m = int(d.tokens), n = d.in_features, k = d.out_features;
+  const bool keeps = blockIdx.x == 0;  // the first column tile
+  constexpr uint32_t kStageBytes =
+      uint32_t((Cfg::kBM + Cfg::kBN + Cfg::kRanks) * Cfg::kBK * sizeof(T));
+  constexpr uint32_t kExtBytes = uint32_t(2 * Cfg::kBN * Cfg::kRanks * sizeof(T));
+  extern __shared__ __align__(1024) char shared_bytes[];
+  auto& smem = *reinterpret_cast<typename Cfg::Shared*>(shared_bytes);
+  Tensor sA = make_tensor(make_smem_ptr(smem.a.begin()), typename Cfg::SmemA{});  // [BM,BK,P]
+  Tensor sB = make_tensor(make_smem_ptr(smem.b.begin()), typename Cfg::SmemB{});  // [BN,BK,P]
+  Tensor sG = make_tensor(make_smem_ptr(smem.lora_b.begin()),
+                          typename Cfg::SmemLoraB{});  // [16, BK, P]
+  Tensor sLoraA = make_tensor(make_smem_ptr(smem.lora_a.begin()),
+                              typename Cfg::SmemExtB{});  // [BN, 16]
+  Tensor sRouter = make_tensor(make_smem_ptr(smem.router.begin()),
+                               typename Cfg::SmemExtB{});  // [BN, 16]
+  Tensor sDu = make_tensor(make_smem_ptr(smem.du.begin()), typename Cfg::SmemExtA{});  // [BM,16]
+  Tensor sDl = make_tensor(make_smem_ptr(smem.dl.begin()), typename Cfg::SmemExtA{});  // [BM,16]
+
+  const auto tiler = Shape<typename Cfg::BM, typename Cfg::BN, typename Cfg::BK>{};
+  const auto tile = make_coord(int(blockIdx.y), int(blockIdx.x), _);
+  init_ring<typename Cfg::Shared, kStages>(smem, Cfg::kConsumerThreads);
+  if (threadIdx.x == 0) {
+    TxBarrier::init(&smem.ext_full, 1);
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {  // producer warp group: one thread issues every load
+    if (threadIdx.x >= 32 || !elect_one_sync()) return;
+    prefetch_tma_descriptor(tma_dy.get_tma_descriptor());
+    prefetch_tma_descriptor(tma_w.get_tma_descriptor());
+    prefetch_tma_descriptor(tma_lora_b.get_tma_descriptor());
+    // The extension's tiles first, into their own buffers: A_cat's and R's rows for this
+    // tile's columns (TMA fills the rows past r and L with zeros). Without a router the
+    // second descriptor reads lora_a again, unused.
+    const auto ext_tile = make_coord(int(blockIdx.x), 0);
+    const int router_rows = d.router ? d.logits : d.rank;
+    Tensor gLoraA = local_tile(tma_lora_a.get_tma_tensor(make_shape(n, d.rank)),
+                               Shape<typename Cfg::BN, typename Cfg::Ranks>{}, ext_tile);
+    Tensor gRouter = local_tile(tma_router.get_tma_tensor(make_shape(n, router_rows)),
+                                Shape<typename Cfg::BN, typename Cfg::Ranks>{}, ext_tile);
+    auto [tEAg, tEAs] = tma_partition(tma_lora_a, Int<0>{}, Layout<_1>{},
+                                      group_modes<0, 2>(sLoraA), group_modes<0, 2>(gLoraA));
+    auto [tERg, tERs] = tma_partition(tma_router, Int<0>{}, Layout<_1>{},
+                                      group_modes<0, 2>(sRouter), group_modes<0, 2>(gRouter));
+    TxBarrier::arrive_and_expect_tx(&smem.ext_full, kExtBytes);
+    copy(tma_lora_a.with(smem.ext_full), tEAg, tEAs);
+    copy(tma_router.with(smem.ext_full), tERg, tERs);
+
+    Tensor gDy = local_tile(tma_dy.get_tma_tensor(make_shape(m, k)), tiler, tile,
+                            Step<_1, X, _1>{});  // [BM, BK, k steps]
+    Tensor gW = local_tile(tma_w.get_tma_tensor(make_shape(n, k)), tiler, tile,
+                           Step<X, _1, _1>{});  // [BN, BK, k steps]
+    Tensor gG = local_tile(tma_lora_b.get_tma_tensor(make_shape(d.rank_ld(), k)),
+                           Shape<typename Cfg::Ranks, typename Cfg::BK>{},
+                           make_coord(0, _));  // [16, BK, k steps]
+    auto [tAg, tAs] = tma_partition(tma_dy, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA),
+                                    group_modes<0, 2>(gDy));
+    auto [tBg, tBs] = tma_partition(tma_w, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB),
+                                    group_modes<0, 2>(gW));
+    auto [tGg, tGs] = tma_partition(tma_lora_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sG),
+                                    group_modes<0, 2>(gG));
+    const int steps = (k + Cfg::kBK - 1) / Cfg::kBK;
+    int stage = 0, phase = 0;
+    for (int kt = 0; kt < steps; ++kt) {
+      Barrier::wait(&smem.empty[stage], phase ^ 1);
+      TxBarrier::arrive_and_expect_tx(&smem.full[stage], kStageBytes);
+      copy(tma_dy.with(smem.full[stage]), tAg(_, kt), tAs(_, stage));
+      copy(tma_w.with(smem.full[stage]), tBg(_, kt), tBs(_, stage));
+      copy(tma_lora_b.with(smem.full[stage]), tGg(_, kt), tGs(_, stage));
+      if (++stage == kStages) stage = 0, phase ^= 1;
+    }
+    return;
+  }
+
+  // Consumer warp groups.
+  const int thread = int(threadIdx.x) - 128;
+  typename Cfg::Mma mma;
+  typename Cfg::MmaG mma_g;
+  auto thr_mma = mma.get_thread_slice(thread);
+  auto thr_g = mma_g.get_thread_slice(thread);
+  Tensor tCrA = thr_mma.make_fragment_A(thr_mma.partition_A(sA));  // smem descriptors
+  Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(sB));
+  Tensor tGrA = thr_g.make_fragment_A(thr_g.partition_A(sA));
+  Tensor tGrB = thr_g.make_fragment_B(thr_g.partition_B(sG));
+  Tensor gC = local_tile(make_identity_tensor(make_shape(m, n)), tiler, tile,
+                         Step<_1, _1, X>{});  // [BM, BN] of (row, col)
+  Tensor tCcC = thr_mma.partition_C(gC);
+  Tensor acc = thr_mma.partition_fragment_C(gC);  // fp32 accumulators
+  const auto tile_g = make_identity_tensor(Shape<typename Cfg::BM, typename Cfg::Ranks>{});
+  Tensor acc_g = thr_g.partition_fragment_C(tile_g);  // g of the tile's rows
+  clear(acc);
+  clear(acc_g);
+
+  const int k_steps = (k + Cfg::kBK - 1) / Cfg::kBK;
+  int stage = 0, phase = 0, reading = -1;
+  for (int step = 0; step < k_steps; ++step) {
+    TxBarrier::wait(&smem.full[stage], phase);
+    warpgroup_fence_operand(acc);
+    warpgroup_fence_operand(acc_g);
+    warpgroup_arrive();
+    gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
+    gemm(mma_g, tGrA(_, _, _, stage), tGrB(_, _, _, stage), acc_g);
+    warpgroup_commit_batch();
+    warpgroup_wait<1>();
+    warpgroup_fence_operand(acc);
+    warpgroup_fence_operand(acc_g);
+    if (reading >= 0) Barrier::arrive(&smem.empty[reading]);
+    reading = stage;
+    if (++stage == kStages) stage = 0, phase ^= 1;
+  }
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc);
+  warpgroup_fence_operand(acc_g);
+
+  // g to the staging tile, then one thread per row routes it.
+  const Tensor tGc = thr_g.partition_C(tile_g);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_g); ++i) {
+    const auto [row, col] = tGc(i);
+    smem.staging[row][col] = acc_g(i);
+  }
+  cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);  // id 0: __syncthreads
+  if (thread < Cfg::kBM) {
+    const int64_t token = int64_t(blockIdx.y) * Cfg::kBM + thread;
+    const float* const staged = smem.staging[thread];
+    float* const dl_row = smem.dl_rows[thread];
+    if (!d.router) {
+      route_dgrad_row<Cfg, false, false>(d, thread, token, keeps, ptr, staged, dl_row, sDu, sDl);
+    } else if (d.bypass) {
+      route_dgrad_row<Cfg, true, true>(d, thread, token, keeps, ptr, staged, dl_row, sDu, sDl);
+    } else {
+      route_dgrad_row<Cfg, true, false>(d, thread, token, keeps, ptr, staged, dl_row, sDu, sDl);
+    }
+  }
+  cutlass::arch::fence_view_async_shared();  // du and dl: written by threads, read by wgmma
+  cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
+  if (keeps && d.router && thread < d.logits) {  // this row tile's dl sums, in row order
+    float total = 0.0f;
+    for (int row = 0; row < Cfg::kBM; ++row) total += smem.dl_rows[row][thread];
+    ptr.dl_partial[int64_t(blockIdx.y) * d.logits + thread] = total;
+  }
+
+  // The extension: acc += du A_cat (+ dl R), one 64x192x16 MMA each per warp group.
+  TxBarrier::wait(&smem.ext_full, 0);
+  Tensor tDuA = thr_mma.make_fragment_A(thr_mma.partition_A(sDu));
+  Tensor tDlA = thr_mma.make_fragment_A(thr_mma.partition_A(sDl));
+  Tensor tLoraAB = thr_mma.make_fragment_B(thr_mma.partition_B(sLoraA));
+  Tensor tRouterB = thr_mma.make_fragment_B(thr_mma.partition_B(sRouter));
+  warpgroup_fence_operand(acc);
+  warpgroup_arrive();
+  gemm(mma, tDuA, tLoraAB, acc);
+  if (d.router) gemm(mma, tDlA, tRouterB, acc);
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc);
+  store_tile(acc, tCcC, m, n, static_cast<const T*>(nullptr), ptr.dx, int64_t(n));
+#else
+  (void)tma_dy, (void)tma_w, (void)tma_lora_b, (void)tma_lora_a, (void)tma_router, (void)d;
+  (void)ptr;
+#if defined(__CUDA_ARCH__)
+  __trap();
+#endif
+#endif
+}
+
 // The opt-in to more than 48 KiB of dynamic shared memory, once per device and kernel (a plain
 // attribute call: no stream work, so it is also safe during CUDA graph capture).
 template <class Kernel>
@@ -541,6 +821,7 @@ cudaError_t launch(const ExtGemmArgs& g, cudaStream_t stream) {
                               smem_b, box_b);
   auto* kernel = &ext_gemm_kernel<Cfg, decltype(tma_a), decltype(tma_b)>;
   constexpr int kSmem = int(sizeof(typename Cfg::Shared));
+  static_assert(kSmem <= 227 * 1024, "over the opt-in shared memory of a 9.0 device");
   cudaError_t err = allow_shared_memory(kernel, kSmem);
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned((int64_t(g.n) + Cfg::kBN - 1) / Cfg::kBN),
@@ -548,6 +829,45 @@ cudaError_t launch(const ExtGemmArgs& g, cudaStream_t stream) {
   kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(
       tma_a, tma_a2, tma_b, tma_b2, g.m, g.n, g.k, g.k2, static_cast<const T*>(g.bias),
       static_cast<T*>(g.c), g.ldc);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_routed_dgrad(const MorDims& d, const MorBackwardArgs& a, cudaStream_t stream) {
+  using Cfg = RoutedDgradConfig<T>;
+  const int m = int(d.tokens), n = d.in_features, k = d.out_features;
+  const auto ext_box = make_shape(typename Cfg::BN{}, typename Cfg::Ranks{});
+  const auto tma_dy = make_tma_atom(SM90_TMA_LOAD{}, row_major<T>(a.dy, m, k, k),
+                                    typename Cfg::SmemA{}(_, _, Int<0>{}),
+                                    make_shape(typename Cfg::BM{}, typename Cfg::BK{}));
+  const auto tma_w = make_tma_atom(SM90_TMA_LOAD{}, b_operand<T, true>(a.weight, n, k, n),
+                                   typename Cfg::SmemB{}(_, _, Int<0>{}),
+                                   make_shape(typename Cfg::BN{}, typename Cfg::BK{}));
+  const auto tma_lora_b = make_tma_atom(
+      SM90_TMA_LOAD{}, b_operand<T, true>(a.lora_b_ext, d.rank_ld(), k, d.rank_ld()),
+      typename Cfg::SmemLoraB{}(_, _, Int<0>{}),
+      make_shape(typename Cfg::Ranks{}, typename Cfg::BK{}));
+  const auto tma_lora_a = make_tma_atom(SM90_TMA_LOAD{},
+                                        b_operand<T, true>(a.lora_a, n, d.rank, n),
+                                        typename Cfg::SmemExtB{}, ext_box);
+  const auto tma_router = make_tma_atom(
+      SM90_TMA_LOAD{},
+      d.router ? b_operand<T, true>(a.router_weight, n, d.logits, n)
+               : b_operand<T, true>(a.lora_a, n, d.rank, n),
+      typename Cfg::SmemExtB{}, ext_box);
+  const RoutedDgradPointers<T> ptr{a.u, a.u_ld, a.probs, static_cast<T*>(a.dx),
+                                   static_cast<T*>(a.z), static_cast<T*>(a.d_shrink),
+                                   a.dl_partial};
+  auto* kernel = &routed_dgrad_kernel<Cfg, decltype(tma_dy), decltype(tma_w),
+                                      decltype(tma_lora_b), decltype(tma_lora_a)>;
+  constexpr int kSmem = int(sizeof(typename Cfg::Shared));
+  static_assert(kSmem <= 227 * 1024, "over the opt-in shared memory of a 9.0 device");
+  const cudaError_t err = allow_shared_memory(kernel, kSmem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned((n + Cfg::kBN - 1) / Cfg::kBN),
+                  unsigned((int64_t(m) + Cfg::kBM - 1) / Cfg::kBM));
+  kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(tma_dy, tma_w, tma_lora_b, tma_lora_a,
+                                                 tma_router, d, ptr);
   return cudaGetLastError();
 }
 
@@ -584,6 +904,7 @@ cudaError_t launch_routed(const MorDims& d, const MorForwardArgs& a, cudaStream_
   auto* kernel = &routed_gemm_kernel<Cfg, decltype(tma_x), decltype(tma_w),
                                      decltype(tma_lora_a), decltype(tma_router)>;
   constexpr int kSmem = int(sizeof(typename Cfg::Shared));
+  static_assert(kSmem <= 227 * 1024, "over the opt-in shared memory of a 9.0 device");
   const cudaError_t err = allow_shared_memory(kernel, kSmem);
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned((n + Cfg::kBN - 1) / Cfg::kBN),
@@ -636,12 +957,41 @@ bool sm90_routed_accepts(DType dtype, const MorDims& d, const MorForwardArgs& a)
   if (!sm90_gemm_built() || dtype == DType::kFloat) return false;
   if (d.tokens <= 0 || d.tokens > INT32_MAX || d.out_features <= 0) return false;
   if (d.rank > Cfg::kRanks || (d.router && d.logits > Cfg::kLogits)) return false;
+  if (d.branches > kRoutedBranches) return false;
   if (d.groups > 1 && (d.out_features / d.groups) % Cfg::kBN != 0) return false;
   // TMA: 16-byte aligned bases and rows (K and O multiples of 8 elements)
   const bool aligned = aligned16(a.x) && aligned16(a.weight) && aligned16(a.lora_a) &&
                        aligned16(a.y) && (!d.router || aligned16(a.router_weight));
   return aligned && d.in_features % 8 == 0 && d.out_features % 8 == 0 &&
          (d.tokens + Cfg::kBM - 1) / Cfg::kBM <= 65535;
+}
+
+bool sm90_routed_dgrad_accepts(DType dtype, const MorDims& d, const MorBackwardArgs& a,
+                               int dl_splits) {
+  using Cfg = RoutedDgradConfig<cutlass::half_t>;  // the same sizes for both dtypes
+  if (!sm90_gemm_built() || dtype == DType::kFloat || a.dx == nullptr) return false;
+  if (d.tokens <= 0 || d.tokens > INT32_MAX || d.groups != 1) return false;
+  if (d.rank > Cfg::kRanks || (d.router && d.logits > Cfg::kRanks)) return false;
+  if (d.branches > kRoutedBranches) return false;
+  const int64_t row_tiles = (d.tokens + Cfg::kBM - 1) / Cfg::kBM;
+  // dc's partials: one per row tile, where the routing kernel writes one per 128 tokens
+  if (d.router && dl_splits != row_tiles) return false;
+  const bool aligned = aligned16(a.dy) && aligned16(a.weight) && aligned16(a.lora_a) &&
+                       aligned16(a.dx) && (!d.router || aligned16(a.router_weight));
+  return aligned && d.in_features % 8 == 0 && d.out_features % 8 == 0 && row_tiles <= 65535;
+}
+
+cudaError_t sm90_routed_dgrad(DType dtype, const MorDims& dims, const MorBackwardArgs& args,
+                              cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kHalf:
+      return launch_routed_dgrad<cutlass::half_t>(dims, args, stream);
+    case DType::kBFloat16:
+      return launch_routed_dgrad<cutlass::bfloat16_t>(dims, args, stream);
+    case DType::kFloat:
+      break;
+  }
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t sm90_routed_gemm(DType dtype, const MorDims& dims, const MorForwardArgs& args,

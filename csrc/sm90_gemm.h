@@ -46,11 +46,25 @@ cudaError_t sm90_ext_gemm(DType dtype, const ExtGemmArgs& args, cudaStream_t str
 // [u | l] = x [A_cat; R]^T for its group from the x tiles it already holds, routes in fp32,
 // and multiplies z by B as the last K step. p and [u | l] (what the backward keeps) are
 // written once per group; z and B_cat's block-diagonal copy are never written to memory.
-// Accepts r <= 16, L <= 8, O / G a multiple of the 192-column tile when G > 1, and the TMA
-// alignment of x, W, A_cat and R (K and O multiples of 8); otherwise the caller runs the shrink,
-// the routing and sm90_ext_gemm as separate launches.
+// Accepts r <= 16, L <= 8, at most 4 branches, O / G a multiple of the 192-column tile when
+// G > 1, and the TMA alignment of x, W, A_cat and R (K and O multiples of 8); otherwise the
+// caller runs the shrink, the routing and sm90_ext_gemm as separate launches.
 bool sm90_routed_accepts(DType dtype, const MorDims& dims, const MorForwardArgs& args);
 cudaError_t sm90_routed_gemm(DType dtype, const MorDims& dims, const MorForwardArgs& args,
                              cudaStream_t stream);
+
+// The backward's dx for one group in one launch, with g = dy B and the backward routing folded
+// into the GEMM: dx = dy W + [du | dl] [A_cat; R], where every CTA also computes g for its rows
+// from the dy tiles it already holds (B from the zero-padded copy args.lora_b_ext), routes in
+// fp32 with the saved u and p, and multiplies du by A_cat and dl by R as two last K steps. The
+// first column tile writes z and [du | dl] (args.z, args.d_shrink) and its rows' dl sums
+// (args.dl_partial, one row per 128 tokens) for the token reductions that follow; g is never
+// written. Accepts G = 1, r <= 16, L <= 16, at most 4 branches, dl_splits equal to the row
+// tiles, and the TMA alignment of dy, W, A_cat, R and dx (K and O multiples of 8); otherwise
+// the caller runs g, the routing and sm90_ext_gemm as separate launches.
+bool sm90_routed_dgrad_accepts(DType dtype, const MorDims& dims, const MorBackwardArgs& args,
+                               int dl_splits);
+cudaError_t sm90_routed_dgrad(DType dtype, const MorDims& dims, const MorBackwardArgs& args,
+                              cudaStream_t stream);
 
 }  // namespace ei

@@ -216,6 +216,24 @@ def sm90_routed(n, k, o, g) -> Cost:
                        serial_us=waves * ROUTE_STEP_US)
 
 
+def sm90_routed_dgrad(n, k, o) -> Cost:
+    """The routed input gradient (routed_dgrad_kernel, one group): sm90_gemm's tiles over dy
+    and W, each also running g = dy B over its dy tiles (16 columns, again in every column
+    tile), then routing (ROUTE_STEP_US per wave) and two 16-deep extension steps (du A_cat,
+    dl R); dy, W, B's padded copy, A_cat and R read once, u and p read, dx written, and z and
+    [du | dl] written once (the first column tile) for the token reductions."""
+    bm, bn, _ = SM90_TILE
+    col_tiles = math.ceil(k / bn)
+    tiles = math.ceil(n / bm) * col_tiles
+    waves = math.ceil(tiles / SMS)
+    efficiency = tiles / (waves * SMS)
+    flops = 2 * n * k * (o + 2 * ROUTED_RANKS) + 2 * n * col_tiles * ROUTED_RANKS * o
+    bytes_ = (ELEM * (n * o + o * k + o * _pad8(R) + (R + L) * k + n * k)
+              + F32 * (n * (R + L) + n * L) + ELEM * n * (_pad8(R) + _pad8(R + L)))
+    return Cost.kernel(flops, bytes_, tiles, efficiency, WGMMA_FRACTION,
+                       serial_us=waves * ROUTE_STEP_US)
+
+
 def cuda_fwd(n, k, o, g, hopper=True) -> Cost:
     s, gr = g * (R + L), g * R
     if hopper and R <= ROUTED_RANKS and L <= ROUTED_LOGITS and (g == 1 or o // g % 192 == 0):
@@ -241,7 +259,11 @@ def cuda_bwd(n, k, o, g, hopper=True) -> Cost:
     gg = Cost.kernel(2 * n * o * _pad(R, TALL_N), ELEM * (n * o + o * R) + F32 * n * gr,
                      rate=MMA_SYNC_FRACTION)
     route = Cost.kernel(0, F32 * (2 * n * gr + n * g * L) + ELEM * (n * gr + n * s))
-    if hopper:  # [A_cat; R] stacked into one [S, K] operand, then the GEMM
+    if hopper and g == 1 and R <= ROUTED_RANKS and L <= ROUTED_RANKS:
+        # as sm90_routed_dgrad_accepts: B zero-padded, then g, the routing and dx in one
+        pad = Cost.kernel(0, ELEM * (o * R + o * _pad8(R)))
+        gg, route, dx = Cost(), Cost(), pad + sm90_routed_dgrad(n, k, o)
+    elif hopper:  # [A_cat; R] stacked into one [S, K] operand, then the GEMM
         stack = Cost.kernel(0, 2 * ELEM * s * k)
         dx = stack + sm90_gemm(n, k, o, s, _pad8(s), s, k)
     else:

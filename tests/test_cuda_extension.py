@@ -15,6 +15,9 @@ from ei_kernels import backends, mor_linear
 
 ROOT = Path(__file__).resolve().parent.parent
 INFO = ei_kernels.cuda_extension_info()
+# The sm_90a kernels (csrc/sm90_gemm.cu): trapping stubs in every other image.
+HOPPER_KERNELS = ("ext_gemm_kernel", "routed_gemm_kernel", "routed_dgrad_kernel")
+
 needs_extension = [
     pytest.mark.cuda_ext,
     pytest.mark.skipif(not INFO["built"], reason=f"the CUDA extension is not built: {INFO['reason']}"),
@@ -130,7 +133,8 @@ class TestCompiledExtension:
         loads its tiles with asynchronous copies (LDGSTS) and multiplies on tensor cores (HMMA);
         in the sm_90a image every instantiation of the Hopper GEMMs loads by TMA (UTMALDG) and
         multiplies with warp-group MMA (HGMMA) with one batch in flight, the routed forward
-        with the shrink's 64x16 and 64x8 MMAs beside the 64x192 one, present whenever the build
+        with the shrink's 64x16 and 64x8 MMAs beside the 64x192 one and the routed input
+        gradient with g's 64x16 one, present whenever the build
         found CUTLASS and a 90a target; and no kernel of any target has a stack frame (ptxas
         spilled nothing)."""
         import re
@@ -152,13 +156,15 @@ class TestCompiledExtension:
                 continue
             for name, code in re.findall(r"Function : (\S+)\n(.*?)(?=Function : |\Z)", body,
                                          re.S):
-                if "ext_gemm_kernel" in name or "routed_gemm_kernel" in name:
+                if any(kernel in name for kernel in HOPPER_KERNELS):
                     if arch == "sm_90a":  # the Hopper GEMMs: stubs in the other images
                         assert "UTMALDG" in code and "HGMMA" in code, (arch, name)
                         # the main loop keeps one batch of MMAs in flight
                         assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in code, (arch, name)
                         if "routed_gemm_kernel" in name:  # the shrink's MMAs beside the main
                             assert all(f"HGMMA.64x{n}x16.F32" in code for n in (192, 16, 8))
+                        if "routed_dgrad_kernel" in name:  # and g's
+                            assert all(f"HGMMA.64x{n}x16.F32" in code for n in (192, 16))
                         hopper += 1
                 elif "gemm_kernel" in name and ("__half" in name or "bfloat16" in name):
                     assert "LDGSTS" in code and "HMMA" in code, (arch, name)
@@ -167,8 +173,8 @@ class TestCompiledExtension:
         expected = _build_module().sm90_gemm_skipped() is None
         assert INFO["sm90_gemm"] == expected, _build_module().sm90_gemm_skipped()
         # fp16 and bf16, each with B k-major (forward) and n-major (input gradient), and the
-        # routed forward
-        assert hopper == (6 if expected else 0)
+        # routed forward and input gradient
+        assert hopper == (8 if expected else 0)
 
     def test_schemas(self):
         assert str(torch.ops.ei_kernels_cuda.mor_fwd.default._schema) == FWD_SCHEMA

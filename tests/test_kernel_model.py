@@ -40,14 +40,15 @@ def test_launch_counts_and_tables():
     assert kernel_model.triton_bwd(n, k, o, 1).launches == 2  # the kernel and the slot sum
     # As csrc/mor_kernels.cu launches: the portable path (shrink, routing, GEMM), and on
     # Hopper the routed forward alone (every ViT-B shape: r = 14 <= 16, L = 4 <= 8, qkv's
-    # 768 columns per group a whole number of 192-column tiles) and [A_cat; R] stacked before
-    # dx. One group keeps the forward's [u | l]: no u GEMM in the backward; qkv recomputes
-    # it. Backward: (u,) g, routing, (stack,) dx, the two split-K products, one sum.
+    # 768 columns per group a whole number of 192-column tiles). One group keeps the
+    # forward's [u | l]: no u GEMM in the backward; qkv recomputes it. Backward: (u,) g,
+    # routing, dx, the two split-K products, one sum; on Hopper one group pads B and runs g,
+    # the routing and dx as one routed launch, while qkv stacks [A_cat; R] before dx.
     assert kernel_model.cuda_fwd(n, k, o, 1, hopper=False).launches == 3
     assert kernel_model.cuda_bwd(n, k, o, 1, hopper=False).launches == 6
     assert all(kernel_model.cuda_fwd(n, k_, o_, g).launches == 1
                for k_, o_, g in kernel_model.SHAPES)
-    assert kernel_model.cuda_bwd(n, k, o, 1).launches == 7
+    assert kernel_model.cuda_bwd(n, k, o, 1).launches == 5
     assert kernel_model.cuda_bwd(n, k, 3 * o, 3).launches == 8
     rows = kernel_model.table(n, 790e12, 4.3e12, 3.0).splitlines()
     assert len(rows) == 2 + len(kernel_model.SHAPES)
@@ -76,6 +77,13 @@ def test_the_routed_forward_reads_x_once_and_adds_the_shrink_per_column_tile():
                             + 4 * (n * 18 + n * 4))
     assert routed.efficiency == 1.0  # 396 tiles: 3 waves
     assert routed.kernels[0][4] == pytest.approx(3 * kernel_model.ROUTE_STEP_US)
+
+
+def test_the_routed_dgrad_adds_g_per_column_tile_and_two_extension_steps():
+    n, k, o = 12608, 3072, 768
+    dgrad = kernel_model.sm90_routed_dgrad(n, k, o)
+    assert dgrad.flops == 2 * n * k * (o + 32) + 2 * n * 16 * 16 * o  # 16 column tiles
+    assert dgrad.programs == 99 * 16 and dgrad.efficiency == 1.0  # 12 waves
 
 
 def test_paired_slots_are_those_one_sweep_after_an_even_sweep():

@@ -67,8 +67,8 @@ def _hopper_gemm_expected() -> bool:
 
 
 def _launches(prof, kernel: str) -> int:
-    """Launches of an sm_90a kernel ("routed_gemm_kernel", "ext_gemm_kernel") or, for
-    "portable", of the portable GEMM."""
+    """Launches of an sm_90a kernel ("routed_gemm_kernel", "routed_dgrad_kernel",
+    "ext_gemm_kernel") or, for "portable", of the portable GEMM."""
     names = [e.name for e in prof.events()]
     if kernel == "portable":
         return sum("gemm_kernel" in name and "ext_gemm_kernel" not in name
@@ -90,8 +90,8 @@ def test_both_gemm_paths_match_torch_and_fp64(monkeypatch, switch, n, k, o, cfg,
 @pytest.mark.parametrize("switch", ["1", "0"], ids=["sm90-on", "sm90-off"])
 def test_the_hopper_gemm_runs_exactly_where_it_should(monkeypatch, switch):
     """Kernel names from the profiler: on an H100/H200 build that holds them, unless switched
-    off, the routed sm_90a kernel is the whole forward and the sm_90a GEMM runs dx; nowhere
-    else."""
+    off, the routed sm_90a kernel is the whole forward and the routed input gradient runs g,
+    the routing and dx of one group; nowhere else."""
     monkeypatch.setenv("EI_KERNELS_CUDA_SM90", switch)
     layer = make_layer("cuda")
     x = torch.randn(256, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -105,8 +105,28 @@ def test_the_hopper_gemm_runs_exactly_where_it_should(monkeypatch, switch):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         y.float().square().sum().backward()
         torch.cuda.synchronize()
-    assert _launches(prof, "ext_gemm_kernel") == (1 if on else 0)
+    assert _launches(prof, "routed_dgrad_kernel") == (1 if on else 0)
+    assert _launches(prof, "ext_gemm_kernel") == 0
     assert _launches(prof, "routed_gemm_kernel") == 0
+
+
+@pytest.mark.parametrize("groups, routed", [
+    pytest.param(1, True, id="one-group"), pytest.param(3, False, id="qkv-groups3")])
+def test_the_input_gradient_routes_inside_the_gemm_for_one_group(monkeypatch, groups, routed):
+    """One group: g, the routing and dx in one routed launch; qkv: g and the routing as their
+    own launches, then dx on the sm_90a GEMM. Both stay right, gradients included."""
+    if not _hopper_gemm_expected():
+        pytest.skip("needs the sm_90a kernels on a compute capability 9.0 GPU")
+    monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
+    o = 768 * groups
+    inputs, dy = make_inputs(1576, 768, o, {"groups": groups}, torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run("cuda", inputs, dy, {"groups": groups})
+        torch.cuda.synchronize()
+    assert _launches(prof, "routed_dgrad_kernel") == int(routed)
+    assert _launches(prof, "ext_gemm_kernel") == int(not routed)
+    check_against_torch_and_fp64("cuda", 1576, 768, o, {"groups": groups}, torch.bfloat16,
+                                 ulps=4)
 
 
 @pytest.mark.parametrize("k, o, groups, routed", [
@@ -133,8 +153,8 @@ def test_the_forward_routes_inside_the_gemm_where_a_tile_holds_one_group(monkeyp
 
 def test_an_x_that_tma_cannot_load_takes_the_portable_forward_and_stays_right(monkeypatch):
     """x contiguous but 2 bytes past a 16-byte boundary: the forward falls back to the
-    portable kernels (dx, in fresh buffers, still takes the sm_90a GEMM), and the results stay
-    right."""
+    portable kernels (dx, from dy and W in fresh buffers, still takes the routed sm_90a
+    kernel, which never reads x), and the results stay right."""
     monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
     inputs, dy = make_inputs(333, 104, 40, {}, torch.bfloat16)
     x = inputs["x"]
@@ -145,7 +165,7 @@ def test_an_x_that_tma_cannot_load_takes_the_portable_forward_and_stays_right(mo
         y, _, grads = run("cuda", {**inputs, "x": shifted}, dy, {})
         torch.cuda.synchronize()
     assert _launches(prof, "routed_gemm_kernel") == 0
-    assert _launches(prof, "ext_gemm_kernel") == (1 if _hopper_gemm_expected() else 0)
+    assert _launches(prof, "routed_dgrad_kernel") == (1 if _hopper_gemm_expected() else 0)
     y_t, _, grads_t = run("torch", inputs, dy, {})
     y_x, _, grads_x = run("torch", inputs, dy, {}, dtype=torch.float64)
     check("y", y, y_t, y_x, ulps=4)
