@@ -43,6 +43,9 @@ def test_summary_of_a_run_killed_half_way(tmp_path):
          "median_ms": 0.05},
         {"stage": "layer", "case": "K768-O768-N12608", "provider": "fused-triton", "mode": "fwd",
          "median_ms": 0.06},
+        {"stage": "layer", "case": "K768-O768-N12608", "provider": "fused-cuda",
+         "mode": "fwd+bwd", "median_ms": 0.09,
+         "kernels_us": {"routed_dgrad_kernel": 31.5, "routed_gemm_kernel": 30.25}},
     ])
     case = {"stage": "ei", "checkpointing": False, "precision": "bf16", "batch": 8,
             "image_size": 448}
@@ -62,6 +65,8 @@ def test_summary_of_a_run_killed_half_way(tmp_path):
     # GPU's size not consulted, nothing shared between programs, atomic
     assert ("| K768-O768-N12608 | fwd | 0.050 | - | 0.060 | - | - | - | - | - | - | 1.20 | - | - "
             "| - | - | - |" in text)
+    assert ("K768-O768-N12608 fused-cuda: routed_dgrad_kernel 31.5, routed_gemm_kernel 30.2"
+            in text)
     assert "| ei bf16 b8 448 px | 12.00 | 9.00 | 0.75 |" in text
     assert "plan_memory incomplete" in text  # 1 of its 4 cases
     assert "no tests.xml" in text
@@ -81,3 +86,24 @@ def test_summary_of_a_clean_run_passes_and_require_complete_checks_completeness(
     assert incomplete.returncode == 1
     assert (f"incomplete: triton: {N_CASES - 1} cases not run, no layer timings"
             in incomplete.stdout)
+
+
+def test_kernel_times_sum_launches_under_short_names():
+    """The profiled breakdown: demangled names shortened (no namespaces, template arguments or
+    parameters), launches of one kernel summed, the largest first."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import timings
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    routed = ("void ei::(anonymous namespace)::routed_gemm_kernel<ei::(anonymous namespace)::"
+              "RoutedConfig<cutlass::bfloat16_t>, cute::TmaDescriptor>(int, float*)")
+    times = timings.kernel_times([
+        (routed, 30.0), ("void ei::gemm_kernel<ei::TallTile, true>(ei::GemmArgs)", 4.0),
+        ("void ei::gemm_kernel<ei::WideTile, false>(ei::GemmArgs)", 5.5),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_"
+         "execute_segment_k_off_kernel__5x_cublas", 18.0)])
+    assert list(times) == ["routed_gemm_kernel",
+                           "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_",
+                           "gemm_kernel"]
+    assert times["gemm_kernel"] == 9.5 and times["routed_gemm_kernel"] == 30.0

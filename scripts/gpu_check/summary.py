@@ -22,6 +22,8 @@ from common import OUT, read_records
 from correctness import CASES  # noqa: E402
 from timings import PROVIDERS  # noqa: E402
 
+KERNELS_SHOWN = 6
+
 
 def _facts() -> tuple[list[str], list[str]]:
     path = OUT / "facts.json"
@@ -109,6 +111,12 @@ def _timings() -> tuple[list[str], list[str]]:
         lines.append(f"| {case} | {mode} | " + " | ".join(cells) + " | "
                      + " | ".join(ratio(p) for p in PROVIDERS[1:]) + " |")
     complete = all(len(row) == len(PROVIDERS) for row in ms.values())
+    breakdown = [f"  {r['case']} {r['provider']}: " + ", ".join(
+        f"{name} {us:.1f}" for name, us in list(r["kernels_us"].items())[:KERNELS_SHOWN])
+        for r in records if r.get("stage") == "layer" and "kernels_us" in r]
+    if breakdown:
+        lines += ["", f"GPU us per kernel of one fwd+bwd (the {KERNELS_SHOWN} largest):",
+                  *breakdown]
     return lines, ([] if complete else ["layer timings incomplete"])
 
 

@@ -14,7 +14,10 @@ EI_KERNELS_CUDA_SM90=0, every GEMM on the portable mma.sync kernel). "fused-trit
 the launcher's choice by its schedule model (ei_kernels/ops/triton_schedule.py); these rows say
 what the split, the fitted order and the sharing buy,
 forward (no grad) and forward + backward (x needs a gradient, the base is frozen): CUDA events
-around each call, median and minimum after warm-up, the peak memory of one fwd+bwd.
+around each call, median and minimum after warm-up, the peak memory of one fwd+bwd, and for
+nn.Linear and the triton and cuda backends the GPU time of each kernel of one fwd+bwd from the
+profiler ("kernels_us": where the time goes, e.g. how close each sm_90a kernel comes to the
+cuBLAS GEMM next to it).
 
     python scripts/gpu_check/timings.py [--case-seconds 60]
 
@@ -26,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 import time
+from collections import defaultdict
 
-from common import (CONTEXT_LOST, DRY, Watchdog, append, device, read_records, run_case,
-                    synchronize)
+from common import (CONTEXT_LOST, DRY, Watchdog, append, context_lost, device, read_records,
+                    run_case, short_error, synchronize)
 
 import torch  # noqa: E402
 
@@ -47,6 +52,7 @@ SHAPES = [(40, 24, 1), (40, 36, 3)] if DRY else [
 PROVIDERS = ("linear", "fused-torch", "fused-triton", "fused-cuda", "fused-cuda-portable",
              "fused-triton-unfitted", "fused-triton-unshared", "fused-triton-atomic")
 DTYPE = torch.float32 if DRY else torch.bfloat16
+PROFILED = ("linear", "fused-triton", "fused-cuda")  # their fwd+bwd kernels, one by one
 WARMUP, ROUNDS = (1, 2) if DRY else (10, 30)
 
 
@@ -117,6 +123,31 @@ def _cuda_variant(provider: str):
             os.environ["EI_KERNELS_CUDA_SM90"] = before
 
 
+def kernel_name(name: str) -> str:
+    """A kernel's short name: no return type, namespaces or template arguments (CuTe kernels'
+    demangled names run to thousands of characters), at most 60 characters."""
+    name = re.sub(r"^void\s+", "", name)
+    name = re.sub(r"\(anonymous namespace\)::|\b\w+::", "", name)
+    return re.split(r"[<(]", name, maxsplit=1)[0][:60]
+
+
+def kernel_times(launches) -> dict[str, float]:
+    """{short kernel name: GPU microseconds summed over its launches}, the largest first, from
+    (demangled name, microseconds) pairs."""
+    total = defaultdict(float)
+    for name, us in launches:
+        total[kernel_name(name)] += us
+    return dict(sorted(total.items(), key=lambda item: -item[1]))
+
+
+def _profiled_kernels(step) -> dict[str, float]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        synchronize()
+    return kernel_times((e.name, e.time_range.elapsed_us()) for e in prof.events()
+                        if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def time_case(provider: str, k: int, o: int, groups: int, mode: str) -> dict:
     with _triton_variant(provider) as backend_provider, _cuda_variant(provider):
         return _time_layer(backend_provider, k, o, groups, mode)
@@ -142,6 +173,13 @@ def _time_layer(provider: str, k: int, o: int, groups: int, mode: str) -> dict:
         step()
         torch.cuda.synchronize()
         record["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        if provider in PROFILED:
+            try:
+                record["kernels_us"] = _profiled_kernels(step)
+            except Exception as err:  # the timing stands without its breakdown
+                if context_lost(err):
+                    raise
+                record["kernels_error"] = short_error(err)
     return record
 
 
