@@ -69,6 +69,7 @@ struct MorForwardArgs {
   void* z;                    // workspace [N, G*r], row stride rank_ld(); null when the
                               // routed sm_90a forward runs (sm90_routed_accepts)
   bool sm90;                  // the binding enabled the sm_90a GEMM (sm90_gemm_enabled)
+  bool sm90_routed;           // and the routed forward (sm90 && sm90_routed_enabled())
   void* lora_b_ext;           // workspace [O, rank_ld()] for the unrouted one, else null
 };
 
@@ -93,6 +94,7 @@ struct MorBackwardArgs {
   void* d_shrink;             // workspace [N, S]: [du | dl] in the input dtype, row stride
                               // shrink_ld()
   bool sm90;                  // the binding enabled the sm_90a GEMM (sm90_gemm_enabled)
+  bool sm90_routed;           // and the routed input gradient (sm90 && sm90_routed_enabled())
   void* shrink_weight;        // workspace [S, K] for it with a router: [A_cat; R], else null
   void* lora_b_ext;           // workspace [O, rank_ld()] for the routed dx (B zero-padded),
                               // else null; g is then null
@@ -106,6 +108,12 @@ struct MorBackwardArgs {
 // switch EI_KERNELS_CUDA_SM90 not "0". The binding then allocates the two workspaces above
 // that only that kernel reads. Queries the device once (cached: safe under graph capture).
 cudaError_t sm90_gemm_enabled(DType dtype, int device, bool* enabled);
+
+// Whether the sm_90a kernels may include the routed ones (sm90_gemm.h: the forward, and one
+// group's input gradient, in one launch each): unless EI_KERNELS_CUDA_SM90 is "unrouted",
+// which keeps the shrink, g and the routing as launches of their own around the sm_90a GEMM
+// (to measure what folding them in buys, or to rule the routed kernels out).
+bool sm90_routed_enabled();
 
 // Reads the device's SM count (no stream work, so it is safe during CUDA graph capture).
 cudaError_t plan_reductions(const MorDims& dims, int device, ReductionPlan* plan);

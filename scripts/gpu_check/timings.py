@@ -10,7 +10,9 @@ backward's du | dl | z then cost what they did in one-tile programs before, and 
 pair's second stores in its own slot, which the slot sum then reads too), and the atomic
 token reductions instead of the deterministic slots ("fused-triton-atomic"), and the cuda
 backend with its sm_90a TMA + wgmma GEMM switched off ("fused-cuda-portable":
-EI_KERNELS_CUDA_SM90=0, every GEMM on the portable mma.sync kernel). "fused-triton" is
+EI_KERNELS_CUDA_SM90=0, every GEMM on the portable mma.sync kernel) or without its routed
+kernels ("fused-cuda-unrouted": EI_KERNELS_CUDA_SM90=unrouted, the shrink, g and the routing
+as launches of their own around the sm_90a GEMM). "fused-triton" is
 the launcher's choice by its schedule model (ei_kernels/ops/triton_schedule.py); these rows say
 what the split, the fitted order and the sharing buy,
 forward (no grad) and forward + backward (x needs a gradient, the base is frozen): CUDA events
@@ -49,8 +51,9 @@ N_TOKENS = 33 if DRY else 12608  # ViT-B at batch 64 (197 tokens each)
 SHAPES = [(40, 24, 1), (40, 36, 3)] if DRY else [
     (768, 768, 1), (768, 2304, 3), (768, 3072, 1), (3072, 768, 1)]
 # The Triton variants last: within the stage's time cap they are what may be cut.
-PROVIDERS = ("linear", "fused-torch", "fused-triton", "fused-cuda", "fused-cuda-portable",
-             "fused-triton-unfitted", "fused-triton-unshared", "fused-triton-atomic")
+PROVIDERS = ("linear", "fused-torch", "fused-triton", "fused-cuda", "fused-cuda-unrouted",
+             "fused-cuda-portable", "fused-triton-unfitted", "fused-triton-unshared",
+             "fused-triton-atomic")
 DTYPE = torch.float32 if DRY else torch.bfloat16
 PROFILED = ("linear", "fused-triton", "fused-cuda")  # their fwd+bwd kernels, one by one
 WARMUP, ROUNDS = (1, 2) if DRY else (10, 30)
@@ -107,13 +110,15 @@ def _triton_variant(provider: str):
 
 @contextlib.contextmanager
 def _cuda_variant(provider: str):
-    """The cuda backend as `provider` runs it: "-portable" without the sm_90a GEMM (the
-    extension reads the switch at every call)."""
+    """The cuda backend as `provider` runs it: "-portable" without the sm_90a GEMM,
+    "-unrouted" without its routed kernels (the extension reads the switch at every call)."""
     import os
 
     before = os.environ.get("EI_KERNELS_CUDA_SM90")
     if provider.endswith("-portable"):
         os.environ["EI_KERNELS_CUDA_SM90"] = "0"
+    if provider.endswith("-unrouted"):
+        os.environ["EI_KERNELS_CUDA_SM90"] = "unrouted"
     try:
         yield
     finally:

@@ -2,9 +2,11 @@
 forward and every gradient against the torch backend and an fp64 reference in fp32/bf16/fp16,
 odd shapes (every dimension ending in a partial tile), N = 0 and 1, each flag off, groups=3,
 bitwise determinism, CUDA graph capture and replay, torch.compile(fullgraph=True). On an
-H100/H200 the 16-bit cases whose rows TMA can load take the sm_90a GEMM (the K=104/O=40 ones:
-partial tiles in every dimension there), the rest the portable one; both are also compared
-with the switch EI_KERNELS_CUDA_SM90=0."""
+H100/H200 the 16-bit cases whose rows TMA can load take the sm_90a kernels, routed where they
+fit (the K=104/O=40 ones: partial tiles in every dimension there), the rest the portable
+ones; both are also compared
+with the switch EI_KERNELS_CUDA_SM90=0, and the sm_90a GEMM without the routed kernels with
+EI_KERNELS_CUDA_SM90=unrouted."""
 
 import pytest
 import torch
@@ -76,7 +78,8 @@ def _launches(prof, kernel: str) -> int:
     return sum(kernel in name for name in names)
 
 
-@pytest.mark.parametrize("switch", ["1", "0"], ids=["sm90-on", "sm90-off"])
+@pytest.mark.parametrize("switch", ["1", "unrouted", "0"],
+                         ids=["sm90-on", "sm90-unrouted", "sm90-off"])
 @pytest.mark.parametrize("n, k, o, cfg, dtype", [
     pytest.param(1576, 768, 2304, {"groups": 3}, "bf16", id="qkv-groups3-bf16"),
     pytest.param(333, 104, 40, {"bypass": False}, "fp16", id="odd-tiles-no-bypass-fp16"),
@@ -87,26 +90,30 @@ def test_both_gemm_paths_match_torch_and_fp64(monkeypatch, switch, n, k, o, cfg,
     check_against_torch_and_fp64("cuda", n, k, o, cfg, DTYPES[dtype], ulps=4)
 
 
-@pytest.mark.parametrize("switch", ["1", "0"], ids=["sm90-on", "sm90-off"])
+@pytest.mark.parametrize("switch", ["1", "unrouted", "0"],
+                         ids=["sm90-on", "sm90-unrouted", "sm90-off"])
 def test_the_hopper_gemm_runs_exactly_where_it_should(monkeypatch, switch):
     """Kernel names from the profiler: on an H100/H200 build that holds them, unless switched
     off, the routed sm_90a kernel is the whole forward and the routed input gradient runs g,
-    the routing and dx of one group; nowhere else."""
+    the routing and dx of one group; "unrouted", the sm_90a GEMM runs y and dx with the
+    shrink, g and the routing around it; nowhere else."""
     monkeypatch.setenv("EI_KERNELS_CUDA_SM90", switch)
     layer = make_layer("cuda")
     x = torch.randn(256, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         y = layer(x)
         torch.cuda.synchronize()
-    on = switch == "1" and _hopper_gemm_expected()
-    assert _launches(prof, "routed_gemm_kernel") == (1 if on else 0)
-    if on:  # nothing else runs in the forward
+    hopper = switch != "0" and _hopper_gemm_expected()
+    routed = hopper and switch == "1"
+    assert _launches(prof, "routed_gemm_kernel") == int(routed)
+    assert _launches(prof, "ext_gemm_kernel") == int(hopper and not routed)
+    if routed:  # nothing else runs in the forward
         assert len({e.name for e in prof.events() if e.device_type.name == "CUDA"}) == 1
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         y.float().square().sum().backward()
         torch.cuda.synchronize()
-    assert _launches(prof, "routed_dgrad_kernel") == (1 if on else 0)
-    assert _launches(prof, "ext_gemm_kernel") == 0
+    assert _launches(prof, "routed_dgrad_kernel") == int(routed)
+    assert _launches(prof, "ext_gemm_kernel") == int(hopper and not routed)
     assert _launches(prof, "routed_gemm_kernel") == 0
 
 
