@@ -339,10 +339,11 @@ __device__ void route_row(const MorDims& d, int group, int row, int64_t token, b
                           SZ& sZ) {
   using T = typename Cfg::T;
   const int logits = ROUTER ? d.logits : 0;
+  static_assert(Cfg::kLogits >= kRoutedBranches + 1, "the logits tile holds every output");
   float p[kRoutedBranches + 1];
   float coef[kRoutedBranches];
 #pragma unroll
-  for (int i = 0; i < Cfg::kLogits; ++i) {
+  for (int i = 0; i < kRoutedBranches + 1; ++i) {
     if (i < logits) {
       p[i] = staged[Cfg::kRanks + i] +
              (ptr.router_bias ? float(ptr.router_bias[group * logits + i]) : 0.0f);
@@ -356,7 +357,7 @@ __device__ void route_row(const MorDims& d, int group, int row, int64_t token, b
     for (int j = 0; j < d.rank; ++j) kept[group * d.rank + j] = staged[j];
     float* const probs = ptr.probs + token * d.groups * logits + group * logits;
 #pragma unroll
-    for (int i = 0; i < Cfg::kLogits; ++i) {
+    for (int i = 0; i < kRoutedBranches + 1; ++i) {
       if (i < logits) {
         kept[gr + group * logits + i] = staged[Cfg::kRanks + i];
         probs[i] = p[i];
@@ -522,7 +523,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const auto [row, col] = tLc(i);
     smem.staging[row][Cfg::kRanks + col] = acc_l(i);
   }
-  cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);  // id 0: __syncthreads
+  // The consumers' own barrier (user id 1: hardware barrier 9; barrier 0 is __syncthreads).
+  cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
   if (thread < Cfg::kBM) {
     const int64_t token = int64_t(blockIdx.y) * Cfg::kBM + thread;
     const bool keeps = n0 % (n / d.groups) == 0;  // the group's first column tile
@@ -742,7 +744,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const auto [row, col] = tGc(i);
     smem.staging[row][col] = acc_g(i);
   }
-  cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);  // id 0: __syncthreads
+  // The consumers' own barrier (user id 1: hardware barrier 9; barrier 0 is __syncthreads).
+  cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
   if (thread < Cfg::kBM) {
     const int64_t token = int64_t(blockIdx.y) * Cfg::kBM + thread;
     const float* const staged = smem.staging[thread];
@@ -769,10 +772,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   Tensor tDlA = thr_mma.make_fragment_A(thr_mma.partition_A(sDl));
   Tensor tLoraAB = thr_mma.make_fragment_B(thr_mma.partition_B(sLoraA));
   Tensor tRouterB = thr_mma.make_fragment_B(thr_mma.partition_B(sRouter));
+  // Both MMAs always, in one batch: without a router dl is zeros and the second tile holds
+  // lora_a's finite values (a branch around an MMA would split the batch).
   warpgroup_fence_operand(acc);
   warpgroup_arrive();
   gemm(mma, tDuA, tLoraAB, acc);
-  if (d.router) gemm(mma, tDlA, tRouterB, acc);
+  gemm(mma, tDlA, tRouterB, acc);
   warpgroup_commit_batch();
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc);
@@ -955,7 +960,9 @@ cudaError_t sm90_ext_gemm(DType dtype, const ExtGemmArgs& g, cudaStream_t stream
 bool sm90_routed_accepts(DType dtype, const MorDims& d, const MorForwardArgs& a) {
   using Cfg = RoutedConfig<cutlass::half_t>;  // the same sizes for both dtypes
   if (!sm90_gemm_built() || dtype == DType::kFloat) return false;
-  if (d.tokens <= 0 || d.tokens > INT32_MAX || d.out_features <= 0) return false;
+  if (d.tokens <= 0 || d.tokens > INT32_MAX || d.out_features <= 0 || d.in_features <= 0) {
+    return false;  // (CuTe's TMA encoding asserts on an empty dimension)
+  }
   if (d.rank > Cfg::kRanks || (d.router && d.logits > Cfg::kLogits)) return false;
   if (d.branches > kRoutedBranches) return false;
   if (d.groups > 1 && (d.out_features / d.groups) % Cfg::kBN != 0) return false;
@@ -971,6 +978,7 @@ bool sm90_routed_dgrad_accepts(DType dtype, const MorDims& d, const MorBackwardA
   using Cfg = RoutedDgradConfig<cutlass::half_t>;  // the same sizes for both dtypes
   if (!sm90_gemm_built() || dtype == DType::kFloat || a.dx == nullptr) return false;
   if (d.tokens <= 0 || d.tokens > INT32_MAX || d.groups != 1) return false;
+  if (d.in_features <= 0 || d.out_features <= 0) return false;  // TMA: no empty dimension
   if (d.rank > Cfg::kRanks || (d.router && d.logits > Cfg::kRanks)) return false;
   if (d.branches > kRoutedBranches) return false;
   const int64_t row_tiles = (d.tokens + Cfg::kBM - 1) / Cfg::kBM;
