@@ -108,3 +108,25 @@ def test_kernel_times_sum_launches_under_short_names():
                            "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_",
                            "gemm_kernel"]
     assert times["gemm_kernel"] == 9.5 and times["routed_gemm_kernel"] == 30.0
+
+
+def test_cuda_correctness_steps_down_the_sm90_ladder_past_modes_that_hung():
+    """A case that never finished (or lost the context) under a mode moves the cases still to
+    run one step down: every sm_90a kernel, then the plain sm_90a GEMM, then none."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import correctness
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    cuda = {"backend": "cuda"}
+    passed = [{**cuda, "case": "a", "sm90": "1", "verdict": "started"},
+              {**cuda, "case": "a", "sm90": "1", "verdict": "pass"}]
+    hung = [{**cuda, "case": "b", "sm90": "1", "verdict": "started"}]
+    lost = [{**cuda, "case": "c", "sm90": "unrouted", "verdict": "started"},
+            {**cuda, "case": "c", "sm90": "unrouted", "verdict": "error", "context_lost": True}]
+    triton_hung = [{"backend": "triton", "case": "d", "verdict": "started"}]
+    assert correctness.sm90_mode([]) == "1"
+    assert correctness.sm90_mode(passed + triton_hung) == "1"
+    assert correctness.sm90_mode(passed + hung) == "unrouted"
+    assert correctness.sm90_mode(passed + hung + lost) == "0"
+    assert correctness.sm90_mode(lost) == "1"  # "unrouted" broke, but "1" never did

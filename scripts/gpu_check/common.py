@@ -102,6 +102,8 @@ def run_case(filename: str, base: dict, work: Callable[[], dict], seconds: float
     except Exception as err:  # one broken case must not stop the others
         result = {**(failed or {}), "error": short_error(err)}
         lost = context_lost(err)
+        if lost:
+            result["context_lost"] = True
     result["seconds"] = round(time.perf_counter() - t0, 3)
     append(filename, {**base, **result})
     return result, lost

@@ -13,13 +13,18 @@ run's d_router_bias: 4.3 ulps from Triton, 3.9 from our torch backend, 1.3 from 
 
 Cases are ordered most informative first (bf16 at ViT-B sizes, then the other precisions,
 flags, odd shapes, N = 1 and 0); a case already in the file is skipped, so a restarted stage
-goes on where the last one died. In dry mode the shapes are tiny, bf16 runs as fp16 and tf32
+goes on where the last one died. The cuda backend's cases run with EI_KERNELS_CUDA_SM90 one
+step down the ladder "1" (every sm_90a kernel), "unrouted" (the plain sm_90a GEMM), "0" (the
+portable kernels only) for each mode under which a case hung, crashed or lost the CUDA
+context, so that one broken kernel family costs one watchdog period, not the whole budget;
+each record says its mode ("sm90"). In dry mode the shapes are tiny, bf16 runs as fp16 and tf32
 as fp32 (the interpreter has neither).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +37,7 @@ from ei_kernels import mor_linear_with_routing  # noqa: E402
 from mor_reference import make_inputs, reference_mor  # noqa: E402
 
 FILE = "correctness.jsonl"
+SM90_LADDER = ("1", "unrouted", "0")  # EI_KERNELS_CUDA_SM90, most sm_90a kernels first
 RANKS, SCALINGS = (2, 4, 8), (2.0, 1.0, 0.5)  # distinct scalings catch a mis-weighted column
 TRAINABLE = ("x", "lora_a", "lora_b", "router_weight", "router_bias")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
@@ -199,6 +205,20 @@ def check_case(backend: str, case: Case) -> dict:
                 verdict="FAIL" if failed else "pass")
 
 
+def sm90_mode(records: list[dict]) -> str:
+    """The EI_KERNELS_CUDA_SM90 value for the cuda cases still to run: past every mode at the
+    top of SM90_LADDER under which a case never finished (hung or crashed: "started" and
+    nothing after it) or lost the CUDA context."""
+    finished = {r["case"] for r in records
+                if r.get("backend") == "cuda" and r.get("verdict") != "started"}
+    bad = {r.get("sm90") for r in records if r.get("backend") == "cuda" and (
+        r.get("context_lost") or (r.get("verdict") == "started" and r["case"] not in finished))}
+    level = 0
+    while level < len(SM90_LADDER) - 1 and SM90_LADDER[level] in bad:
+        level += 1
+    return SM90_LADDER[level]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", required=True, choices=("triton", "cuda"))
@@ -209,13 +229,19 @@ def main() -> int:
         from ei_kernels.ops import triton_mor
 
         triton_mor.POISON_OUTPUTS = True
-    done = {r["case"] for r in read_records(FILE) if r.get("backend") == args.backend}
+    records = read_records(FILE)
+    done = {r["case"] for r in records if r.get("backend") == args.backend}
+    mode = {}
+    if args.backend == "cuda":  # the extension reads the switch at every call
+        mode = {"sm90": sm90_mode(records)}
+        os.environ["EI_KERNELS_CUDA_SM90"] = mode["sm90"]
+        print(f"cuda cases run with EI_KERNELS_CUDA_SM90={mode['sm90']}", flush=True)
     for case in CASES:
         if case.id in done:
             continue
         run = case.for_dry_run() if DRY else case
         base = dict(stage="correctness", backend=args.backend, case=case.id, n=run.n, k=run.k,
-                    o=run.o, dtype=run.dtype, cfg=run.cfg)
+                    o=run.o, dtype=run.dtype, cfg=run.cfg, **mode)
         result, lost = run_case(FILE, base, lambda: check_case(args.backend, run),
                                 args.case_seconds, started={"verdict": "started"},
                                 failed={"verdict": "error"})

@@ -19,7 +19,7 @@ from collections import defaultdict
 
 from common import OUT, read_records
 
-from correctness import CASES  # noqa: E402
+from correctness import CASES, SM90_LADDER  # noqa: E402
 from timings import PROVIDERS  # noqa: E402
 
 KERNELS_SHOWN = 6
@@ -70,8 +70,11 @@ def _correctness() -> tuple[list[str], list[str], list[str]]:
         if missing:
             incomplete.append(f"{backend}: {len(missing)} cases not run")
         summary = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
+        used = {r["sm90"] for r in cases.values() if "sm90" in r}
+        modes = [mode for mode in SM90_LADDER if mode in used]
         lines.append(f"correctness {backend}: {summary}"
-                     + (f", {len(missing)} not run (time)" if missing else ""))
+                     + (f", {len(missing)} not run (time)" if missing else "")
+                     + (f" (EI_KERNELS_CUDA_SM90={' then '.join(modes)})" if modes else ""))
         for r in cases.values():
             if r["verdict"] != "pass":
                 why = "; ".join(r.get("failed", [])) or r.get("error", "hung or crashed")

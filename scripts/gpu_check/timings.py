@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import sys
 import time
@@ -112,8 +113,6 @@ def _triton_variant(provider: str):
 def _cuda_variant(provider: str):
     """The cuda backend as `provider` runs it: "-portable" without the sm_90a GEMM,
     "-unrouted" without its routed kernels (the extension reads the switch at every call)."""
-    import os
-
     before = os.environ.get("EI_KERNELS_CUDA_SM90")
     if provider.endswith("-portable"):
         os.environ["EI_KERNELS_CUDA_SM90"] = "0"
@@ -155,7 +154,10 @@ def _profiled_kernels(step) -> dict[str, float]:
 
 def time_case(provider: str, k: int, o: int, groups: int, mode: str) -> dict:
     with _triton_variant(provider) as backend_provider, _cuda_variant(provider):
-        return _time_layer(backend_provider, k, o, groups, mode)
+        record = _time_layer(backend_provider, k, o, groups, mode)
+        if provider.startswith("fused-cuda"):  # the switch it ran under (gpu_check may set it)
+            record["sm90"] = os.environ.get("EI_KERNELS_CUDA_SM90", "1")
+        return record
 
 
 def _time_layer(provider: str, k: int, o: int, groups: int, mode: str) -> dict:
