@@ -164,36 +164,33 @@ __global__ void stack_rows_kernel(const T* __restrict__ top, int64_t top_count,
 template <typename T>
 cudaError_t token_reductions(const MorDims& d, const ReductionPlan& plan,
                              const MorBackwardArgs& a, cudaStream_t stream) {
-  const int m = int(d.tokens), K = d.in_features, O = d.out_features, G = d.groups;
-  const int r = d.rank, gr = G * r, S = d.shrink_width(), og = O / G;
-  const int zld = d.rank_ld(), sld = d.shrink_ld();
-  const T* const x = static_cast<const T*>(a.x);
-  const T* const dy = static_cast<const T*>(a.dy);
-  T* const z = static_cast<T*>(a.z);
-  T* const d_shrink = static_cast<T*>(a.d_shrink);
+  const int m = int(d.tokens), K = d.in_features, O = d.out_features, r = d.rank;
+  const int S = d.shrink_width(), og = O / d.groups;
   GemmArgs<T, float> dw{};
   dw.m = S, dw.n = K, dw.k = m, dw.k_per_split = split_length<T>(m, plan.shrink_splits);
-  dw.a = dense<T>(d_shrink, sld), dw.b = dense(x, K);
+  dw.a = dense<T>(static_cast<T*>(a.d_shrink), d.shrink_ld());
+  dw.b = dense(static_cast<const T*>(a.x), K);
   dw.c = a.shrink_partial, dw.ldc = K, dw.c_split_stride = int64_t(S) * K;
   dw.batches = 1, dw.splits = plan.shrink_splits;
   launch_gemm<WideTile, false, false>(dw, stream);
 
   GemmArgs<T, float> db{};
   db.m = og, db.n = r, db.k = m, db.k_per_split = split_length<T>(m, plan.lora_b_splits);
-  db.a = dense(dy, O, og), db.b = dense<T>(z, zld, r);
+  db.a = dense(static_cast<const T*>(a.dy), O, og);
+  db.b = dense<T>(static_cast<T*>(a.z), d.rank_ld(), r);
   db.c = a.lora_b_partial, db.ldc = r, db.c_batch_stride = int64_t(og) * r;
-  db.c_split_stride = int64_t(O) * r, db.batches = G, db.splits = plan.lora_b_splits;
+  db.c_split_stride = int64_t(O) * r, db.batches = d.groups, db.splits = plan.lora_b_splits;
   launch_gemm<TallTile, false, false>(db, stream);
 
   // The partial sums in a fixed order, one launch; dc from the routing kernel's per-block
   // sums (none for no tokens: zeros).
   SplitSums sums{};
-  sums.sum[sums.count++] = {a.shrink_partial, plan.shrink_splits, S, K, gr, a.d_lora_a,
+  sums.sum[sums.count++] = {a.shrink_partial, plan.shrink_splits, S, K, d.groups * r, a.d_lora_a,
                             a.d_router_weight};
   sums.sum[sums.count++] = {a.lora_b_partial, plan.lora_b_splits, O, r, O, a.d_lora_b, nullptr};
   if (d.router) {
-    sums.sum[sums.count++] = {a.dl_partial, plan.dl_splits, 1, G * d.logits, 1, a.d_router_bias,
-                              nullptr};
+    sums.sum[sums.count++] = {a.dl_partial, plan.dl_splits, 1, d.groups * d.logits, 1,
+                              a.d_router_bias, nullptr};
   }
   sum_splits<T>(sums, stream);
   return cudaSuccess;

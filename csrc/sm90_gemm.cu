@@ -35,6 +35,8 @@ namespace ei {
 namespace {
 
 using namespace cute;
+using Barrier = cutlass::arch::ClusterBarrier;  // the ring's barriers (mbarrier)
+using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
 
 template <typename Element, bool kBNMajor, int kStageCount = 5>
 struct Sm90Config {
@@ -190,12 +192,48 @@ template <class Shared, int kStages>
 __device__ void init_ring(Shared& smem, int consumers) {
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      cutlass::arch::ClusterTransactionBarrier::init(&smem.full[s], 1);
-      cutlass::arch::ClusterBarrier::init(&smem.empty[s], consumers);
+      TxBarrier::init(&smem.full[s], 1);
+      Barrier::init(&smem.empty[s], consumers);
     }
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
+}
+
+// The producer's side of the ring: `steps` K steps, each into the next free stage, where
+// load(kt, stage, barrier) issues that step's TMA copies (stage_bytes in all) on the stage's
+// barrier. stage and phase carry on from call to call (one ring, several reductions).
+template <int kStages, class Shared, class Load>
+__device__ void fill_ring(Shared& smem, int steps, uint32_t stage_bytes, int& stage, int& phase,
+                          Load&& load) {
+  for (int kt = 0; kt < steps; ++kt) {
+    Barrier::wait(&smem.empty[stage], phase ^ 1);  // the first lap finds every stage free
+    TxBarrier::arrive_and_expect_tx(&smem.full[stage], stage_bytes);
+    load(kt, stage, smem.full[stage]);
+    if (++stage == kStages) stage = 0, phase ^= 1;
+  }
+}
+
+// The consumers' side: per K step, wait for the stage's bytes, issue mmas(stage) as one batch
+// of wgmma, keep it in flight while the previous step's batch retires, then free that step's
+// stage. fence() fences every accumulator the MMAs write. All batches retired on return.
+template <int kStages, class Shared, class Mmas, class Fence>
+__device__ void drain_ring(Shared& smem, int steps, Mmas&& mmas, Fence&& fence) {
+  int stage = 0, phase = 0, reading = -1;
+  for (int step = 0; step < steps; ++step) {
+    TxBarrier::wait(&smem.full[stage], phase);
+    fence();
+    warpgroup_arrive();
+    mmas(stage);
+    warpgroup_commit_batch();
+    warpgroup_wait<1>();
+    fence();
+    if (reading >= 0) Barrier::arrive(&smem.empty[reading]);
+    reading = stage;
+    if (++stage == kStages) stage = 0, phase ^= 1;
+  }
+  warpgroup_wait<0>();
+  fence();
 }
 
 // The epilogue: C = acc (+ bias) for the tile's rows below m and columns below n.
@@ -233,8 +271,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                     typename Cfg::T* c, int64_t ldc) {
 #if defined(EI_SM90_DEVICE_CODE)
   using T = typename Cfg::T;
-  using Barrier = cutlass::arch::ClusterBarrier;
-  using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kStages = Cfg::kStages;
   // What TMA writes per stage: whole boxes, also where they reach past the matrix (zeros)
   constexpr uint32_t kStageBytes = uint32_t((Cfg::kBM + Cfg::kBN) * Cfg::kBK * sizeof(T));
@@ -262,18 +298,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                              Step<_1, X, _1>{});  // [BM, BK, k steps]
       Tensor gW = local_tile(tma_w.get_tma_tensor(make_shape(n, kx)), tiler, tile,
                              Step<X, _1, _1>{});  // [BN, BK, k steps]
-      auto [tXg, tXs] = tma_partition(tma_x, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA),
-                                      group_modes<0, 2>(gX));
-      auto [tWg, tWs] = tma_partition(tma_w, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB),
-                                      group_modes<0, 2>(gW));
-      const int steps = (kx + Cfg::kBK - 1) / Cfg::kBK;
-      for (int kt = 0; kt < steps; ++kt) {
-        Barrier::wait(&smem.empty[stage], phase ^ 1);  // the first lap finds every stage free
-        TxBarrier::arrive_and_expect_tx(&smem.full[stage], kStageBytes);
-        copy(tma_x.with(smem.full[stage]), tXg(_, kt), tXs(_, stage));
-        copy(tma_w.with(smem.full[stage]), tWg(_, kt), tWs(_, stage));
-        if (++stage == kStages) stage = 0, phase ^= 1;
-      }
+      auto tX = tma_partition(tma_x, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA),
+                              group_modes<0, 2>(gX));
+      auto tW = tma_partition(tma_w, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB),
+                              group_modes<0, 2>(gW));
+      fill_ring<kStages>(smem, (kx + Cfg::kBK - 1) / Cfg::kBK, kStageBytes, stage, phase,
+                         [&](int kt, int at, uint64_t& full) {
+                           copy(tma_x.with(full), get<0>(tX)(_, kt), get<1>(tX)(_, at));
+                           copy(tma_w.with(full), get<0>(tW)(_, kt), get<1>(tW)(_, at));
+                         });
     };
     load_steps(tma_a, tma_b, k);
     if (k2 > 0) load_steps(tma_a2, tma_b2, k2);
@@ -292,21 +325,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   Tensor acc = thr_mma.partition_fragment_C(gC);  // fp32 accumulators
   clear(acc);
 
-  int stage = 0, phase = 0, reading = -1;
-  for (int step = 0; step < k_steps; ++step) {
-    TxBarrier::wait(&smem.full[stage], phase);
-    warpgroup_fence_operand(acc);
-    warpgroup_arrive();
-    gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
-    warpgroup_commit_batch();
-    warpgroup_wait<1>();  // the previous step's MMAs have retired: free its stage
-    warpgroup_fence_operand(acc);
-    if (reading >= 0) Barrier::arrive(&smem.empty[reading]);
-    reading = stage;
-    if (++stage == kStages) stage = 0, phase ^= 1;
-  }
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(acc);
+  drain_ring<kStages>(
+      smem, k_steps,
+      [&](int stage) { gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc); },
+      [&] { warpgroup_fence_operand(acc); });
 
   store_tile(acc, tCcC, m, n, bias, c, ldc);
 #else
@@ -387,8 +409,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                        const RoutedPointers<typename Cfg::T> ptr) {
 #if defined(EI_SM90_DEVICE_CODE)
   using T = typename Cfg::T;
-  using Barrier = cutlass::arch::ClusterBarrier;
-  using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kStages = Cfg::kStages;
   const int m = int(d.tokens), n = d.out_features, k = d.in_features;
   const int n0 = int(blockIdx.x) * Cfg::kBN, group = n0 / (n / d.groups);
@@ -431,25 +451,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         domain_offset(make_coord(d.router ? group * d.logits : 0, 0),
                       tma_router.get_tma_tensor(make_shape(router_rows, k))),
         Shape<typename Cfg::Logits, typename Cfg::BK>{}, make_coord(0, _));  // [8, BK, steps]
-    auto [tXg, tXs] = tma_partition(tma_x, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA),
-                                    group_modes<0, 2>(gX));
-    auto [tWg, tWs] = tma_partition(tma_w, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB),
-                                    group_modes<0, 2>(gW));
-    auto [tUg, tUs] = tma_partition(tma_lora_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sU),
-                                    group_modes<0, 2>(gU));
-    auto [tLg, tLs] = tma_partition(tma_router, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sL),
-                                    group_modes<0, 2>(gL));
-    const int steps = (k + Cfg::kBK - 1) / Cfg::kBK;
+    auto tX = tma_partition(tma_x, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA),
+                            group_modes<0, 2>(gX));
+    auto tW = tma_partition(tma_w, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB),
+                            group_modes<0, 2>(gW));
+    auto tU = tma_partition(tma_lora_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sU),
+                            group_modes<0, 2>(gU));
+    auto tL = tma_partition(tma_router, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sL),
+                            group_modes<0, 2>(gL));
     int stage = 0, phase = 0;
-    for (int kt = 0; kt < steps; ++kt) {
-      Barrier::wait(&smem.empty[stage], phase ^ 1);
-      TxBarrier::arrive_and_expect_tx(&smem.full[stage], kStageBytes);
-      copy(tma_x.with(smem.full[stage]), tXg(_, kt), tXs(_, stage));
-      copy(tma_w.with(smem.full[stage]), tWg(_, kt), tWs(_, stage));
-      copy(tma_lora_a.with(smem.full[stage]), tUg(_, kt), tUs(_, stage));
-      copy(tma_router.with(smem.full[stage]), tLg(_, kt), tLs(_, stage));
-      if (++stage == kStages) stage = 0, phase ^= 1;
-    }
+    fill_ring<kStages>(smem, (k + Cfg::kBK - 1) / Cfg::kBK, kStageBytes, stage, phase,
+                       [&](int kt, int at, uint64_t& full) {
+                         copy(tma_x.with(full), get<0>(tX)(_, kt), get<1>(tX)(_, at));
+                         copy(tma_w.with(full), get<0>(tW)(_, kt), get<1>(tW)(_, at));
+                         copy(tma_lora_a.with(full), get<0>(tU)(_, kt), get<1>(tU)(_, at));
+                         copy(tma_router.with(full), get<0>(tL)(_, kt), get<1>(tL)(_, at));
+                       });
     return;
   }
 
@@ -485,30 +502,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   clear(acc_u);
   clear(acc_l);
 
-  const int k_steps = (k + Cfg::kBK - 1) / Cfg::kBK;
-  int stage = 0, phase = 0, reading = -1;
-  for (int step = 0; step < k_steps; ++step) {
-    TxBarrier::wait(&smem.full[stage], phase);
-    warpgroup_fence_operand(acc);
-    warpgroup_fence_operand(acc_u);
-    warpgroup_fence_operand(acc_l);
-    warpgroup_arrive();
-    gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
-    gemm(mma_u, tUrA(_, _, _, stage), tUrB(_, _, _, stage), acc_u);
-    gemm(mma_l, tLrA(_, _, _, stage), tLrB(_, _, _, stage), acc_l);
-    warpgroup_commit_batch();
-    warpgroup_wait<1>();
-    warpgroup_fence_operand(acc);
-    warpgroup_fence_operand(acc_u);
-    warpgroup_fence_operand(acc_l);
-    if (reading >= 0) Barrier::arrive(&smem.empty[reading]);
-    reading = stage;
-    if (++stage == kStages) stage = 0, phase ^= 1;
-  }
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(acc);
-  warpgroup_fence_operand(acc_u);
-  warpgroup_fence_operand(acc_l);
+  drain_ring<kStages>(
+      smem, (k + Cfg::kBK - 1) / Cfg::kBK,
+      [&](int stage) {
+        gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
+        gemm(mma_u, tUrA(_, _, _, stage), tUrB(_, _, _, stage), acc_u);
+        gemm(mma_l, tLrA(_, _, _, stage), tLrB(_, _, _, stage), acc_l);
+      },
+      [&] {
+        warpgroup_fence_operand(acc);
+        warpgroup_fence_operand(acc_u);
+        warpgroup_fence_operand(acc_l);
+      });
 
   // [u | l] to the staging tile, then one thread per row routes it.
   const Tensor tUc = thr_u.partition_C(tile_u);
@@ -619,8 +624,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                         const RoutedDgradPointers<typename Cfg::T> ptr) {
 #if defined(EI_SM90_DEVICE_CODE)
   using T = typename Cfg::T;
-  using Barrier = cutlass::arch::ClusterBarrier;
-  using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kStages = Cfg::kStages;
   const int m = int(d.tokens), n = d.in_features, k = d.out_features;
   const bool keeps = blockIdx.x == 0;  // the first column tile
@@ -678,22 +681,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     Tensor gG = local_tile(tma_lora_b.get_tma_tensor(make_shape(d.rank_ld(), k)),
                            Shape<typename Cfg::Ranks, typename Cfg::BK>{},
                            make_coord(0, _));  // [16, BK, k steps]
-    auto [tAg, tAs] = tma_partition(tma_dy, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA),
-                                    group_modes<0, 2>(gDy));
-    auto [tBg, tBs] = tma_partition(tma_w, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB),
-                                    group_modes<0, 2>(gW));
-    auto [tGg, tGs] = tma_partition(tma_lora_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sG),
-                                    group_modes<0, 2>(gG));
-    const int steps = (k + Cfg::kBK - 1) / Cfg::kBK;
+    auto tA = tma_partition(tma_dy, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA),
+                            group_modes<0, 2>(gDy));
+    auto tB = tma_partition(tma_w, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB),
+                            group_modes<0, 2>(gW));
+    auto tG = tma_partition(tma_lora_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sG),
+                            group_modes<0, 2>(gG));
     int stage = 0, phase = 0;
-    for (int kt = 0; kt < steps; ++kt) {
-      Barrier::wait(&smem.empty[stage], phase ^ 1);
-      TxBarrier::arrive_and_expect_tx(&smem.full[stage], kStageBytes);
-      copy(tma_dy.with(smem.full[stage]), tAg(_, kt), tAs(_, stage));
-      copy(tma_w.with(smem.full[stage]), tBg(_, kt), tBs(_, stage));
-      copy(tma_lora_b.with(smem.full[stage]), tGg(_, kt), tGs(_, stage));
-      if (++stage == kStages) stage = 0, phase ^= 1;
-    }
+    fill_ring<kStages>(smem, (k + Cfg::kBK - 1) / Cfg::kBK, kStageBytes, stage, phase,
+                       [&](int kt, int at, uint64_t& full) {
+                         copy(tma_dy.with(full), get<0>(tA)(_, kt), get<1>(tA)(_, at));
+                         copy(tma_w.with(full), get<0>(tB)(_, kt), get<1>(tB)(_, at));
+                         copy(tma_lora_b.with(full), get<0>(tG)(_, kt), get<1>(tG)(_, at));
+                       });
     return;
   }
 
@@ -716,26 +716,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   clear(acc);
   clear(acc_g);
 
-  const int k_steps = (k + Cfg::kBK - 1) / Cfg::kBK;
-  int stage = 0, phase = 0, reading = -1;
-  for (int step = 0; step < k_steps; ++step) {
-    TxBarrier::wait(&smem.full[stage], phase);
-    warpgroup_fence_operand(acc);
-    warpgroup_fence_operand(acc_g);
-    warpgroup_arrive();
-    gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
-    gemm(mma_g, tGrA(_, _, _, stage), tGrB(_, _, _, stage), acc_g);
-    warpgroup_commit_batch();
-    warpgroup_wait<1>();
-    warpgroup_fence_operand(acc);
-    warpgroup_fence_operand(acc_g);
-    if (reading >= 0) Barrier::arrive(&smem.empty[reading]);
-    reading = stage;
-    if (++stage == kStages) stage = 0, phase ^= 1;
-  }
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(acc);
-  warpgroup_fence_operand(acc_g);
+  drain_ring<kStages>(
+      smem, (k + Cfg::kBK - 1) / Cfg::kBK,
+      [&](int stage) {
+        gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
+        gemm(mma_g, tGrA(_, _, _, stage), tGrB(_, _, _, stage), acc_g);
+      },
+      [&] {
+        warpgroup_fence_operand(acc);
+        warpgroup_fence_operand(acc_g);
+      });
 
   // g to the staging tile, then one thread per row routes it.
   const Tensor tGc = thr_g.partition_C(tile_g);
