@@ -20,4 +20,11 @@ cudaError_t cached_per_device(int device, int* value, Query query) {
   return err;
 }
 
+// The device's SM count, queried once.
+inline cudaError_t multiprocessor_count(int device, int* sms) {
+  return cached_per_device(device, sms, [&](int* out) {
+    return cudaDeviceGetAttribute(out, cudaDevAttrMultiProcessorCount, device);
+  });
+}
+
 }  // namespace ei

@@ -282,13 +282,6 @@ int splits_for(int64_t tiles, int64_t tokens, int sms) {
   return int(std::clamp<int64_t>(std::min(want, cap), 1, 64));
 }
 
-// Queried once per device (device_cache.h).
-cudaError_t multiprocessor_count(int device, int* sms) {
-  return cached_per_device(device, sms, [&](int* out) {
-    return cudaDeviceGetAttribute(out, cudaDevAttrMultiProcessorCount, device);
-  });
-}
-
 // 10 * major + minor, e.g. 90 for H100/H200.
 cudaError_t compute_capability(int device, int* capability) {
   return cached_per_device(device, capability, [&](int* out) {

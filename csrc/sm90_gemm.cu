@@ -1,19 +1,24 @@
-// The Hopper GEMM with a K-extension and the routed forward built on it (interface and
+// The Hopper GEMM with a K-extension and the routed kernels built on it (interface and
 // semantics: sm90_gemm.h), written with CuTe (CUTLASS 3 headers, from PyPI's nvidia-cutlass;
 // none of CUTLASS's kernels are used).
 //
-// One CTA per 128 x 192 output tile, three warp groups (warp specialised):
+// 128 x 192 output tiles, three warp groups per CTA (warp specialised):
 //   producer  one elected thread of warp 0 issues the TMA loads of every K step into a
-//             5-stage shared-memory ring: first the main reduction (A, B), then the extension
-//             (A2, B2) through its own descriptors into the same ring, so the LoRA term costs
-//             one more K step (k2 <= 64 at every MoR width; TMA fills the rest with zeros);
+//             shared-memory ring (5 stages; 4 in the routed kernels, whose extra tiles take
+//             the room): for ext_gemm first the main reduction (A, B), then the extension (A2,
+//             B2) through its own descriptors into the same ring, so the LoRA term costs one
+//             more K step (k2 <= 64 at every MoR width; TMA fills the rest with zeros);
 //   consumers two warp groups of 64 rows each run wgmma 64x192x16 on the ring, keeping one
 //             batch of MMAs in flight (wait_group 1), and release each stage once the batch
 //             reading it has retired.
 // The epilogue adds the bias and stores pairs of columns straight from the accumulators.
+// Persistent: one CTA per SM walks the tiles (for_each_tile), and since the ring runs on
+// across tiles, the producer fills the next tile's stages while the consumers route and
+// store the last one; EI_KERNELS_CUDA_SM90_PERSISTENT=0 launches one CTA per tile instead
+// (the same code, each CTA's walk one tile long: to measure what persistence buys).
 //
 // Why 128 x 192: at ViT-B widths (768, 2304, 3072 output columns) and N = 12608 tokens it makes
-// 3, 9 and 12 full waves of 132 CTAs (H100/H200 SXM), where 128 x 128 leaves a last wave half
+// 3, 9 and 12 full waves of 132 tiles (H100/H200 SXM), where 128 x 128 leaves a last wave half
 // empty; 40 KiB per stage keeps 5 stages in 200 KiB of shared memory.
 //
 // The body exists only in the sm_90a image. Other targets compile a trapping stub with the
@@ -22,6 +27,10 @@
 // CUDA_FORCE_PTX_JIT=1, would reach the stub: set EI_KERNELS_CUDA_SM90=0 with it.)
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "device_cache.h"
 #include "routing_math.cuh"
@@ -142,9 +151,10 @@ struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
   // lora_b's rows of each K step as g's B operand: (n = rank, k = output), n-major.
   using SmemLoraB = decltype(tile_to_shape(GMMA::Layout_MN_SW32_Atom<T>{},
                                            Shape<Ranks, BK, Int<kStages>>{}, Step<_2, _1, _3>{}));
-  // The extension's B tiles, A_cat's and R's (n = input column, k = rank), n-major.
-  using SmemExtB = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<BN, Ranks>{},
-                                          Step<_2, _1>{}));
+  // The extension's B tiles, A_cat's and R's (n = input column, k = rank), n-major, in two
+  // buffers: a persistent CTA's producer loads the next tile's while the consumers read these.
+  using SmemExtB = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
+                                          Shape<BN, Ranks, _2>{}, Step<_2, _1, _3>{}));
   // du and dl of the tile's rows, the extension's A tiles, k-major.
   using SmemExtA = decltype(tile_to_shape(GMMA::Layout_K_SW32_Atom<T>{}, Shape<BM, Ranks>{}));
   using MmaG = decltype(make_tiled_mma(
@@ -164,7 +174,8 @@ struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
     float dl_rows[Base::kBM][kStagingLd];  // dl in fp32, for dc's per-block sums
     alignas(8) uint64_t full[kStages];
     alignas(8) uint64_t empty[kStages];
-    alignas(8) uint64_t ext_full;  // the extension's B tiles landed
+    alignas(8) uint64_t ext_full[2];   // the extension's B tiles landed
+    alignas(8) uint64_t ext_empty[2];  // the consumers' extension MMAs read them
   };
 };
 
@@ -216,10 +227,12 @@ __device__ void fill_ring(Shared& smem, int steps, uint32_t stage_bytes, int& st
 
 // The consumers' side: per K step, wait for the stage's bytes, issue mmas(stage) as one batch
 // of wgmma, keep it in flight while the previous step's batch retires, then free that step's
-// stage. fence() fences every accumulator the MMAs write. All batches retired on return.
+// stage. fence() fences every accumulator the MMAs write. On return every batch has retired
+// and every stage it read is free again; stage and phase carry on to the next tile.
 template <int kStages, class Shared, class Mmas, class Fence>
-__device__ void drain_ring(Shared& smem, int steps, Mmas&& mmas, Fence&& fence) {
-  int stage = 0, phase = 0, reading = -1;
+__device__ void drain_ring(Shared& smem, int steps, int& stage, int& phase, Mmas&& mmas,
+                           Fence&& fence) {
+  int reading = -1;
   for (int step = 0; step < steps; ++step) {
     TxBarrier::wait(&smem.full[stage], phase);
     fence();
@@ -234,6 +247,20 @@ __device__ void drain_ring(Shared& smem, int steps, Mmas&& mmas, Fence&& fence) 
   }
   warpgroup_wait<0>();
   fence();
+  if (reading >= 0) Barrier::arrive(&smem.empty[reading]);
+}
+
+// The output tiles a CTA computes: t = blockIdx.x, blockIdx.x + gridDim.x, ... of the
+// row-major [row tiles, col_tiles] grid, so that the CTAs running together share row blocks
+// of A (read from memory once); body(row tile, column tile, i) for the CTA's i-th tile. The
+// host launches one CTA per SM (persistent: the producer loads the next tile's stages while
+// the consumers route and store the last one) or one per tile.
+template <class Body>
+__device__ void for_each_tile(int tiles, int col_tiles, Body&& body) {
+  int i = 0;
+  for (int t = int(blockIdx.x); t < tiles; t += int(gridDim.x), ++i) {
+    body(t / col_tiles, t % col_tiles, i);
+  }
 }
 
 // The epilogue: C = acc (+ bias) for the tile's rows below m and columns below n.
@@ -280,20 +307,24 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   Tensor sB = make_tensor(make_smem_ptr(smem.b.begin()), typename Cfg::SmemB{});  // [BN,BK,P]
 
   const auto tiler = Shape<typename Cfg::BM, typename Cfg::BN, typename Cfg::BK>{};
-  const auto tile = make_coord(int(blockIdx.y), int(blockIdx.x), _);  // x walks columns: the
-  // CTAs that run together share a row block of A, read once from memory
+  const int col_tiles = (n + Cfg::kBN - 1) / Cfg::kBN;
+  const int tiles = (m + Cfg::kBM - 1) / Cfg::kBM * col_tiles;
   const int k_steps = (k + Cfg::kBK - 1) / Cfg::kBK + (k2 + Cfg::kBK - 1) / Cfg::kBK;
 
   init_ring<typename Cfg::Shared, kStages>(smem, Cfg::kConsumerThreads);
 
   if (threadIdx.x < 128) {  // producer warp group: one thread issues every load
     if (threadIdx.x >= 32 || !elect_one_sync()) return;
+    prefetch_tma_descriptor(tma_a.get_tma_descriptor());
+    prefetch_tma_descriptor(tma_b.get_tma_descriptor());
+    if (k2 > 0) {
+      prefetch_tma_descriptor(tma_a2.get_tma_descriptor());
+      prefetch_tma_descriptor(tma_b2.get_tma_descriptor());
+    }
     int stage = 0, phase = 0;
     // One pass over a reduction's K steps; a separate loop per reduction keeps every tensor in
     // registers (selecting between the two per step would put them in local memory).
-    const auto load_steps = [&](const auto& tma_x, const auto& tma_w, int kx) {
-      prefetch_tma_descriptor(tma_x.get_tma_descriptor());
-      prefetch_tma_descriptor(tma_w.get_tma_descriptor());
+    const auto load_steps = [&](const auto& tma_x, const auto& tma_w, int kx, const auto& tile) {
       Tensor gX = local_tile(tma_x.get_tma_tensor(make_shape(m, kx)), tiler, tile,
                              Step<_1, X, _1>{});  // [BM, BK, k steps]
       Tensor gW = local_tile(tma_w.get_tma_tensor(make_shape(n, kx)), tiler, tile,
@@ -308,8 +339,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                            copy(tma_w.with(full), get<0>(tW)(_, kt), get<1>(tW)(_, at));
                          });
     };
-    load_steps(tma_a, tma_b, k);
-    if (k2 > 0) load_steps(tma_a2, tma_b2, k2);
+    for_each_tile(tiles, col_tiles, [&](int row, int col, int) {
+      const auto tile = make_coord(row, col, _);
+      load_steps(tma_a, tma_b, k, tile);
+      if (k2 > 0) load_steps(tma_a2, tma_b2, k2, tile);
+    });
     return;
   }
 
@@ -319,18 +353,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   auto thr_mma = mma.get_thread_slice(thread);
   Tensor tCrA = thr_mma.make_fragment_A(thr_mma.partition_A(sA));  // smem descriptors
   Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(sB));
-  Tensor gC = local_tile(make_identity_tensor(make_shape(m, n)), tiler, tile,
-                         Step<_1, _1, X>{});  // [BM, BN] of (row, col)
-  Tensor tCcC = thr_mma.partition_C(gC);
-  Tensor acc = thr_mma.partition_fragment_C(gC);  // fp32 accumulators
-  clear(acc);
-
-  drain_ring<kStages>(
-      smem, k_steps,
-      [&](int stage) { gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc); },
-      [&] { warpgroup_fence_operand(acc); });
-
-  store_tile(acc, tCcC, m, n, bias, c, ldc);
+  Tensor acc = thr_mma.partition_fragment_C(
+      make_identity_tensor(Shape<typename Cfg::BM, typename Cfg::BN>{}));  // fp32 accumulators
+  int stage = 0, phase = 0;
+  for_each_tile(tiles, col_tiles, [&](int row, int col, int) {
+    Tensor gC = local_tile(make_identity_tensor(make_shape(m, n)), tiler,
+                           make_coord(row, col, _), Step<_1, _1, X>{});  // [BM, BN]: (row, col)
+    clear(acc);
+    drain_ring<kStages>(
+        smem, k_steps, stage, phase,
+        [&](int at) { gemm(mma, tCrA(_, _, _, at), tCrB(_, _, _, at), acc); },
+        [&] { warpgroup_fence_operand(acc); });
+    store_tile(acc, thr_mma.partition_C(gC), m, n, bias, c, ldc);
+  });
 #else
   (void)tma_a, (void)tma_a2, (void)tma_b, (void)tma_b2, (void)m, (void)n, (void)k, (void)k2;
   (void)bias, (void)c, (void)ldc;
@@ -410,8 +445,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #if defined(EI_SM90_DEVICE_CODE)
   using T = typename Cfg::T;
   constexpr int kStages = Cfg::kStages;
-  const int m = int(d.tokens), n = d.out_features, k = d.in_features;
-  const int n0 = int(blockIdx.x) * Cfg::kBN, group = n0 / (n / d.groups);
+  const int m = int(d.tokens), n = d.out_features, k = d.in_features, og = n / d.groups;
+  const int col_tiles = (n + Cfg::kBN - 1) / Cfg::kBN;
+  const int tiles = (m + Cfg::kBM - 1) / Cfg::kBM * col_tiles;
+  const int k_steps = (k + Cfg::kBK - 1) / Cfg::kBK;
   constexpr uint32_t kStageBytes =
       uint32_t((Cfg::kBM + Cfg::kBN + Cfg::kRanks + Cfg::kLogits) * Cfg::kBK * sizeof(T));
   extern __shared__ __align__(1024) char shared_bytes[];
@@ -425,7 +462,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                               typename Cfg::SmemLoraB{});  // [BN, 16]
 
   const auto tiler = Shape<typename Cfg::BM, typename Cfg::BN, typename Cfg::BK>{};
-  const auto tile = make_coord(int(blockIdx.y), int(blockIdx.x), _);
   init_ring<typename Cfg::Shared, kStages>(smem, Cfg::kConsumerThreads);
 
   if (threadIdx.x < 128) {  // producer warp group: one thread issues every load
@@ -434,50 +470,48 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     prefetch_tma_descriptor(tma_w.get_tma_descriptor());
     prefetch_tma_descriptor(tma_lora_a.get_tma_descriptor());
     prefetch_tma_descriptor(tma_router.get_tma_descriptor());
-    Tensor gX = local_tile(tma_x.get_tma_tensor(make_shape(m, k)), tiler, tile,
-                           Step<_1, X, _1>{});  // [BM, BK, k steps]
-    Tensor gW = local_tile(tma_w.get_tma_tensor(make_shape(n, k)), tiler, tile,
-                           Step<X, _1, _1>{});  // [BN, BK, k steps]
-    // The group's rows: from row g r of A_cat and g L of R (TMA fills past the end with zeros)
-    Tensor gU = local_tile(
-        domain_offset(make_coord(group * d.rank, 0),
-                      tma_lora_a.get_tma_tensor(make_shape(d.groups * d.rank, k))),
-        Shape<typename Cfg::Ranks, typename Cfg::BK>{}, make_coord(0, _));  // [16, BK, steps]
-    // Without a router this descriptor reads lora_a's first rows, and the logits it yields
-    // are never used: the l MMA then runs on defined values with no branch in the main loop
-    // (a branch around a wgmma makes ptxas close the batch and wait for it every step).
+    // Without a router the last descriptor reads lora_a's first rows, and the logits it
+    // yields are never used: the l MMA then runs on defined values with no branch in the main
+    // loop (a branch around a wgmma makes ptxas close the batch and wait for it every step).
     const int router_rows = d.router ? d.groups * d.logits : d.groups * d.rank;
-    Tensor gL = local_tile(
-        domain_offset(make_coord(d.router ? group * d.logits : 0, 0),
-                      tma_router.get_tma_tensor(make_shape(router_rows, k))),
-        Shape<typename Cfg::Logits, typename Cfg::BK>{}, make_coord(0, _));  // [8, BK, steps]
-    auto tX = tma_partition(tma_x, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA),
-                            group_modes<0, 2>(gX));
-    auto tW = tma_partition(tma_w, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB),
-                            group_modes<0, 2>(gW));
-    auto tU = tma_partition(tma_lora_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sU),
-                            group_modes<0, 2>(gU));
-    auto tL = tma_partition(tma_router, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sL),
-                            group_modes<0, 2>(gL));
     int stage = 0, phase = 0;
-    fill_ring<kStages>(smem, (k + Cfg::kBK - 1) / Cfg::kBK, kStageBytes, stage, phase,
-                       [&](int kt, int at, uint64_t& full) {
-                         copy(tma_x.with(full), get<0>(tX)(_, kt), get<1>(tX)(_, at));
-                         copy(tma_w.with(full), get<0>(tW)(_, kt), get<1>(tW)(_, at));
-                         copy(tma_lora_a.with(full), get<0>(tU)(_, kt), get<1>(tU)(_, at));
-                         copy(tma_router.with(full), get<0>(tL)(_, kt), get<1>(tL)(_, at));
-                       });
+    for_each_tile(tiles, col_tiles, [&](int row, int col, int) {
+      const auto tile = make_coord(row, col, _);
+      const int group = col * Cfg::kBN / og;
+      Tensor gX = local_tile(tma_x.get_tma_tensor(make_shape(m, k)), tiler, tile,
+                             Step<_1, X, _1>{});  // [BM, BK, k steps]
+      Tensor gW = local_tile(tma_w.get_tma_tensor(make_shape(n, k)), tiler, tile,
+                             Step<X, _1, _1>{});  // [BN, BK, k steps]
+      // The group's rows: from row g r of A_cat and g L of R (TMA fills past the end with 0)
+      Tensor gU = local_tile(
+          domain_offset(make_coord(group * d.rank, 0),
+                        tma_lora_a.get_tma_tensor(make_shape(d.groups * d.rank, k))),
+          Shape<typename Cfg::Ranks, typename Cfg::BK>{}, make_coord(0, _));  // [16, BK, k]
+      Tensor gL = local_tile(
+          domain_offset(make_coord(d.router ? group * d.logits : 0, 0),
+                        tma_router.get_tma_tensor(make_shape(router_rows, k))),
+          Shape<typename Cfg::Logits, typename Cfg::BK>{}, make_coord(0, _));  // [8, BK, k]
+      auto tX = tma_partition(tma_x, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA),
+                              group_modes<0, 2>(gX));
+      auto tW = tma_partition(tma_w, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB),
+                              group_modes<0, 2>(gW));
+      auto tU = tma_partition(tma_lora_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sU),
+                              group_modes<0, 2>(gU));
+      auto tL = tma_partition(tma_router, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sL),
+                              group_modes<0, 2>(gL));
+      fill_ring<kStages>(smem, k_steps, kStageBytes, stage, phase,
+                         [&](int kt, int at, uint64_t& full) {
+                           copy(tma_x.with(full), get<0>(tX)(_, kt), get<1>(tX)(_, at));
+                           copy(tma_w.with(full), get<0>(tW)(_, kt), get<1>(tW)(_, at));
+                           copy(tma_lora_a.with(full), get<0>(tU)(_, kt), get<1>(tU)(_, at));
+                           copy(tma_router.with(full), get<0>(tL)(_, kt), get<1>(tL)(_, at));
+                         });
+    });
     return;
   }
 
-  // Consumer warp groups. First the tile's rows of lora_b, zero-padded to 16 columns; the
-  // loads overlap the producer's first TMA transfers.
+  // Consumer warp groups.
   const int thread = int(threadIdx.x) - 128;
-  for (int idx = thread; idx < Cfg::kBN * Cfg::kRanks; idx += Cfg::kConsumerThreads) {
-    const int row = idx / Cfg::kRanks, j = idx % Cfg::kRanks, o = n0 + row;
-    sLoraB(row, j) = o < n && j < d.rank ? ptr.lora_b[int64_t(o) * d.rank + j] : T(0.0f);
-  }
-
   typename Cfg::Mma mma;
   typename Cfg::MmaU mma_u;
   typename Cfg::MmaL mma_l;
@@ -490,71 +524,83 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   Tensor tUrB = thr_u.make_fragment_B(thr_u.partition_B(sU));
   Tensor tLrA = thr_l.make_fragment_A(thr_l.partition_A(sA));
   Tensor tLrB = thr_l.make_fragment_B(thr_l.partition_B(sL));
-  Tensor gC = local_tile(make_identity_tensor(make_shape(m, n)), tiler, tile,
-                         Step<_1, _1, X>{});  // [BM, BN] of (row, col)
-  Tensor tCcC = thr_mma.partition_C(gC);
-  Tensor acc = thr_mma.partition_fragment_C(gC);  // fp32 accumulators
+  Tensor tZrA = thr_mma.make_fragment_A(thr_mma.partition_A(sZ));
+  Tensor tZrB = thr_mma.make_fragment_B(thr_mma.partition_B(sLoraB));
+  Tensor acc = thr_mma.partition_fragment_C(
+      make_identity_tensor(Shape<typename Cfg::BM, typename Cfg::BN>{}));  // fp32 accumulators
   const auto tile_u = make_identity_tensor(Shape<typename Cfg::BM, typename Cfg::Ranks>{});
   const auto tile_l = make_identity_tensor(Shape<typename Cfg::BM, typename Cfg::Logits>{});
   Tensor acc_u = thr_u.partition_fragment_C(tile_u);  // [u] of the tile's rows
   Tensor acc_l = thr_l.partition_fragment_C(tile_l);  // [l]
-  clear(acc);
-  clear(acc_u);
-  clear(acc_l);
-
-  drain_ring<kStages>(
-      smem, (k + Cfg::kBK - 1) / Cfg::kBK,
-      [&](int stage) {
-        gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
-        gemm(mma_u, tUrA(_, _, _, stage), tUrB(_, _, _, stage), acc_u);
-        gemm(mma_l, tLrA(_, _, _, stage), tLrB(_, _, _, stage), acc_l);
-      },
-      [&] {
-        warpgroup_fence_operand(acc);
-        warpgroup_fence_operand(acc_u);
-        warpgroup_fence_operand(acc_l);
-      });
-
-  // [u | l] to the staging tile, then one thread per row routes it.
   const Tensor tUc = thr_u.partition_C(tile_u);
   const Tensor tLc = thr_l.partition_C(tile_l);
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc_u); ++i) {
-    const auto [row, col] = tUc(i);
-    smem.staging[row][col] = acc_u(i);
-  }
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc_l); ++i) {
-    const auto [row, col] = tLc(i);
-    smem.staging[row][Cfg::kRanks + col] = acc_l(i);
-  }
-  // The consumers' own barrier (user id 1: hardware barrier 9; barrier 0 is __syncthreads).
-  cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
-  if (thread < Cfg::kBM) {
-    const int64_t token = int64_t(blockIdx.y) * Cfg::kBM + thread;
-    const bool keeps = n0 % (n / d.groups) == 0;  // the group's first column tile
-    const float* const staged = smem.staging[thread];
-    if (!d.router) {
-      route_row<Cfg, false, false>(d, group, thread, token, keeps, ptr, staged, sZ);
-    } else if (d.bypass) {
-      route_row<Cfg, true, true>(d, group, thread, token, keeps, ptr, staged, sZ);
-    } else {
-      route_row<Cfg, true, false>(d, group, thread, token, keeps, ptr, staged, sZ);
-    }
-  }
-  cutlass::arch::fence_view_async_shared();  // z and lora_b: written by threads, read by wgmma
-  cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
 
-  // The extension: acc += z B^T, one 64x192x16 MMA per warp group.
-  Tensor tZrA = thr_mma.make_fragment_A(thr_mma.partition_A(sZ));
-  Tensor tZrB = thr_mma.make_fragment_B(thr_mma.partition_B(sLoraB));
-  warpgroup_fence_operand(acc);
-  warpgroup_arrive();
-  gemm(mma, tZrA, tZrB, acc);
-  warpgroup_commit_batch();
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(acc);
-  store_tile(acc, tCcC, m, n, ptr.bias, ptr.y, int64_t(n));
+  int stage = 0, phase = 0;
+  for_each_tile(tiles, col_tiles, [&](int row_tile, int col, int i) {
+    const int n0 = col * Cfg::kBN, group = n0 / og;
+    // The tile's rows of lora_b, zero-padded to 16 columns (the loads overlap the producer's
+    // TMA transfers), once both warp groups' last extension MMA has read the previous ones.
+    if (i > 0) cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
+    for (int idx = thread; idx < Cfg::kBN * Cfg::kRanks; idx += Cfg::kConsumerThreads) {
+      const int r = idx / Cfg::kRanks, j = idx % Cfg::kRanks, o = n0 + r;
+      sLoraB(r, j) = o < n && j < d.rank ? ptr.lora_b[int64_t(o) * d.rank + j] : T(0.0f);
+    }
+    clear(acc);
+    clear(acc_u);
+    clear(acc_l);
+    drain_ring<kStages>(
+        smem, k_steps, stage, phase,
+        [&](int at) {
+          gemm(mma, tCrA(_, _, _, at), tCrB(_, _, _, at), acc);
+          gemm(mma_u, tUrA(_, _, _, at), tUrB(_, _, _, at), acc_u);
+          gemm(mma_l, tLrA(_, _, _, at), tLrB(_, _, _, at), acc_l);
+        },
+        [&] {
+          warpgroup_fence_operand(acc);
+          warpgroup_fence_operand(acc_u);
+          warpgroup_fence_operand(acc_l);
+        });
+
+    // [u | l] to the staging tile, then one thread per row routes it.
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_u); ++i) {
+      const auto [r, c] = tUc(i);
+      smem.staging[r][c] = acc_u(i);
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_l); ++i) {
+      const auto [r, c] = tLc(i);
+      smem.staging[r][Cfg::kRanks + c] = acc_l(i);
+    }
+    // The consumers' own barrier (user id 1: hardware barrier 9; barrier 0 is __syncthreads).
+    cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
+    if (thread < Cfg::kBM) {
+      const int64_t token = int64_t(row_tile) * Cfg::kBM + thread;
+      const bool keeps = n0 % og == 0;  // the group's first column tile
+      const float* const staged = smem.staging[thread];
+      if (!d.router) {
+        route_row<Cfg, false, false>(d, group, thread, token, keeps, ptr, staged, sZ);
+      } else if (d.bypass) {
+        route_row<Cfg, true, true>(d, group, thread, token, keeps, ptr, staged, sZ);
+      } else {
+        route_row<Cfg, true, false>(d, group, thread, token, keeps, ptr, staged, sZ);
+      }
+    }
+    // z and lora_b: written by threads, read by wgmma
+    cutlass::arch::fence_view_async_shared();
+    cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
+
+    // The extension: acc += z B^T, one 64x192x16 MMA per warp group.
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    gemm(mma, tZrA, tZrB, acc);
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc);
+    Tensor gC = local_tile(make_identity_tensor(make_shape(m, n)), tiler,
+                           make_coord(row_tile, col, _), Step<_1, _1, X>{});  // [BM, BN]
+    store_tile(acc, thr_mma.partition_C(gC), m, n, ptr.bias, ptr.y, int64_t(n));
+  });
 #else
   (void)tma_x, (void)tma_w, (void)tma_lora_a, (void)tma_router, (void)d, (void)ptr;
 #if defined(__CUDA_ARCH__)
@@ -626,7 +672,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   using T = typename Cfg::T;
   constexpr int kStages = Cfg::kStages;
   const int m = int(d.tokens), n = d.in_features, k = d.out_features;
-  const bool keeps = blockIdx.x == 0;  // the first column tile
+  const int col_tiles = (n + Cfg::kBN - 1) / Cfg::kBN;
+  const int tiles = (m + Cfg::kBM - 1) / Cfg::kBM * col_tiles;
+  const int k_steps = (k + Cfg::kBK - 1) / Cfg::kBK;
   constexpr uint32_t kStageBytes =
       uint32_t((Cfg::kBM + Cfg::kBN + Cfg::kRanks) * Cfg::kBK * sizeof(T));
   constexpr uint32_t kExtBytes = uint32_t(2 * Cfg::kBN * Cfg::kRanks * sizeof(T));
@@ -637,17 +685,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   Tensor sG = make_tensor(make_smem_ptr(smem.lora_b.begin()),
                           typename Cfg::SmemLoraB{});  // [16, BK, P]
   Tensor sLoraA = make_tensor(make_smem_ptr(smem.lora_a.begin()),
-                              typename Cfg::SmemExtB{});  // [BN, 16]
+                              typename Cfg::SmemExtB{});  // [BN, 16, 2]
   Tensor sRouter = make_tensor(make_smem_ptr(smem.router.begin()),
-                               typename Cfg::SmemExtB{});  // [BN, 16]
+                               typename Cfg::SmemExtB{});  // [BN, 16, 2]
   Tensor sDu = make_tensor(make_smem_ptr(smem.du.begin()), typename Cfg::SmemExtA{});  // [BM,16]
   Tensor sDl = make_tensor(make_smem_ptr(smem.dl.begin()), typename Cfg::SmemExtA{});  // [BM,16]
 
   const auto tiler = Shape<typename Cfg::BM, typename Cfg::BN, typename Cfg::BK>{};
-  const auto tile = make_coord(int(blockIdx.y), int(blockIdx.x), _);
   init_ring<typename Cfg::Shared, kStages>(smem, Cfg::kConsumerThreads);
   if (threadIdx.x == 0) {
-    TxBarrier::init(&smem.ext_full, 1);
+    for (int b = 0; b < 2; ++b) {
+      TxBarrier::init(&smem.ext_full[b], 1);
+      Barrier::init(&smem.ext_empty[b], Cfg::kConsumerThreads);
+    }
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
@@ -657,43 +707,50 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     prefetch_tma_descriptor(tma_dy.get_tma_descriptor());
     prefetch_tma_descriptor(tma_w.get_tma_descriptor());
     prefetch_tma_descriptor(tma_lora_b.get_tma_descriptor());
-    // The extension's tiles first, into their own buffers: A_cat's and R's rows for this
-    // tile's columns (TMA fills the rows past r and L with zeros). Without a router the
-    // second descriptor reads lora_a again, unused.
-    const auto ext_tile = make_coord(int(blockIdx.x), 0);
+    prefetch_tma_descriptor(tma_lora_a.get_tma_descriptor());
+    prefetch_tma_descriptor(tma_router.get_tma_descriptor());
+    // Without a router the last descriptor reads lora_a again, unused.
     const int router_rows = d.router ? d.logits : d.rank;
-    Tensor gLoraA = local_tile(tma_lora_a.get_tma_tensor(make_shape(n, d.rank)),
-                               Shape<typename Cfg::BN, typename Cfg::Ranks>{}, ext_tile);
-    Tensor gRouter = local_tile(tma_router.get_tma_tensor(make_shape(n, router_rows)),
-                                Shape<typename Cfg::BN, typename Cfg::Ranks>{}, ext_tile);
-    auto [tEAg, tEAs] = tma_partition(tma_lora_a, Int<0>{}, Layout<_1>{},
-                                      group_modes<0, 2>(sLoraA), group_modes<0, 2>(gLoraA));
-    auto [tERg, tERs] = tma_partition(tma_router, Int<0>{}, Layout<_1>{},
-                                      group_modes<0, 2>(sRouter), group_modes<0, 2>(gRouter));
-    TxBarrier::arrive_and_expect_tx(&smem.ext_full, kExtBytes);
-    copy(tma_lora_a.with(smem.ext_full), tEAg, tEAs);
-    copy(tma_router.with(smem.ext_full), tERg, tERs);
-
-    Tensor gDy = local_tile(tma_dy.get_tma_tensor(make_shape(m, k)), tiler, tile,
-                            Step<_1, X, _1>{});  // [BM, BK, k steps]
-    Tensor gW = local_tile(tma_w.get_tma_tensor(make_shape(n, k)), tiler, tile,
-                           Step<X, _1, _1>{});  // [BN, BK, k steps]
-    Tensor gG = local_tile(tma_lora_b.get_tma_tensor(make_shape(d.rank_ld(), k)),
-                           Shape<typename Cfg::Ranks, typename Cfg::BK>{},
-                           make_coord(0, _));  // [16, BK, k steps]
-    auto tA = tma_partition(tma_dy, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA),
-                            group_modes<0, 2>(gDy));
-    auto tB = tma_partition(tma_w, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB),
-                            group_modes<0, 2>(gW));
-    auto tG = tma_partition(tma_lora_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sG),
-                            group_modes<0, 2>(gG));
     int stage = 0, phase = 0;
-    fill_ring<kStages>(smem, (k + Cfg::kBK - 1) / Cfg::kBK, kStageBytes, stage, phase,
-                       [&](int kt, int at, uint64_t& full) {
-                         copy(tma_dy.with(full), get<0>(tA)(_, kt), get<1>(tA)(_, at));
-                         copy(tma_w.with(full), get<0>(tB)(_, kt), get<1>(tB)(_, at));
-                         copy(tma_lora_b.with(full), get<0>(tG)(_, kt), get<1>(tG)(_, at));
-                       });
+    for_each_tile(tiles, col_tiles, [&](int row, int col, int i) {
+      // The extension's tiles first, into the buffer of the CTA's tile before last: A_cat's
+      // and R's rows for this tile's columns (TMA fills the rows past r and L with zeros).
+      const int buffer = i & 1;
+      Barrier::wait(&smem.ext_empty[buffer], ((i >> 1) & 1) ^ 1);  // at first: free
+      const auto ext_tile = make_coord(col, 0);
+      Tensor gLoraA = local_tile(tma_lora_a.get_tma_tensor(make_shape(n, d.rank)),
+                                 Shape<typename Cfg::BN, typename Cfg::Ranks>{}, ext_tile);
+      Tensor gRouter = local_tile(tma_router.get_tma_tensor(make_shape(n, router_rows)),
+                                  Shape<typename Cfg::BN, typename Cfg::Ranks>{}, ext_tile);
+      auto tEA = tma_partition(tma_lora_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sLoraA),
+                               group_modes<0, 2>(gLoraA));
+      auto tER = tma_partition(tma_router, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sRouter),
+                               group_modes<0, 2>(gRouter));
+      TxBarrier::arrive_and_expect_tx(&smem.ext_full[buffer], kExtBytes);
+      copy(tma_lora_a.with(smem.ext_full[buffer]), get<0>(tEA), get<1>(tEA)(_, buffer));
+      copy(tma_router.with(smem.ext_full[buffer]), get<0>(tER), get<1>(tER)(_, buffer));
+
+      const auto tile = make_coord(row, col, _);
+      Tensor gDy = local_tile(tma_dy.get_tma_tensor(make_shape(m, k)), tiler, tile,
+                              Step<_1, X, _1>{});  // [BM, BK, k steps]
+      Tensor gW = local_tile(tma_w.get_tma_tensor(make_shape(n, k)), tiler, tile,
+                             Step<X, _1, _1>{});  // [BN, BK, k steps]
+      Tensor gG = local_tile(tma_lora_b.get_tma_tensor(make_shape(d.rank_ld(), k)),
+                             Shape<typename Cfg::Ranks, typename Cfg::BK>{},
+                             make_coord(0, _));  // [16, BK, k steps]
+      auto tA = tma_partition(tma_dy, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA),
+                              group_modes<0, 2>(gDy));
+      auto tB = tma_partition(tma_w, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB),
+                              group_modes<0, 2>(gW));
+      auto tG = tma_partition(tma_lora_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sG),
+                              group_modes<0, 2>(gG));
+      fill_ring<kStages>(smem, k_steps, kStageBytes, stage, phase,
+                         [&](int kt, int at, uint64_t& full) {
+                           copy(tma_dy.with(full), get<0>(tA)(_, kt), get<1>(tA)(_, at));
+                           copy(tma_w.with(full), get<0>(tB)(_, kt), get<1>(tB)(_, at));
+                           copy(tma_lora_b.with(full), get<0>(tG)(_, kt), get<1>(tG)(_, at));
+                         });
+    });
     return;
   }
 
@@ -707,71 +764,81 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(sB));
   Tensor tGrA = thr_g.make_fragment_A(thr_g.partition_A(sA));
   Tensor tGrB = thr_g.make_fragment_B(thr_g.partition_B(sG));
-  Tensor gC = local_tile(make_identity_tensor(make_shape(m, n)), tiler, tile,
-                         Step<_1, _1, X>{});  // [BM, BN] of (row, col)
-  Tensor tCcC = thr_mma.partition_C(gC);
-  Tensor acc = thr_mma.partition_fragment_C(gC);  // fp32 accumulators
-  const auto tile_g = make_identity_tensor(Shape<typename Cfg::BM, typename Cfg::Ranks>{});
-  Tensor acc_g = thr_g.partition_fragment_C(tile_g);  // g of the tile's rows
-  clear(acc);
-  clear(acc_g);
-
-  drain_ring<kStages>(
-      smem, (k + Cfg::kBK - 1) / Cfg::kBK,
-      [&](int stage) {
-        gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
-        gemm(mma_g, tGrA(_, _, _, stage), tGrB(_, _, _, stage), acc_g);
-      },
-      [&] {
-        warpgroup_fence_operand(acc);
-        warpgroup_fence_operand(acc_g);
-      });
-
-  // g to the staging tile, then one thread per row routes it.
-  const Tensor tGc = thr_g.partition_C(tile_g);
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc_g); ++i) {
-    const auto [row, col] = tGc(i);
-    smem.staging[row][col] = acc_g(i);
-  }
-  // The consumers' own barrier (user id 1: hardware barrier 9; barrier 0 is __syncthreads).
-  cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
-  if (thread < Cfg::kBM) {
-    const int64_t token = int64_t(blockIdx.y) * Cfg::kBM + thread;
-    const float* const staged = smem.staging[thread];
-    float* const dl_row = smem.dl_rows[thread];
-    if (!d.router) {
-      route_dgrad_row<Cfg, false, false>(d, thread, token, keeps, ptr, staged, dl_row, sDu, sDl);
-    } else if (d.bypass) {
-      route_dgrad_row<Cfg, true, true>(d, thread, token, keeps, ptr, staged, dl_row, sDu, sDl);
-    } else {
-      route_dgrad_row<Cfg, true, false>(d, thread, token, keeps, ptr, staged, dl_row, sDu, sDl);
-    }
-  }
-  cutlass::arch::fence_view_async_shared();  // du and dl: written by threads, read by wgmma
-  cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
-  if (keeps && d.router && thread < d.logits) {  // this row tile's dl sums, in row order
-    float total = 0.0f;
-    for (int row = 0; row < Cfg::kBM; ++row) total += smem.dl_rows[row][thread];
-    ptr.dl_partial[int64_t(blockIdx.y) * d.logits + thread] = total;
-  }
-
-  // The extension: acc += du A_cat (+ dl R), one 64x192x16 MMA each per warp group.
-  TxBarrier::wait(&smem.ext_full, 0);
   Tensor tDuA = thr_mma.make_fragment_A(thr_mma.partition_A(sDu));
   Tensor tDlA = thr_mma.make_fragment_A(thr_mma.partition_A(sDl));
-  Tensor tLoraAB = thr_mma.make_fragment_B(thr_mma.partition_B(sLoraA));
-  Tensor tRouterB = thr_mma.make_fragment_B(thr_mma.partition_B(sRouter));
-  // Both MMAs always, in one batch: without a router dl is zeros and the second tile holds
-  // lora_a's finite values (a branch around an MMA would split the batch).
-  warpgroup_fence_operand(acc);
-  warpgroup_arrive();
-  gemm(mma, tDuA, tLoraAB, acc);
-  gemm(mma, tDlA, tRouterB, acc);
-  warpgroup_commit_batch();
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(acc);
-  store_tile(acc, tCcC, m, n, static_cast<const T*>(nullptr), ptr.dx, int64_t(n));
+  Tensor tLoraAB = thr_mma.make_fragment_B(thr_mma.partition_B(sLoraA));    // [.., 2]
+  Tensor tRouterB = thr_mma.make_fragment_B(thr_mma.partition_B(sRouter));  // [.., 2]
+  Tensor acc = thr_mma.partition_fragment_C(
+      make_identity_tensor(Shape<typename Cfg::BM, typename Cfg::BN>{}));  // fp32 accumulators
+  const auto tile_g = make_identity_tensor(Shape<typename Cfg::BM, typename Cfg::Ranks>{});
+  Tensor acc_g = thr_g.partition_fragment_C(tile_g);  // g of the tile's rows
+  const Tensor tGc = thr_g.partition_C(tile_g);
+
+  int stage = 0, phase = 0;
+  for_each_tile(tiles, col_tiles, [&](int row_tile, int col, int i) {
+    const bool keeps = col == 0;  // the first column tile
+    clear(acc);
+    clear(acc_g);
+    drain_ring<kStages>(
+        smem, k_steps, stage, phase,
+        [&](int at) {
+          gemm(mma, tCrA(_, _, _, at), tCrB(_, _, _, at), acc);
+          gemm(mma_g, tGrA(_, _, _, at), tGrB(_, _, _, at), acc_g);
+        },
+        [&] {
+          warpgroup_fence_operand(acc);
+          warpgroup_fence_operand(acc_g);
+        });
+
+    // g to the staging tile, then one thread per row routes it.
+    CUTE_UNROLL
+    for (int j = 0; j < size(acc_g); ++j) {
+      const auto [r, c] = tGc(j);
+      smem.staging[r][c] = acc_g(j);
+    }
+    // The consumers' own barrier (user id 1: hardware barrier 9; barrier 0 is __syncthreads).
+    cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
+    if (thread < Cfg::kBM) {
+      const int64_t token = int64_t(row_tile) * Cfg::kBM + thread;
+      const float* const staged = smem.staging[thread];
+      float* const dl_row = smem.dl_rows[thread];
+      if (!d.router) {
+        route_dgrad_row<Cfg, false, false>(d, thread, token, keeps, ptr, staged, dl_row, sDu,
+                                           sDl);
+      } else if (d.bypass) {
+        route_dgrad_row<Cfg, true, true>(d, thread, token, keeps, ptr, staged, dl_row, sDu,
+                                         sDl);
+      } else {
+        route_dgrad_row<Cfg, true, false>(d, thread, token, keeps, ptr, staged, dl_row, sDu,
+                                          sDl);
+      }
+    }
+    cutlass::arch::fence_view_async_shared();  // du and dl: written by threads, read by wgmma
+    cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
+    if (keeps && d.router && thread < d.logits) {  // this row tile's dl sums, in row order
+      float total = 0.0f;
+      for (int r = 0; r < Cfg::kBM; ++r) total += smem.dl_rows[r][thread];
+      ptr.dl_partial[int64_t(row_tile) * d.logits + thread] = total;
+    }
+
+    // The extension: acc += du A_cat + dl R, one 64x192x16 MMA each per warp group, both in
+    // one batch: without a router dl is zeros and the second tile holds lora_a's finite
+    // values (a branch around an MMA would split the batch).
+    const int buffer = i & 1;
+    TxBarrier::wait(&smem.ext_full[buffer], (i >> 1) & 1);
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    gemm(mma, tDuA, tLoraAB(_, _, _, buffer), acc);
+    gemm(mma, tDlA, tRouterB(_, _, _, buffer), acc);
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc);
+    Barrier::arrive(&smem.ext_empty[buffer]);
+    Tensor gC = local_tile(make_identity_tensor(make_shape(m, n)), tiler,
+                           make_coord(row_tile, col, _), Step<_1, _1, X>{});  // [BM, BN]
+    store_tile(acc, thr_mma.partition_C(gC), m, n, static_cast<const T*>(nullptr), ptr.dx,
+               int64_t(n));
+  });
 #else
   (void)tma_dy, (void)tma_w, (void)tma_lora_b, (void)tma_lora_a, (void)tma_router, (void)d;
   (void)ptr;
@@ -779,6 +846,28 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   __trap();
 #endif
 #endif
+}
+
+// Output tiles of an m x n product in every config's 128 x 192 tiles.
+int64_t tile_count(int64_t m, int64_t n) {
+  using Cfg = Sm90Config<cutlass::half_t, false>;
+  return (m + Cfg::kBM - 1) / Cfg::kBM * ((n + Cfg::kBN - 1) / Cfg::kBN);
+}
+
+// CTAs for `tiles` output tiles (for_each_tile): one per SM, each looping over tiles, unless
+// EI_KERNELS_CUDA_SM90_PERSISTENT is "0": then one per tile. (Attribute queries only, cached:
+// safe during CUDA graph capture.)
+cudaError_t grid_for(int64_t tiles, dim3* grid) {
+  const char* const switch_value = std::getenv("EI_KERNELS_CUDA_SM90_PERSISTENT");
+  if (switch_value != nullptr && std::strcmp(switch_value, "0") == 0) {
+    *grid = dim3(unsigned(tiles));
+    return cudaSuccess;
+  }
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = multiprocessor_count(device, &sms);
+  *grid = dim3(unsigned(std::min<int64_t>(tiles, sms)));
+  return err;
 }
 
 // The opt-in to more than 48 KiB of dynamic shared memory, once per device and kernel (a plain
@@ -819,8 +908,9 @@ cudaError_t launch(const ExtGemmArgs& g, cudaStream_t stream) {
   static_assert(kSmem <= 227 * 1024, "over the opt-in shared memory of a 9.0 device");
   cudaError_t err = allow_shared_memory(kernel, kSmem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned((int64_t(g.n) + Cfg::kBN - 1) / Cfg::kBN),
-                  unsigned((int64_t(g.m) + Cfg::kBM - 1) / Cfg::kBM));
+  dim3 grid;
+  err = grid_for(tile_count(g.m, g.n), &grid);
+  if (err != cudaSuccess) return err;
   kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(
       tma_a, tma_a2, tma_b, tma_b2, g.m, g.n, g.k, g.k2, static_cast<const T*>(g.bias),
       static_cast<T*>(g.c), g.ldc);
@@ -844,12 +934,12 @@ cudaError_t launch_routed_dgrad(const MorDims& d, const MorBackwardArgs& a, cuda
       make_shape(typename Cfg::Ranks{}, typename Cfg::BK{}));
   const auto tma_lora_a = make_tma_atom(SM90_TMA_LOAD{},
                                         b_operand<T, true>(a.lora_a, n, d.rank, n),
-                                        typename Cfg::SmemExtB{}, ext_box);
+                                        typename Cfg::SmemExtB{}(_, _, Int<0>{}), ext_box);
   const auto tma_router = make_tma_atom(
       SM90_TMA_LOAD{},
       d.router ? b_operand<T, true>(a.router_weight, n, d.logits, n)
                : b_operand<T, true>(a.lora_a, n, d.rank, n),
-      typename Cfg::SmemExtB{}, ext_box);
+      typename Cfg::SmemExtB{}(_, _, Int<0>{}), ext_box);
   const RoutedDgradPointers<T> ptr{a.u, a.u_ld, a.probs, static_cast<T*>(a.dx),
                                    static_cast<T*>(a.z), static_cast<T*>(a.d_shrink),
                                    a.dl_partial};
@@ -857,10 +947,11 @@ cudaError_t launch_routed_dgrad(const MorDims& d, const MorBackwardArgs& a, cuda
                                       decltype(tma_lora_b), decltype(tma_lora_a)>;
   constexpr int kSmem = int(sizeof(typename Cfg::Shared));
   static_assert(kSmem <= 227 * 1024, "over the opt-in shared memory of a 9.0 device");
-  const cudaError_t err = allow_shared_memory(kernel, kSmem);
+  cudaError_t err = allow_shared_memory(kernel, kSmem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned((n + Cfg::kBN - 1) / Cfg::kBN),
-                  unsigned((int64_t(m) + Cfg::kBM - 1) / Cfg::kBM));
+  dim3 grid;
+  err = grid_for(tile_count(m, n), &grid);
+  if (err != cudaSuccess) return err;
   kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(tma_dy, tma_w, tma_lora_b, tma_lora_a,
                                                  tma_router, d, ptr);
   return cudaGetLastError();
@@ -900,10 +991,11 @@ cudaError_t launch_routed(const MorDims& d, const MorForwardArgs& a, cudaStream_
                                      decltype(tma_lora_a), decltype(tma_router)>;
   constexpr int kSmem = int(sizeof(typename Cfg::Shared));
   static_assert(kSmem <= 227 * 1024, "over the opt-in shared memory of a 9.0 device");
-  const cudaError_t err = allow_shared_memory(kernel, kSmem);
+  cudaError_t err = allow_shared_memory(kernel, kSmem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned((n + Cfg::kBN - 1) / Cfg::kBN),
-                  unsigned((int64_t(m) + Cfg::kBM - 1) / Cfg::kBM));
+  dim3 grid;
+  err = grid_for(tile_count(m, n), &grid);
+  if (err != cudaSuccess) return err;
   kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(tma_x, tma_w, tma_lora_a, tma_router, d, ptr);
   return cudaGetLastError();
 }
@@ -929,10 +1021,9 @@ bool sm90_gemm_accepts(DType dtype, const ExtGemmArgs& g) {
   const int64_t b_cols = g.b_n_major ? g.n : g.k, b2_cols = g.b_n_major ? g.n : g.k2;
   const bool ext_ok = g.k2 == 0 || (aligned16(g.a2) && aligned16(g.b2) &&
                                     rows_ok(g.lda2, g.k2) && rows_ok(g.ldb2, b2_cols));
-  constexpr int kBM = Sm90Config<cutlass::half_t, false>::kBM;  // the same for every config
-  const bool grid_ok = (int64_t(g.m) + kBM - 1) / kBM <= 65535;  // row tiles: grid.y
-  return grid_ok && ext_ok && aligned16(g.a) && aligned16(g.b) && aligned16(g.c) &&
-         rows_ok(g.lda, g.k) && rows_ok(g.ldb, b_cols) && rows_ok(g.ldc, g.n);
+  return tile_count(g.m, g.n) <= INT32_MAX && ext_ok && aligned16(g.a) && aligned16(g.b) &&
+         aligned16(g.c) && rows_ok(g.lda, g.k) && rows_ok(g.ldb, b_cols) &&
+         rows_ok(g.ldc, g.n);
 }
 
 cudaError_t sm90_ext_gemm(DType dtype, const ExtGemmArgs& g, cudaStream_t stream) {
@@ -960,7 +1051,7 @@ bool sm90_routed_accepts(DType dtype, const MorDims& d, const MorForwardArgs& a)
   const bool aligned = aligned16(a.x) && aligned16(a.weight) && aligned16(a.lora_a) &&
                        aligned16(a.y) && (!d.router || aligned16(a.router_weight));
   return aligned && d.in_features % 8 == 0 && d.out_features % 8 == 0 &&
-         (d.tokens + Cfg::kBM - 1) / Cfg::kBM <= 65535;
+         tile_count(d.tokens, d.out_features) <= INT32_MAX;
 }
 
 bool sm90_routed_dgrad_accepts(DType dtype, const MorDims& d, const MorBackwardArgs& a,
@@ -976,7 +1067,8 @@ bool sm90_routed_dgrad_accepts(DType dtype, const MorDims& d, const MorBackwardA
   if (d.router && dl_splits != row_tiles) return false;
   const bool aligned = aligned16(a.dy) && aligned16(a.weight) && aligned16(a.lora_a) &&
                        aligned16(a.dx) && (!d.router || aligned16(a.router_weight));
-  return aligned && d.in_features % 8 == 0 && d.out_features % 8 == 0 && row_tiles <= 65535;
+  return aligned && d.in_features % 8 == 0 && d.out_features % 8 == 0 &&
+         tile_count(d.tokens, d.in_features) <= INT32_MAX;
 }
 
 cudaError_t sm90_routed_dgrad(DType dtype, const MorDims& dims, const MorBackwardArgs& args,

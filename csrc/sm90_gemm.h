@@ -34,7 +34,7 @@ bool sm90_gemm_built();
 
 // Whether sm90_ext_gemm can run these arguments: a 16-bit dtype, TMA's alignment (every
 // operand's base address 16-byte aligned, every row stride a multiple of 16 bytes), positive
-// sizes and at most 65535 row tiles. The caller uses the portable GEMM otherwise, so a
+// sizes and at most 2^31 - 1 output tiles. The caller uses the portable GEMM otherwise, so a
 // misaligned view is slower, never wrong.
 bool sm90_gemm_accepts(DType dtype, const ExtGemmArgs& args);
 

@@ -10,9 +10,10 @@ backward's du | dl | z then cost what they did in one-tile programs before, and 
 pair's second stores in its own slot, which the slot sum then reads too), and the atomic
 token reductions instead of the deterministic slots ("fused-triton-atomic"), and the cuda
 backend with its sm_90a TMA + wgmma GEMM switched off ("fused-cuda-portable":
-EI_KERNELS_CUDA_SM90=0, every GEMM on the portable mma.sync kernel) or without its routed
+EI_KERNELS_CUDA_SM90=0, every GEMM on the portable mma.sync kernel), without its routed
 kernels ("fused-cuda-unrouted": EI_KERNELS_CUDA_SM90=unrouted, the shrink, g and the routing
-as launches of their own around the sm_90a GEMM). "fused-triton" is
+as launches of their own around the sm_90a GEMM) or with one CTA per tile instead of one
+persistent CTA per SM ("fused-cuda-one-tile": EI_KERNELS_CUDA_SM90_PERSISTENT=0). "fused-triton" is
 the launcher's choice by its schedule model (ei_kernels/ops/triton_schedule.py); these rows say
 what the split, the fitted order and the sharing buy,
 forward (no grad) and forward + backward (x needs a gradient, the base is frozen): CUDA events
@@ -52,11 +53,11 @@ N_TOKENS = 33 if DRY else 12608  # ViT-B at batch 64 (197 tokens each)
 SHAPES = [(40, 24, 1), (40, 36, 3)] if DRY else [
     (768, 768, 1), (768, 2304, 3), (768, 3072, 1), (3072, 768, 1)]
 # The Triton variants last: within the stage's time cap they are what may be cut.
-PROVIDERS = ("linear", "fused-torch", "fused-triton", "fused-cuda", "fused-cuda-unrouted",
-             "fused-cuda-portable", "fused-triton-unfitted", "fused-triton-unshared",
-             "fused-triton-atomic")
+PROVIDERS = ("linear", "fused-torch", "fused-triton", "fused-cuda", "fused-cuda-one-tile",
+             "fused-cuda-unrouted", "fused-cuda-portable", "fused-triton-unfitted",
+             "fused-triton-unshared", "fused-triton-atomic")
+PROFILED = ("linear", "fused-triton", "fused-cuda", "fused-cuda-one-tile")  # their fwd+bwd
 DTYPE = torch.float32 if DRY else torch.bfloat16
-PROFILED = ("linear", "fused-triton", "fused-cuda")  # their fwd+bwd kernels, one by one
 WARMUP, ROUNDS = (1, 2) if DRY else (10, 30)
 
 
@@ -112,19 +113,23 @@ def _triton_variant(provider: str):
 @contextlib.contextmanager
 def _cuda_variant(provider: str):
     """The cuda backend as `provider` runs it: "-portable" without the sm_90a GEMM,
-    "-unrouted" without its routed kernels (the extension reads the switch at every call)."""
-    before = os.environ.get("EI_KERNELS_CUDA_SM90")
-    if provider.endswith("-portable"):
-        os.environ["EI_KERNELS_CUDA_SM90"] = "0"
-    if provider.endswith("-unrouted"):
-        os.environ["EI_KERNELS_CUDA_SM90"] = "unrouted"
+    "-unrouted" without its routed kernels, "-one-tile" with one CTA per tile (the extension
+    reads the switches at every call)."""
+    switches = {"-portable": ("EI_KERNELS_CUDA_SM90", "0"),
+                "-unrouted": ("EI_KERNELS_CUDA_SM90", "unrouted"),
+                "-one-tile": ("EI_KERNELS_CUDA_SM90_PERSISTENT", "0")}
+    name, value = next((switch for suffix, switch in switches.items()
+                        if provider.endswith(suffix)), (None, None))
+    before = os.environ.get(name) if name else None
+    if name:
+        os.environ[name] = value
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("EI_KERNELS_CUDA_SM90", None)
-        else:
-            os.environ["EI_KERNELS_CUDA_SM90"] = before
+        if name and before is None:
+            os.environ.pop(name, None)
+        elif name:
+            os.environ[name] = before
 
 
 def kernel_name(name: str) -> str:
@@ -155,8 +160,9 @@ def _profiled_kernels(step) -> dict[str, float]:
 def time_case(provider: str, k: int, o: int, groups: int, mode: str) -> dict:
     with _triton_variant(provider) as backend_provider, _cuda_variant(provider):
         record = _time_layer(backend_provider, k, o, groups, mode)
-        if provider.startswith("fused-cuda"):  # the switch it ran under (gpu_check may set it)
-            record["sm90"] = os.environ.get("EI_KERNELS_CUDA_SM90", "1")
+        if provider.startswith("fused-cuda"):  # the switches it ran under (gpu_check may set
+            record["sm90"] = os.environ.get("EI_KERNELS_CUDA_SM90", "1")  # them)
+            record["persistent"] = os.environ.get("EI_KERNELS_CUDA_SM90_PERSISTENT", "1")
         return record
 
 

@@ -6,7 +6,8 @@ H100/H200 the 16-bit cases whose rows TMA can load take the sm_90a kernels, rout
 fit (the K=104/O=40 ones: partial tiles in every dimension there), the rest the portable
 ones; both are also compared
 with the switch EI_KERNELS_CUDA_SM90=0, and the sm_90a GEMM without the routed kernels with
-EI_KERNELS_CUDA_SM90=unrouted."""
+EI_KERNELS_CUDA_SM90=unrouted; persistent CTAs against one CTA per tile
+(EI_KERNELS_CUDA_SM90_PERSISTENT=0) bit for bit."""
 
 import pytest
 import torch
@@ -88,6 +89,31 @@ def _launches(prof, kernel: str) -> int:
 def test_both_gemm_paths_match_torch_and_fp64(monkeypatch, switch, n, k, o, cfg, dtype):
     monkeypatch.setenv("EI_KERNELS_CUDA_SM90", switch)
     check_against_torch_and_fp64("cuda", n, k, o, cfg, DTYPES[dtype], ulps=4)
+
+
+@pytest.mark.parametrize("switch", ["1", "unrouted"], ids=["routed", "unrouted"])
+@pytest.mark.parametrize("n, k, o, groups", [
+    pytest.param(12608, 768, 768, 1, id="proj-12608-3-tiles-per-sm"),
+    pytest.param(12608, 768, 2304, 3, id="qkv-12608-9-tiles-per-sm"),
+    pytest.param(333, 104, 40, 1, id="odd-K104-O40-fewer-tiles-than-sms"),
+])
+def test_persistent_ctas_give_the_same_bits_as_one_cta_per_tile(monkeypatch, switch, n, k, o,
+                                                                groups):
+    """One persistent CTA per SM walking the tiles and one CTA per tile compute every tile
+    the same way: y and every gradient agree bit for bit (and a tile left unwritten or
+    written twice by the walk would show)."""
+    if not _hopper_gemm_expected():
+        pytest.skip("needs the sm_90a kernels on a compute capability 9.0 GPU")
+    monkeypatch.setenv("EI_KERNELS_CUDA_SM90", switch)
+    inputs, dy = make_inputs(n, k, o, {"groups": groups}, torch.bfloat16)
+    results = []
+    for persistent in ("1", "0"):
+        monkeypatch.setenv("EI_KERNELS_CUDA_SM90_PERSISTENT", persistent)
+        results.append(run("cuda", inputs, dy, {"groups": groups}))
+    (y1, p1, g1), (y0, p0, g0) = results
+    assert torch.equal(y1, y0) and torch.equal(p1, p0)
+    for name in g1:
+        assert torch.equal(g1[name], g0[name]), name
 
 
 @pytest.mark.parametrize("switch", ["1", "unrouted", "0"],
