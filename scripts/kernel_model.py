@@ -163,9 +163,11 @@ def triton_bwd(n, k, o, g) -> Cost:
 
 # The CUDA backend (csrc/): small kernels and thin products on the portable mma.sync GEMM,
 # which on Hopper reaches only part of the wgmma peak (MMA_SYNC_FRACTION of it), and on an
-# H100/H200 the two big products (forward y, backward dx) on the sm_90a TMA + wgmma GEMM, a
-# plain one-tile-per-CTA kernel whose epilogue does not overlap the next tile's loads
-# (WGMMA_FRACTION of the peak). Both fractions are assumptions, not measurements.
+# H100/H200 the two big products (forward y, backward dx) on the sm_90a TMA + wgmma kernels
+# (WGMMA_FRACTION of the peak: persistent CTAs overlap the next tile's loads with the last
+# one's routing and stores, but not the consumers' own epilogue with their next main loop, as
+# cuBLAS's ping-pong schedule does). Both fractions are assumptions, not measurements; the
+# GPU check times persistent against one-CTA-per-tile launches (fused-cuda-one-tile).
 MMA_SYNC_FRACTION = 0.6
 WGMMA_FRACTION = 0.8
 TALL_N = 32  # TallTile / WideTile width: the thin products are padded to it
