@@ -250,6 +250,15 @@ __device__ void drain_ring(Shared& smem, int steps, int& stage, int& phase, Mmas
   if (reading >= 0) Barrier::arrive(&smem.empty[reading]);
 }
 
+// Output tiles of an m x n product in every config's 128 x 192 tiles (64-bit: the host
+// refuses more than 2^31 - 1).
+__host__ __device__ constexpr int64_t tile_count(int64_t m, int64_t n) {
+  return (m + Sm90Config<cutlass::half_t, false>::kBM - 1) /
+         Sm90Config<cutlass::half_t, false>::kBM *
+         ((n + Sm90Config<cutlass::half_t, false>::kBN - 1) /
+          Sm90Config<cutlass::half_t, false>::kBN);
+}
+
 // The output tiles a CTA computes: t = blockIdx.x, blockIdx.x + gridDim.x, ... of the
 // row-major [row tiles, col_tiles] grid, so that the CTAs running together share row blocks
 // of A (read from memory once); body(row tile, column tile, i) for the CTA's i-th tile. The
@@ -258,8 +267,8 @@ __device__ void drain_ring(Shared& smem, int steps, int& stage, int& phase, Mmas
 template <class Body>
 __device__ void for_each_tile(int tiles, int col_tiles, Body&& body) {
   int i = 0;
-  for (int t = int(blockIdx.x); t < tiles; t += int(gridDim.x), ++i) {
-    body(t / col_tiles, t % col_tiles, i);
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x, ++i) {  // 64-bit: no wrap past 2^31
+    body(int(t / col_tiles), int(t % col_tiles), i);
   }
 }
 
@@ -308,7 +317,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   const auto tiler = Shape<typename Cfg::BM, typename Cfg::BN, typename Cfg::BK>{};
   const int col_tiles = (n + Cfg::kBN - 1) / Cfg::kBN;
-  const int tiles = (m + Cfg::kBM - 1) / Cfg::kBM * col_tiles;
+  const int tiles = int(tile_count(m, n));  // at most 2^31 - 1: the host checks
   const int k_steps = (k + Cfg::kBK - 1) / Cfg::kBK + (k2 + Cfg::kBK - 1) / Cfg::kBK;
 
   init_ring<typename Cfg::Shared, kStages>(smem, Cfg::kConsumerThreads);
@@ -447,7 +456,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   constexpr int kStages = Cfg::kStages;
   const int m = int(d.tokens), n = d.out_features, k = d.in_features, og = n / d.groups;
   const int col_tiles = (n + Cfg::kBN - 1) / Cfg::kBN;
-  const int tiles = (m + Cfg::kBM - 1) / Cfg::kBM * col_tiles;
+  const int tiles = int(tile_count(m, n));  // at most 2^31 - 1: the host checks
   const int k_steps = (k + Cfg::kBK - 1) / Cfg::kBK;
   constexpr uint32_t kStageBytes =
       uint32_t((Cfg::kBM + Cfg::kBN + Cfg::kRanks + Cfg::kLogits) * Cfg::kBK * sizeof(T));
@@ -538,16 +547,32 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   int stage = 0, phase = 0;
   for_each_tile(tiles, col_tiles, [&](int row_tile, int col, int i) {
     const int n0 = col * Cfg::kBN, group = n0 / og;
-    // The tile's rows of lora_b, zero-padded to 16 columns (the loads overlap the producer's
-    // TMA transfers), once both warp groups' last extension MMA has read the previous ones.
-    if (i > 0) cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
-    for (int idx = thread; idx < Cfg::kBN * Cfg::kRanks; idx += Cfg::kConsumerThreads) {
-      const int r = idx / Cfg::kRanks, j = idx % Cfg::kRanks, o = n0 + r;
-      sLoraB(r, j) = o < n && j < d.rank ? ptr.lora_b[int64_t(o) * d.rank + j] : T(0.0f);
+    // The tile's rows of lora_b, zero-padded to 16 columns: all loads first, two values to a
+    // register (so that they are in flight together without spilling), stored once both warp
+    // groups' last extension MMA has read the previous tile's.
+    constexpr int kPairs = Cfg::kBN * Cfg::kRanks / 2 / Cfg::kConsumerThreads;  // 6
+    static_assert(kPairs * 2 * Cfg::kConsumerThreads == Cfg::kBN * Cfg::kRanks);
+    const auto lora_b_at = [&](int o, int j) {
+      return o < n && j < d.rank ? ptr.lora_b[int64_t(o) * d.rank + j].raw() : uint16_t(0);
+    };
+    uint32_t pairs[kPairs];
+    CUTE_UNROLL
+    for (int v = 0; v < kPairs; ++v) {
+      const int idx = 2 * (thread + v * Cfg::kConsumerThreads);
+      const int o = n0 + idx / Cfg::kRanks, j = idx % Cfg::kRanks;
+      pairs[v] = uint32_t(lora_b_at(o, j)) | uint32_t(lora_b_at(o, j + 1)) << 16;
     }
     clear(acc);
     clear(acc_u);
     clear(acc_l);
+    if (i > 0) cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
+    CUTE_UNROLL
+    for (int v = 0; v < kPairs; ++v) {
+      const int idx = 2 * (thread + v * Cfg::kConsumerThreads);
+      const int r = idx / Cfg::kRanks, j = idx % Cfg::kRanks;
+      sLoraB(r, j) = T::bitcast(uint16_t(pairs[v] & 0xffffu));
+      sLoraB(r, j + 1) = T::bitcast(uint16_t(pairs[v] >> 16));
+    }
     drain_ring<kStages>(
         smem, k_steps, stage, phase,
         [&](int at) {
@@ -673,7 +698,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   constexpr int kStages = Cfg::kStages;
   const int m = int(d.tokens), n = d.in_features, k = d.out_features;
   const int col_tiles = (n + Cfg::kBN - 1) / Cfg::kBN;
-  const int tiles = (m + Cfg::kBM - 1) / Cfg::kBM * col_tiles;
+  const int tiles = int(tile_count(m, n));  // at most 2^31 - 1: the host checks
   const int k_steps = (k + Cfg::kBK - 1) / Cfg::kBK;
   constexpr uint32_t kStageBytes =
       uint32_t((Cfg::kBM + Cfg::kBN + Cfg::kRanks) * Cfg::kBK * sizeof(T));
@@ -846,12 +871,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   __trap();
 #endif
 #endif
-}
-
-// Output tiles of an m x n product in every config's 128 x 192 tiles.
-int64_t tile_count(int64_t m, int64_t n) {
-  using Cfg = Sm90Config<cutlass::half_t, false>;
-  return (m + Cfg::kBM - 1) / Cfg::kBM * ((n + Cfg::kBN - 1) / Cfg::kBN);
 }
 
 // CTAs for `tiles` output tiles (for_each_tile): one per SM, each looping over tiles, unless
