@@ -211,6 +211,19 @@ __device__ void init_ring(Shared& smem, int consumers) {
   __syncthreads();
 }
 
+// A TMA copy's partitions (global source, shared destination) of a CTA's tile views, each
+// [rows, cols, steps or stages] (no multicast).
+template <class Tma, class Smem, class Gmem>
+__device__ auto tma_split(const Tma& tma, const Smem& s, const Gmem& g) {
+  return tma_partition(tma, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(s), group_modes<0, 2>(g));
+}
+
+// K step kt of a tma_split pair into ring stage `stage`, counted on barrier `full`.
+template <class Tma, class Parts>
+__device__ void copy_step(const Tma& tma, uint64_t& full, const Parts& parts, int kt, int stage) {
+  copy(tma.with(full), get<0>(parts)(_, kt), get<1>(parts)(_, stage));
+}
+
 // The producer's side of the ring: `steps` K steps, each into the next free stage, where
 // load(kt, stage, barrier) issues that step's TMA copies (stage_bytes in all) on the stage's
 // barrier. stage and phase carry on from call to call (one ring, several reductions).
@@ -338,14 +351,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                              Step<_1, X, _1>{});  // [BM, BK, k steps]
       Tensor gW = local_tile(tma_w.get_tma_tensor(make_shape(n, kx)), tiler, tile,
                              Step<X, _1, _1>{});  // [BN, BK, k steps]
-      auto tX = tma_partition(tma_x, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA),
-                              group_modes<0, 2>(gX));
-      auto tW = tma_partition(tma_w, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB),
-                              group_modes<0, 2>(gW));
+      auto tX = tma_split(tma_x, sA, gX);
+      auto tW = tma_split(tma_w, sB, gW);
       fill_ring<kStages>(smem, (kx + Cfg::kBK - 1) / Cfg::kBK, kStageBytes, stage, phase,
                          [&](int kt, int at, uint64_t& full) {
-                           copy(tma_x.with(full), get<0>(tX)(_, kt), get<1>(tX)(_, at));
-                           copy(tma_w.with(full), get<0>(tW)(_, kt), get<1>(tW)(_, at));
+                           copy_step(tma_x, full, tX, kt, at);
+                           copy_step(tma_w, full, tW, kt, at);
                          });
     };
     for_each_tile(tiles, col_tiles, [&](int row, int col, int) {
@@ -500,20 +511,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
           domain_offset(make_coord(d.router ? group * d.logits : 0, 0),
                         tma_router.get_tma_tensor(make_shape(router_rows, k))),
           Shape<typename Cfg::Logits, typename Cfg::BK>{}, make_coord(0, _));  // [8, BK, k]
-      auto tX = tma_partition(tma_x, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA),
-                              group_modes<0, 2>(gX));
-      auto tW = tma_partition(tma_w, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB),
-                              group_modes<0, 2>(gW));
-      auto tU = tma_partition(tma_lora_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sU),
-                              group_modes<0, 2>(gU));
-      auto tL = tma_partition(tma_router, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sL),
-                              group_modes<0, 2>(gL));
+      auto tX = tma_split(tma_x, sA, gX);
+      auto tW = tma_split(tma_w, sB, gW);
+      auto tU = tma_split(tma_lora_a, sU, gU);
+      auto tL = tma_split(tma_router, sL, gL);
       fill_ring<kStages>(smem, k_steps, kStageBytes, stage, phase,
                          [&](int kt, int at, uint64_t& full) {
-                           copy(tma_x.with(full), get<0>(tX)(_, kt), get<1>(tX)(_, at));
-                           copy(tma_w.with(full), get<0>(tW)(_, kt), get<1>(tW)(_, at));
-                           copy(tma_lora_a.with(full), get<0>(tU)(_, kt), get<1>(tU)(_, at));
-                           copy(tma_router.with(full), get<0>(tL)(_, kt), get<1>(tL)(_, at));
+                           copy_step(tma_x, full, tX, kt, at);
+                           copy_step(tma_w, full, tW, kt, at);
+                           copy_step(tma_lora_a, full, tU, kt, at);
+                           copy_step(tma_router, full, tL, kt, at);
                          });
     });
     return;
@@ -747,10 +754,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                                  Shape<typename Cfg::BN, typename Cfg::Ranks>{}, ext_tile);
       Tensor gRouter = local_tile(tma_router.get_tma_tensor(make_shape(n, router_rows)),
                                   Shape<typename Cfg::BN, typename Cfg::Ranks>{}, ext_tile);
-      auto tEA = tma_partition(tma_lora_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sLoraA),
-                               group_modes<0, 2>(gLoraA));
-      auto tER = tma_partition(tma_router, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sRouter),
-                               group_modes<0, 2>(gRouter));
+      auto tEA = tma_split(tma_lora_a, sLoraA, gLoraA);
+      auto tER = tma_split(tma_router, sRouter, gRouter);
       TxBarrier::arrive_and_expect_tx(&smem.ext_full[buffer], kExtBytes);
       copy(tma_lora_a.with(smem.ext_full[buffer]), get<0>(tEA), get<1>(tEA)(_, buffer));
       copy(tma_router.with(smem.ext_full[buffer]), get<0>(tER), get<1>(tER)(_, buffer));
@@ -763,17 +768,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       Tensor gG = local_tile(tma_lora_b.get_tma_tensor(make_shape(d.rank_ld(), k)),
                              Shape<typename Cfg::Ranks, typename Cfg::BK>{},
                              make_coord(0, _));  // [16, BK, k steps]
-      auto tA = tma_partition(tma_dy, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA),
-                              group_modes<0, 2>(gDy));
-      auto tB = tma_partition(tma_w, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB),
-                              group_modes<0, 2>(gW));
-      auto tG = tma_partition(tma_lora_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sG),
-                              group_modes<0, 2>(gG));
+      auto tA = tma_split(tma_dy, sA, gDy);
+      auto tB = tma_split(tma_w, sB, gW);
+      auto tG = tma_split(tma_lora_b, sG, gG);
       fill_ring<kStages>(smem, k_steps, kStageBytes, stage, phase,
                          [&](int kt, int at, uint64_t& full) {
-                           copy(tma_dy.with(full), get<0>(tA)(_, kt), get<1>(tA)(_, at));
-                           copy(tma_w.with(full), get<0>(tB)(_, kt), get<1>(tB)(_, at));
-                           copy(tma_lora_b.with(full), get<0>(tG)(_, kt), get<1>(tG)(_, at));
+                           copy_step(tma_dy, full, tA, kt, at);
+                           copy_step(tma_w, full, tB, kt, at);
+                           copy_step(tma_lora_b, full, tG, kt, at);
                          });
     });
     return;
