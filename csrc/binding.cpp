@@ -149,10 +149,10 @@ std::tuple<Tensor, Tensor, Tensor> mor_fwd(const Tensor& x, const Tensor& weight
   args.probs = probs.data_ptr<float>();
   args.shrink = shrink.data_ptr<float>();
   args.sm90 = sm90;
-  args.sm90_routed = sm90 && ei::sm90_routed_enabled();
   // The routed sm_90a forward keeps z and B_cat in shared memory; the other paths need them.
+  args.sm90_routed = sm90 && ei::sm90_routed_enabled() && ei::sm90_routed_accepts(dtype, d, args);
   Tensor z, lora_b_ext;
-  if (!(args.sm90_routed && ei::sm90_routed_accepts(dtype, d, args))) {
+  if (!args.sm90_routed) {
     z = at::empty({N, d.rank_ld()}, x.options());
     args.z = z.data_ptr();
     if (sm90) {
@@ -226,14 +226,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   args.z = z.data_ptr();
   args.d_shrink = d_shrink.data_ptr();
   args.sm90 = sm90;
-  args.sm90_routed = sm90 && ei::sm90_routed_enabled();
   args.shrink_partial = shrink_partial.data_ptr<float>();
   args.lora_b_partial = lora_b_partial.data_ptr<float>();
   args.dl_partial = dl_partial.data_ptr<float>();
   // The routed sm_90a dx needs B zero-padded and keeps g on chip; the other paths need g, and
   // the unrouted sm_90a dx [A_cat; R] stacked.
+  args.sm90_routed = sm90 && ei::sm90_routed_enabled() &&
+                     ei::sm90_routed_dgrad_accepts(dtype, d, args, plan.dl_splits);
   Tensor g, shrink_weight, lora_b_ext;
-  if (args.sm90_routed && ei::sm90_routed_dgrad_accepts(dtype, d, args, plan.dl_splits)) {
+  if (args.sm90_routed) {
     lora_b_ext = at::empty({O, d.rank_ld()}, opts);
     args.lora_b_ext = lora_b_ext.data_ptr();
   } else {

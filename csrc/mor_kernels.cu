@@ -91,9 +91,7 @@ cudaError_t forward_impl(DType dtype, const MorDims& d, const MorForwardArgs& a,
   const T* const x = static_cast<const T*>(a.x);
   T* const z = static_cast<T*>(a.z);
   if (m == 0) return cudaSuccess;
-  if (a.sm90_routed && sm90_routed_accepts(dtype, d, a)) {
-    return sm90_routed_gemm(dtype, d, a, stream);
-  }
+  if (a.sm90_routed) return sm90_routed_gemm(dtype, d, a, stream);
 
   GemmArgs<T, float> shrink{};
   shrink.m = m, shrink.n = S, shrink.k = K, shrink.k_per_split = K;
@@ -219,7 +217,7 @@ cudaError_t backward_impl(DType dtype, const MorDims& d, const ReductionPlan& pl
       launch_gemm<TallTile, true, true>(u, stream);
     }
 
-    if (a.sm90_routed && sm90_routed_dgrad_accepts(dtype, d, a, plan.dl_splits)) {
+    if (a.sm90_routed) {
       // One group: B zero-padded to rank_ld() columns, then dx with g and the routing inside
       block_diagonal_kernel<T><<<blocks_for(int64_t(O) * zld, kSumThreads), kSumThreads, 0,
                                  stream>>>(lora_b, O, og, r, zld,

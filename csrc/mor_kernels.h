@@ -69,7 +69,8 @@ struct MorForwardArgs {
   void* z;                    // workspace [N, G*r], row stride rank_ld(); null when the
                               // routed sm_90a forward runs (sm90_routed_accepts)
   bool sm90;                  // the binding enabled the sm_90a GEMM (sm90_gemm_enabled)
-  bool sm90_routed;           // and the routed forward (sm90 && sm90_routed_enabled())
+  bool sm90_routed;           // run the routed forward: sm90, sm90_routed_enabled() and
+                              // sm90_routed_accepts (the binding decides, and allocates)
   void* lora_b_ext;           // workspace [O, rank_ld()] for the unrouted one, else null
 };
 
@@ -94,7 +95,8 @@ struct MorBackwardArgs {
   void* d_shrink;             // workspace [N, S]: [du | dl] in the input dtype, row stride
                               // shrink_ld()
   bool sm90;                  // the binding enabled the sm_90a GEMM (sm90_gemm_enabled)
-  bool sm90_routed;           // and the routed input gradient (sm90 && sm90_routed_enabled())
+  bool sm90_routed;           // run the routed input gradient: sm90, sm90_routed_enabled()
+                              // and sm90_routed_dgrad_accepts (the binding decides)
   void* shrink_weight;        // workspace [S, K] for it with a router: [A_cat; R], else null
   void* lora_b_ext;           // workspace [O, rank_ld()] for the routed dx (B zero-padded),
                               // else null; g is then null
@@ -105,8 +107,8 @@ struct MorBackwardArgs {
 
 // Whether this call's big GEMMs (forward y, backward dx) may take the sm_90a TMA + wgmma
 // kernel: built with it, a 16-bit dtype, a compute capability 9.0 device, and the environment
-// switch EI_KERNELS_CUDA_SM90 not "0". The binding then allocates the two workspaces above
-// that only that kernel reads. Queries the device once (cached: safe under graph capture).
+// switch EI_KERNELS_CUDA_SM90 not "0". The binding then allocates the workspaces above that
+// only those kernels read. Queries the device once (cached: safe under graph capture).
 cudaError_t sm90_gemm_enabled(DType dtype, int device, bool* enabled);
 
 // Whether the sm_90a kernels may include the routed ones (sm90_gemm.h: the forward, and one

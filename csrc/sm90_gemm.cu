@@ -904,6 +904,21 @@ cudaError_t allow_shared_memory(Kernel kernel, int bytes) {
   });
 }
 
+// Launches `kernel` with kSmem bytes of dynamic shared memory over `tiles` output tiles
+// (grid_for: persistent unless switched off).
+template <int kSmem, int kThreads, class Kernel, class... Args>
+cudaError_t launch_on_tiles(Kernel kernel, int64_t tiles, cudaStream_t stream,
+                            const Args&... args) {
+  static_assert(kSmem <= 227 * 1024, "over the opt-in shared memory of a 9.0 device");
+  cudaError_t err = allow_shared_memory(kernel, kSmem);
+  if (err != cudaSuccess) return err;
+  dim3 grid;
+  err = grid_for(tiles, &grid);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kThreads, kSmem, stream>>>(args...);
+  return cudaGetLastError();
+}
+
 template <typename T, bool kBNMajor>
 cudaError_t launch(const ExtGemmArgs& g, cudaStream_t stream) {
   using Cfg = Sm90Config<T, kBNMajor>;
@@ -924,18 +939,10 @@ cudaError_t launch(const ExtGemmArgs& g, cudaStream_t stream) {
                               ext ? b_operand<T, kBNMajor>(g.b2, g.n, g.k2, g.ldb2)
                                   : b_operand<T, kBNMajor>(g.b, g.n, g.k, g.ldb),
                               smem_b, box_b);
-  auto* kernel = &ext_gemm_kernel<Cfg, decltype(tma_a), decltype(tma_b)>;
-  constexpr int kSmem = int(sizeof(typename Cfg::Shared));
-  static_assert(kSmem <= 227 * 1024, "over the opt-in shared memory of a 9.0 device");
-  cudaError_t err = allow_shared_memory(kernel, kSmem);
-  if (err != cudaSuccess) return err;
-  dim3 grid;
-  err = grid_for(tile_count(g.m, g.n), &grid);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(
+  return launch_on_tiles<int(sizeof(typename Cfg::Shared)), Cfg::kThreads>(
+      &ext_gemm_kernel<Cfg, decltype(tma_a), decltype(tma_b)>, tile_count(g.m, g.n), stream,
       tma_a, tma_a2, tma_b, tma_b2, g.m, g.n, g.k, g.k2, static_cast<const T*>(g.bias),
       static_cast<T*>(g.c), g.ldc);
-  return cudaGetLastError();
 }
 
 template <typename T>
@@ -964,18 +971,10 @@ cudaError_t launch_routed_dgrad(const MorDims& d, const MorBackwardArgs& a, cuda
   const RoutedDgradPointers<T> ptr{a.u, a.u_ld, a.probs, static_cast<T*>(a.dx),
                                    static_cast<T*>(a.z), static_cast<T*>(a.d_shrink),
                                    a.dl_partial};
-  auto* kernel = &routed_dgrad_kernel<Cfg, decltype(tma_dy), decltype(tma_w),
-                                      decltype(tma_lora_b), decltype(tma_lora_a)>;
-  constexpr int kSmem = int(sizeof(typename Cfg::Shared));
-  static_assert(kSmem <= 227 * 1024, "over the opt-in shared memory of a 9.0 device");
-  cudaError_t err = allow_shared_memory(kernel, kSmem);
-  if (err != cudaSuccess) return err;
-  dim3 grid;
-  err = grid_for(tile_count(m, n), &grid);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(tma_dy, tma_w, tma_lora_b, tma_lora_a,
-                                                 tma_router, d, ptr);
-  return cudaGetLastError();
+  return launch_on_tiles<int(sizeof(typename Cfg::Shared)), Cfg::kThreads>(
+      &routed_dgrad_kernel<Cfg, decltype(tma_dy), decltype(tma_w), decltype(tma_lora_b),
+                           decltype(tma_lora_a)>,
+      tile_count(m, n), stream, tma_dy, tma_w, tma_lora_b, tma_lora_a, tma_router, d, ptr);
 }
 
 template <typename T>
@@ -1008,17 +1007,10 @@ cudaError_t launch_routed(const MorDims& d, const MorForwardArgs& a, cudaStream_
   const RoutedPointers<T> ptr{static_cast<const T*>(a.bias), static_cast<const T*>(a.lora_b),
                               static_cast<const T*>(a.router_bias), static_cast<T*>(a.y),
                               a.probs, a.shrink};
-  auto* kernel = &routed_gemm_kernel<Cfg, decltype(tma_x), decltype(tma_w),
-                                     decltype(tma_lora_a), decltype(tma_router)>;
-  constexpr int kSmem = int(sizeof(typename Cfg::Shared));
-  static_assert(kSmem <= 227 * 1024, "over the opt-in shared memory of a 9.0 device");
-  cudaError_t err = allow_shared_memory(kernel, kSmem);
-  if (err != cudaSuccess) return err;
-  dim3 grid;
-  err = grid_for(tile_count(m, n), &grid);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(tma_x, tma_w, tma_lora_a, tma_router, d, ptr);
-  return cudaGetLastError();
+  return launch_on_tiles<int(sizeof(typename Cfg::Shared)), Cfg::kThreads>(
+      &routed_gemm_kernel<Cfg, decltype(tma_x), decltype(tma_w), decltype(tma_lora_a),
+                          decltype(tma_router)>,
+      tile_count(m, n), stream, tma_x, tma_w, tma_lora_a, tma_router, d, ptr);
 }
 
 

@@ -74,7 +74,7 @@ def _correctness() -> tuple[list[str], list[str], list[str]]:
         modes = [mode for mode in SM90_LADDER if mode in used]
         lines.append(f"correctness {backend}: {summary}"
                      + (f", {len(missing)} not run (time)" if missing else "")
-                     + (f" (EI_KERNELS_CUDA_SM90={' then '.join(modes)})" if modes else ""))
+                     + (f" (sm_90a mode {' then '.join(modes)})" if modes else ""))
         for r in cases.values():
             if r["verdict"] != "pass":
                 why = "; ".join(r.get("failed", [])) or r.get("error", "hung or crashed")
