@@ -84,15 +84,34 @@ def test_backend_cuda_on_cpu_tensors_is_refused_before_the_op():
         mor_linear(*inp.values(), ranks=RANKS, scalings=SCALINGS, backend="cuda")
 
 
+def _release(tool: str) -> tuple[int, int]:
+    """(major, minor) of a CUDA tool's `--version` ("... release 13.0, V13.0.88")."""
+    import re
+    import subprocess
+
+    out = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
 def _cuobjdump() -> str:
+    """The newest cuobjdump at hand: the toolkit's, PATH's or the one in triton's bundle
+    (CUDA 13's in triton 3.8, 12.8's in triton 3.6). One older than the nvcc that built the
+    extension misreads its images (12.8 names an sm_90a image sm_90), so the tests then skip."""
     import shutil
 
     import triton
 
-    tool = shutil.which("cuobjdump") or str(
-        Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
-    if not Path(tool).is_file():
-        pytest.skip("no cuobjdump (neither on PATH nor in triton's bundle)")
+    home = _build_module().find_cuda_home()
+    candidates = [Path(home, "bin", "cuobjdump") if home else None, shutil.which("cuobjdump"),
+                  Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"]
+    tools = [str(tool) for tool in candidates if tool and Path(tool).is_file()]
+    if not tools:
+        pytest.skip("no cuobjdump (neither in the CUDA toolkit, on PATH nor in triton's bundle)")
+    tool = max(tools, key=_release)
+    nvcc = Path(home, "bin", "nvcc") if home else None
+    if nvcc and nvcc.is_file() and _release(tool) < _release(str(nvcc)):
+        pytest.skip(f"cuobjdump {_release(tool)} is older than nvcc {_release(str(nvcc))}")
     return tool
 
 
