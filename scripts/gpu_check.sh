@@ -9,6 +9,7 @@
 #                          errors of ours and of PyTorch against fp64, and a verdict per case
 #   4. timings.jsonl       bf16 GEMM and copy ceilings; nn.Linear and each backend, fwd and
 #                          fwd+bwd, at the ViT-B layer shapes (CUDA events, medians)
+#   4b. memcheck.log       compute-sanitizer's memcheck over the CUDA kernels, small odd shapes
 #   5. plan_memory.jsonl   `ei plan`'s peak memory against max_memory_allocated of real steps
 #   6. tests.xml           tests/gpu with per-test timeouts, in the time left
 #   7. summary.md          the short table, printed last (also gpu_check.log: everything)
@@ -131,6 +132,27 @@ fi
 
 stage "4. timings"
 stage_with_restarts 120 45 timings.jsonl $PY scripts/gpu_check/timings.py
+
+stage "4b. memcheck of the CUDA kernels (compute-sanitizer)"
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null \
+            | head -n 1)
+if (( DRY )); then
+    # No sanitizer on the CPU: the same cases through the torch backend, so the script runs.
+    within 60 25 $PY scripts/gpu_check/memcheck.py > "$OUT/memcheck.log" 2>&1
+    echo "gpu_check: memcheck dry run rc=$?" >> "$OUT/memcheck.log"
+elif ! grep -q "gpu_check: build rc=0" "$OUT/cuda_build.log"; then
+    echo "gpu_check: memcheck skipped: no CUDA extension build" > "$OUT/memcheck.log"
+elif [[ -z "$sanitizer" ]]; then
+    echo "gpu_check: memcheck skipped: no compute-sanitizer" > "$OUT/memcheck.log"
+else
+    # Every tensor its own cudaMalloc: the sanitizer sees the caching allocator's pool as one
+    # allocation, so a write past one tensor into its neighbour would pass unseen.
+    within 60 40 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck \
+        --print-limit 20 --error-exitcode 9 $PY scripts/gpu_check/memcheck.py \
+        > "$OUT/memcheck.log" 2>&1
+    echo "gpu_check: memcheck rc=$?" >> "$OUT/memcheck.log"
+fi
+tail -n 3 "$OUT/memcheck.log"
 
 stage "5. ei plan against measured memory"
 stage_with_restarts 45 25 plan_memory.jsonl $PY scripts/gpu_check/plan_memory.py

@@ -89,6 +89,38 @@ def test_summary_of_a_clean_run_passes_and_require_complete_checks_completeness(
             in incomplete.stdout)
 
 
+def test_summary_reports_memcheck_errors_and_a_cut_memcheck_run(tmp_path):
+    (tmp_path / "cuda_build.log").write_text("gpu_check: build rc=0 in 40 s\n")
+    log = tmp_path / "memcheck.log"
+    log.write_text(
+        "========= COMPUTE-SANITIZER\n"
+        "memcheck modes: unrouted 0\n"
+        "memcheck case routed-K104-O200 mode unrouted: done\n"
+        "========= Invalid __global__ write of size 2 bytes\n"
+        "=========     at void ei_kernels::ext_gemm_kernel<T>(Params)+0x1f30\n"
+        "=========     by thread (5,0,0) in block (3,0,0)\n"
+        "========= ERROR SUMMARY: 1 error\n"
+        "gpu_check: memcheck rc=9\n")
+    result = _summary(tmp_path)
+    assert result.returncode == 1
+    text = (tmp_path / "summary.md").read_text()
+    assert "memcheck: 1 of 12 fwd+bwd runs (sm_90a modes unrouted 0), 1 errors" in text
+    assert ("Invalid __global__ write of size 2 bytes at void ei_kernels::ext_gemm_kernel<T>"
+            in text)
+    assert "PROBLEMS: memcheck errors" in text
+    # killed by its time limit: no error found so far is no failure, but it is incomplete
+    log.write_text("memcheck modes: 1 one-tile unrouted 0\n"
+                   "memcheck case routed-K104-O200 mode 1: done\n"
+                   "gpu_check: memcheck rc=124\n")
+    result = _summary(tmp_path)
+    assert result.returncode == 0, result.stdout
+    assert "memcheck: 1 of 24 fwd+bwd runs (sm_90a modes 1 one-tile unrouted 0), no error " \
+           "summary, timed out" in result.stdout
+    assert "memcheck incomplete" in result.stdout
+    log.write_text("gpu_check: memcheck skipped: no compute-sanitizer\n")
+    assert "memcheck skipped: no compute-sanitizer" in _summary(tmp_path).stdout
+
+
 def test_kernel_times_sum_launches_under_short_names():
     """The profiled breakdown: demangled names shortened (no namespaces, template arguments or
     parameters), launches of one kernel summed, the largest first."""

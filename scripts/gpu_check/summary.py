@@ -3,9 +3,9 @@ stages left in OUT (any of them may be missing or cut short).
 
     python scripts/gpu_check/summary.py [--require-complete]
 
-Exit status 1 when a correctness case failed, errored or never finished, a test failed, or the
-CUDA build failed; with --require-complete (the dry run in CI) also when a stage left no or
-partial results.
+Exit status 1 when a correctness case failed, errored or never finished, memcheck reported an
+error, a test failed, or the CUDA build failed; with --require-complete (the dry run in CI)
+also when a stage left no or partial results.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections import defaultdict
 from common import OUT, read_records
 
 from correctness import CASES, SM90_LADDER  # noqa: E402
+from memcheck import CASES as MEMCHECK_CASES  # noqa: E402
 from timings import PROVIDERS  # noqa: E402
 
 KERNELS_SHOWN = 6
@@ -123,6 +124,38 @@ def _timings() -> tuple[list[str], list[str]]:
     return lines, ([] if complete else ["layer timings incomplete"])
 
 
+def _memcheck() -> tuple[list[str], list[str], list[str]]:
+    """(lines, problems, incomplete) from memcheck.log: how many runs finished, the sanitizer's
+    error count and its first reports."""
+    path = OUT / "memcheck.log"
+    if not path.is_file():
+        return ["memcheck: no log (not run or killed)"], [], ["no memcheck log"]
+    log = path.read_text(errors="replace").splitlines()
+    skipped = [ln.removeprefix("gpu_check: ") for ln in log if "memcheck skipped" in ln]
+    if skipped:
+        return [skipped[-1]], [], []
+    text = "\n".join(log)
+    runs = sum(ln.startswith("memcheck case") for ln in log)
+    modes = re.findall(r"^memcheck modes: (.*)$", text, re.MULTILINE)
+    wanted = len(MEMCHECK_CASES) * len(modes[-1].split()) if modes else None
+    rc = re.findall(r"memcheck (?:dry run )?rc=(\d+)", text)
+    errors = re.findall(r"ERROR SUMMARY: (\d+) error", text)
+    status = (f"{errors[-1]} errors" if errors else
+              "no sanitizer (dry run)" if "memcheck dry run" in text else "no error summary")
+    if rc and rc[-1] == "124":
+        status += ", timed out"
+    lines = [f"memcheck: {runs} of {wanted or '?'} fwd+bwd runs"
+             + (f" (sm_90a modes {modes[-1]})" if modes else "") + f", {status}"]
+    # "========= Invalid __global__ write of size 4 bytes" and the kernel on the next line
+    for i, ln in enumerate(log):
+        if ("Invalid" in ln or "Program hit" in ln) and len(lines) <= 5:
+            where = log[i + 1].strip("= ") if i + 1 < len(log) else ""
+            lines.append(f"  {ln.strip('= ')[:150]} {where[:150]}")
+    problems = ["memcheck errors"] if errors and int(errors[-1]) > 0 else []
+    incomplete = [] if runs == wanted and rc and rc[-1] == "0" else ["memcheck incomplete"]
+    return lines, problems, incomplete
+
+
 def _plan_memory() -> tuple[list[str], list[str]]:
     """(lines, incomplete): ei plan's peaks next to the measured ones."""
     records = [r for r in read_records("plan_memory.jsonl") if "started" not in r]
@@ -175,15 +208,16 @@ def main() -> int:
     build, build_bad = _build()
     corr, corr_bad, corr_incomplete = _correctness()
     timing, timing_incomplete = _timings()
+    sanitized, sanitized_bad, sanitized_incomplete = _memcheck()
     memory, memory_incomplete = _plan_memory()
     tests, tests_bad, tests_incomplete = _tests()
-    problems = build_bad + corr_bad + tests_bad
-    incomplete = (facts_missing + corr_incomplete + timing_incomplete + memory_incomplete
-                  + tests_incomplete)
+    problems = build_bad + corr_bad + sanitized_bad + tests_bad
+    incomplete = (facts_missing + corr_incomplete + timing_incomplete + sanitized_incomplete
+                  + memory_incomplete + tests_incomplete)
     verdict = "PROBLEMS: " + ", ".join(problems) if problems else "no failures"
     if incomplete:
         verdict += " | incomplete: " + ", ".join(incomplete)
-    text = "\n".join(["# gpu_check summary", "", *facts, *build, *corr, *timing, *memory, "",
+    text = "\n".join(["# gpu_check summary", "", *facts, *build, *corr, *timing, "", *sanitized, *memory, "",
                       *tests, "", verdict]) + "\n"
     (OUT / "summary.md").write_text(text)
     print(text)
