@@ -15,7 +15,7 @@
 #   7. summary.md          the short table, printed last (also gpu_check.log: everything)
 #
 # Usage: OUT=/some/dir bash scripts/gpu_check.sh [--dry]
-#   GPU_CHECK_BUDGET_S  overall budget in seconds (default 360: 6 minutes in all)
+#   GPU_CHECK_BUDGET_S  overall budget in seconds (default 405: under 7 minutes in all)
 #   GPU_CHECK_COMMIT    the commit to record when the tree has no .git
 #   --dry               the same stages on the CPU, tiny shapes, Triton under the interpreter,
 #                       no CUDA build (CI runs this so the script never rots; about 2 minutes)
@@ -32,7 +32,7 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 start=$(date +%s)
-budget=${GPU_CHECK_BUDGET_S:-360}
+budget=${GPU_CHECK_BUDGET_S:-405}
 stage() { echo "=== $1 ($(( $(date +%s) - start )) s)"; }
 left() { echo $(( budget - ($(date +%s) - start) )); }
 
@@ -131,7 +131,7 @@ else
 fi
 
 stage "4. timings"
-stage_with_restarts 120 45 timings.jsonl $PY scripts/gpu_check/timings.py
+stage_with_restarts 120 90 timings.jsonl $PY scripts/gpu_check/timings.py
 
 stage "4b. memcheck of the CUDA kernels (compute-sanitizer)"
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null \
@@ -147,7 +147,7 @@ elif [[ -z "$sanitizer" ]]; then
 else
     # Every tensor its own cudaMalloc: the sanitizer sees the caching allocator's pool as one
     # allocation, so a write past one tensor into its neighbour would pass unseen.
-    within 60 40 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck \
+    within 45 45 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck \
         --print-limit 20 --error-exitcode 9 $PY scripts/gpu_check/memcheck.py \
         > "$OUT/memcheck.log" 2>&1
     echo "gpu_check: memcheck rc=$?" >> "$OUT/memcheck.log"
