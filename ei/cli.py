@@ -1,9 +1,10 @@
-"""The ``ei`` command: train, evaluate, predict, attention.
+"""The ``ei`` command: train, evaluate, predict, attention, plan.
 
     ei train                                # the demonstration on the bundled synthetic data
-    ei train configs/derm7pt.yaml data.root=/data/derm7pt single.epochs=30
+    ei train configs/derm7pt.yaml data.root=/data/derm7pt data.splits=EI/datasplit
     ei train --resume runs/synthetic-20260101-120000
-    torchrun --nproc_per_node 4 -m ei.cli train configs/mrnet.yaml data.root=/data/mrnet
+    torchrun --nproc_per_node 4 -m ei.cli train configs/mrnet.yaml data.root=/data/mrnet \
+        data.splits=EI/datasplit
     ei evaluate RUN [--split test] [--stage ei]
     ei predict RUN --annotations FILE [--out probs.csv]
     ei attention RUN --out DIR [--count 8]
@@ -137,7 +138,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from ei.train.config import load_config
 
     config_name, overrides = _split_items(args.items)
-    config = load_config(resolve_config(config_name), overrides)
+    # The plan reads no data: a preset's required data.root gets a stand-in unless given.
+    config = load_config(resolve_config(config_name), ["data.root=."] + overrides)
     from ei.plan import format_plan, parse_memory, plan
     from ei.train.preflight import check_models
 
@@ -157,6 +159,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    if not Path(args.annotations).is_file():
+        raise FileNotFoundError(errno.ENOENT, "--annotations: no such file", args.annotations)
     from ei.predict import predict
 
     path = predict(args.run, args.annotations, args.root, args.stage, args.out, args.device,
@@ -185,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN", help="continue a run from its last checkpoints")
     train.add_argument("--run-dir", metavar="DIR",
                        help="where the run goes (default: <out_dir>/<name>-<timestamp>)")
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, subparser=train)
 
     plan = commands.add_parser(
         "plan", help="memory of a training step per stage, precision and checkpointing",
@@ -196,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")
     plan.add_argument("--gpu-memory", metavar="SIZE", help="e.g. 16GB: the largest batch in it")
     plan.add_argument("--batch", type=positive_int, help="batch size (default: the config's)")
-    plan.set_defaults(func=cmd_plan)
+    plan.set_defaults(func=cmd_plan, subparser=plan)
 
     evaluate = commands.add_parser(
         "evaluate", help="per-class AP, AUC, sensitivity, specificity, F1, accuracy, mAP",
@@ -208,12 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="ei, late_fusion, single/<modality> or all (default: every trained one)")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--out", metavar="DIR", help="where the CSV files go (default: RUN/eval)")
-    evaluate.set_defaults(func=cmd_evaluate)
+    evaluate.set_defaults(func=cmd_evaluate, subparser=evaluate)
 
     predict = commands.add_parser(
         "predict", help="class probabilities per sample to CSV",
         description="Predict with a trained run on the samples of an annotation file "
-                    "('<paths>\\t<labels, possibly empty>' per line).")
+                    "('<paths>' or '<paths>\\t<labels>' per line: labels are optional).")
     predict.add_argument("run", metavar="RUN", help="a run directory written by ei train")
     predict.add_argument("--annotations", required=True, metavar="FILE")
     predict.add_argument("--root", metavar="DIR", help="data root of the paths (default: the run's)")
@@ -222,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="default: RUN/predictions/<annotation file>_<stage>.csv")
     predict.add_argument("--device", default="auto")
     predict.add_argument("--batch-size", type=positive_int, default=32)
-    predict.set_defaults(func=cmd_predict)
+    predict.set_defaults(func=cmd_predict, subparser=predict)
 
     attention = commands.add_parser(
         "attention", help="PNG overlays of the main backbone's CLS attention, with/without [INT]",
@@ -235,12 +239,26 @@ def build_parser() -> argparse.ArgumentParser:
                            help="how many samples (the first ones)")
     attention.add_argument("--stage", default="ei")
     attention.add_argument("--device", default="auto")
-    attention.set_defaults(func=cmd_attention)
+    attention.set_defaults(func=cmd_attention, subparser=attention)
     return parser
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Arguments, with key=value overrides accepted after options too (`ei plan CONFIG
+    --gpu-memory 16GB data.root=/x`: argparse alone stops collecting the items at the first
+    option); anything else unknown is an error in the subcommand's own usage."""
+    args, unknown = build_parser().parse_known_args(argv)
+    items = [u for u in unknown if "=" in u and not u.startswith("-")]
+    rest = [u for u in unknown if u not in items]
+    if rest or (items and not hasattr(args, "items")):
+        args.subparser.error(f"unrecognized arguments: {' '.join(rest or items)}")
+    if items:
+        args.items = [*args.items, *items]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     # Imported after parsing, so that --help does not wait for torch.
     from ei.data import DataError
     from ei.train.config import ConfigError

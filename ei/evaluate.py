@@ -8,6 +8,7 @@ from ei.metrics import format_table, write_csv
 from ei.train.config import Config
 from ei.train.data import build_splits, make_loader, resolve_preset
 from ei.train.inference import loader_metrics, resolve_precision
+from ei.train.models import stage_names
 from ei.train.pipeline import stage_label
 from ei.train.restore import Restored, restore, trained_stages
 from ei.train.rundir import RunDir, RunDirError
@@ -30,9 +31,13 @@ def evaluate_run(run_path: str | Path, split: str = "test", stages: list[str] | 
     run = RunDir.open(run_path)
     config = run.load_config()
     if stages is None:
-        stages = trained_stages(run, config, resolve_preset(config))
+        preset = resolve_preset(config)
+        stages = trained_stages(run, config, preset)
         if not stages:
             raise RunDirError(f"no trained model in {run.path} (no best.pt in any stage folder)")
+        untrained = [s for s in stage_names(config, preset) if s not in stages]
+        if untrained:  # a run still training, or a checkpoint removed: say what is left out
+            print(f"Not evaluated (no best.pt yet): {', '.join(untrained)}")
     out = Path(out_dir) if out_dir is not None else run.path / "eval"
     out.mkdir(parents=True, exist_ok=True)
     results, splits = {}, None

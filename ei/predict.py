@@ -35,7 +35,7 @@ def predict(run_path: str | Path, annotations: str | Path, root: str | Path | No
     """Write one CSV row per annotation line: its paths, its labels (if given), a probability
     per class and the prediction. Returns the CSV path (default RUN/predictions/<file>_<stage>.csv).
 
-    The label field may be empty (the line still needs its TAB): the model does not use it.
+    Labels are optional (a line may be its paths alone): the model does not use them.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size: expected at least 1, got {batch_size}")
@@ -47,7 +47,7 @@ def predict(run_path: str | Path, annotations: str | Path, root: str | Path | No
     # Read as multi-label so that an empty label field is accepted; labels are only echoed.
     dataset = MultimodalDataset(annotations, labels, root,
                                 dataclasses.replace(preset, multi_label=True), train=False,
-                                seed=config.seed)
+                                seed=config.seed, unlabeled=True)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=SequentialSampler(dataset),
                         collate_fn=collate, num_workers=config.data.workers)
     precision = resolve_precision(config.runtime.precision, restored.world.device)

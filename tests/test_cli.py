@@ -84,10 +84,31 @@ def test_missing_run_and_checkpoint_name_the_path(capsys, tmp_path, untrained_ru
            f"run directory not found: {tmp_path / 'nowhere'}")
     _fails(["evaluate", str(tmp_path)], capsys, f"not a run directory (no config.yaml): {tmp_path}")
     _fails(["evaluate", str(untrained_run)], capsys, f"no trained model in {untrained_run}")
-    _fails(["predict", str(untrained_run), "--annotations", "x.txt"], capsys,
+    _fails(["predict", str(untrained_run), "--annotations", str(tmp_path / "x.txt")], capsys,
+           f"--annotations: no such file: {tmp_path / 'x.txt'}")
+    (tmp_path / "x.txt").write_text("a.png\n")
+    _fails(["predict", str(untrained_run), "--annotations", str(tmp_path / "x.txt")], capsys,
            str(untrained_run / "ei" / "best.pt"))
     _fails(["attention", str(untrained_run), "--out", str(tmp_path / "a"), "--stage", "nope"],
            capsys, "stage: 'nope' is not a stage of this run")
+
+
+def test_damaged_checkpoints_are_one_line_errors_naming_the_file(capsys, untrained_run):
+    import io
+
+    import torch
+
+    best = untrained_run / "ei" / "best.pt"
+    best.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(64, 64)}, buffer)
+    for content, why in ((b"\x80\x04garbage" * 64, "it is not a torch.save file"),
+                         (buffer.getvalue()[:200], "damaged or cut short"),
+                         (b"", "damaged or cut short")):
+        best.write_bytes(content)
+        _fails(["evaluate", str(untrained_run), "--stage", "ei"], capsys,
+               "ei evaluate: error: ei checkpoint", why, str(best))
+        assert "weights_only=False" not in capsys.readouterr().err
 
 
 def test_a_run_directory_is_never_overwritten(capsys, untrained_run):
@@ -203,4 +224,10 @@ def test_plan_prints_the_memory_table(capsys, tmp_path, data_root):
     out = capsys.readouterr().out
     assert "largest batch in 1 GiB" in out and "| ei | bf16 | yes | 2 |" in out
     _fails(["plan", str(config), "--gpu-memory", "lots"], capsys, "--gpu-memory: expected")
+    # reads no data: a preset's data.root is not needed; overrides may follow the options
+    assert main(["plan", "mmc_amd", "--gpu-memory", "16GB", "data.image_size=224"]) == 0
+    assert "(mmc-amd, 224 px;" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["plan", "mmc_amd", "--bogus"])
+    assert "usage: ei plan" in capsys.readouterr().err
     _fails(["plan", str(config), "model.inject_layer=9"], capsys, "model.inject_layer")

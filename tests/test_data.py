@@ -112,6 +112,17 @@ def test_bad_line_names_file_and_line(tmp_path, line, message):
     assert isinstance(err.value, ValueError)
 
 
+def test_lines_to_predict_may_leave_the_labels_out(tmp_path):
+    ann = write(tmp_path / "new.txt", "c1.png,d1.jpg\tBCC\nc2.png,d2.jpg\n")
+    samples = read_annotations(ann, DERM_LABELS, DERM.modalities, multi_label=True,
+                               unlabeled=True)
+    assert [s.labels for s in samples] == [(DERM_LABELS["BCC"],), ()]
+    assert samples[1].paths == (("c2.png",), ("d2.jpg",))
+    with pytest.raises(AnnotationError, match="new.txt:1: .*2 TABs"):  # still one TAB at most
+        write(ann, "c1.png,d1.jpg\tBCC\tNEV\n")
+        read_annotations(ann, DERM_LABELS, DERM.modalities, multi_label=True, unlabeled=True)
+
+
 def test_duplicate_label_multi_label(tmp_path):
     ann = write(tmp_path / "a.txt", "a,b,c\tacl,acl\n")
     with pytest.raises(AnnotationError, match=r"a\.txt:1: label 'acl' listed twice"):

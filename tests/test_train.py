@@ -277,12 +277,29 @@ def test_evaluate_prints_and_writes_per_class_metrics(micro_run, capsys):
     assert float(rows[-1]["ap"]) == pytest.approx(ei_row["test_mAP"])
 
 
+def test_evaluate_says_which_stages_it_leaves_out(micro_run, tmp_path, capsys):
+    import shutil
+
+    from ei.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    for stage in ("ei", "late_fusion"):
+        (run / stage / "best.pt").unlink()
+    assert main(["evaluate", str(run), "--out", str(tmp_path / "eval")]) == 0
+    out = capsys.readouterr().out
+    assert "Not evaluated (no best.pt yet): ei, late_fusion" in out
+    assert "EI on test" not in out and "on test (12 samples)" in out
+
+
 def test_predict_writes_probabilities_for_unlabelled_lines(micro_run, data_root, tmp_path):
     from ei.cli import main
 
     lines = (data_root / "test.txt").read_text().splitlines()[:5]
     unlabelled = tmp_path / "new.txt"
-    unlabelled.write_text("".join(line.split("\t")[0] + "\t\n" for line in lines))
+    # an empty label field, or the paths alone
+    unlabelled.write_text("".join(line.split("\t")[0] + ("\t\n" if i < 3 else "\n")
+                                  for i, line in enumerate(lines)))
     out = tmp_path / "p.csv"
     assert main(["predict", str(micro_run), "--annotations", str(unlabelled), "--root",
                  str(data_root), "--out", str(out)]) == 0

@@ -84,13 +84,17 @@ def parse_line(
     multi_label: bool,
     source: str,
     line: int,
+    unlabeled: bool = False,
 ) -> Sample:
-    """Parse one non-blank annotation line; raise AnnotationError naming source:line."""
+    """Parse one non-blank annotation line; raise AnnotationError naming source:line.
+    ``unlabeled``: the TAB and labels may be left out (samples to predict)."""
 
     def fail(what: str) -> AnnotationError:
         return AnnotationError(f"{source}:{line}: {what}: {text!r}")
 
     fields = text.split("\t")
+    if unlabeled and len(fields) == 1:
+        fields.append("")
     if len(fields) != 2:
         problem = "no TAB" if len(fields) == 1 else f"{len(fields) - 1} TABs"
         raise fail(f"expected '<paths>\\t<labels>' (exactly one TAB), found {problem}")
@@ -131,8 +135,10 @@ def read_annotations(
     label_map: Mapping[str, int],
     modalities: Sequence[str],
     multi_label: bool,
+    unlabeled: bool = False,
 ) -> list[Sample]:
-    """Parse a whole annotation file; blank lines are skipped, an empty file is an error."""
+    """Parse a whole annotation file; blank lines are skipped, an empty file is an error.
+    ``unlabeled``: lines may be paths alone (parse_line)."""
     path = Path(path)
     samples = []
     # utf-8-sig: files saved by some Windows editors start with a byte-order mark.
@@ -141,7 +147,8 @@ def read_annotations(
             text = raw.rstrip("\r\n")
             if text.strip():
                 samples.append(
-                    parse_line(text, label_map, modalities, multi_label, str(path), number)
+                    parse_line(text, label_map, modalities, multi_label, str(path), number,
+                               unlabeled)
                 )
     if not samples:
         raise AnnotationError(f"{path}: no samples")

@@ -59,7 +59,7 @@ class MultimodalDataset(Dataset):
     (num_classes,) for multi-label ones. ``label_map`` is a JSON path, a dict, or None
     for the preset's classes in order. ``check_files`` opens the header of every
     referenced file at construction, so a missing or unreadable image stops the run
-    before training starts.
+    before training starts. ``unlabeled``: annotation lines may be paths alone (prediction).
     """
 
     def __init__(
@@ -71,6 +71,7 @@ class MultimodalDataset(Dataset):
         train: bool,
         seed: int = 0,
         check_files: bool = True,
+        unlabeled: bool = False,
     ) -> None:
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
         source = "label map"
@@ -95,7 +96,8 @@ class MultimodalDataset(Dataset):
         self.transform = build_transform(self.preset.image_size, train, self.preset.augment,
                                          self.preset.transforms)
         self.samples = read_annotations(
-            annotation_file, label_map, self.preset.modalities, self.preset.multi_label
+            annotation_file, label_map, self.preset.modalities, self.preset.multi_label,
+            unlabeled,
         )
         for sample in self.samples:
             self._check(sample, check_files)

@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+import errno
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from torch import Tensor, nn
+
+
+class CheckpointError(OSError):
+    """A weight or checkpoint file that exists but cannot be read as one: damaged, cut short, or
+    holding something other than tensors. An OSError (EIO) naming the file, so that the ``ei``
+    command reports it in one line like any other unreadable file."""
+
+    def __init__(self, path: Path, what: str, why: str):
+        super().__init__(errno.EIO, f"{what}: cannot be read ({why})", str(path))
+
+
+def torch_load(path: str | Path, what: str = "checkpoint"):
+    """torch.load(weights_only=True) on the CPU, with CheckpointError for a file it cannot read.
+    torch's own message for a pickle of other objects suggests weights_only=False, which would
+    run code from the file: not advice to pass on."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (PermissionError, IsADirectoryError, FileNotFoundError):
+        raise
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(path, what, "it is not a torch.save file of tensors and plain "
+                                          "values") from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        cause = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(path, what, f"damaged or cut short: {cause}") from err
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -27,15 +54,21 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors' own error type for a damaged header
+            raise CheckpointError(path, "checkpoint", f"damaged safetensors file: {err}") from err
     if _is_torchscript(path):
-        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        except RuntimeError as err:
+            raise CheckpointError(path, "checkpoint", "damaged TorchScript archive") from err
+    obj = torch_load(path)
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"checkpoint {path}: expected a mapping of names to tensors")
+        raise CheckpointError(path, "checkpoint", "expected a mapping of names to tensors")
     return dict(obj)
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ei.model.checkpoint import torch_load
+
 
 def _file_mode() -> int:
     """What the umask gives a new file (mkstemp makes its files 0600, private to the user,
@@ -94,11 +96,12 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def load(path: str | Path, what: str = "checkpoint") -> dict:
-    """Load a file written by atomic_save, with an error naming the path if it is absent."""
+    """Load a file written by atomic_save, with an error naming the path if it is absent or
+    cannot be read (ei.model.checkpoint.CheckpointError)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch_load(path, what)
 
 
 def rng_state() -> dict:

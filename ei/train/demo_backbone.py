@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from ei.data.synthetic import SIZE, appearance_image, default_root, locator_image
 from ei.data.transforms import normalise
@@ -38,6 +37,7 @@ from ei.model import ViTBackbone, create_vit
 from .checkpoint import atomic_save
 from .config import Config, SyntheticPretrainingConfig
 from .distributed import World, barrier
+from .progress import progress_bar
 
 RECIPE_VERSION = 2
 # Mean L2 norm of the CLS features the pretrained backbone hands on (over its pretraining
@@ -110,8 +110,8 @@ def pretrain(name: str, timm_kwargs: dict, recipe: SyntheticPretrainingConfig,
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, recipe.lr, total_steps=recipe.epochs * steps_per_epoch, pct_start=0.1)
     generator = torch.Generator().manual_seed(recipe.seed)
-    bar = tqdm(total=recipe.epochs * steps_per_epoch, desc="pretraining the demo backbone",
-               unit="step", disable=not progress, leave=False)
+    bar = progress_bar(recipe.epochs * steps_per_epoch, "pretraining the demo backbone", "step",
+                       progress)
     for _ in range(recipe.epochs):
         order = torch.randperm(recipe.images, generator=generator)
         for step in range(steps_per_epoch):

@@ -35,6 +35,7 @@ from .config import OptimConfig
 from .curves import plot_curves
 from .distributed import World, barrier
 from .inference import autocast, loader_metrics
+from .progress import progress_bar
 from .schedule import IterationSchedule
 from .tasks import to_device
 
@@ -161,8 +162,7 @@ class StageTrainer:
 
     def _bar(self, total: int, desc: str, unit: str = "sample"):
         show = self.spec.progress and self.spec.world.is_main
-        return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not show,
-                    dynamic_ncols=True)
+        return progress_bar(total, desc, unit, show)
 
     def consider(self, val: dict) -> None:
         """Count one validation: best checkpoint, patience, early stop."""
@@ -230,7 +230,7 @@ class StageTrainer:
                 for key, value in {"loss": loss.detach(), **terms}.items():
                     totals[key] = totals.get(key, 0.0) + float(value) * n
                 rate = seen * world.size / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}", refresh=False)
                 bar.update(n)
         elapsed = time.perf_counter() - start
         # Loss means of this rank's shard; the shards are the same size, close enough for a log.

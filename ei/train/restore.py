@@ -43,7 +43,7 @@ def restore(run_path, stage: str, device: str = "auto") -> Restored:
     path = run.checkpoint(stage)
     # Weights come from the checkpoint: no pretrained download, no backbone file needed.
     model = build_model(config, preset, stage, with_weights=False)
-    load_strict(model, checkpoint.load(path), f"{stage} checkpoint {path}")
+    load_strict(model, checkpoint.load(path, f"{stage} checkpoint"), f"{stage} checkpoint {path}")
     world = World(device=pick_device(device, 0))
     model.to(world.device).eval()
     return Restored(run, config, preset, stage, model, build_task(config, preset, stage), world)
