@@ -109,6 +109,10 @@ def test_damaged_checkpoints_are_one_line_errors_naming_the_file(capsys, untrain
         _fails(["evaluate", str(untrained_run), "--stage", "ei"], capsys,
                "ei evaluate: error: ei checkpoint", why, str(best))
         assert "weights_only=False" not in capsys.readouterr().err
+    torch.save({"w": torch.ones(2)}, best)  # readable, but not this run's model
+    _fails(["evaluate", str(untrained_run), "--stage", "ei"], capsys,
+           f"ei checkpoint {best}: checkpoint does not fit: missing keys", "unexpected keys ['w']",
+           "not this run's checkpoint?")
 
 
 def test_a_run_directory_is_never_overwritten(capsys, untrained_run):

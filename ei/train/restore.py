@@ -43,7 +43,12 @@ def restore(run_path, stage: str, device: str = "auto") -> Restored:
     path = run.checkpoint(stage)
     # Weights come from the checkpoint: no pretrained download, no backbone file needed.
     model = build_model(config, preset, stage, with_weights=False)
-    load_strict(model, checkpoint.load(path, f"{stage} checkpoint"), f"{stage} checkpoint {path}")
+    state = checkpoint.load(path, f"{stage} checkpoint")
+    try:
+        load_strict(model, state, f"{stage} checkpoint {path}")
+    except (KeyError, ValueError, TypeError) as err:  # another run's or another model's file
+        raise ConfigError(f"{err.args[0] if err.args else err} (not this run's checkpoint?)") \
+            from None
     world = World(device=pick_device(device, 0))
     model.to(world.device).eval()
     return Restored(run, config, preset, stage, model, build_task(config, preset, stage), world)
