@@ -97,7 +97,8 @@ def draw(run_path: str | Path, out_dir: str | Path, split: str = "test", count: 
     mods = model.config.modalities
     written = []
     for n in range(count):
-        fig, axes = plt.subplots(len(mods), 3, figsize=(9, 3 * len(mods)), squeeze=False)
+        fig, axes = plt.subplots(len(mods), 3, figsize=(10, 3 * len(mods)), squeeze=False,
+                                 layout="constrained")
         for row, t in enumerate(mods):
             backbone, maps = model.main[t], result["maps"][t]
             image = _image(batch[t][n, 0])
@@ -111,15 +112,18 @@ def draw(run_path: str | Path, out_dir: str | Path, split: str = "test", count: 
                 ax = axes[row][col]
                 ax.imshow(image)
                 if col:
-                    ax.imshow(overlays[col - 1], cmap="jet", alpha=0.5, vmin=low, vmax=high)
+                    shown = ax.imshow(overlays[col - 1], cmap="jet", alpha=0.5, vmin=low,
+                                      vmax=high)
                 ax.set_title(f"{t}: {title}" if col == 0 else title, fontsize=9)
                 ax.axis("off")
+            bar = fig.colorbar(shown, ax=list(axes[row][1:]), shrink=0.9, pad=0.02)
+            bar.set_label("CLS attention per patch", fontsize=8)
+            bar.ax.tick_params(labelsize=7)
         label = batch["label"][n].cpu()
         truth = (", ".join(names[k] for k in torch.nonzero(label).flatten()) if label.dim()
                  else names[int(label)])
         fig.suptitle(f"{split} sample {n}: label {truth}; predicted "
                      f"{names[int(probs[n].argmax())]} ({float(probs[n].max()):.2f})", fontsize=10)
-        fig.tight_layout()
         path = out_dir / f"{split}_{n:04d}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
