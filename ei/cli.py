@@ -244,12 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    """Arguments, with key=value overrides accepted after options too (`ei plan CONFIG
-    --gpu-memory 16GB data.root=/x`: argparse alone stops collecting the items at the first
-    option); anything else unknown is an error in the subcommand's own usage."""
+    """Arguments, with the config and key=value items accepted after options too (`ei plan
+    CONFIG --gpu-memory 16GB data.root=/x`: argparse alone stops collecting the items at the
+    first option); an unknown option is an error in the subcommand's own usage."""
     args, unknown = build_parser().parse_known_args(argv)
-    items = [u for u in unknown if "=" in u and not u.startswith("-")]
-    rest = [u for u in unknown if u not in items]
+    items = [u for u in unknown if not u.startswith("-")]  # _split_items checks them
+    rest = [u for u in unknown if u.startswith("-")]
     if rest or (items and not hasattr(args, "items")):
         args.subparser.error(f"unrecognized arguments: {' '.join(rest or items)}")
     if items:

@@ -134,12 +134,17 @@ stage "4. timings"
 stage_with_restarts 120 90 timings.jsonl $PY scripts/gpu_check/timings.py
 
 stage "4b. memcheck of the CUDA kernels (compute-sanitizer)"
-sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null \
-            | head -n 1)
+# The toolkit's that built the extension first, else PATH's, else the newest installed.
+sanitizer=${CUDA_HOME:+$CUDA_HOME/bin/compute-sanitizer}
+[[ -x "$sanitizer" ]] || sanitizer=$(command -v compute-sanitizer \
+    || ls -d /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | sort -V | tail -n 1)
 if (( DRY )); then
     # No sanitizer on the CPU: the same cases through the torch backend, so the script runs.
     within 60 25 $PY scripts/gpu_check/memcheck.py > "$OUT/memcheck.log" 2>&1
     echo "gpu_check: memcheck dry run rc=$?" >> "$OUT/memcheck.log"
+elif kill -0 "$build_pid" 2>/dev/null; then
+    echo "gpu_check: memcheck skipped: the CUDA extension build is still running" \
+        > "$OUT/memcheck.log"
 elif ! grep -q "gpu_check: build rc=0" "$OUT/cuda_build.log"; then
     echo "gpu_check: memcheck skipped: no CUDA extension build" > "$OUT/memcheck.log"
 elif [[ -z "$sanitizer" ]]; then
@@ -147,8 +152,10 @@ elif [[ -z "$sanitizer" ]]; then
 else
     # Every tensor its own cudaMalloc: the sanitizer sees the caching allocator's pool as one
     # allocation, so a write past one tensor into its neighbour would pass unseen.
+    # --report-api-errors no: torch's harmless API errors are not our kernels' accesses
     within 45 45 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck \
-        --print-limit 20 --error-exitcode 9 $PY scripts/gpu_check/memcheck.py \
+        --report-api-errors no --print-limit 20 --error-exitcode 9 \
+        $PY scripts/gpu_check/memcheck.py \
         > "$OUT/memcheck.log" 2>&1
     echo "gpu_check: memcheck rc=$?" >> "$OUT/memcheck.log"
 fi

@@ -109,6 +109,21 @@ def test_damaged_checkpoints_are_one_line_errors_naming_the_file(capsys, untrain
         _fails(["evaluate", str(untrained_run), "--stage", "ei"], capsys,
                "ei evaluate: error: ei checkpoint", why, str(best))
         assert "weights_only=False" not in capsys.readouterr().err
+    # Damage anywhere in the archive (its central directory at the end included), or in a
+    # legacy-format file: always CheckpointError naming the file, never another exception.
+    from ei.model.checkpoint import CheckpointError, read_state_dict
+
+    legacy = io.BytesIO()
+    torch.save({"w": torch.ones(64, 64)}, legacy, _use_new_zipfile_serialization=False)
+    for blob in (buffer.getvalue(), legacy.getvalue()):
+        for at in range(0, len(blob), max(1, len(blob) // 97)):
+            damaged = bytearray(blob)
+            damaged[at:at + 8] = b"\xff" * len(damaged[at:at + 8])
+            best.write_bytes(bytes(damaged))
+            try:
+                read_state_dict(best)
+            except CheckpointError as err:
+                assert str(best) in str(err)
     torch.save({"w": torch.ones(2)}, best)  # readable, but not this run's model
     _fails(["evaluate", str(untrained_run), "--stage", "ei"], capsys,
            f"ei checkpoint {best}: checkpoint does not fit: missing keys", "unexpected keys ['w']",

@@ -125,6 +125,16 @@ def test_summary_reports_memcheck_errors_and_a_cut_memcheck_run(tmp_path):
     result = _summary(tmp_path)
     assert result.returncode == 0, result.stdout  # listed, not counted (sanitizer misjudgements)
     assert "(1 of 1 reports on shared memory: not counted)" in result.stdout
+    log.write_text("memcheck modes: 0\n"  # a hardware exception is no shared-memory report
+                   "========= Warp Illegal Address\n"
+                   "=========     at routed_dgrad_kernel+0x1a0\n"
+                   "========= Invalid __shared__ read of size 2048 bytes\n"
+                   "=========     at routed_gemm_kernel+0x2570\n"
+                   "========= ERROR SUMMARY: 2 errors\n"
+                   "gpu_check: memcheck rc=9\n")
+    result = _summary(tmp_path)
+    assert result.returncode == 1 and "Warp Illegal Address at routed_dgrad_kernel" in \
+        result.stdout
     log.write_text("gpu_check: memcheck skipped: no compute-sanitizer\n")
     assert "memcheck skipped: no compute-sanitizer" in _summary(tmp_path).stdout
 

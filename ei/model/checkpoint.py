@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Mapping
@@ -30,9 +31,13 @@ def torch_load(path: str | Path, what: str = "checkpoint"):
     except (PermissionError, IsADirectoryError, FileNotFoundError):
         raise
     except pickle.UnpicklingError as err:
+        # Keep torch's "Unsupported global: GLOBAL argparse.Namespace" (what else the file
+        # holds), drop its advice.
+        found = re.search(r"Unsupported global: GLOBAL [\w.]+", str(err))
         raise CheckpointError(path, what, "it is not a torch.save file of tensors and plain "
-                                          "values") from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+                                          "values" + (f"; {found.group(0)}" if found else "")
+                              ) from err
+    except Exception as err:  # damaged zip or legacy-format files raise many kinds
         cause = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise CheckpointError(path, what, f"damaged or cut short: {cause}") from err
 
@@ -41,8 +46,11 @@ def _is_torchscript(path: Path) -> bool:
     # OpenAI's CLIP releases are TorchScript archives; torch.load(weights_only=True) refuses them.
     if not zipfile.is_zipfile(path):
         return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("constants.pkl") for name in archive.namelist())
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("constants.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, UnicodeDecodeError, NotImplementedError, ValueError, EOFError):
+        return False  # a damaged archive: torch_load says so, naming the file
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:

@@ -41,9 +41,10 @@ CASES = [
 
 def modes_left() -> list[str]:
     """The ladder from the mode set in the environment down to the portable kernels."""
-    current = (os.environ.get("EI_KERNELS_CUDA_SM90", "1"),
-               os.environ.get("EI_KERNELS_CUDA_SM90_PERSISTENT", "1"))
-    start = next((i for i, mode in enumerate(SM90_LADDER) if SM90_ENV[mode] == current), 0)
+    sm90 = os.environ.get("EI_KERNELS_CUDA_SM90", "1")
+    persistent = os.environ.get("EI_KERNELS_CUDA_SM90_PERSISTENT")  # unset: either
+    start = next((i for i, mode in enumerate(SM90_LADDER) if SM90_ENV[mode][0] == sm90
+                  and persistent in (None, SM90_ENV[mode][1])), 0)
     return list(SM90_LADDER[start:])
 
 

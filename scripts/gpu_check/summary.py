@@ -146,18 +146,22 @@ def _memcheck() -> tuple[list[str], list[str], list[str]]:
         status += ", timed out"
     lines = [f"memcheck: {runs} of {wanted or '?'} fwd+bwd runs"
              + (f" (sm_90a modes {modes[-1]})" if modes else "") + f", {status}"]
-    # "========= Invalid __global__ write of size 4 bytes" and the kernel on the next line
-    reports = [i for i, ln in enumerate(log) if "Invalid" in ln or "Program hit" in ln]
+    # Each report's header ("========= Invalid __global__ write of size 4 bytes", "=========
+    # Warp Illegal Address"), its kernel on the next line; the tool's own lines aside.
+    reports = [i for i, ln in enumerate(log) if re.match(r"========= \S", ln)
+               and not re.match(r"========= (COMPUTE-SANITIZER|ERROR SUMMARY|Target applic)", ln)]
     for i in reports[:5]:
         where = log[i + 1].strip("= ") if i + 1 < len(log) else ""
         lines.append(f"  {log[i].strip('= ')[:150]} {where[:150]}")
-    # Global-memory reports are failures. Shared-memory ones are listed but not counted: the
-    # sanitizer has misjudged wgmma's and bulk copies' shared operands before (fixed versions
-    # exist; read the log).
-    shared = sum("__shared__" in log[i] for i in reports)
+    # Reports on shared memory are listed but not counted: the sanitizer has misjudged wgmma's
+    # and bulk copies' shared operands before (fixed versions exist; read the log). Anything
+    # else it counted is a failure, also where a kill cut the report itself off (rc 9).
+    shared = sum("Invalid __shared__" in log[i] for i in reports)
     if shared:
         lines.append(f"  ({shared} of {len(reports)} reports on shared memory: not counted)")
-    problems = ["memcheck errors"] if len(reports) > shared else []
+    counted = int(errors[-1]) if errors else len(reports)
+    failed = counted > shared or (rc and rc[-1] == "9" and not shared)
+    problems = ["memcheck errors"] if failed else []
     incomplete = [] if runs == wanted and rc and rc[-1] == "0" else ["memcheck incomplete"]
     return lines, problems, incomplete
 
