@@ -292,6 +292,21 @@ def test_evaluate_says_which_stages_it_leaves_out(micro_run, tmp_path, capsys):
     assert "EI on test" not in out and "on test (12 samples)" in out
 
 
+def test_resuming_a_finished_run_says_so_and_trains_nothing(micro_run, tmp_path, capsys):
+    import shutil
+
+    from ei.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    before = (run / "ei" / "best.pt").stat().st_mtime_ns
+    assert main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    for stage in ("single/locator", "single/appearance", "ei", "late_fusion"):
+        assert f"{stage}: already trained" in out
+    assert (run / "ei" / "best.pt").stat().st_mtime_ns == before
+
+
 def test_predict_writes_probabilities_for_unlabelled_lines(micro_run, data_root, tmp_path):
     from ei.cli import main
 

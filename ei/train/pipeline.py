@@ -75,6 +75,8 @@ def run_stage(stage: str, config: Config, splits: Splits, run: RunDir, world: Wo
     directory = run.stage_dir(stage)
     done = directory / "result.json"
     if done.is_file():
+        if world.is_main:  # a resumed run: say what it skips
+            print(f"{stage}: already trained ({done}), not trained again", flush=True)
         return json.loads(done.read_text(encoding="utf-8"))
 
     optim = config.single if stage.startswith(SINGLE_PREFIX) else config.ei
