@@ -225,6 +225,15 @@ def test_unwritable_output_is_one_line(capsys, tmp_path, data_root, monkeypatch)
            f"cannot write {tmp_path / 'r'}: Read-only file system")
 
 
+def test_a_run_directory_that_cannot_exist_names_its_setting(capsys, tmp_path, data_root):
+    config = write_micro_config(tmp_path, data_root)
+    (tmp_path / "file").write_text("")  # a file where a folder would have to be
+    _fails(["train", str(config), f"out_dir={tmp_path / 'file' / 'runs'}"], capsys,
+           "ei train: error: out_dir: cannot create the run directory")
+    _fails(["train", str(config), "--run-dir", str(tmp_path / "file" / "r")], capsys,
+           "ei train: error: --run-dir: cannot create the run directory")
+
+
 @pytest.mark.parametrize("argv", [
     ["attention", "RUN", "--out", "x", "--count", "0"],
     ["predict", "RUN", "--annotations", "a.txt", "--batch-size", "0"],

@@ -96,6 +96,7 @@ class RunDir:
     @classmethod
     def create(cls, config: Config, path: str | Path | None = None) -> "RunDir":
         """A new run directory holding `config`: `path`, or <out_dir>/<name>-<timestamp>."""
+        explicit = path is not None
         if path is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             path = Path(config.out_dir) / f"{config.name}-{stamp}"
@@ -107,7 +108,12 @@ class RunDir:
         if (path / CONFIG_FILE).exists():
             raise RunDirError(f"{path} already holds a run; continue it with --resume {path}")
         created = not path.exists()
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except (FileNotFoundError, NotADirectoryError) as err:  # under a file, /proc, ...
+            given = "--run-dir" if explicit else "out_dir"
+            raise type(err)(err.errno, f"{given}: cannot create the run directory "
+                                       f"({err.strerror})", str(path)) from None
         run = cls(path, created)
         save_config(config, run.config_path)
         return run
