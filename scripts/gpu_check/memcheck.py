@@ -22,11 +22,10 @@ from common import DRY, device, synchronize
 
 import torch  # noqa: E402  (after common: it sets sys.path)
 
-from correctness import SM90_ENV, SM90_LADDER, TRAINABLE  # noqa: E402
+from correctness import RANKS, SCALINGS, SM90_ENV, SM90_LADDER, TRAINABLE  # noqa: E402
 from ei_kernels import mor_linear_with_routing  # noqa: E402
 from mor_reference import make_inputs  # noqa: E402
 
-RANKS, SCALINGS = (2, 4, 8), (2.0, 1.0, 0.5)
 # (id, tokens, K, O, groups, router): which kernels each takes in mode "1" on an H100/H200
 CASES = [
     ("routed-K104-O200", 333, 104, 200, 1, True),  # the routed forward and input gradient
@@ -63,8 +62,9 @@ def forward_backward(n, k, o, groups, router, backend) -> None:
 
 def main() -> int:
     backend = "torch" if DRY else "cuda"
-    print(f"memcheck modes: {' '.join(modes_left())}", flush=True)
-    for mode in modes_left():
+    modes = modes_left()
+    print(f"memcheck modes: {' '.join(modes)}", flush=True)
+    for mode in modes:
         os.environ["EI_KERNELS_CUDA_SM90"], os.environ["EI_KERNELS_CUDA_SM90_PERSISTENT"] = (
             SM90_ENV[mode])  # the extension reads both at every call
         for case_id, *shape in CASES:

@@ -227,8 +227,8 @@ def main() -> int:
     verdict = "PROBLEMS: " + ", ".join(problems) if problems else "no failures"
     if incomplete:
         verdict += " | incomplete: " + ", ".join(incomplete)
-    text = "\n".join(["# gpu_check summary", "", *facts, *build, *corr, *timing, "", *sanitized, *memory, "",
-                      *tests, "", verdict]) + "\n"
+    text = "\n".join(["# gpu_check summary", "", *facts, *build, *corr, *timing, "",
+                      *sanitized, *memory, "", *tests, "", verdict]) + "\n"
     (OUT / "summary.md").write_text(text)
     print(text)
     return 1 if problems or (args.require_complete and incomplete) else 0
