@@ -200,11 +200,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   Tensor d_router_weight = at::empty({gl, K}, opts);
   Tensor d_router_bias = at::empty({gl}, opts);
   Tensor u = shrink ? *shrink : at::empty({N, gr}, f32);  // the forward's [u | l], if kept
-  Tensor z = at::empty({N, d.rank_ld()}, opts);
   Tensor d_shrink = at::empty({N, d.shrink_ld()}, opts);
   const bool sm90 = compute_dx && sm90_enabled(dtype, x);  // only dx takes it
   Tensor shrink_partial = at::empty({plan.shrink_splits, S, K}, f32);
-  Tensor lora_b_partial = at::empty({plan.lora_b_splits, O, d.rank}, f32);
   Tensor dl_partial = at::empty({plan.dl_splits, gl}, f32);
 
   ei::MorBackwardArgs args{};
@@ -223,28 +221,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   args.u = u.data_ptr<float>();
   args.u_ld = u.size(1);
   args.u_workspace = shrink ? nullptr : u.data_ptr<float>();
-  args.z = z.data_ptr();
   args.d_shrink = d_shrink.data_ptr();
   args.sm90 = sm90;
   args.shrink_partial = shrink_partial.data_ptr<float>();
-  args.lora_b_partial = lora_b_partial.data_ptr<float>();
   args.dl_partial = dl_partial.data_ptr<float>();
-  // The routed sm_90a dx needs B zero-padded and keeps g on chip; the other paths need g, and
+  // The routed sm_90a dx needs B zero-padded, keeps g and z on chip and writes dB's partials,
+  // one per row tile of 128 tokens (as dl's: dl_splits); the other paths need g and z, and
   // the unrouted sm_90a dx [A_cat; R] stacked.
   args.sm90_routed = sm90 && ei::sm90_routed_enabled() &&
                      ei::sm90_routed_dgrad_accepts(dtype, d, args, plan.dl_splits);
-  Tensor g, shrink_weight, lora_b_ext;
+  Tensor g, z, shrink_weight, lora_b_ext;
   if (args.sm90_routed) {
+    plan.lora_b_splits = plan.dl_splits;
     lora_b_ext = at::empty({O, d.rank_ld()}, opts);
     args.lora_b_ext = lora_b_ext.data_ptr();
   } else {
     g = at::empty({N, gr}, f32);
     args.g = g.data_ptr<float>();
+    z = at::empty({N, d.rank_ld()}, opts);
+    args.z = z.data_ptr();
     if (sm90 && router) {
       shrink_weight = at::empty({S, K}, opts);
       args.shrink_weight = shrink_weight.data_ptr();
     }
   }
+  Tensor lora_b_partial = at::empty({plan.lora_b_splits, O, d.rank}, f32);
+  args.lora_b_partial = lora_b_partial.data_ptr<float>();
   C10_CUDA_CHECK(ei::mor_backward(dtype, d, plan, args, c10::cuda::getCurrentCUDAStream()));
   return {dx, d_lora_a, d_lora_b, d_router_weight, d_router_bias};
 }

@@ -17,8 +17,8 @@
 // kernels (sm90_gemm.h): the whole forward in one launch (routed_gemm: (1) and (2) folded
 // into (3)) where the ranks fit it, else forward (3) as one launch over all groups with B_cat
 // as a block-diagonal [O, G*r] matrix; for one group, backward (2)-(4) in one launch
-// (routed_dgrad, after B is zero-padded), else backward (4) with [A_cat; R] stacked into one
-// operand.
+// (routed_dgrad, after B is zero-padded; it also writes dB's partials of (5)), else backward
+// (4) with [A_cat; R] stacked into one operand.
 // Everything else, and every GEMM elsewhere, runs the portable kernels of gemm.cuh.
 //
 // Every kernel is a template over the element type; this file instantiates each for fp16,
@@ -158,10 +158,12 @@ __global__ void stack_rows_kernel(const T* __restrict__ top, int64_t top_count,
 }
 
 // d[A_cat; R] = [du | dl]^T x, dB_cat = dy^T z and dc from z, [du | dl] and the per-block dl
-// sums that the routing wrote: split-K partials, then one deterministic sum.
+// sums that the routing wrote: split-K partials, then one deterministic sum. With
+// lora_b_partials_written the routed input gradient already wrote dB's (one per row tile).
 template <typename T>
 cudaError_t token_reductions(const MorDims& d, const ReductionPlan& plan,
-                             const MorBackwardArgs& a, cudaStream_t stream) {
+                             const MorBackwardArgs& a, cudaStream_t stream,
+                             bool lora_b_partials_written = false) {
   const int m = int(d.tokens), K = d.in_features, O = d.out_features, r = d.rank;
   const int S = d.shrink_width(), og = O / d.groups;
   GemmArgs<T, float> dw{};
@@ -172,13 +174,15 @@ cudaError_t token_reductions(const MorDims& d, const ReductionPlan& plan,
   dw.batches = 1, dw.splits = plan.shrink_splits;
   launch_gemm<WideTile, false, false>(dw, stream);
 
-  GemmArgs<T, float> db{};
-  db.m = og, db.n = r, db.k = m, db.k_per_split = split_length<T>(m, plan.lora_b_splits);
-  db.a = dense(static_cast<const T*>(a.dy), O, og);
-  db.b = dense<T>(static_cast<T*>(a.z), d.rank_ld(), r);
-  db.c = a.lora_b_partial, db.ldc = r, db.c_batch_stride = int64_t(og) * r;
-  db.c_split_stride = int64_t(O) * r, db.batches = d.groups, db.splits = plan.lora_b_splits;
-  launch_gemm<TallTile, false, false>(db, stream);
+  if (!lora_b_partials_written) {
+    GemmArgs<T, float> db{};
+    db.m = og, db.n = r, db.k = m, db.k_per_split = split_length<T>(m, plan.lora_b_splits);
+    db.a = dense(static_cast<const T*>(a.dy), O, og);
+    db.b = dense<T>(static_cast<T*>(a.z), d.rank_ld(), r);
+    db.c = a.lora_b_partial, db.ldc = r, db.c_batch_stride = int64_t(og) * r;
+    db.c_split_stride = int64_t(O) * r, db.batches = d.groups, db.splits = plan.lora_b_splits;
+    launch_gemm<TallTile, false, false>(db, stream);
+  }
 
   // The partial sums in a fixed order, one launch; dc from the routing kernel's per-block
   // sums (none for no tokens: zeros).
@@ -218,13 +222,14 @@ cudaError_t backward_impl(DType dtype, const MorDims& d, const ReductionPlan& pl
     }
 
     if (a.sm90_routed) {
-      // One group: B zero-padded to rank_ld() columns, then dx with g and the routing inside
+      // One group: B zero-padded to rank_ld() columns, then dx with g, the routing and dB's
+      // partials inside
       block_diagonal_kernel<T><<<blocks_for(int64_t(O) * zld, kSumThreads), kSumThreads, 0,
                                  stream>>>(lora_b, O, og, r, zld,
                                            static_cast<T*>(a.lora_b_ext));
       const cudaError_t err = sm90_routed_dgrad(dtype, d, a, stream);
       if (err != cudaSuccess) return err;
-      return token_reductions<T>(d, plan, a, stream);
+      return token_reductions<T>(d, plan, a, stream, /*lora_b_partials_written=*/true);
     }
 
     // Batch entry g: g[:, group g's rank columns] = dy[:, output slice g] lora_b[slice g].

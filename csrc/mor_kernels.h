@@ -51,7 +51,8 @@ struct MorDims {
 // and device, partial sums added in a fixed order).
 struct ReductionPlan {
   int shrink_splits;  // d[A_cat; R] = [du | dl]^T x
-  int lora_b_splits;  // dB_cat = dy^T z
+  int lora_b_splits;  // dB_cat = dy^T z (the routed input gradient's: its row tiles, which
+                      // the binding sets when it runs)
   int dl_splits;      // dc: one partial per block of the backward routing kernel
 };
 
@@ -91,7 +92,8 @@ struct MorBackwardArgs {
   int64_t u_ld;               // (u_ld = S, saved by autograd: never written), or u_workspace
   float* u_workspace;         // [N, G*r] to recompute u into (u_ld = G*r), or null when kept
   float* g;                   // workspace [N, G*r]: dy B_cat
-  void* z;                    // workspace [N, G*r], row stride rank_ld()
+  void* z;                    // workspace [N, G*r], row stride rank_ld(); null for the
+                              // routed dx
   void* d_shrink;             // workspace [N, S]: [du | dl] in the input dtype, row stride
                               // shrink_ld()
   bool sm90;                  // the binding enabled the sm_90a GEMM (sm90_gemm_enabled)
@@ -101,7 +103,8 @@ struct MorBackwardArgs {
   void* lora_b_ext;           // workspace [O, rank_ld()] for the routed dx (B zero-padded),
                               // else null; g is then null
   float* shrink_partial;      // workspace [shrink_splits, S, K]
-  float* lora_b_partial;      // workspace [lora_b_splits, O, r]
+  float* lora_b_partial;      // workspace [lora_b_splits, O, r] (the routed dx writes it:
+                              // then lora_b_splits is its row tiles, dl_splits)
   float* dl_partial;          // workspace [dl_splits, G*L]: per-block fp32 sums of dl
 };
 

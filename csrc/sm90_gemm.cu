@@ -2,7 +2,8 @@
 // semantics: sm90_gemm.h), written with CuTe (CUTLASS 3 headers, from PyPI's nvidia-cutlass;
 // none of CUTLASS's kernels are used).
 //
-// 128 x 192 output tiles, three warp groups per CTA (warp specialised):
+// 128 x 192 output tiles, three warp groups per CTA (warp specialised; the routed input
+// gradient has a fourth, routed_dgrad_kernel's reducer):
 //   producer  one elected thread of warp 0 issues the TMA loads of every K step into a
 //             shared-memory ring (5 stages; 4 in the routed kernels, whose extra tiles take
 //             the room): for ext_gemm first the main reduction (A, B), then the extension (A2,
@@ -27,6 +28,7 @@
 // CUDA_FORCE_PTX_JIT=1, would reach the stub: set EI_KERNELS_CUDA_SM90=0 with it.)
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -80,6 +82,10 @@ struct Sm90Config {
   };
 };
 
+// The most row tiles for which the routed input gradient writes one dB partial per row tile
+// (sm90_routed_dgrad_accepts).
+constexpr int64_t kMaxDbPartials = 512;
+
 // Branches per group the routed kernels route (the paper has 3): their per-row arrays then
 // stay in the registers left beside the 96 accumulators per thread (with mor_kernels.h's 16,
 // the input gradient's routing spilled).
@@ -132,7 +138,8 @@ struct RoutedConfig : Sm90Config<Element, false, 4> {
   };
 };
 
-// The routed input gradient (routed_dgrad_kernel): the n-major tiles with one stage fewer.
+// The routed input gradient (routed_dgrad_kernel): the n-major tiles with one stage fewer,
+// and a fourth warp group, the reducer, for dB.
 template <typename Element>
 struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
   using Base = Sm90Config<Element, true, 4>;
@@ -143,10 +150,29 @@ struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
   using typename Base::SmemA;
   using typename Base::SmemB;
   static constexpr int kStages = Base::kStages;
+  static constexpr int kReducerThreads = 128;  // one warp group, one thread per tile row
+  static constexpr int kThreads = Base::kThreads + kReducerThreads;
+  // Registers per thread after the warp groups' setmaxnreg: 512 threads start at 128 each,
+  // and the producer and the reducer give back what the consumers take (24 + 2 * 208 + 72 =
+  // 4 * 128; at 200 ptxas spills the consumers).
+  static constexpr int kProducerRegisters = 24, kConsumerRegisters = 208;
+  static constexpr int kReducerRegisters = 72;
+  static_assert(kProducerRegisters + 2 * kConsumerRegisters + kReducerRegisters <=
+                4 * (65536 / kThreads));
   // r and L, each padded to one 16-deep K step of the extension (and g's MMA width).
   static constexpr int kRanks = 16;
   using Ranks = Int<kRanks>;
   static constexpr int kStagingLd = kRanks + 1;
+
+  // The reducer's operands of dB's row-tile partial dy^T z: each ring stage's dy tile read
+  // transposed (m = output column, k = tile row; the k-major 128-byte swizzle read the other
+  // way is the m-major one: the same bytes), and z of the tile's rows (n = rank, k = row).
+  using SmemDyT = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
+                                         Shape<BK, BM, Int<kStages>>{}));  // [BK, BM, stage]
+  using SmemZ = decltype(tile_to_shape(GMMA::Layout_MN_SW32_Atom<T>{}, Shape<Ranks, BM>{}));
+  using MmaDb = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<T, T, float, Shape<Int<64>, Ranks, Int<16>>, GMMA::Major::MN,
+                           GMMA::Major::MN>()));
 
   // lora_b's rows of each K step as g's B operand: (n = rank, k = output), n-major.
   using SmemLoraB = decltype(tile_to_shape(GMMA::Layout_MN_SW32_Atom<T>{},
@@ -170,6 +196,7 @@ struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
     alignas(1024) ArrayEngine<T, cosize_v<SmemExtB>> router;
     alignas(1024) ArrayEngine<T, cosize_v<SmemExtA>> du;
     alignas(1024) ArrayEngine<T, cosize_v<SmemExtA>> dl;
+    alignas(1024) ArrayEngine<T, cosize_v<SmemZ>> z;  // the reducer's
     float staging[Base::kBM][kStagingLd];  // g of the tile's rows in fp32
     float dl_rows[Base::kBM][kStagingLd];  // dl in fp32, for dc's per-block sums
     alignas(8) uint64_t full[kStages];
@@ -178,6 +205,19 @@ struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
     alignas(8) uint64_t ext_empty[2];  // the consumers' extension MMAs read them
   };
 };
+
+// The reducer's m-major view of the ring's k-major dy tiles is the same swizzle over the same
+// offsets with the first two modes swapped: the same bytes, read transposed.
+template <class Cfg>
+constexpr bool dy_view_is_transposed() {
+  using A = typename Cfg::SmemA;
+  using DyT = typename Cfg::SmemDyT;
+  return std::is_same_v<decltype(A{}.layout_a()), decltype(DyT{}.layout_a())> &&
+         std::is_same_v<decltype(A{}.offset()), decltype(DyT{}.offset())> &&
+         std::is_same_v<decltype(select<1, 0, 2>(A{}.layout_b())), decltype(DyT{}.layout_b())>;
+}
+static_assert(dy_view_is_transposed<RoutedDgradConfig<cutlass::half_t>>());
+static_assert(dy_view_is_transposed<RoutedDgradConfig<cutlass::bfloat16_t>>());
 
 // [rows, cols] row-major with leading dimension ld, as CuTe's (row, col) tensor.
 template <typename T>
@@ -198,7 +238,8 @@ auto b_operand(const void* p, int n, int k, int64_t ld) {
 }
 
 // The ring's barriers: `full` counts TMA bytes (one arrival, the producer's), `empty` the
-// consumer threads that finished reading a stage.
+// threads that finished reading a stage (the consumers, and the routed input gradient's
+// reducer).
 template <class Shared, int kStages>
 __device__ void init_ring(Shared& smem, int consumers) {
   if (threadIdx.x == 0) {
@@ -241,7 +282,8 @@ __device__ void fill_ring(Shared& smem, int steps, uint32_t stage_bytes, int& st
 // The consumers' side: per K step, wait for the stage's bytes, issue mmas(stage) as one batch
 // of wgmma, keep it in flight while the previous step's batch retires, then free that step's
 // stage. fence() fences every accumulator the MMAs write. On return every batch has retired
-// and every stage it read is free again; stage and phase carry on to the next tile.
+// and the consumers have released every stage it read; stage and phase carry on to the next
+// tile.
 template <int kStages, class Shared, class Mmas, class Fence>
 __device__ void drain_ring(Shared& smem, int steps, int& stage, int& phase, Mmas&& mmas,
                            Fence&& fence) {
@@ -648,14 +690,14 @@ struct RoutedDgradPointers {
   int64_t u_ld;
   const float* probs;  // [N, L]
   T* dx;               // [N, K]
-  T* z;                // [N, rank_ld()]   for the token reductions that follow (dB)
   T* d_shrink;         // [N, shrink_ld()] [du | dl], for d[A_cat; R]
   float* dl_partial;   // [row tiles, L]: each tile's fp32 sums of dl, for dc
+  float* lora_b_partial;  // [row tiles, O, r]: each row tile's dy^T z, for dB
 };
 
 // One row of the routed input gradient: du and dl from u, p and the fp32 g of the staging
 // tile, into the extension's A tiles (zeros past r and L, and for rows past the last token);
-// from the first column tile only, z and [du | dl] to memory and dl to dl_rows.
+// from the first column tile only, [du | dl] to memory and dl to dl_rows.
 template <class Cfg, bool ROUTER, bool BYPASS, class SA>
 __device__ void route_dgrad_row(const MorDims& d, int row, int64_t token, bool keeps,
                                 const RoutedDgradPointers<typename Cfg::T>& ptr,
@@ -669,12 +711,9 @@ __device__ void route_dgrad_row(const MorDims& d, int row, int64_t token, bool k
   }
   if (token >= d.tokens) return;
   T* const kept = ptr.d_shrink + token * d.shrink_ld();
-  T* const z = ptr.z + token * d.rank_ld();
   route_backward_values<ROUTER, BYPASS, kRoutedBranches>(
       d, ptr.u + token * ptr.u_ld, staged, ptr.probs + token * logits,
-      [&](int j, float v) {
-        if (keeps) z[j] = T(v);
-      },
+      [](int, float) {},  // z: the reducer's, from u and p alone
       [&](int j, float v) {
         sDu(row, j) = T(v);
         if (keeps) kept[j] = T(v);
@@ -686,13 +725,105 @@ __device__ void route_dgrad_row(const MorDims& d, int row, int64_t token, bool k
       });
 }
 
+// The reducer warp group of the routed input gradient: dB's partial of each row tile,
+// dy^T z over its 128 rows, from the dy tiles already in the ring (dy is read once for dx, g
+// and dB). K step kt (64 output columns) is column tile kt % col_tiles's share, so a row
+// tile's column tiles split the work and every partial element is written once, by plain
+// stores (the sum launch adds the row tiles in a fixed order). Each thread first routes one
+// row, z = (p S) u from the saved u and p. It waits for every stage and frees it with the
+// consumers and waits for its own MMAs only: it never waits for the consumers, and can delay
+// them only through the ring (a stage it holds is one the producer cannot refill).
+template <class Cfg, bool ROUTER, bool BYPASS, class Shared>
+__device__ void reduce_lora_b(Shared& smem, const MorDims& d,
+                              const RoutedDgradPointers<typename Cfg::T>& ptr, int tiles,
+                              int col_tiles, int k_steps) {
+  using T = typename Cfg::T;
+  constexpr int kStages = Cfg::kStages;
+  const int row = int(threadIdx.x) - Cfg::Base::kThreads;  // the tile row this thread routes
+  const int logits = ROUTER ? d.logits : 0;
+  Tensor sDyT = make_tensor(make_smem_ptr(smem.a.begin()), typename Cfg::SmemDyT{});
+  Tensor sZ = make_tensor(make_smem_ptr(smem.z.begin()), typename Cfg::SmemZ{});  // [16, BM]
+  typename Cfg::MmaDb mma;
+  auto thr = mma.get_thread_slice(row);
+  Tensor tA = thr.make_fragment_A(thr.partition_A(sDyT));  // smem descriptors [.., 1, 8, P]
+  Tensor tB = thr.make_fragment_B(thr.partition_B(sZ));    // [.., 1, 8]
+  const auto tile_db = make_identity_tensor(Shape<typename Cfg::BK, typename Cfg::Ranks>{});
+  Tensor acc = thr.partition_fragment_C(tile_db);  // [64 output columns, 16 ranks] in fp32
+  const Tensor tC = thr.partition_C(tile_db);
+
+  int stage = 0, phase = 0;
+  for_each_tile(tiles, col_tiles, [&](int row_tile, int col, int) {
+    // z of this thread's row (zeros past r and past the last token), unless this column tile
+    // has no K step to share (col_tiles > k_steps). Its loads overlap the consumers' routing
+    // step of the previous tile; this tile's consumers load the same rows later.
+    const int64_t token = int64_t(row_tile) * Cfg::kBM + row;
+    const bool real = token < d.tokens && col < k_steps;
+    float p[kRoutedBranches + 1];
+    if constexpr (ROUTER) {
+      CUTE_UNROLL
+      for (int i = 0; i < kRoutedBranches + 1; ++i) {
+        if (i < logits) p[i] = real ? ptr.probs[token * logits + i] : 0.0f;
+      }
+    }
+    float coef[kRoutedBranches];
+    branch_coefficients<ROUTER, BYPASS>(d, p, coef);
+    // Every thread is past the last tile's MMAs, which read z.
+    cutlass::arch::NamedBarrier::sync(Cfg::kReducerThreads, 2);
+#pragma unroll 4  // fully unrolled, the reducer spills (the row's later loads hit L1)
+    for (int j = 0; j < Cfg::kRanks; ++j) {
+      float c = 0.0f;  // coef of rank column j's branch (zero past r)
+      CUTE_UNROLL
+      for (int k = 0; k < kRoutedBranches; ++k) {
+        if (k < d.branches && j >= d.start[k] && j < d.start[k + 1]) c = coef[k];
+      }
+      const float u = real && j < d.rank ? ptr.u[token * ptr.u_ld + j] : 0.0f;
+      sZ(j, row) = T(c * u);
+    }
+    cutlass::arch::fence_view_async_shared();  // z: written by threads, read by wgmma
+    cutlass::arch::NamedBarrier::sync(Cfg::kReducerThreads, 2);
+
+    float* const partial =
+        ptr.lora_b_partial + int64_t(row_tile) * d.out_features * d.rank;
+    for (int kt = 0, share = col; kt < k_steps; ++kt) {
+      TxBarrier::wait(&smem.full[stage], phase);
+      if (kt == share) {
+        share += col_tiles;
+        warpgroup_fence_operand(acc);
+        warpgroup_arrive();
+        mma.accumulate_ = GMMA::ScaleOut::Zero;
+        CUTE_UNROLL
+        for (int kb = 0; kb < size<2>(tA); ++kb) {  // the 128 rows, 16 at a time
+          gemm(mma, tA(_, _, kb, stage), tB(_, _, kb), acc);
+          mma.accumulate_ = GMMA::ScaleOut::One;
+        }
+        warpgroup_commit_batch();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc);
+        Barrier::arrive(&smem.empty[stage]);
+        CUTE_UNROLL
+        for (int v = 0; v < size(acc); ++v) {
+          const auto [o, j] = tC(v);
+          const int column = kt * Cfg::kBK + o;
+          if (column < d.out_features && j < d.rank) {
+            partial[int64_t(column) * d.rank + j] = acc(v);
+          }
+        }
+      } else {
+        Barrier::arrive(&smem.empty[stage]);
+      }
+      if (++stage == kStages) stage = 0, phase ^= 1;
+    }
+  });
+}
+
 // dx = dy W + [du | dl] [A_cat; R] for one group (sm90_gemm.h), with g = dy B and the
 // backward routing folded in: each K step (64 output columns) also brings those rows of B
 // (zero-padded to 16 columns) into the ring, and the consumers run g += dy B (a 64x16 MMA)
 // beside the main 64x192 one, 8 % more MMA work and no separate read of dy for g. After the
 // main loop one thread per row routes in fp32 and writes du and dl into shared memory, and
-// du A_cat and dl R become two last 16-deep K steps. The first column tile also writes z and
-// [du | dl] (the token reductions' operands) and its rows' dl sums (dc's partials).
+// du A_cat and dl R become two last 16-deep K steps. The first column tile also writes
+// [du | dl] (d[A_cat; R]'s operand) and its rows' dl sums (dc's partials). A fourth warp
+// group, the reducer, computes dB's row-tile partials from the same dy tiles.
 template <class Cfg, class TmaA, class TmaB, class TmaG, class TmaE>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     routed_dgrad_kernel(CUTE_GRID_CONSTANT const TmaA tma_dy, CUTE_GRID_CONSTANT const TmaB tma_w,
@@ -724,7 +855,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   Tensor sDl = make_tensor(make_smem_ptr(smem.dl.begin()), typename Cfg::SmemExtA{});  // [BM,16]
 
   const auto tiler = Shape<typename Cfg::BM, typename Cfg::BN, typename Cfg::BK>{};
-  init_ring<typename Cfg::Shared, kStages>(smem, Cfg::kConsumerThreads);
+  init_ring<typename Cfg::Shared, kStages>(smem, Cfg::kConsumerThreads + Cfg::kReducerThreads);
   if (threadIdx.x == 0) {
     for (int b = 0; b < 2; ++b) {
       TxBarrier::init(&smem.ext_full[b], 1);
@@ -734,7 +865,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
   __syncthreads();
 
+  if (threadIdx.x >= Cfg::Base::kThreads) {  // the reducer warp group
+    cutlass::arch::warpgroup_reg_dealloc<Cfg::kReducerRegisters>();
+    if (!d.router) {
+      reduce_lora_b<Cfg, false, false>(smem, d, ptr, tiles, col_tiles, k_steps);
+    } else if (d.bypass) {
+      reduce_lora_b<Cfg, true, true>(smem, d, ptr, tiles, col_tiles, k_steps);
+    } else {
+      reduce_lora_b<Cfg, true, false>(smem, d, ptr, tiles, col_tiles, k_steps);
+    }
+    return;
+  }
   if (threadIdx.x < 128) {  // producer warp group: one thread issues every load
+    cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegisters>();
     if (threadIdx.x >= 32 || !elect_one_sync()) return;
     prefetch_tma_descriptor(tma_dy.get_tma_descriptor());
     prefetch_tma_descriptor(tma_w.get_tma_descriptor());
@@ -782,6 +925,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
 
   // Consumer warp groups.
+  cutlass::arch::warpgroup_reg_alloc<Cfg::kConsumerRegisters>();
   const int thread = int(threadIdx.x) - 128;
   typename Cfg::Mma mma;
   typename Cfg::MmaG mma_g;
@@ -968,9 +1112,9 @@ cudaError_t launch_routed_dgrad(const MorDims& d, const MorBackwardArgs& a, cuda
       d.router ? b_operand<T, true>(a.router_weight, n, d.logits, n)
                : b_operand<T, true>(a.lora_a, n, d.rank, n),
       typename Cfg::SmemExtB{}(_, _, Int<0>{}), ext_box);
-  const RoutedDgradPointers<T> ptr{a.u, a.u_ld, a.probs, static_cast<T*>(a.dx),
-                                   static_cast<T*>(a.z), static_cast<T*>(a.d_shrink),
-                                   a.dl_partial};
+  const RoutedDgradPointers<T> ptr{a.u,          a.u_ld,        a.probs, static_cast<T*>(a.dx),
+                                   static_cast<T*>(a.d_shrink), a.dl_partial,
+                                   a.lora_b_partial};
   return launch_on_tiles<int(sizeof(typename Cfg::Shared)), Cfg::kThreads>(
       &routed_dgrad_kernel<Cfg, decltype(tma_dy), decltype(tma_w), decltype(tma_lora_b),
                            decltype(tma_lora_a)>,
@@ -1076,8 +1220,12 @@ bool sm90_routed_dgrad_accepts(DType dtype, const MorDims& d, const MorBackwardA
   if (d.rank > Cfg::kRanks || (d.router && d.logits > Cfg::kRanks)) return false;
   if (d.branches > kRoutedBranches) return false;
   const int64_t row_tiles = (d.tokens + Cfg::kBM - 1) / Cfg::kBM;
-  // dc's partials: one per row tile, where the routing kernel writes one per 128 tokens
-  if (d.router && dl_splits != row_tiles) return false;
+  // dc's and dB's partials: one per row tile (the binding sizes dB's as dl_splits: one per
+  // 128 tokens, as the routing kernel writes dc's, so for one group this always holds)
+  if (dl_splits != row_tiles) return false;
+  // dB's partials take r / 64 of dy's bytes: beyond 512 row tiles (65536 tokens; 88 MB at
+  // O = 3072, r = 14) the unrouted path's few split partials are leaner
+  if (row_tiles > kMaxDbPartials) return false;
   const bool aligned = aligned16(a.dy) && aligned16(a.weight) && aligned16(a.lora_a) &&
                        aligned16(a.dx) && (!d.router || aligned16(a.router_weight));
   return aligned && d.in_features % 8 == 0 && d.out_features % 8 == 0 &&

@@ -222,16 +222,21 @@ def sm90_routed_dgrad(n, k, o) -> Cost:
     """The routed input gradient (routed_dgrad_kernel, one group): sm90_gemm's tiles over dy
     and W, each also running g = dy B over its dy tiles (16 columns, again in every column
     tile), then routing (ROUTE_STEP_US per wave) and two 16-deep extension steps (du A_cat,
-    dl R); dy, W, B's padded copy, A_cat and R read once, u and p read, dx written, and z and
-    [du | dl] written once (the first column tile) for the token reductions."""
+    dl R); its reducer warp group runs dB's dy^T z (16 columns) on the same dy tiles, each
+    row tile's K steps shared among its column tiles, into one fp32 partial per row tile.
+    dy, W, B's padded copy, A_cat and R read once, u and p read (by consumers and reducer),
+    dx written, [du | dl] written once (the first column tile) for d[A_cat; R]."""
     bm, bn, _ = SM90_TILE
     col_tiles = math.ceil(k / bn)
-    tiles = math.ceil(n / bm) * col_tiles
+    row_tiles = math.ceil(n / bm)
+    tiles = row_tiles * col_tiles
     waves = math.ceil(tiles / SMS)
     efficiency = tiles / (waves * SMS)
-    flops = 2 * n * k * (o + 2 * ROUTED_RANKS) + 2 * n * col_tiles * ROUTED_RANKS * o
+    flops = (2 * n * k * (o + 2 * ROUTED_RANKS) + 2 * n * col_tiles * ROUTED_RANKS * o
+             + 2 * n * o * ROUTED_RANKS)
     bytes_ = (ELEM * (n * o + o * k + o * _pad8(R) + (R + L) * k + n * k)
-              + F32 * (n * (R + L) + n * L) + ELEM * n * (_pad8(R) + _pad8(R + L)))
+              + F32 * (n * (R + L) + n * L) + ELEM * n * _pad8(R + L)
+              + F32 * row_tiles * o * R)
     return Cost.kernel(flops, bytes_, tiles, efficiency, WGMMA_FRACTION,
                        serial_us=waves * ROUTE_STEP_US)
 
@@ -261,8 +266,10 @@ def cuda_bwd(n, k, o, g, hopper=True) -> Cost:
     gg = Cost.kernel(2 * n * o * _pad(R, TALL_N), ELEM * (n * o + o * R) + F32 * n * gr,
                      rate=MMA_SYNC_FRACTION)
     route = Cost.kernel(0, F32 * (2 * n * gr + n * g * L) + ELEM * (n * gr + n * s))
-    if hopper and g == 1 and R <= ROUTED_RANKS and L <= ROUTED_RANKS:
-        # as sm90_routed_dgrad_accepts: B zero-padded, then g, the routing and dx in one
+    routed = hopper and g == 1 and R <= ROUTED_RANKS and L <= ROUTED_RANKS
+    if routed:
+        # as sm90_routed_dgrad_accepts: B zero-padded, then g, the routing, dx and dB's
+        # partials in one
         pad = Cost.kernel(0, ELEM * (o * R + o * _pad8(R)))
         gg, route, dx = Cost(), Cost(), pad + sm90_routed_dgrad(n, k, o)
     elif hopper:  # [A_cat; R] stacked into one [S, K] operand, then the GEMM
@@ -273,12 +280,15 @@ def cuda_bwd(n, k, o, g, hopper=True) -> Cost:
                          ELEM * (n * o + o * k + n * s + s * k + n * k), rate=MMA_SYNC_FRACTION)
     # The token reductions: split-K partials in fp32 (about two waves of blocks), then one
     # launch sums them and dc's per-block partials of the routing kernel.
+    # (The routed input gradient wrote dB's, one per row tile.)
     splits = 8
+    db_splits = math.ceil(n / SM90_TILE[0]) if routed else splits
     dw = Cost.kernel(2 * _pad(s, TALL_N) * k * n,
                      ELEM * (n * s + n * k) + F32 * splits * s * k, rate=MMA_SYNC_FRACTION)
-    db = Cost.kernel(2 * o * _pad(R, TALL_N) * n,
-                     ELEM * (n * o + n * gr) + F32 * splits * o * R, rate=MMA_SYNC_FRACTION)
-    sums = Cost.kernel(0, F32 * splits * (s * k + o * R) + ELEM * (s * k + o * R)
+    db = Cost() if routed else Cost.kernel(
+        2 * o * _pad(R, TALL_N) * n, ELEM * (n * o + n * gr) + F32 * splits * o * R,
+        rate=MMA_SYNC_FRACTION)
+    sums = Cost.kernel(0, F32 * (splits * s * k + db_splits * o * R) + ELEM * (s * k + o * R)
                        + F32 * math.ceil(n * g / 128) * g * L)
     return u + gg + route + dx + dw + db + sums
 

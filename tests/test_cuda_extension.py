@@ -153,7 +153,7 @@ class TestCompiledExtension:
         in the sm_90a image every instantiation of the Hopper GEMMs loads by TMA (UTMALDG) and
         multiplies with warp-group MMA (HGMMA) with one batch in flight, the routed forward
         with the shrink's 64x16 and 64x8 MMAs beside the 64x192 one and the routed input
-        gradient with g's 64x16 one, present whenever the build
+        gradient with g's 64x16 one and its reducer's transposed dy^T z, present whenever the build
         found CUTLASS and a 90a target; and no kernel of any target has a stack frame (ptxas
         spilled nothing)."""
         import re
@@ -182,8 +182,14 @@ class TestCompiledExtension:
                         assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in code, (arch, name)
                         if "routed_gemm_kernel" in name:  # the shrink's MMAs beside the main
                             assert all(f"HGMMA.64x{n}x16.F32" in code for n in (192, 16, 8))
-                        if "routed_dgrad_kernel" in name:  # and g's
+                        if "routed_dgrad_kernel" in name:  # and g's, and the reducer's
                             assert all(f"HGMMA.64x{n}x16.F32" in code for n in (192, 16))
+                            # dB's dy^T z, reading the ring's dy tiles transposed, in a warp
+                            # group with its own register count
+                            assert re.search(r"HGMMA\.64x16x16\.F32(\.BF16)? R\d+, "
+                                             r"gdesc\[UR\d+\]\.tnspA\.tnspB", code), name
+                            assert "USETMAXREG.DEALLOC" in code, name
+                            assert "USETMAXREG.TRY_ALLOC" in code, name
                         hopper += 1
                 elif "gemm_kernel" in name and ("__half" in name or "bfloat16" in name):
                     assert "LDGSTS" in code and "HMMA" in code, (arch, name)

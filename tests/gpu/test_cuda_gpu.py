@@ -121,8 +121,8 @@ def test_persistent_ctas_give_the_same_bits_as_one_cta_per_tile(monkeypatch, swi
 def test_the_hopper_gemm_runs_exactly_where_it_should(monkeypatch, switch):
     """Kernel names from the profiler: on an H100/H200 build that holds them, unless switched
     off, the routed sm_90a kernel is the whole forward and the routed input gradient runs g,
-    the routing and dx of one group; "unrouted", the sm_90a GEMM runs y and dx with the
-    shrink, g and the routing around it; nowhere else."""
+    the routing, dx and dB's partials of one group; "unrouted", the sm_90a GEMM runs y and dx
+    with the shrink, g and the routing around it; nowhere else."""
     monkeypatch.setenv("EI_KERNELS_CUDA_SM90", switch)
     layer = make_layer("cuda")
     x = torch.randn(256, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -141,25 +141,32 @@ def test_the_hopper_gemm_runs_exactly_where_it_should(monkeypatch, switch):
     assert _launches(prof, "routed_dgrad_kernel") == int(routed)
     assert _launches(prof, "ext_gemm_kernel") == int(hopper and not routed)
     assert _launches(prof, "routed_gemm_kernel") == 0
+    if routed:  # u kept, dB inside the routed input gradient: only d[A_cat; R] is left
+        assert _launches(prof, "portable") == 1
 
 
-@pytest.mark.parametrize("groups, routed", [
-    pytest.param(1, True, id="one-group"), pytest.param(3, False, id="qkv-groups3")])
-def test_the_input_gradient_routes_inside_the_gemm_for_one_group(monkeypatch, groups, routed):
-    """One group: g, the routing and dx in one routed launch; qkv: g and the routing as their
-    own launches, then dx on the sm_90a GEMM. Both stay right, gradients included."""
+@pytest.mark.parametrize("n, groups, routed", [
+    pytest.param(1576, 1, True, id="one-group"),
+    pytest.param(1576, 3, False, id="qkv-groups3"),
+    # 513 row tiles: past the 512 row-tile partials of dB that the routed kernel writes
+    pytest.param(513 * 128, 1, False, id="one-group-65664-tokens"),
+])
+def test_the_input_gradient_routes_inside_the_gemm_for_one_group(monkeypatch, n, groups,
+                                                                 routed):
+    """One group: g, the routing, dx and dB's partials in one routed launch; qkv, or more than
+    65536 tokens: g and the routing as their own launches, then dx on the sm_90a GEMM. All stay
+    right, gradients included."""
     if not _hopper_gemm_expected():
         pytest.skip("needs the sm_90a kernels on a compute capability 9.0 GPU")
     monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
     o = 768 * groups
-    inputs, dy = make_inputs(1576, 768, o, {"groups": groups}, torch.bfloat16)
+    inputs, dy = make_inputs(n, 768, o, {"groups": groups}, torch.bfloat16)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run("cuda", inputs, dy, {"groups": groups})
         torch.cuda.synchronize()
     assert _launches(prof, "routed_dgrad_kernel") == int(routed)
     assert _launches(prof, "ext_gemm_kernel") == int(not routed)
-    check_against_torch_and_fp64("cuda", 1576, 768, o, {"groups": groups}, torch.bfloat16,
-                                 ulps=4)
+    check_against_torch_and_fp64("cuda", n, 768, o, {"groups": groups}, torch.bfloat16, ulps=4)
 
 
 @pytest.mark.parametrize("k, o, groups, routed", [
