@@ -111,15 +111,31 @@ def _err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def _check(name, ours, torch_out, exact, dtype):
+def _errors(name, ours, torch_out, exact):
+    """(our error, PyTorch's, the largest exact value) of one output against the fp64 one."""
     assert ours.shape == exact.shape and ours.dtype == torch_out.dtype, name
     assert not ours.isnan().any(), f"{name}: NaN left in a poisoned output"
     scale = exact.abs().max().item() if exact.numel() else 0.0
+    return _err(ours, exact), _err(torch_out, exact), scale
+
+
+def _check_errors(name, errors, dtype):
     # Kernel error at most twice PyTorch's own in the same dtype, plus one ulp of the largest
     # value as a floor for outputs that PyTorch happens to round exactly.
-    eps = torch.finfo(torch_out.dtype).eps
-    limit = 2 * _err(torch_out, exact) + eps * scale
-    assert _err(ours, exact) <= limit, f"{name}: err {_err(ours, exact):.3g} > {limit:.3g}"
+    ours, theirs, scale = errors
+    limit = 2 * theirs + torch.finfo(dtype).eps * scale
+    assert ours <= limit, f"{name}: err {ours:.3g} > {limit:.3g}"
+
+
+def _check(name, ours, torch_out, exact):
+    _check_errors(name, _errors(name, ours, torch_out, exact), torch_out.dtype)
+
+
+# Draws of the inputs per N. One token gives each output only a few roundings, so one draw's
+# error is a sample of a handful of them: in fp32 on an AVX-512 CPU PyTorch's came out from a
+# fifth to six times ours, output by output. There both sides' worst error over eight draws
+# is compared.
+DRAWS = {1: range(8)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -127,16 +143,23 @@ def _check(name, ours, torch_out, exact, dtype):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_forward_and_grads_match_torch_and_fp64(variant, n, dtype):
     cfg = VARIANTS[variant]
-    inputs, dy = _make(n, cfg, dtype)
-    y, probs, grads = _run("triton", inputs, dy, cfg)
-    y_t, probs_t, grads_t = _run("torch", inputs, dy, cfg)
-    y_x, probs_x, grads_x = _run("torch", inputs, dy, cfg, dtype=torch.float64)
-    assert y.dtype == dtype and probs.dtype == torch.float32
-    _check("y", y, y_t, y_x, dtype)
-    _check("probs", probs, probs_t, probs_x, dtype)
-    assert grads.keys() == grads_t.keys()
-    for name in grads:
-        _check(name, grads[name], grads_t[name], grads_x[name], dtype)
+    worst = {}  # output -> ((our error, PyTorch's, scale), PyTorch's dtype), worst over draws
+    for seed in DRAWS.get(n, (0,)):
+        inputs, dy = _make(n, cfg, dtype, seed=seed)
+        y, probs, grads = _run("triton", inputs, dy, cfg)
+        y_t, probs_t, grads_t = _run("torch", inputs, dy, cfg)
+        y_x, probs_x, grads_x = _run("torch", inputs, dy, cfg, dtype=torch.float64)
+        assert y.dtype == dtype and probs.dtype == torch.float32
+        assert grads.keys() == grads_t.keys()
+        outputs = {"y": (y, y_t, y_x), "probs": (probs, probs_t, probs_x)}
+        outputs.update({name: (grads[name], grads_t[name], grads_x[name]) for name in grads})
+        for name, (ours, theirs, exact) in outputs.items():
+            errors = _errors(name, ours, theirs, exact)
+            if name in worst:
+                errors = tuple(map(max, errors, worst[name][0]))
+            worst[name] = errors, theirs.dtype
+    for name, (errors, torch_dtype) in worst.items():
+        _check_errors(name, errors, torch_dtype)
 
 
 def _check_wide_fp32(cfg, o=72, k=K):
@@ -145,10 +168,10 @@ def _check_wide_fp32(cfg, o=72, k=K):
     y, probs, grads = _run("triton", inputs, dy, cfg)
     y_t, probs_t, grads_t = _run("torch", inputs, dy, cfg)
     y_x, probs_x, grads_x = _run("torch", inputs, dy, cfg, dtype=torch.float64)
-    _check("y", y, y_t, y_x, torch.float32)
-    _check("probs", probs, probs_t, probs_x, torch.float32)
+    _check("y", y, y_t, y_x)
+    _check("probs", probs, probs_t, probs_x)
     for name in grads:
-        _check(name, grads[name], grads_t[name], grads_x[name], torch.float32)
+        _check(name, grads[name], grads_t[name], grads_x[name])
     return inputs, dy
 
 

@@ -85,6 +85,8 @@ def _launches(prof, kernel: str) -> int:
     pytest.param(1576, 768, 2304, {"groups": 3}, "bf16", id="qkv-groups3-bf16"),
     pytest.param(333, 104, 40, {"bypass": False}, "fp16", id="odd-tiles-no-bypass-fp16"),
     pytest.param(333, 104, 40, {"router": False}, "bf16", id="odd-tiles-plain-lora-bf16"),
+    # 6 dx column tiles, 1 K step: five of each row tile's column tiles have no dB share
+    pytest.param(333, 1000, 40, {}, "bf16", id="more-dx-column-tiles-than-k-steps-bf16"),
 ])
 def test_both_gemm_paths_match_torch_and_fp64(monkeypatch, switch, n, k, o, cfg, dtype):
     monkeypatch.setenv("EI_KERNELS_CUDA_SM90", switch)
