@@ -152,11 +152,13 @@ struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
   static constexpr int kStages = Base::kStages;
   static constexpr int kReducerThreads = 128;  // one warp group, one thread per tile row
   static constexpr int kThreads = Base::kThreads + kReducerThreads;
+  static constexpr int kZThreads = 96;  // the producer warp group's warps 1-3
+  static_assert(32 + kZThreads == 128, "the z warps and the TMA warp make one warp group");
   // Registers per thread after the warp groups' setmaxnreg: 512 threads start at 128 each,
-  // and the producer and the reducer give back what the consumers take (24 + 2 * 208 + 72 =
+  // and the producer and the reducer give back what the consumers take (40 + 2 * 208 + 56 =
   // 4 * 128; at 200 ptxas spills the consumers).
-  static constexpr int kProducerRegisters = 24, kConsumerRegisters = 208;
-  static constexpr int kReducerRegisters = 72;
+  static constexpr int kProducerRegisters = 40, kConsumerRegisters = 208;
+  static constexpr int kReducerRegisters = 56;
   static_assert(kProducerRegisters + 2 * kConsumerRegisters + kReducerRegisters <=
                 4 * (65536 / kThreads));
   // r and L, each padded to one 16-deep K step of the extension (and g's MMA width).
@@ -166,10 +168,12 @@ struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
 
   // The reducer's operands of dB's row-tile partial dy^T z: each ring stage's dy tile read
   // transposed (m = output column, k = tile row; the k-major 128-byte swizzle read the other
-  // way is the m-major one: the same bytes), and z of the tile's rows (n = rank, k = row).
+  // way is the m-major one: the same bytes), and z of the tile's rows (n = rank, k = row) in
+  // two buffers, so that the z warps route the next tile's while the reducer reads these.
   using SmemDyT = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
                                          Shape<BK, BM, Int<kStages>>{}));  // [BK, BM, stage]
-  using SmemZ = decltype(tile_to_shape(GMMA::Layout_MN_SW32_Atom<T>{}, Shape<Ranks, BM>{}));
+  using SmemZ =
+      decltype(tile_to_shape(GMMA::Layout_MN_SW32_Atom<T>{}, Shape<Ranks, BM, _2>{}));
   using MmaDb = decltype(make_tiled_mma(
       GMMA::ss_op_selector<T, T, float, Shape<Int<64>, Ranks, Int<16>>, GMMA::Major::MN,
                            GMMA::Major::MN>()));
@@ -203,6 +207,8 @@ struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
     alignas(8) uint64_t empty[kStages];
     alignas(8) uint64_t ext_full[2];   // the extension's B tiles landed
     alignas(8) uint64_t ext_empty[2];  // the consumers' extension MMAs read them
+    alignas(8) uint64_t z_full[2];     // the z warps wrote a tile's z
+    alignas(8) uint64_t z_empty[2];    // the reducer's MMAs read it
   };
 };
 
@@ -725,63 +731,77 @@ __device__ void route_dgrad_row(const MorDims& d, int row, int64_t token, bool k
       });
 }
 
+// The producer warp group's warps 1-3 (the z warps) route z for the reducer, up to two tiles
+// ahead: z = (p S) u of each tile row from the saved u and p (zeros past r and the last token,
+// and for a column tile with no K step to share), into one of two buffers. Their global loads
+// thus delay nobody.
+template <class Cfg, bool ROUTER, bool BYPASS, class Shared>
+__device__ void route_z(Shared& smem, const MorDims& d,
+                        const RoutedDgradPointers<typename Cfg::T>& ptr, int tiles, int col_tiles,
+                        int k_steps) {
+  using T = typename Cfg::T;
+  const int thread = int(threadIdx.x) - 32;
+  const int logits = ROUTER ? d.logits : 0;
+  Tensor sZ = make_tensor(make_smem_ptr(smem.z.begin()), typename Cfg::SmemZ{});  // [16,BM,2]
+  for_each_tile(tiles, col_tiles, [&](int row_tile, int col, int i) {
+    const int buffer = i & 1;
+    Barrier::wait(&smem.z_empty[buffer], ((i >> 1) & 1) ^ 1);  // at first: free
+    for (int row = thread; row < Cfg::kBM; row += Cfg::kZThreads) {
+      const int64_t token = int64_t(row_tile) * Cfg::kBM + row;
+      const bool real = token < d.tokens && col < k_steps;
+      float p[kRoutedBranches + 1];
+      if constexpr (ROUTER) {
+        CUTE_UNROLL
+        for (int e = 0; e < kRoutedBranches + 1; ++e) {
+          if (e < logits) p[e] = real ? ptr.probs[token * logits + e] : 0.0f;
+        }
+      }
+      float coef[kRoutedBranches];
+      branch_coefficients<ROUTER, BYPASS>(d, p, coef);
+#pragma unroll 4  // fully unrolled, the warps spill (the row's later loads hit L1)
+      for (int j = 0; j < Cfg::kRanks; ++j) {
+        float c = 0.0f;  // coef of rank column j's branch (zero past r)
+        CUTE_UNROLL
+        for (int k = 0; k < kRoutedBranches; ++k) {
+          if (k < d.branches && j >= d.start[k] && j < d.start[k + 1]) c = coef[k];
+        }
+        const float u = real && j < d.rank ? ptr.u[token * ptr.u_ld + j] : 0.0f;
+        sZ(j, row, buffer) = T(c * u);
+      }
+    }
+    cutlass::arch::fence_view_async_shared();  // z: written by threads, read by wgmma
+    Barrier::arrive(&smem.z_full[buffer]);
+  });
+}
+
 // The reducer warp group of the routed input gradient: dB's partial of each row tile,
 // dy^T z over its 128 rows, from the dy tiles already in the ring (dy is read once for dx, g
 // and dB). K step kt (64 output columns) is column tile kt % col_tiles's share, so a row
 // tile's column tiles split the work and every partial element is written once, by plain
-// stores (the sum launch adds the row tiles in a fixed order). Each thread first routes one
-// row, z = (p S) u from the saved u and p. It waits for every stage and frees it with the
-// consumers and waits for its own MMAs only: it never waits for the consumers, and can delay
-// them only through the ring (a stage it holds is one the producer cannot refill).
-template <class Cfg, bool ROUTER, bool BYPASS, class Shared>
+// stores (the sum launch adds the row tiles in a fixed order). z comes from the z warps. It
+// waits for every stage and frees it with the consumers and waits for its own MMAs only: it
+// never waits for the consumers, and can delay them only through the ring (a stage it holds is
+// one the producer cannot refill).
+template <class Cfg, class Shared>
 __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
                               const RoutedDgradPointers<typename Cfg::T>& ptr, int tiles,
                               int col_tiles, int k_steps) {
-  using T = typename Cfg::T;
   constexpr int kStages = Cfg::kStages;
-  const int row = int(threadIdx.x) - Cfg::Base::kThreads;  // the tile row this thread routes
-  const int logits = ROUTER ? d.logits : 0;
+  const int thread = int(threadIdx.x) - Cfg::Base::kThreads;
   Tensor sDyT = make_tensor(make_smem_ptr(smem.a.begin()), typename Cfg::SmemDyT{});
-  Tensor sZ = make_tensor(make_smem_ptr(smem.z.begin()), typename Cfg::SmemZ{});  // [16, BM]
+  Tensor sZ = make_tensor(make_smem_ptr(smem.z.begin()), typename Cfg::SmemZ{});  // [16,BM,2]
   typename Cfg::MmaDb mma;
-  auto thr = mma.get_thread_slice(row);
+  auto thr = mma.get_thread_slice(thread);
   Tensor tA = thr.make_fragment_A(thr.partition_A(sDyT));  // smem descriptors [.., 1, 8, P]
-  Tensor tB = thr.make_fragment_B(thr.partition_B(sZ));    // [.., 1, 8]
+  Tensor tB = thr.make_fragment_B(thr.partition_B(sZ));    // [.., 1, 8, 2]
   const auto tile_db = make_identity_tensor(Shape<typename Cfg::BK, typename Cfg::Ranks>{});
   Tensor acc = thr.partition_fragment_C(tile_db);  // [64 output columns, 16 ranks] in fp32
   const Tensor tC = thr.partition_C(tile_db);
 
   int stage = 0, phase = 0;
-  for_each_tile(tiles, col_tiles, [&](int row_tile, int col, int) {
-    // z of this thread's row (zeros past r and past the last token), unless this column tile
-    // has no K step to share (col_tiles > k_steps). Its loads overlap the consumers' routing
-    // step of the previous tile; this tile's consumers load the same rows later.
-    const int64_t token = int64_t(row_tile) * Cfg::kBM + row;
-    const bool real = token < d.tokens && col < k_steps;
-    float p[kRoutedBranches + 1];
-    if constexpr (ROUTER) {
-      CUTE_UNROLL
-      for (int i = 0; i < kRoutedBranches + 1; ++i) {
-        if (i < logits) p[i] = real ? ptr.probs[token * logits + i] : 0.0f;
-      }
-    }
-    float coef[kRoutedBranches];
-    branch_coefficients<ROUTER, BYPASS>(d, p, coef);
-    // Every thread is past the last tile's MMAs, which read z.
-    cutlass::arch::NamedBarrier::sync(Cfg::kReducerThreads, 2);
-#pragma unroll 4  // fully unrolled, the reducer spills (the row's later loads hit L1)
-    for (int j = 0; j < Cfg::kRanks; ++j) {
-      float c = 0.0f;  // coef of rank column j's branch (zero past r)
-      CUTE_UNROLL
-      for (int k = 0; k < kRoutedBranches; ++k) {
-        if (k < d.branches && j >= d.start[k] && j < d.start[k + 1]) c = coef[k];
-      }
-      const float u = real && j < d.rank ? ptr.u[token * ptr.u_ld + j] : 0.0f;
-      sZ(j, row) = T(c * u);
-    }
-    cutlass::arch::fence_view_async_shared();  // z: written by threads, read by wgmma
-    cutlass::arch::NamedBarrier::sync(Cfg::kReducerThreads, 2);
-
+  for_each_tile(tiles, col_tiles, [&](int row_tile, int col, int i) {
+    const int buffer = i & 1;
+    Barrier::wait(&smem.z_full[buffer], (i >> 1) & 1);  // z of the tile's rows
     float* const partial =
         ptr.lora_b_partial + int64_t(row_tile) * d.out_features * d.rank;
     for (int kt = 0, share = col; kt < k_steps; ++kt) {
@@ -793,7 +813,7 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
         mma.accumulate_ = GMMA::ScaleOut::Zero;
         CUTE_UNROLL
         for (int kb = 0; kb < size<2>(tA); ++kb) {  // the 128 rows, 16 at a time
-          gemm(mma, tA(_, _, kb, stage), tB(_, _, kb), acc);
+          gemm(mma, tA(_, _, kb, stage), tB(_, _, kb, buffer), acc);
           mma.accumulate_ = GMMA::ScaleOut::One;
         }
         warpgroup_commit_batch();
@@ -813,6 +833,7 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
       }
       if (++stage == kStages) stage = 0, phase ^= 1;
     }
+    Barrier::arrive(&smem.z_empty[buffer]);  // every MMA reading it has retired
   });
 }
 
@@ -823,7 +844,8 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
 // main loop one thread per row routes in fp32 and writes du and dl into shared memory, and
 // du A_cat and dl R become two last 16-deep K steps. The first column tile also writes
 // [du | dl] (d[A_cat; R]'s operand) and its rows' dl sums (dc's partials). A fourth warp
-// group, the reducer, computes dB's row-tile partials from the same dy tiles.
+// group, the reducer, computes dB's row-tile partials from the same dy tiles, with z routed by
+// the producer warp group's idle warps.
 template <class Cfg, class TmaA, class TmaB, class TmaG, class TmaE>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     routed_dgrad_kernel(CUTE_GRID_CONSTANT const TmaA tma_dy, CUTE_GRID_CONSTANT const TmaB tma_w,
@@ -860,6 +882,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int b = 0; b < 2; ++b) {
       TxBarrier::init(&smem.ext_full[b], 1);
       Barrier::init(&smem.ext_empty[b], Cfg::kConsumerThreads);
+      Barrier::init(&smem.z_full[b], Cfg::kZThreads);
+      Barrier::init(&smem.z_empty[b], Cfg::kReducerThreads);
     }
     cutlass::arch::fence_barrier_init();
   }
@@ -867,18 +891,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   if (threadIdx.x >= Cfg::Base::kThreads) {  // the reducer warp group
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kReducerRegisters>();
-    if (!d.router) {
-      reduce_lora_b<Cfg, false, false>(smem, d, ptr, tiles, col_tiles, k_steps);
-    } else if (d.bypass) {
-      reduce_lora_b<Cfg, true, true>(smem, d, ptr, tiles, col_tiles, k_steps);
-    } else {
-      reduce_lora_b<Cfg, true, false>(smem, d, ptr, tiles, col_tiles, k_steps);
-    }
+    reduce_lora_b<Cfg>(smem, d, ptr, tiles, col_tiles, k_steps);
     return;
   }
   if (threadIdx.x < 128) {  // producer warp group: one thread issues every load
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegisters>();
-    if (threadIdx.x >= 32 || !elect_one_sync()) return;
+    if (threadIdx.x >= 32) {  // the z warps
+      if (!d.router) {
+        route_z<Cfg, false, false>(smem, d, ptr, tiles, col_tiles, k_steps);
+      } else if (d.bypass) {
+        route_z<Cfg, true, true>(smem, d, ptr, tiles, col_tiles, k_steps);
+      } else {
+        route_z<Cfg, true, false>(smem, d, ptr, tiles, col_tiles, k_steps);
+      }
+      return;
+    }
+    if (!elect_one_sync()) return;
     prefetch_tma_descriptor(tma_dy.get_tma_descriptor());
     prefetch_tma_descriptor(tma_w.get_tma_descriptor());
     prefetch_tma_descriptor(tma_lora_b.get_tma_descriptor());
