@@ -2,8 +2,9 @@
 // semantics: sm90_gemm.h), written with CuTe (CUTLASS 3 headers, from PyPI's nvidia-cutlass;
 // none of CUTLASS's kernels are used).
 //
-// 128 x 192 output tiles, three warp groups per CTA (warp specialised; the routed input
-// gradient has a fourth, routed_dgrad_kernel's reducer):
+// 128 x 192 output tiles, three warp groups per CTA (warp specialised; in the routed input
+// gradient a fourth, the reducer, runs dB's MMAs on the ring, and the producer warp group's
+// warps 1-3 route z for it):
 //   producer  one elected thread of warp 0 issues the TMA loads of every K step into a
 //             shared-memory ring (5 stages; 4 in the routed kernels, whose extra tiles take
 //             the room): for ext_gemm first the main reduction (A, B), then the extension (A2,
@@ -150,7 +151,7 @@ struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
   using typename Base::SmemA;
   using typename Base::SmemB;
   static constexpr int kStages = Base::kStages;
-  static constexpr int kReducerThreads = 128;  // one warp group, one thread per tile row
+  static constexpr int kReducerThreads = 128;  // one warp group: dB's 64x16 MMAs
   static constexpr int kThreads = Base::kThreads + kReducerThreads;
   static constexpr int kZThreads = 96;  // the producer warp group's warps 1-3
   static_assert(32 + kZThreads == 128, "the z warps and the TMA warp make one warp group");
@@ -169,7 +170,7 @@ struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
   // The reducer's operands of dB's row-tile partial dy^T z: each ring stage's dy tile read
   // transposed (m = output column, k = tile row; the k-major 128-byte swizzle read the other
   // way is the m-major one: the same bytes), and z of the tile's rows (n = rank, k = row) in
-  // two buffers, so that the z warps route the next tile's while the reducer reads these.
+  // two buffers, so that the z warps route the next tile's while the reducer reads one.
   using SmemDyT = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
                                          Shape<BK, BM, Int<kStages>>{}));  // [BK, BM, stage]
   using SmemZ =
@@ -200,7 +201,7 @@ struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
     alignas(1024) ArrayEngine<T, cosize_v<SmemExtB>> router;
     alignas(1024) ArrayEngine<T, cosize_v<SmemExtA>> du;
     alignas(1024) ArrayEngine<T, cosize_v<SmemExtA>> dl;
-    alignas(1024) ArrayEngine<T, cosize_v<SmemZ>> z;  // the reducer's
+    alignas(1024) ArrayEngine<T, cosize_v<SmemZ>> z;  // by the z warps, for the reducer
     float staging[Base::kBM][kStagingLd];  // g of the tile's rows in fp32
     float dl_rows[Base::kBM][kStagingLd];  // dl in fp32, for dc's per-block sums
     alignas(8) uint64_t full[kStages];
@@ -719,7 +720,7 @@ __device__ void route_dgrad_row(const MorDims& d, int row, int64_t token, bool k
   T* const kept = ptr.d_shrink + token * d.shrink_ld();
   route_backward_values<ROUTER, BYPASS, kRoutedBranches>(
       d, ptr.u + token * ptr.u_ld, staged, ptr.probs + token * logits,
-      [](int, float) {},  // z: the reducer's, from u and p alone
+      [](int, float) {},  // z: route_z's (the z warps), from u and p alone
       [&](int j, float v) {
         sDu(row, j) = T(v);
         if (keeps) kept[j] = T(v);
@@ -731,8 +732,8 @@ __device__ void route_dgrad_row(const MorDims& d, int row, int64_t token, bool k
       });
 }
 
-// The producer warp group's warps 1-3 (the z warps) route z for the reducer, up to two tiles
-// ahead: z = (p S) u of each tile row from the saved u and p (zeros past r and the last token,
+// The producer warp group's warps 1-3 (the z warps) route z for the reducer, one tile ahead
+// (two buffers): z = (p S) u of each tile row from the saved u and p (zeros past r and the last token,
 // and for a column tile with no K step to share), into one of two buffers. Their global loads
 // thus delay nobody.
 template <class Cfg, bool ROUTER, bool BYPASS, class Shared>
@@ -801,13 +802,15 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
   int stage = 0, phase = 0;
   for_each_tile(tiles, col_tiles, [&](int row_tile, int col, int i) {
     const int buffer = i & 1;
-    Barrier::wait(&smem.z_full[buffer], (i >> 1) & 1);  // z of the tile's rows
+    bool z_ready = false;  // z is waited for at the first share: the steps before go at once
     float* const partial =
         ptr.lora_b_partial + int64_t(row_tile) * d.out_features * d.rank;
     for (int kt = 0, share = col; kt < k_steps; ++kt) {
       TxBarrier::wait(&smem.full[stage], phase);
       if (kt == share) {
         share += col_tiles;
+        if (!z_ready) Barrier::wait(&smem.z_full[buffer], (i >> 1) & 1);  // z of the rows
+        z_ready = true;
         warpgroup_fence_operand(acc);
         warpgroup_arrive();
         mma.accumulate_ = GMMA::ScaleOut::Zero;
@@ -833,7 +836,10 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
       }
       if (++stage == kStages) stage = 0, phase ^= 1;
     }
-    Barrier::arrive(&smem.z_empty[buffer]);  // every MMA reading it has retired
+    // Every MMA reading z has retired. A tile with no share waits for its z all the same: a
+    // parity wait must see every phase of its barrier, or a later one would pass on an old.
+    if (!z_ready) Barrier::wait(&smem.z_full[buffer], (i >> 1) & 1);
+    Barrier::arrive(&smem.z_empty[buffer]);
   });
 }
 

@@ -224,7 +224,7 @@ def sm90_routed_dgrad(n, k, o) -> Cost:
     tile), then routing (ROUTE_STEP_US per wave) and two 16-deep extension steps (du A_cat,
     dl R); its reducer warp group runs dB's dy^T z (16 columns) on the same dy tiles, each
     row tile's K steps shared among its column tiles, into one fp32 partial per row tile.
-    dy, W, B's padded copy, A_cat and R read once, u and p read (by consumers and reducer),
+    dy, W, B's padded copy, A_cat and R read once, u and p read (by consumers and z warps),
     dx written, [du | dl] written once (the first column tile) for d[A_cat; R]."""
     bm, bn, _ = SM90_TILE
     col_tiles = math.ceil(k / bn)
