@@ -110,6 +110,11 @@ struct RoutedConfig : Sm90Config<Element, false, 4> {
   using Ranks = Int<kRanks>;
   using Logits = Int<kLogits>;
   static constexpr int kStagingLd = kRanks + kLogits + 1;  // +1: rows start in other banks
+  // Registers per thread after the warp groups' setmaxnreg: 384 threads start at 168 each, and
+  // the producer gives back what the consumers take (the routing and the cluster's exchange
+  // after the main loop spilled at 168).
+  static constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+  static_assert(kProducerRegisters + 2 * kConsumerRegisters <= 3 * 168);
 
   using SmemU = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
                                        Shape<Ranks, BK, Int<kStages>>{}));  // [16, BK, stage]
@@ -133,9 +138,12 @@ struct RoutedConfig : Sm90Config<Element, false, 4> {
     alignas(1024) ArrayEngine<T, cosize_v<SmemL>> l;
     alignas(1024) ArrayEngine<T, cosize_v<SmemZ>> z;
     alignas(1024) ArrayEngine<T, cosize_v<SmemLoraB>> lora_b;
-    float staging[Base::kBM][kStagingLd];  // [u | l] of the tile's rows in fp32
+    float staging[Base::kBM][kStagingLd];  // this CTA's partial [u | l] of the tile's rows
+    float summed[Base::kBM][kStagingLd];   // the cluster's sum of them: [u | l] in fp32
     alignas(8) uint64_t full[kStages];
     alignas(8) uint64_t empty[kStages];
+    alignas(8) uint64_t partials_ready;  // every CTA of the cluster staged its partials
+    alignas(8) uint64_t partials_read;   // every CTA of the cluster summed this one's
   };
 };
 
@@ -272,13 +280,15 @@ __device__ void copy_step(const Tma& tma, uint64_t& full, const Parts& parts, in
   copy(tma.with(full), get<0>(parts)(_, kt), get<1>(parts)(_, stage));
 }
 
-// The producer's side of the ring: `steps` K steps, each into the next free stage, where
+// The producer's side of the ring: K steps first..last-1, each into the next free stage, where
 // load(kt, stage, barrier) issues that step's TMA copies (stage_bytes in all) on the stage's
-// barrier. stage and phase carry on from call to call (one ring, several reductions).
+// barrier. stage and phase carry on from call to call (one ring, several reductions, or one
+// reduction in runs of steps that load different operands).
 template <int kStages, class Shared, class Load>
-__device__ void fill_ring(Shared& smem, int steps, uint32_t stage_bytes, int& stage, int& phase,
-                          Load&& load) {
-  for (int kt = 0; kt < steps; ++kt) {
+__device__ __forceinline__ void fill_ring(Shared& smem, int first, int last,
+                                          uint32_t stage_bytes, int& stage, int& phase,
+                                          Load&& load) {
+  for (int kt = first; kt < last; ++kt) {
     Barrier::wait(&smem.empty[stage], phase ^ 1);  // the first lap finds every stage free
     TxBarrier::arrive_and_expect_tx(&smem.full[stage], stage_bytes);
     load(kt, stage, smem.full[stage]);
@@ -288,13 +298,12 @@ __device__ void fill_ring(Shared& smem, int steps, uint32_t stage_bytes, int& st
 
 // The consumers' side: per K step, wait for the stage's bytes, issue mmas(stage) as one batch
 // of wgmma, keep it in flight while the previous step's batch retires, then free that step's
-// stage. fence() fences every accumulator the MMAs write. On return every batch has retired
-// and the consumers have released every stage it read; stage and phase carry on to the next
-// tile.
+// stage. fence() fences every accumulator the MMAs write. `reading` is the stage of the batch
+// still in flight (-1: none), so that runs of steps with different MMAs follow one another
+// without draining the pipeline in between; drain_done ends the last run.
 template <int kStages, class Shared, class Mmas, class Fence>
-__device__ void drain_ring(Shared& smem, int steps, int& stage, int& phase, Mmas&& mmas,
-                           Fence&& fence) {
-  int reading = -1;
+__device__ __forceinline__ void drain_steps(Shared& smem, int steps, int& stage, int& phase,
+                                            int& reading, Mmas&& mmas, Fence&& fence) {
   for (int step = 0; step < steps; ++step) {
     TxBarrier::wait(&smem.full[stage], phase);
     fence();
@@ -307,9 +316,25 @@ __device__ void drain_ring(Shared& smem, int steps, int& stage, int& phase, Mmas
     reading = stage;
     if (++stage == kStages) stage = 0, phase ^= 1;
   }
+}
+
+// After the last run of steps: every batch retires and its stage is released.
+template <class Shared, class Fence>
+__device__ __forceinline__ void drain_done(Shared& smem, int reading, Fence&& fence) {
   warpgroup_wait<0>();
   fence();
   if (reading >= 0) Barrier::arrive(&smem.empty[reading]);
+}
+
+// One reduction of `steps` K steps, all with the same MMAs: on return every batch has retired
+// and the consumers have released every stage it read; stage and phase carry on to the next
+// tile.
+template <int kStages, class Shared, class Mmas, class Fence>
+__device__ void drain_ring(Shared& smem, int steps, int& stage, int& phase, Mmas&& mmas,
+                           Fence&& fence) {
+  int reading = -1;
+  drain_steps<kStages>(smem, steps, stage, phase, reading, mmas, fence);
+  drain_done(smem, reading, fence);
 }
 
 // Output tiles of an m x n product in every config's 128 x 192 tiles (64-bit: the host
@@ -333,6 +358,62 @@ __device__ void for_each_tile(int tiles, int col_tiles, Body&& body) {
     body(int(t / col_tiles), int(t % col_tiles), i);
   }
 }
+
+// The CTAs of a cluster (the routed forward's column tiles of one row block, which share
+// out the shrink's K steps) exchange partial sums through distributed shared memory, with a
+// pair of mbarriers per CTA that every CTA of the cluster arrives on once per tile. A fence
+// before the arrivals releases, and the waits acquire, at cluster scope: one CTA's
+// shared-memory writes or reads before its arrival are ordered before another's accesses
+// after its wait. (sm_90a PTX: only that image compiles them.)
+#if defined(EI_SM90_DEVICE_CODE)
+__device__ void arrive_on_cluster(uint64_t* barrier, int cluster_size) {
+  const uint32_t local = cute::cast_smem_ptr_to_uint(barrier);
+  // One fence for all the arrivals (each releasing arrival would fence on its own).
+  asm volatile("fence.acq_rel.cluster;" ::: "memory");
+#pragma unroll 1  // at most 4 CTAs
+  for (int rank = 0; rank < cluster_size; ++rank) {
+    asm volatile(
+        "{\n\t.reg .b32 remote;\n\t"
+        "mapa.shared::cluster.u32 remote, %0, %1;\n\t"
+        "mbarrier.arrive.relaxed.cluster.shared::cluster.b64 _, [remote];\n\t}"
+        :
+        : "r"(local), "r"(rank)
+        : "memory");
+  }
+}
+
+__device__ void wait_cluster(uint64_t* barrier, int parity) {
+  const uint32_t local = cute::cast_smem_ptr_to_uint(barrier);
+  asm volatile(
+      "{\n\t.reg .pred done;\n\t"
+      "WAIT:\n\t"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n\t"
+      "@!done bra WAIT;\n\t}"
+      :
+      : "r"(local), "r"(parity)
+      : "memory");
+}
+
+// The address of `local` (this CTA's shared memory) in the cluster's CTA `rank`, as a generic
+// pointer (distributed shared memory).
+__device__ const float* in_cluster_rank(const float* local, int rank) {
+  uint64_t remote;
+  asm volatile("mapa.u64 %0, %1, %2;" : "=l"(remote) : "l"(local), "r"(rank));
+  return reinterpret_cast<const float*>(remote);
+}
+
+// kValues floats at `local` summed over the cluster's CTAs in rank order into `sum` (both in
+// this CTA's shared memory), so that every CTA of the cluster gets the same bits. (Summed in
+// place: the accumulators are live around it, and registers for the row would spill them.)
+template <int kValues>
+__device__ void sum_over_cluster(const float* local, float* sum, int cluster_size) {
+  for (int rank = 0; rank < cluster_size; ++rank) {
+    const float* const peer = in_cluster_rank(local, rank);
+    CUTE_UNROLL
+    for (int j = 0; j < kValues; ++j) sum[j] = rank == 0 ? peer[j] : sum[j] + peer[j];
+  }
+}
+#endif  // EI_SM90_DEVICE_CODE
 
 // The epilogue: C = acc (+ bias) for the tile's rows below m and columns below n.
 // Accumulator elements 2i and 2i+1 are neighbouring columns of one row: one 4-byte store
@@ -402,7 +483,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                              Step<X, _1, _1>{});  // [BN, BK, k steps]
       auto tX = tma_split(tma_x, sA, gX);
       auto tW = tma_split(tma_w, sB, gW);
-      fill_ring<kStages>(smem, (kx + Cfg::kBK - 1) / Cfg::kBK, kStageBytes, stage, phase,
+      fill_ring<kStages>(smem, 0, (kx + Cfg::kBK - 1) / Cfg::kBK, kStageBytes, stage, phase,
                          [&](int kt, int at, uint64_t& full) {
                            copy_step(tma_x, full, tX, kt, at);
                            copy_step(tma_w, full, tW, kt, at);
@@ -518,8 +599,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int col_tiles = (n + Cfg::kBN - 1) / Cfg::kBN;
   const int tiles = int(tile_count(m, n));  // at most 2^31 - 1: the host checks
   const int k_steps = (k + Cfg::kBK - 1) / Cfg::kBK;
-  constexpr uint32_t kStageBytes =
-      uint32_t((Cfg::kBM + Cfg::kBN + Cfg::kRanks + Cfg::kLogits) * Cfg::kBK * sizeof(T));
+  // The cluster's CTAs hold column tiles of one row block (the host sizes the cluster so) and
+  // share out the shrink: this one multiplies its x tiles by [A_cat; R] in K steps
+  // [shrink_first, shrink_last) only, and the partial sums meet in distributed shared memory.
+  // Each CTA walks its K steps from shrink_first on (wrapping around), so that the steps with
+  // the shrink come first.
+  const int cluster_size = int(cute::cluster_shape().x);
+  const int rank = int(cute::block_rank_in_cluster());
+  const int shrink_first = k_steps * rank / cluster_size;
+  const int shrink_last = k_steps * (rank + 1) / cluster_size;
+  constexpr uint32_t kMainBytes = uint32_t((Cfg::kBM + Cfg::kBN) * Cfg::kBK * sizeof(T));
+  constexpr uint32_t kShrinkBytes =
+      uint32_t((Cfg::kRanks + Cfg::kLogits) * Cfg::kBK * sizeof(T));
   extern __shared__ __align__(1024) char shared_bytes[];
   auto& smem = *reinterpret_cast<typename Cfg::Shared*>(shared_bytes);
   Tensor sA = make_tensor(make_smem_ptr(smem.a.begin()), typename Cfg::SmemA{});  // [BM,BK,P]
@@ -532,8 +623,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   const auto tiler = Shape<typename Cfg::BM, typename Cfg::BN, typename Cfg::BK>{};
   init_ring<typename Cfg::Shared, kStages>(smem, Cfg::kConsumerThreads);
+  if (threadIdx.x == 0) {  // one arrival per CTA of the cluster and tile
+    // (CuTe's initialize_barrier: cutlass's Barrier::init asserts on a count it cannot see)
+    initialize_barrier(smem.partials_ready, cluster_size);
+    initialize_barrier(smem.partials_read, cluster_size);
+    cutlass::arch::fence_barrier_init();
+  }
+  cute::cluster_sync();  // every CTA's barriers are set before any peer arrives on them
 
   if (threadIdx.x < 128) {  // producer warp group: one thread issues every load
+    cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegisters>();
     if (threadIdx.x >= 32 || !elect_one_sync()) return;
     prefetch_tma_descriptor(tma_x.get_tma_descriptor());
     prefetch_tma_descriptor(tma_w.get_tma_descriptor());
@@ -564,18 +663,26 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       auto tW = tma_split(tma_w, sB, gW);
       auto tU = tma_split(tma_lora_a, sU, gU);
       auto tL = tma_split(tma_router, sL, gL);
-      fill_ring<kStages>(smem, k_steps, kStageBytes, stage, phase,
+      const auto load_main = [&](int kt, int at, uint64_t& full) {
+        copy_step(tma_x, full, tX, kt, at);
+        copy_step(tma_w, full, tW, kt, at);
+      };
+      fill_ring<kStages>(smem, shrink_first, shrink_last, kMainBytes + kShrinkBytes, stage, phase,
                          [&](int kt, int at, uint64_t& full) {
-                           copy_step(tma_x, full, tX, kt, at);
-                           copy_step(tma_w, full, tW, kt, at);
+                           load_main(kt, at, full);
                            copy_step(tma_lora_a, full, tU, kt, at);
                            copy_step(tma_router, full, tL, kt, at);
+                         });
+      fill_ring<kStages>(smem, shrink_last, shrink_first + k_steps, kMainBytes, stage, phase,
+                         [&](int kt, int at, uint64_t& full) {
+                           load_main(kt < k_steps ? kt : kt - k_steps, at, full);
                          });
     });
     return;
   }
 
   // Consumer warp groups.
+  cutlass::arch::warpgroup_reg_alloc<Cfg::kConsumerRegisters>();
   const int thread = int(threadIdx.x) - 128;
   typename Cfg::Mma mma;
   typename Cfg::MmaU mma_u;
@@ -600,9 +707,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const Tensor tUc = thr_u.partition_C(tile_u);
   const Tensor tLc = thr_l.partition_C(tile_l);
 
-  int stage = 0, phase = 0;
+  int stage = 0, phase = 0, tiles_done = 0;
   for_each_tile(tiles, col_tiles, [&](int row_tile, int col, int i) {
     const int n0 = col * Cfg::kBN, group = n0 / og;
+    tiles_done = i + 1;
     // The tile's rows of lora_b, zero-padded to 16 columns: all loads first, two values to a
     // register (so that they are in flight together without spilling), stored once both warp
     // groups' last extension MMA has read the previous tile's.
@@ -629,20 +737,31 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       sLoraB(r, j) = T::bitcast(uint16_t(pairs[v] & 0xffffu));
       sLoraB(r, j + 1) = T::bitcast(uint16_t(pairs[v] >> 16));
     }
-    drain_ring<kStages>(
-        smem, k_steps, stage, phase,
+    // The main loop in two runs of K steps: this CTA's share, where the shrink's MMAs join
+    // the batches, then the rest (a branch around them inside one loop would split every
+    // batch; with the share in the middle, ptxas serialised the batches: C7515).
+    const auto main_mma = [&](int at) { gemm(mma, tCrA(_, _, _, at), tCrB(_, _, _, at), acc); };
+    const auto fence = [&] {
+      warpgroup_fence_operand(acc);
+      warpgroup_fence_operand(acc_u);
+      warpgroup_fence_operand(acc_l);
+    };
+    int reading = -1;
+    drain_steps<kStages>(
+        smem, shrink_last - shrink_first, stage, phase, reading,
         [&](int at) {
-          gemm(mma, tCrA(_, _, _, at), tCrB(_, _, _, at), acc);
+          main_mma(at);
           gemm(mma_u, tUrA(_, _, _, at), tUrB(_, _, _, at), acc_u);
           gemm(mma_l, tLrA(_, _, _, at), tLrB(_, _, _, at), acc_l);
         },
-        [&] {
-          warpgroup_fence_operand(acc);
-          warpgroup_fence_operand(acc_u);
-          warpgroup_fence_operand(acc_l);
-        });
+        fence);
+    drain_steps<kStages>(smem, k_steps - (shrink_last - shrink_first), stage, phase, reading,
+                         main_mma, fence);
+    drain_done(smem, reading, fence);
 
-    // [u | l] to the staging tile, then one thread per row routes it.
+    // This CTA's partial [u | l] to the staging tile, once every peer has summed the last
+    // tile's; then one thread per row sums the cluster's partials and routes the row.
+    if (i > 0) wait_cluster(&smem.partials_read, (i - 1) & 1);
     CUTE_UNROLL
     for (int i = 0; i < size(acc_u); ++i) {
       const auto [r, c] = tUc(i);
@@ -655,10 +774,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     }
     // The consumers' own barrier (user id 1: hardware barrier 9; barrier 0 is __syncthreads).
     cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
+    if (thread == 0) arrive_on_cluster(&smem.partials_ready, cluster_size);
     if (thread < Cfg::kBM) {
       const int64_t token = int64_t(row_tile) * Cfg::kBM + thread;
       const bool keeps = n0 % og == 0;  // the group's first column tile
-      const float* const staged = smem.staging[thread];
+      const float* const staged = smem.summed[thread];
+      wait_cluster(&smem.partials_ready, i & 1);
+      sum_over_cluster<Cfg::kRanks + Cfg::kLogits>(smem.staging[thread], smem.summed[thread],
+                                                   cluster_size);
       if (!d.router) {
         route_row<Cfg, false, false>(d, group, thread, token, keeps, ptr, staged, sZ);
       } else if (d.bypass) {
@@ -670,6 +793,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // z and lora_b: written by threads, read by wgmma
     cutlass::arch::fence_view_async_shared();
     cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
+    if (thread == 0) arrive_on_cluster(&smem.partials_read, cluster_size);
 
     // The extension: acc += z B^T, one 64x192x16 MMA per warp group.
     warpgroup_fence_operand(acc);
@@ -682,6 +806,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                            make_coord(row_tile, col, _), Step<_1, _1, X>{});  // [BM, BN]
     store_tile(acc, thr_mma.partition_C(gC), m, n, ptr.bias, ptr.y, int64_t(n));
   });
+  // A CTA's shared memory ends with it: stay until every peer has read the last partials.
+  if (tiles_done > 0) wait_cluster(&smem.partials_read, (tiles_done - 1) & 1);
 #else
   (void)tma_x, (void)tma_w, (void)tma_lora_a, (void)tma_router, (void)d, (void)ptr;
 #if defined(__CUDA_ARCH__)
@@ -948,7 +1074,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       auto tA = tma_split(tma_dy, sA, gDy);
       auto tB = tma_split(tma_w, sB, gW);
       auto tG = tma_split(tma_lora_b, sG, gG);
-      fill_ring<kStages>(smem, k_steps, kStageBytes, stage, phase,
+      fill_ring<kStages>(smem, 0, k_steps, kStageBytes, stage, phase,
                          [&](int kt, int at, uint64_t& full) {
                            copy_step(tma_dy, full, tA, kt, at);
                            copy_step(tma_w, full, tB, kt, at);
@@ -1053,20 +1179,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #endif
 }
 
-// CTAs for `tiles` output tiles (for_each_tile): one per SM, each looping over tiles, unless
-// EI_KERNELS_CUDA_SM90_PERSISTENT is "0": then one per tile. (Attribute queries only, cached:
-// safe during CUDA graph capture.)
-cudaError_t grid_for(int64_t tiles, dim3* grid) {
+// Whether EI_KERNELS_CUDA_SM90_PERSISTENT leaves the kernels persistent (one CTA per SM
+// walking the tiles; "0": one CTA per tile).
+bool persistent_tiles() {
   const char* const switch_value = std::getenv("EI_KERNELS_CUDA_SM90_PERSISTENT");
-  if (switch_value != nullptr && std::strcmp(switch_value, "0") == 0) {
-    *grid = dim3(unsigned(tiles));
-    return cudaSuccess;
-  }
-  int device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = multiprocessor_count(device, &sms);
-  *grid = dim3(unsigned(std::min<int64_t>(tiles, sms)));
-  return err;
+  return switch_value == nullptr || std::strcmp(switch_value, "0") != 0;
 }
 
 // The opt-in to more than 48 KiB of dynamic shared memory, once per device and kernel (a plain
@@ -1083,18 +1200,59 @@ cudaError_t allow_shared_memory(Kernel kernel, int bytes) {
 }
 
 // Launches `kernel` with kSmem bytes of dynamic shared memory over `tiles` output tiles
-// (grid_for: persistent unless switched off).
+// (for_each_tile): persistent, one CTA per SM, unless switched off (then one per tile).
+// (Attribute queries only, cached: safe during CUDA graph capture.)
 template <int kSmem, int kThreads, class Kernel, class... Args>
 cudaError_t launch_on_tiles(Kernel kernel, int64_t tiles, cudaStream_t stream,
                             const Args&... args) {
   static_assert(kSmem <= 227 * 1024, "over the opt-in shared memory of a 9.0 device");
   cudaError_t err = allow_shared_memory(kernel, kSmem);
+  int device = 0, sms = 0;
+  if (err == cudaSuccess) err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = multiprocessor_count(device, &sms);
   if (err != cudaSuccess) return err;
-  dim3 grid;
-  err = grid_for(tiles, &grid);
-  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned(persistent_tiles() ? std::min<int64_t>(tiles, sms) : tiles));
   kernel<<<grid, kThreads, kSmem, stream>>>(args...);
   return cudaGetLastError();
+}
+
+// The same in clusters of kCluster CTAs along the tile walk (tiles is a multiple of kCluster).
+// Persistent, it launches as many clusters as fit on the device at once (GPCs need not hold a
+// whole number of clusters, so this may leave SMs idle: the occupancy query says how many).
+template <int kCluster, int kSmem, int kThreads, class Kernel, class... Args>
+cudaError_t launch_on_tile_clusters(Kernel kernel, int64_t tiles, cudaStream_t stream,
+                                    const Args&... args) {
+  static_assert(kSmem <= 227 * 1024, "over the opt-in shared memory of a 9.0 device");
+  cudaError_t err = allow_shared_memory(kernel, kSmem);
+  cudaLaunchAttribute cluster_dims;
+  cluster_dims.id = cudaLaunchAttributeClusterDimension;
+  cluster_dims.val.clusterDim.x = kCluster;
+  cluster_dims.val.clusterDim.y = 1;
+  cluster_dims.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(kCluster);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = kSmem;
+  config.stream = stream;
+  config.attrs = &cluster_dims;
+  config.numAttrs = 1;
+  int64_t ctas = tiles;
+  if (persistent_tiles()) {
+    int device = 0, clusters = 0;
+    if (err == cudaSuccess) err = cudaGetDevice(&device);
+    if (err == cudaSuccess) {
+      err = cached_per_device(device, &clusters, [&](int* out) {
+        return cudaOccupancyMaxActiveClusters(out, kernel, &config);
+      });
+    }
+    if (err != cudaSuccess) return err;
+    if (clusters <= 0) return cudaErrorInvalidConfiguration;  // no cluster fits: never silent
+    ctas = std::min<int64_t>(tiles, int64_t(clusters) * kCluster);
+  }
+  if (err != cudaSuccess) return err;
+  config.gridDim = dim3(unsigned(ctas));
+  err = cudaLaunchKernelEx(&config, kernel, args...);
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 template <typename T, bool kBNMajor>
@@ -1162,6 +1320,24 @@ cudaError_t launch_majors(const ExtGemmArgs& g, cudaStream_t stream) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// CTAs per cluster of the routed forward: EI_KERNELS_CUDA_SM90_CLUSTER ("1", "2" or "4";
+// default 2) column tiles of one row block share out the shrink's K steps. Halved until it
+// divides a group's column tiles, so that a cluster's tiles lie in one group and one row block
+// (and the tile count is a multiple of it). Why 2 by default: the persistent launch runs as
+// many clusters as fit at once, and on an H100/H200 (132 SMs in GPCs of different sizes) 66
+// pairs are likely to fit where 33 quads may not; whole waves of 132 tiles are what the
+// 128 x 192 tile was chosen for. gpu_check times 1, 2 and 4.
+int routed_cluster_size(const MorDims& d) {
+  using Cfg = RoutedConfig<cutlass::half_t>;  // the same tiles for both dtypes
+  const char* const switch_value = std::getenv("EI_KERNELS_CUDA_SM90_CLUSTER");
+  int size = 2;
+  if (switch_value != nullptr && std::strcmp(switch_value, "1") == 0) size = 1;
+  if (switch_value != nullptr && std::strcmp(switch_value, "4") == 0) size = 4;
+  const int group_col_tiles = (d.out_features / d.groups + Cfg::kBN - 1) / Cfg::kBN;
+  while (group_col_tiles % size != 0) size /= 2;
+  return size;
+}
+
 template <typename T>
 cudaError_t launch_routed(const MorDims& d, const MorForwardArgs& a, cudaStream_t stream) {
   using Cfg = RoutedConfig<T>;
@@ -1185,10 +1361,21 @@ cudaError_t launch_routed(const MorDims& d, const MorForwardArgs& a, cudaStream_
   const RoutedPointers<T> ptr{static_cast<const T*>(a.bias), static_cast<const T*>(a.lora_b),
                               static_cast<const T*>(a.router_bias), static_cast<T*>(a.y),
                               a.probs, a.shrink};
-  return launch_on_tiles<int(sizeof(typename Cfg::Shared)), Cfg::kThreads>(
-      &routed_gemm_kernel<Cfg, decltype(tma_x), decltype(tma_w), decltype(tma_lora_a),
-                          decltype(tma_router)>,
-      tile_count(m, n), stream, tma_x, tma_w, tma_lora_a, tma_router, d, ptr);
+  const auto kernel = &routed_gemm_kernel<Cfg, decltype(tma_x), decltype(tma_w),
+                                          decltype(tma_lora_a), decltype(tma_router)>;
+  constexpr int kSmem = int(sizeof(typename Cfg::Shared));
+  const int64_t tiles = tile_count(m, n);
+  switch (routed_cluster_size(d)) {
+    case 4:
+      return launch_on_tile_clusters<4, kSmem, Cfg::kThreads>(kernel, tiles, stream, tma_x, tma_w,
+                                                              tma_lora_a, tma_router, d, ptr);
+    case 2:
+      return launch_on_tile_clusters<2, kSmem, Cfg::kThreads>(kernel, tiles, stream, tma_x, tma_w,
+                                                              tma_lora_a, tma_router, d, ptr);
+    default:
+      return launch_on_tiles<kSmem, Cfg::kThreads>(kernel, tiles, stream, tma_x, tma_w,
+                                                   tma_lora_a, tma_router, d, ptr);
+  }
 }
 
 

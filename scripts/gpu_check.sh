@@ -118,13 +118,14 @@ if grep -q "gpu_check: build rc=0" "$OUT/cuda_build.log" && (( ! DRY )); then
     stage_with_restarts 70 110 correctness.jsonl $PY scripts/gpu_check/correctness.py --backend cuda
     # What hung or lost the context there does not run again: the later stages take the
     # switches of the mode correctness.py's ladder reached (unless they were set already).
-    read -r mode sm90 persistent <<< "$(cd scripts/gpu_check && $PY -c "from common import \
-read_records; from correctness import FILE, SM90_ENV, sm90_mode; \
+    read -r mode sm90 persistent cluster <<< "$(cd scripts/gpu_check && $PY -c "from common \
+import read_records; from correctness import FILE, SM90_ENV, sm90_mode; \
 m = sm90_mode(read_records(FILE)); print(m, *SM90_ENV[m])" 2>/dev/null)"
     if [[ -n "$mode" && "$mode" != 1 && -z "${EI_KERNELS_CUDA_SM90:-}" ]]; then
-        export EI_KERNELS_CUDA_SM90=$sm90 EI_KERNELS_CUDA_SM90_PERSISTENT=$persistent
+        export EI_KERNELS_CUDA_SM90=$sm90 EI_KERNELS_CUDA_SM90_PERSISTENT=$persistent \
+               EI_KERNELS_CUDA_SM90_CLUSTER=$cluster
         echo "gpu_check: later stages run in mode $mode (EI_KERNELS_CUDA_SM90=$sm90," \
-             "EI_KERNELS_CUDA_SM90_PERSISTENT=$persistent)"
+             "EI_KERNELS_CUDA_SM90_PERSISTENT=$persistent EI_KERNELS_CUDA_SM90_CLUSTER=$cluster)"
     fi
 else
     echo "gpu_check: CUDA correctness skipped (build not done or failed, or dry run)"

@@ -178,6 +178,14 @@ SM90_TILE = (128, 192, 64)  # the sm_90a GEMM's tile (M, N, K): the extension pa
 # and L exps), the 16-deep MMA and its wait: ~500 cycles at 1.75 GHz (an assumption).
 ROUTE_STEP_US = 0.3
 ROUTED_RANKS, ROUTED_LOGITS = 16, 8  # its shrink MMAs' widths: A_cat's and R's rows per group
+# The routed forward's cluster (EI_KERNELS_CUDA_SM90_CLUSTER, default 2): that many column
+# tiles of a row block share out the shrink's K steps and sum the partials through distributed
+# shared memory, so the shrink's MMA work is over column tiles / CLUSTER. The exchange adds per
+# tile two cluster-scope fences and the peers' 24 fp32 values per row (about 250 cycles while
+# the tensor cores idle: CLUSTER_STEP_US, an assumption). The model takes every SM as holding
+# a CTA of a cluster (how many clusters fit at once is the occupancy query's, on the GPU).
+CLUSTER = 2
+CLUSTER_STEP_US = 0.15
 
 
 def _pad(n: int, to: int) -> int:
@@ -200,22 +208,36 @@ def sm90_gemm(n, cols, k, k2, a2_ld, b2_rows, b2_ld) -> Cost:
     return Cost.kernel(flops, bytes_, tiles, efficiency, WGMMA_FRACTION)
 
 
+def routed_cluster_size(o, g, cluster=None) -> int:
+    """As csrc/sm90_gemm.cu's routed_cluster_size: halved until it divides a group's column
+    tiles."""
+    size = CLUSTER if cluster is None else cluster
+    group_col_tiles = math.ceil(o // g / SM90_TILE[1])
+    while group_col_tiles % size:
+        size //= 2
+    return size
+
+
 def sm90_routed(n, k, o, g) -> Cost:
     """The routed forward (routed_gemm_kernel): sm90_gemm's tiles, each also multiplying its x
-    tiles by its group's 16 + 8 rows of [A_cat; R] (again in every column tile), then routing
-    (ROUTE_STEP_US per wave, tensor cores idle) and one 16-deep extension step; x, W, A_cat,
-    R and B read once, y, p and [u | l] written once."""
+    tiles by its group's 16 + 8 rows of [A_cat; R] in its share of the K steps (a cluster of
+    column tiles of one row block shares them out and sums the partials), then routing
+    (ROUTE_STEP_US per wave, tensor cores idle, and CLUSTER_STEP_US for the exchange when the
+    cluster has more than one CTA) and one 16-deep extension step; x, W, A_cat, R and B read
+    once, y, p and [u | l] written once."""
     bm, bn, _ = SM90_TILE
     col_tiles = math.ceil(o / bn)
+    cluster = routed_cluster_size(o, g)
     tiles = math.ceil(n / bm) * col_tiles
     waves = math.ceil(tiles / SMS)
     efficiency = tiles / (waves * SMS)
     flops = (2 * n * o * (k + ROUTED_RANKS)
-             + 2 * n * col_tiles * (ROUTED_RANKS + ROUTED_LOGITS) * k)
+             + 2 * n * col_tiles // cluster * (ROUTED_RANKS + ROUTED_LOGITS) * k)
     bytes_ = (ELEM * (n * k + o * k + g * (R + L) * k + o * R + n * o)
               + F32 * (n * g * (R + L) + n * g * L))
+    step_us = ROUTE_STEP_US + (CLUSTER_STEP_US if cluster > 1 else 0.0)
     return Cost.kernel(flops, bytes_, tiles, efficiency, WGMMA_FRACTION,
-                       serial_us=waves * ROUTE_STEP_US)
+                       serial_us=waves * step_us)
 
 
 def sm90_routed_dgrad(n, k, o) -> Cost:
@@ -334,7 +356,7 @@ def table(n, peak, bandwidth, launch_us) -> str:
 
 
 def main() -> None:
-    global MMA_SYNC_FRACTION, WGMMA_FRACTION  # the cuda_* costs read them
+    global MMA_SYNC_FRACTION, WGMMA_FRACTION, CLUSTER  # the cuda_* costs read them
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=12608)
     parser.add_argument("--tflops", type=float, default=790.0)
@@ -342,14 +364,17 @@ def main() -> None:
     parser.add_argument("--launch-us", type=float, default=3.0)
     parser.add_argument("--mma-sync-fraction", type=float, default=MMA_SYNC_FRACTION)
     parser.add_argument("--wgmma-fraction", type=float, default=WGMMA_FRACTION)
+    parser.add_argument("--cluster", type=int, choices=(1, 2, 4), default=CLUSTER,
+                        help="CTAs per cluster of the routed forward")
     args = parser.parse_args()
     MMA_SYNC_FRACTION, WGMMA_FRACTION = args.mma_sync_fraction, args.wgmma_fraction
+    CLUSTER = args.cluster
     print(f"Model (not a measurement): bf16, N = {args.tokens}, {args.tflops:g} TFLOP/s, "
           f"{args.tbps:g} TB/s, {args.launch_us:g} us per launch\n")
     print(table(args.tokens, args.tflops * 1e12, args.tbps * 1e12, args.launch_us))
     print(f"\nThe CUDA backend on an H100/H200 (its sm_90a wgmma GEMMs charged at "
           f"{args.wgmma_fraction:g} of the peak, its mma.sync products at "
-          f"{args.mma_sync_fraction:g}):\n")
+          f"{args.mma_sync_fraction:g}, the routed forward in clusters of {args.cluster}):\n")
     print(cuda_table(args.tokens, args.tflops * 1e12, args.tbps * 1e12, args.launch_us))
 
 

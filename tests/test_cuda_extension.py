@@ -152,7 +152,8 @@ class TestCompiledExtension:
         loads its tiles with asynchronous copies (LDGSTS) and multiplies on tensor cores (HMMA);
         in the sm_90a image every instantiation of the Hopper GEMMs loads by TMA (UTMALDG) and
         multiplies with warp-group MMA (HGMMA) with one batch in flight, the routed forward
-        with the shrink's 64x16 and 64x8 MMAs beside the 64x192 one and the routed input
+        with the shrink's 64x16 and 64x8 MMAs beside the 64x192 one (and its cluster's exchange
+        of their partial sums through distributed shared memory) and the routed input
         gradient with g's 64x16 one and its reducer's transposed dy^T z, present whenever the build
         found CUTLASS and a 90a target; and no kernel of any target has a stack frame (ptxas
         spilled nothing)."""
@@ -182,6 +183,13 @@ class TestCompiledExtension:
                         assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in code, (arch, name)
                         if "routed_gemm_kernel" in name:  # the shrink's MMAs beside the main
                             assert all(f"HGMMA.64x{n}x16.F32" in code for n in (192, 16, 8))
+                            # the cluster's shrink partials: a cluster barrier at the start,
+                            # arrivals on the peers' mbarriers, their staging read through
+                            # distributed shared memory; the consumers' own register count
+                            assert "UCGABAR_ARV" in code and "UCGABAR_WAIT" in code, name
+                            assert "SYNCS.ARRIVE.TRANS64.RED.A1T0" in code, name
+                            assert re.search(r"\bLD\.E ", code), name
+                            assert "USETMAXREG.TRY_ALLOC" in code, name
                         if "routed_dgrad_kernel" in name:  # and g's, and the reducer's
                             assert all(f"HGMMA.64x{n}x16.F32" in code for n in (192, 16))
                             # dB's dy^T z, reading the ring's dy tiles transposed, in a warp

@@ -68,16 +68,30 @@ def test_the_hopper_gemm_tiles_fill_whole_waves_at_vit_b_widths():
         13 * 4 / 132)
 
 
-def test_the_routed_forward_reads_x_once_and_adds_the_shrink_per_column_tile():
+@pytest.mark.parametrize("cluster, shrinks", [(1, 4), (2, 2), (4, 1)])
+def test_the_routed_forward_reads_x_once_and_shares_the_shrink_out_in_a_cluster(
+        monkeypatch, cluster, shrinks):
     """Its MMA work: the main product, the 16-deep extension, and the 16 + 8 shrink columns
-    again in each of the 4 column tiles at O = 768; its traffic: each operand once."""
+    once per cluster of column tiles (4 column tiles at O = 768: in all 4 without a cluster,
+    twice in pairs, once in quads); its traffic: each operand once; per wave the routing step
+    and, with a cluster, its exchange."""
+    monkeypatch.setattr(kernel_model, "CLUSTER", cluster)
     n, k, o = 12608, 768, 768
     routed = kernel_model.sm90_routed(n, k, o, 1)
-    assert routed.flops == 2 * n * o * (k + 16) + 2 * n * 4 * (16 + 8) * k
+    assert routed.flops == 2 * n * o * (k + 16) + 2 * n * shrinks * (16 + 8) * k
     assert routed.bytes == (2 * (n * k + o * k + 18 * k + o * 14 + n * o)
                             + 4 * (n * 18 + n * 4))
     assert routed.efficiency == 1.0  # 396 tiles: 3 waves
-    assert routed.kernels[0][4] == pytest.approx(3 * kernel_model.ROUTE_STEP_US)
+    step = kernel_model.ROUTE_STEP_US + (kernel_model.CLUSTER_STEP_US if cluster > 1 else 0)
+    assert routed.kernels[0][4] == pytest.approx(3 * step)
+
+
+def test_the_routed_forward_cluster_divides_a_group_s_column_tiles():
+    # as csrc/sm90_gemm.cu: halved until it divides them (a cluster's tiles share a group)
+    assert kernel_model.routed_cluster_size(2304, 3, 4) == 4  # 4 column tiles per group
+    assert kernel_model.routed_cluster_size(1000, 1, 4) == 2  # 6 column tiles
+    assert kernel_model.routed_cluster_size(576, 1, 2) == 1  # 3 column tiles
+    assert kernel_model.routed_cluster_size(40, 1, 2) == 1
 
 
 def test_the_routed_dgrad_adds_g_per_column_tile_two_extension_steps_and_db_once():

@@ -14,11 +14,12 @@ run's d_router_bias: 4.3 ulps from Triton, 3.9 from our torch backend, 1.3 from 
 Cases are ordered most informative first (bf16 at ViT-B sizes, then the other precisions,
 flags, odd shapes, N = 1 and 0); a case already in the file is skipped, so a restarted stage
 goes on where the last one died. The cuda backend's cases run one step down the ladder "1"
-(every sm_90a kernel, persistent), "one-tile" (the same kernels, one CTA per tile),
-"unrouted" (the plain sm_90a GEMM, one CTA per tile), "0" (the portable kernels only) for
-each mode under which a case hung, crashed or lost the CUDA context, so that one broken
-kernel family costs one watchdog period, not the whole budget; each record says its mode
-("sm90"), SM90_ENV the environment it sets. In dry mode the shapes are tiny, bf16 runs as fp16 and tf32
+(every sm_90a kernel, persistent, the routed forward in clusters of 2 CTAs), "no-cluster"
+(the same, one CTA per cluster), "one-tile" (the same kernels, one CTA per tile), "unrouted"
+(the plain sm_90a GEMM, one CTA per tile), "0" (the portable kernels only) for each mode
+under which a case hung, crashed or lost the CUDA context, so that one broken kernel family
+costs one watchdog period, not the whole budget; each record says its mode ("sm90"), SM90_ENV
+the environment it sets. In dry mode the shapes are tiny, bf16 runs as fp16 and tf32
 as fp32 (the interpreter has neither).
 """
 
@@ -38,9 +39,12 @@ from ei_kernels import mor_linear_with_routing  # noqa: E402
 from mor_reference import make_inputs, reference_mor  # noqa: E402
 
 FILE = "correctness.jsonl"
-SM90_LADDER = ("1", "one-tile", "unrouted", "0")  # most sm_90a kernels first
-SM90_ENV = {  # (EI_KERNELS_CUDA_SM90, EI_KERNELS_CUDA_SM90_PERSISTENT) of each mode
-    "1": ("1", "1"), "one-tile": ("1", "0"), "unrouted": ("unrouted", "0"), "0": ("0", "0")}
+SM90_LADDER = ("1", "no-cluster", "one-tile", "unrouted", "0")  # most sm_90a kernels first
+SM90_SWITCHES = ("EI_KERNELS_CUDA_SM90", "EI_KERNELS_CUDA_SM90_PERSISTENT",
+                 "EI_KERNELS_CUDA_SM90_CLUSTER")
+SM90_ENV = {  # the values of SM90_SWITCHES in each mode
+    "1": ("1", "1", "2"), "no-cluster": ("1", "1", "1"), "one-tile": ("1", "0", "1"),
+    "unrouted": ("unrouted", "0", "1"), "0": ("0", "0", "1")}
 RANKS, SCALINGS = (2, 4, 8), (2.0, 1.0, 0.5)  # distinct scalings catch a mis-weighted column
 TRAINABLE = ("x", "lora_a", "lora_b", "router_weight", "router_bias")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
@@ -237,11 +241,10 @@ def main() -> int:
     mode = {}
     if args.backend == "cuda":  # the extension reads the switch at every call
         mode = {"sm90": sm90_mode(records)}
-        sm90, persistent = SM90_ENV[mode["sm90"]]
-        os.environ["EI_KERNELS_CUDA_SM90"] = sm90
-        os.environ["EI_KERNELS_CUDA_SM90_PERSISTENT"] = persistent
-        print(f"cuda cases run with EI_KERNELS_CUDA_SM90={sm90} "
-              f"EI_KERNELS_CUDA_SM90_PERSISTENT={persistent}", flush=True)
+        switches = dict(zip(SM90_SWITCHES, SM90_ENV[mode["sm90"]]))
+        os.environ.update(switches)
+        print("cuda cases run with " + " ".join(f"{k}={v}" for k, v in switches.items()),
+              flush=True)
     for case in CASES:
         if case.id in done:
             continue

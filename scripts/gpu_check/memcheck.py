@@ -6,10 +6,10 @@ cudaMalloc (PYTORCH_NO_CUDA_MEMORY_CACHING, set by gpu_check.sh), so the sanitiz
 bounds.
 
 One forward + backward per case and sm_90a mode, on small shapes with partial tiles in every
-dimension, from the mode the correctness ladder reached (EI_KERNELS_CUDA_SM90 and
-EI_KERNELS_CUDA_SM90_PERSISTENT as gpu_check.sh exports them; default all sm_90a kernels) down
-to the portable kernels. Prints "memcheck case <id> mode <mode>: done" after each; the
-sanitizer's "ERROR SUMMARY" line ends the log. In dry mode the same cases run on the CPU with
+dimension, from the mode the correctness ladder reached (the EI_KERNELS_CUDA_SM90* switches
+as gpu_check.sh exports them; default all sm_90a kernels) down to the portable kernels.
+Prints "memcheck case <id> mode <mode>: done" after each; the sanitizer's "ERROR SUMMARY"
+line ends the log. In dry mode the same cases run on the CPU with
 the torch backend, so that the script never rots.
 """
 
@@ -22,7 +22,8 @@ from common import DRY, device, synchronize
 
 import torch  # noqa: E402  (after common: it sets sys.path)
 
-from correctness import RANKS, SCALINGS, SM90_ENV, SM90_LADDER, TRAINABLE  # noqa: E402
+from correctness import (  # noqa: E402
+    RANKS, SCALINGS, SM90_ENV, SM90_LADDER, SM90_SWITCHES, TRAINABLE)
 from ei_kernels import mor_linear_with_routing  # noqa: E402
 from mor_reference import make_inputs  # noqa: E402
 
@@ -39,11 +40,12 @@ CASES = [
 
 
 def modes_left() -> list[str]:
-    """The ladder from the mode set in the environment down to the portable kernels."""
-    sm90 = os.environ.get("EI_KERNELS_CUDA_SM90", "1")
-    persistent = os.environ.get("EI_KERNELS_CUDA_SM90_PERSISTENT")  # unset: either
-    start = next((i for i, mode in enumerate(SM90_LADDER) if SM90_ENV[mode][0] == sm90
-                  and persistent in (None, SM90_ENV[mode][1])), 0)
+    """The ladder from the mode set in the environment down to the portable kernels (a switch
+    left unset matches any value, EI_KERNELS_CUDA_SM90 defaults to "1")."""
+    env = [os.environ.get(name) for name in SM90_SWITCHES]
+    env[0] = env[0] or "1"
+    start = next((i for i, mode in enumerate(SM90_LADDER)
+                  if all(v in (None, want) for v, want in zip(env, SM90_ENV[mode]))), 0)
     return list(SM90_LADDER[start:])
 
 
@@ -65,8 +67,7 @@ def main() -> int:
     modes = modes_left()
     print(f"memcheck modes: {' '.join(modes)}", flush=True)
     for mode in modes:
-        os.environ["EI_KERNELS_CUDA_SM90"], os.environ["EI_KERNELS_CUDA_SM90_PERSISTENT"] = (
-            SM90_ENV[mode])  # the extension reads both at every call
+        os.environ.update(zip(SM90_SWITCHES, SM90_ENV[mode]))  # read at every call
         for case_id, *shape in CASES:
             forward_backward(*shape, backend=backend)
             print(f"memcheck case {case_id} mode {mode}: done", flush=True)

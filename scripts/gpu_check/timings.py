@@ -13,7 +13,10 @@ backend with its sm_90a TMA + wgmma GEMM switched off ("fused-cuda-portable":
 EI_KERNELS_CUDA_SM90=0, every GEMM on the portable mma.sync kernel), without its routed
 kernels ("fused-cuda-unrouted": EI_KERNELS_CUDA_SM90=unrouted, the shrink, g and the routing
 as launches of their own around the sm_90a GEMM) or with one CTA per tile instead of one
-persistent CTA per SM ("fused-cuda-one-tile": EI_KERNELS_CUDA_SM90_PERSISTENT=0). "fused-triton" is
+persistent CTA per SM ("fused-cuda-one-tile": EI_KERNELS_CUDA_SM90_PERSISTENT=0), and with the
+routed forward's shrink not shared out in a cluster ("fused-cuda-no-cluster":
+EI_KERNELS_CUDA_SM90_CLUSTER=1, every column tile computes its rows' shrink) or shared out
+four ways ("fused-cuda-cluster4": =4; "fused-cuda" pairs column tiles). "fused-triton" is
 the launcher's choice by its schedule model (ei_kernels/ops/triton_schedule.py); these rows say
 what the split, the fitted order and the sharing buy,
 forward (no grad) and forward + backward (x needs a gradient, the base is frozen): CUDA events
@@ -54,9 +57,11 @@ SHAPES = [(40, 24, 1), (40, 36, 3)] if DRY else [
     (768, 768, 1), (768, 2304, 3), (768, 3072, 1), (3072, 768, 1)]
 # The Triton variants last: within the stage's time cap they are what may be cut.
 PROVIDERS = ("linear", "fused-torch", "fused-triton", "fused-cuda", "fused-cuda-one-tile",
-             "fused-cuda-unrouted", "fused-cuda-portable", "fused-triton-unfitted",
-             "fused-triton-unshared", "fused-triton-atomic")
-PROFILED = ("linear", "fused-triton", "fused-cuda", "fused-cuda-one-tile")  # their fwd+bwd
+             "fused-cuda-no-cluster", "fused-cuda-cluster4", "fused-cuda-unrouted",
+             "fused-cuda-portable", "fused-triton-unfitted", "fused-triton-unshared",
+             "fused-triton-atomic")
+PROFILED = ("linear", "fused-triton", "fused-cuda", "fused-cuda-one-tile",  # their fwd+bwd
+            "fused-cuda-no-cluster")
 DTYPE = torch.float32 if DRY else torch.bfloat16
 WARMUP, ROUNDS = (1, 2) if DRY else (10, 30)
 
@@ -113,11 +118,14 @@ def _triton_variant(provider: str):
 @contextlib.contextmanager
 def _cuda_variant(provider: str):
     """The cuda backend as `provider` runs it: "-portable" without the sm_90a GEMM,
-    "-unrouted" without its routed kernels, "-one-tile" with one CTA per tile (the extension
-    reads the switches at every call)."""
+    "-unrouted" without its routed kernels, "-one-tile" with one CTA per tile, "-no-cluster"
+    and "-cluster4" with the routed forward in clusters of 1 and 4 CTAs (the extension reads
+    the switches at every call)."""
     switches = {"-portable": ("EI_KERNELS_CUDA_SM90", "0"),
                 "-unrouted": ("EI_KERNELS_CUDA_SM90", "unrouted"),
-                "-one-tile": ("EI_KERNELS_CUDA_SM90_PERSISTENT", "0")}
+                "-one-tile": ("EI_KERNELS_CUDA_SM90_PERSISTENT", "0"),
+                "-no-cluster": ("EI_KERNELS_CUDA_SM90_CLUSTER", "1"),
+                "-cluster4": ("EI_KERNELS_CUDA_SM90_CLUSTER", "4")}
     name, value = next((switch for suffix, switch in switches.items()
                         if provider.endswith(suffix)), (None, None))
     before = os.environ.get(name) if name else None
@@ -163,6 +171,7 @@ def time_case(provider: str, k: int, o: int, groups: int, mode: str) -> dict:
         if provider.startswith("fused-cuda"):  # the switches it ran under (gpu_check may set
             record["sm90"] = os.environ.get("EI_KERNELS_CUDA_SM90", "1")  # them)
             record["persistent"] = os.environ.get("EI_KERNELS_CUDA_SM90_PERSISTENT", "1")
+            record["cluster"] = os.environ.get("EI_KERNELS_CUDA_SM90_CLUSTER", "2")
         return record
 
 

@@ -7,7 +7,8 @@ fit (the K=104/O=40 ones: partial tiles in every dimension there), the rest the 
 ones; both are also compared
 with the switch EI_KERNELS_CUDA_SM90=0, and the sm_90a GEMM without the routed kernels with
 EI_KERNELS_CUDA_SM90=unrouted; persistent CTAs against one CTA per tile
-(EI_KERNELS_CUDA_SM90_PERSISTENT=0) bit for bit."""
+(EI_KERNELS_CUDA_SM90_PERSISTENT=0) bit for bit; the routed forward's shrink shared out in
+clusters of 1, 2 and 4 column tiles (EI_KERNELS_CUDA_SM90_CLUSTER)."""
 
 import pytest
 import torch
@@ -116,6 +117,38 @@ def test_persistent_ctas_give_the_same_bits_as_one_cta_per_tile(monkeypatch, swi
     assert torch.equal(y1, y0) and torch.equal(p1, p0)
     for name in g1:
         assert torch.equal(g1[name], g0[name]), name
+
+
+@pytest.mark.parametrize("cluster", ["1", "2", "4"])
+@pytest.mark.parametrize("n, k, o, groups", [
+    pytest.param(12608, 768, 768, 1, id="proj-12608-4-column-tiles"),
+    pytest.param(1576, 768, 2304, 3, id="qkv-4-column-tiles-per-group"),
+    pytest.param(333, 768, 1000, 1, id="O1000-6-column-tiles-quads-fall-back-to-pairs"),
+    pytest.param(333, 768, 576, 1, id="O576-3-column-tiles-no-cluster-fits"),
+    pytest.param(333, 104, 40, 1, id="odd-K104-O40-2-k-steps-1-column-tile"),
+    pytest.param(4100, 1000, 1000, 1, id="N4100-K1000-16-k-steps-persistent-walks"),
+])
+def test_the_forward_shares_the_shrink_in_a_cluster_and_stays_right(monkeypatch, cluster, n, k,
+                                                                    o, groups):
+    """The routed forward's column tiles of a row block, in clusters of 1, 2 or 4 CTAs (fewer
+    where the group's column tiles are not a multiple), each multiply x by [A_cat; R] in their
+    share of the K steps and sum the partials through distributed shared memory: y, p and every
+    gradient stay right, twice the same bits, and persistent CTAs agree with one per tile."""
+    if not _hopper_gemm_expected():
+        pytest.skip("needs the sm_90a kernels on a compute capability 9.0 GPU")
+    monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
+    monkeypatch.setenv("EI_KERNELS_CUDA_SM90_CLUSTER", cluster)
+    check_against_torch_and_fp64("cuda", n, k, o, {"groups": groups}, torch.bfloat16, ulps=4)
+    inputs, dy = make_inputs(n, k, o, {"groups": groups}, torch.bfloat16)
+    results = []
+    for persistent in ("1", "1", "0"):
+        monkeypatch.setenv("EI_KERNELS_CUDA_SM90_PERSISTENT", persistent)
+        results.append(run("cuda", inputs, dy, {"groups": groups}))
+    (y, p, g), *others = results
+    for y_other, p_other, g_other in others:
+        assert torch.equal(y, y_other) and torch.equal(p, p_other)
+        for name in g:
+            assert torch.equal(g[name], g_other[name]), name
 
 
 @pytest.mark.parametrize("switch", ["1", "unrouted", "0"],
