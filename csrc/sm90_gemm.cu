@@ -14,6 +14,8 @@
 //             batch of MMAs in flight (wait_group 1), and release each stage once the batch
 //             reading it has retired.
 // The epilogue adds the bias and stores pairs of columns straight from the accumulators.
+// The routed forward runs in thread block clusters of column tiles of one row block, which
+// share out its shrink and sum the partials through distributed shared memory.
 // Persistent: one CTA per SM walks the tiles (for_each_tile), and since the ring runs on
 // across tiles, the producer fills the next tile's stages while the consumers route and
 // store the last one; EI_KERNELS_CUDA_SM90_PERSISTENT=0 launches one CTA per tile instead

@@ -44,8 +44,11 @@ cudaError_t sm90_ext_gemm(DType dtype, const ExtGemmArgs& args, cudaStream_t str
 // The whole forward of mor_kernels.h in one launch, with the shrink and the routing folded
 // into the GEMM above: y = [x | z][W | B_cat]^T + b, where every CTA also computes
 // [u | l] = x [A_cat; R]^T for its group from the x tiles it already holds, routes in fp32,
-// and multiplies z by B as the last K step. p and [u | l] (what the backward keeps) are
-// written once per group; z and B_cat's block-diagonal copy are never written to memory.
+// and multiplies z by B as the last K step. Column tiles of one row block run as a thread block
+// cluster (2 by default; EI_KERNELS_CUDA_SM90_CLUSTER=1 or 4) and share the shrink out by K
+// steps, summing [u | l] through distributed shared memory. p and [u | l] (what the backward
+// keeps) are written once per group; z and B_cat's block-diagonal copy are never written to
+// memory.
 // Accepts r <= 16, L <= 8, at most 4 branches, O / G a multiple of the 192-column tile when
 // G > 1, and the TMA alignment of x, W, A_cat and R (K and O multiples of 8); otherwise the
 // caller runs the shrink, the routing and sm90_ext_gemm as separate launches.
