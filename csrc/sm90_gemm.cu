@@ -95,7 +95,7 @@ constexpr int64_t kMaxDbPartials = 512;
 constexpr int kRoutedBranches = 4;
 
 // The routed forward (routed_gemm_kernel): the same tiles with one stage fewer, which makes
-// room for the shrink's operands and the routing's tiles (about 195 KiB in all).
+// room for the shrink's operands and the routing's tiles (208 KiB in all).
 template <typename Element>
 struct RoutedConfig : Sm90Config<Element, false, 4> {
   using Base = Sm90Config<Element, false, 4>;
@@ -761,9 +761,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                          main_mma, fence);
     drain_done(smem, reading, fence);
 
-    // This CTA's partial [u | l] to the staging tile, once every peer has summed the last
-    // tile's; then one thread per row sums the cluster's partials and routes the row.
-    if (i > 0) wait_cluster(&smem.partials_read, (i - 1) & 1);
+    // This CTA's partial [u | l] to the staging tile (in a cluster, once every peer has summed
+    // the last tile's); then one thread per row sums the cluster's partials and routes the row.
+    const bool clustered = cluster_size > 1;  // alone, a CTA routes its own staging directly
+    if (clustered && i > 0) wait_cluster(&smem.partials_read, (i - 1) & 1);
     CUTE_UNROLL
     for (int i = 0; i < size(acc_u); ++i) {
       const auto [r, c] = tUc(i);
@@ -776,14 +777,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     }
     // The consumers' own barrier (user id 1: hardware barrier 9; barrier 0 is __syncthreads).
     cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
-    if (thread == 0) arrive_on_cluster(&smem.partials_ready, cluster_size);
+    if (clustered && thread == 0) arrive_on_cluster(&smem.partials_ready, cluster_size);
     if (thread < Cfg::kBM) {
       const int64_t token = int64_t(row_tile) * Cfg::kBM + thread;
       const bool keeps = n0 % og == 0;  // the group's first column tile
-      const float* const staged = smem.summed[thread];
-      wait_cluster(&smem.partials_ready, i & 1);
-      sum_over_cluster<Cfg::kRanks + Cfg::kLogits>(smem.staging[thread], smem.summed[thread],
-                                                   cluster_size);
+      const float* staged = smem.staging[thread];
+      if (clustered) {
+        wait_cluster(&smem.partials_ready, i & 1);
+        sum_over_cluster<Cfg::kRanks + Cfg::kLogits>(staged, smem.summed[thread], cluster_size);
+        staged = smem.summed[thread];
+        // The routing warp group's own barrier (user id 2): every row is summed, so the peers
+        // may overwrite their staging. Said before the routing's global stores, which the
+        // release fence would otherwise wait for.
+        cutlass::arch::NamedBarrier::sync(Cfg::kBM, 2);
+        if (thread == 0) arrive_on_cluster(&smem.partials_read, cluster_size);
+      }
       if (!d.router) {
         route_row<Cfg, false, false>(d, group, thread, token, keeps, ptr, staged, sZ);
       } else if (d.bypass) {
@@ -795,7 +803,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // z and lora_b: written by threads, read by wgmma
     cutlass::arch::fence_view_async_shared();
     cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
-    if (thread == 0) arrive_on_cluster(&smem.partials_read, cluster_size);
 
     // The extension: acc += z B^T, one 64x192x16 MMA per warp group.
     warpgroup_fence_operand(acc);
@@ -809,7 +816,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     store_tile(acc, thr_mma.partition_C(gC), m, n, ptr.bias, ptr.y, int64_t(n));
   });
   // A CTA's shared memory ends with it: stay until every peer has read the last partials.
-  if (tiles_done > 0) wait_cluster(&smem.partials_read, (tiles_done - 1) & 1);
+  if (cluster_size > 1 && tiles_done > 0) {
+    wait_cluster(&smem.partials_read, (tiles_done - 1) & 1);
+  }
 #else
   (void)tma_x, (void)tma_w, (void)tma_lora_a, (void)tma_router, (void)d, (void)ptr;
 #if defined(__CUDA_ARCH__)
@@ -1238,6 +1247,8 @@ cudaError_t launch_on_tile_clusters(Kernel kernel, int64_t tiles, cudaStream_t s
   config.stream = stream;
   config.attrs = &cluster_dims;
   config.numAttrs = 1;
+  // A cluster's CTAs walk the same number of tiles, or one would wait for its peers forever.
+  if (tiles % kCluster != 0) return cudaErrorInvalidValue;
   int64_t ctas = tiles;
   if (persistent_tiles()) {
     int device = 0, clusters = 0;
@@ -1248,7 +1259,9 @@ cudaError_t launch_on_tile_clusters(Kernel kernel, int64_t tiles, cudaStream_t s
       });
     }
     if (err != cudaSuccess) return err;
-    if (clusters <= 0) return cudaErrorInvalidConfiguration;  // no cluster fits: never silent
+    // No cluster of this size fits (a GPU partition, say): CTAs alone, right all the same
+    // (the shrink then summed in one CTA: other roundings).
+    if (clusters <= 0) return launch_on_tiles<kSmem, kThreads>(kernel, tiles, stream, args...);
     ctas = std::min<int64_t>(tiles, int64_t(clusters) * kCluster);
   }
   if (err != cudaSuccess) return err;
