@@ -126,6 +126,8 @@ def test_persistent_ctas_give_the_same_bits_as_one_cta_per_tile(monkeypatch, swi
     pytest.param(333, 768, 1000, 1, id="O1000-6-column-tiles-quads-fall-back-to-pairs"),
     pytest.param(333, 768, 576, 1, id="O576-3-column-tiles-no-cluster-fits"),
     pytest.param(333, 104, 40, 1, id="odd-K104-O40-2-k-steps-1-column-tile"),
+    # 2 K steps over 4 column tiles: in quads two CTAs have no share of the shrink
+    pytest.param(333, 104, 768, 1, id="K104-O768-fewer-k-steps-than-ctas"),
     pytest.param(4100, 1000, 1000, 1, id="N4100-K1000-16-k-steps-persistent-walks"),
 ])
 def test_the_forward_shares_the_shrink_in_a_cluster_and_stays_right(monkeypatch, cluster, n, k,
