@@ -115,6 +115,33 @@ def _cuobjdump() -> str:
     return tool
 
 
+@pytest.mark.parametrize("name, value", [("EI_KERNELS_CUDA_SM90", "on"),
+                                         ("EI_KERNELS_CUDA_SM90_PERSISTENT", "yes"),
+                                         ("EI_KERNELS_CUDA_SM90_CLUSTER", "3")])
+def test_an_unknown_switch_value_is_refused_naming_the_variable(monkeypatch, name, value):
+    """The extension reads an unknown value as the default; the backend refuses it before any
+    kernel runs (also without a GPU or the extension), naming the variable and its values."""
+    from ei_kernels.ops import cuda_mor
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=rf"{name}='{value}': expected one of "):
+        cuda_mor.check_switches()
+    inp = _inputs(4, 16, 12, 1, True, True, True)
+    spec = ei_kernels.MoRSpec(ranks=tuple(RANKS), scalings=tuple(SCALINGS))
+    with pytest.raises(ValueError, match=name):
+        cuda_mor.forward(*inp.values(), spec)
+
+
+def test_every_documented_switch_value_is_accepted(monkeypatch):
+    from ei_kernels.ops import cuda_mor
+
+    for name, values in cuda_mor.SWITCHES.items():
+        for value in (*values, ""):  # empty: the default, as unset
+            monkeypatch.setenv(name, value)
+            cuda_mor.check_switches()
+        monkeypatch.delenv(name)
+
+
 class TestCompiledExtension:
     pytestmark = needs_extension
 

@@ -8,13 +8,34 @@ once here. float16, bfloat16 and float32 run on the GPU; float64 is refused (bac
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..cuda_extension import cuda_extension_info
 from ..spec import MoRSpec
 
+# The extension's run-time switches (README, "Building the CUDA extension") and the values it
+# knows. It reads any other value as the default, which would hide a typo: refused here.
+SWITCHES = {
+    "EI_KERNELS_CUDA_SM90": ("0", "1", "unrouted"),
+    "EI_KERNELS_CUDA_SM90_PERSISTENT": ("0", "1"),
+    "EI_KERNELS_CUDA_SM90_CLUSTER": ("1", "2", "4"),
+}
+
+
+def check_switches() -> None:
+    """Raises ValueError naming a switch set to a value the extension does not know (unset or
+    empty: the default)."""
+    for name, known in SWITCHES.items():
+        value = os.environ.get(name, "")
+        if value and value not in known:
+            raise ValueError(f"environment variable {name}={value!r}: expected one of "
+                             f"{', '.join(known)}, or unset for the default")
+
 
 def _ops():
+    check_switches()
     info = cuda_extension_info()
     if not info["loaded"]:
         raise RuntimeError(f"the cuda backend needs the compiled extension: {info['reason']}")
