@@ -766,14 +766,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const bool clustered = cluster_size > 1;  // alone, a CTA routes its own staging directly
     if (clustered && i > 0) wait_cluster(&smem.partials_read, (i - 1) & 1);
     CUTE_UNROLL
-    for (int i = 0; i < size(acc_u); ++i) {
-      const auto [r, c] = tUc(i);
-      smem.staging[r][c] = acc_u(i);
+    for (int v = 0; v < size(acc_u); ++v) {
+      const auto [r, c] = tUc(v);
+      smem.staging[r][c] = acc_u(v);
     }
     CUTE_UNROLL
-    for (int i = 0; i < size(acc_l); ++i) {
-      const auto [r, c] = tLc(i);
-      smem.staging[r][Cfg::kRanks + c] = acc_l(i);
+    for (int v = 0; v < size(acc_l); ++v) {
+      const auto [r, c] = tLc(v);
+      smem.staging[r][Cfg::kRanks + c] = acc_l(v);
     }
     // The consumers' own barrier (user id 1: hardware barrier 9; barrier 0 is __syncthreads).
     cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
@@ -1234,8 +1234,13 @@ template <int kCluster, int kSmem, int kThreads, class Kernel, class... Args>
 cudaError_t launch_on_tile_clusters(Kernel kernel, int64_t tiles, cudaStream_t stream,
                                     const Args&... args) {
   static_assert(kSmem <= 227 * 1024, "over the opt-in shared memory of a 9.0 device");
+  // A cluster's CTAs walk the same number of tiles, or one would wait for its peers forever.
+  if (tiles % kCluster != 0) return cudaErrorInvalidValue;
   cudaError_t err = allow_shared_memory(kernel, kSmem);
-  cudaLaunchAttribute cluster_dims;
+  int device = 0;
+  if (err == cudaSuccess) err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  cudaLaunchAttribute cluster_dims = {};
   cluster_dims.id = cudaLaunchAttributeClusterDimension;
   cluster_dims.val.clusterDim.x = kCluster;
   cluster_dims.val.clusterDim.y = 1;
@@ -1247,24 +1252,24 @@ cudaError_t launch_on_tile_clusters(Kernel kernel, int64_t tiles, cudaStream_t s
   config.stream = stream;
   config.attrs = &cluster_dims;
   config.numAttrs = 1;
-  // A cluster's CTAs walk the same number of tiles, or one would wait for its peers forever.
-  if (tiles % kCluster != 0) return cudaErrorInvalidValue;
-  int64_t ctas = tiles;
-  if (persistent_tiles()) {
-    int device = 0, clusters = 0;
-    if (err == cudaSuccess) err = cudaGetDevice(&device);
-    if (err == cudaSuccess) {
-      err = cached_per_device(device, &clusters, [&](int* out) {
-        return cudaOccupancyMaxActiveClusters(out, kernel, &config);
-      });
-    }
-    if (err != cudaSuccess) return err;
-    // No cluster of this size fits (a GPU partition, say): CTAs alone, right all the same
-    // (the shrink then summed in one CTA: other roundings).
-    if (clusters <= 0) return launch_on_tiles<kSmem, kThreads>(kernel, tiles, stream, args...);
-    ctas = std::min<int64_t>(tiles, int64_t(clusters) * kCluster);
+  // How many clusters fit at once, cached per device as count + 1 (the cache keeps positive
+  // values only, and 0 is an answer). A failed query (not cached) counts as none fitting.
+  int fitting = 0;
+  if (cached_per_device(device, &fitting, [&](int* out) {
+        int clusters = 0;
+        const cudaError_t query = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+        *out = std::max(clusters, 0) + 1;
+        return query;
+      }) != cudaSuccess) {
+    (void)cudaGetLastError();  // not left for the launch's error check
+    fitting = 1;
   }
-  if (err != cudaSuccess) return err;
+  const int clusters = fitting - 1;
+  // No cluster of this size fits (a GPU partition, say): CTAs alone, in either mode, right all
+  // the same (the shrink then summed in one CTA: other roundings).
+  if (clusters <= 0) return launch_on_tiles<kSmem, kThreads>(kernel, tiles, stream, args...);
+  const int64_t ctas =
+      persistent_tiles() ? std::min<int64_t>(tiles, int64_t(clusters) * kCluster) : tiles;
   config.gridDim = dim3(unsigned(ctas));
   err = cudaLaunchKernelEx(&config, kernel, args...);
   return err != cudaSuccess ? err : cudaGetLastError();

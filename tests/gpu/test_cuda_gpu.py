@@ -124,7 +124,7 @@ def test_persistent_ctas_give_the_same_bits_as_one_cta_per_tile(monkeypatch, swi
     pytest.param(12608, 768, 768, 1, id="proj-12608-4-column-tiles"),
     pytest.param(1576, 768, 2304, 3, id="qkv-4-column-tiles-per-group"),
     pytest.param(333, 768, 1000, 1, id="O1000-6-column-tiles-quads-fall-back-to-pairs"),
-    pytest.param(333, 768, 576, 1, id="O576-3-column-tiles-no-cluster-fits"),
+    pytest.param(333, 768, 576, 1, id="O576-3-column-tiles-cluster-halved-to-1"),
     pytest.param(333, 104, 40, 1, id="odd-K104-O40-2-k-steps-1-column-tile"),
     # 2 K steps over 4 column tiles: in quads two CTAs have no share of the shrink
     pytest.param(333, 104, 768, 1, id="K104-O768-fewer-k-steps-than-ctas"),
