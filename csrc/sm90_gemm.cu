@@ -116,7 +116,8 @@ struct RoutedConfig : Sm90Config<Element, false, 4> {
   // the producer gives back what the consumers take (the routing and the cluster's exchange
   // after the main loop spilled at 168).
   static constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
-  static_assert(kProducerRegisters + 2 * kConsumerRegisters <= 3 * 168);
+  static_assert(kProducerRegisters + 2 * kConsumerRegisters <=
+                3 * (65536 / Base::kThreads / 8 * 8));  // setmaxnreg counts in 8s
 
   using SmemU = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
                                        Shape<Ranks, BK, Int<kStages>>{}));  // [16, BK, stage]
