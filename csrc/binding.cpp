@@ -225,16 +225,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   args.sm90 = sm90;
   args.shrink_partial = shrink_partial.data_ptr<float>();
   args.dl_partial = dl_partial.data_ptr<float>();
-  // The routed sm_90a dx needs B zero-padded, keeps g and z on chip and writes dB's partials,
-  // one per row tile of 128 tokens (as dl's: dl_splits); the other paths need g and z, and
-  // the unrouted sm_90a dx [A_cat; R] stacked.
+  // The routed sm_90a dx keeps g and z on chip and writes dB's partials, one per row tile of
+  // 128 tokens (as dl's: dl_splits); the other paths need g and z, and the unrouted sm_90a dx
+  // [A_cat; R] stacked.
   args.sm90_routed = sm90 && ei::sm90_routed_enabled() &&
                      ei::sm90_routed_dgrad_accepts(dtype, d, args, plan.dl_splits);
-  Tensor g, z, shrink_weight, lora_b_ext;
+  Tensor g, z, shrink_weight;
   if (args.sm90_routed) {
     plan.lora_b_splits = plan.dl_splits;
-    lora_b_ext = at::empty({O, d.rank_ld()}, opts);
-    args.lora_b_ext = lora_b_ext.data_ptr();
   } else {
     g = at::empty({N, gr}, f32);
     args.g = g.data_ptr<float>();

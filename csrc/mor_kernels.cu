@@ -17,7 +17,7 @@
 // kernels (sm90_gemm.h): the whole forward in one launch (routed_gemm: (1) and (2) folded
 // into (3)) where the ranks fit it, else forward (3) as one launch over all groups with B_cat
 // as a block-diagonal [O, G*r] matrix; for one group, backward (2)-(4) in one launch
-// (routed_dgrad, after B is zero-padded; it also writes dB's partials of (5)), else backward
+// (routed_dgrad, which also writes dB's partials of (5)), else backward
 // (4) with [A_cat; R] stacked into one operand.
 // Everything else, and every GEMM elsewhere, runs the portable kernels of gemm.cuh.
 //
@@ -222,11 +222,7 @@ cudaError_t backward_impl(DType dtype, const MorDims& d, const ReductionPlan& pl
     }
 
     if (a.sm90_routed) {
-      // One group: B zero-padded to rank_ld() columns, then dx with g, the routing and dB's
-      // partials inside
-      block_diagonal_kernel<T><<<blocks_for(int64_t(O) * zld, kSumThreads), kSumThreads, 0,
-                                 stream>>>(lora_b, O, og, r, zld,
-                                           static_cast<T*>(a.lora_b_ext));
+      // One group: dx with g, the routing and dB's partials inside
       const cudaError_t err = sm90_routed_dgrad(dtype, d, a, stream);
       if (err != cudaSuccess) return err;
       return token_reductions<T>(d, plan, a, stream, /*lora_b_partials_written=*/true);

@@ -98,10 +98,9 @@ struct MorBackwardArgs {
                               // shrink_ld()
   bool sm90;                  // the binding enabled the sm_90a GEMM (sm90_gemm_enabled)
   bool sm90_routed;           // run the routed input gradient: sm90, sm90_routed_enabled()
-                              // and sm90_routed_dgrad_accepts (the binding decides)
+                              // and sm90_routed_dgrad_accepts (the binding decides; g
+                              // and z are then null)
   void* shrink_weight;        // workspace [S, K] for it with a router: [A_cat; R], else null
-  void* lora_b_ext;           // workspace [O, rank_ld()] for the routed dx (B zero-padded),
-                              // else null; g is then null
   float* shrink_partial;      // workspace [shrink_splits, S, K]
   float* lora_b_partial;      // workspace [lora_b_splits, O, r] (the routed dx writes it:
                               // then lora_b_splits is its row tiles, dl_splits)

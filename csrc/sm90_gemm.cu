@@ -4,7 +4,7 @@
 //
 // 128 x 192 output tiles, three warp groups per CTA (warp specialised; in the routed input
 // gradient a fourth, the reducer, runs dB's MMAs on the ring, and the producer warp group's
-// warps 1-3 route z for it):
+// warp 1 routes z for it while warps 2-3 lay out B's rows for g):
 //   producer  one elected thread of warp 0 issues the TMA loads of every K step into a
 //             shared-memory ring (5 stages; 4 in the routed kernels, whose extra tiles take
 //             the room): for ext_gemm first the main reduction (A, B), then the extension (A2,
@@ -164,8 +164,10 @@ struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
   static constexpr int kStages = Base::kStages;
   static constexpr int kReducerThreads = 128;  // one warp group: dB's 64x16 MMAs
   static constexpr int kThreads = Base::kThreads + kReducerThreads;
-  static constexpr int kZThreads = 96;  // the producer warp group's warps 1-3
-  static_assert(32 + kZThreads == 128, "the z warps and the TMA warp make one warp group");
+  static constexpr int kZThreads = 32;      // the producer warp group's warp 1
+  static constexpr int kLoraBThreads = 64;  // its warps 2-3: B's rows into g's operand
+  static_assert(32 + kZThreads + kLoraBThreads == 128,
+                "the TMA warp, the z warp and the B warps make one warp group");
   // Registers per thread after the warp groups' setmaxnreg: 512 threads start at 128 each,
   // and the producer and the reducer give back what the consumers take (40 + 2 * 208 + 56 =
   // 4 * 128; at 200 ptxas spills the consumers).
@@ -181,7 +183,7 @@ struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
   // The reducer's operands of dB's row-tile partial dy^T z: each ring stage's dy tile read
   // transposed (m = output column, k = tile row; the k-major 128-byte swizzle read the other
   // way is the m-major one: the same bytes), and z of the tile's rows (n = rank, k = row) in
-  // two buffers, so that the z warps route the next tile's while the reducer reads one.
+  // two buffers, so that the z warp routes the next tile's while the reducer reads one.
   using SmemDyT = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
                                          Shape<BK, BM, Int<kStages>>{}));  // [BK, BM, stage]
   using SmemZ =
@@ -190,9 +192,11 @@ struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
       GMMA::ss_op_selector<T, T, float, Shape<Int<64>, Ranks, Int<16>>, GMMA::Major::MN,
                            GMMA::Major::MN>()));
 
-  // lora_b's rows of each K step as g's B operand: (n = rank, k = output), n-major.
-  using SmemLoraB = decltype(tile_to_shape(GMMA::Layout_MN_SW32_Atom<T>{},
-                                           Shape<Ranks, BK, Int<kStages>>{}, Step<_2, _1, _3>{}));
+  // lora_b's rows of each K step as g's B operand: (n = rank, k = output), k-major, so that
+  // the B warps' stores of consecutive outputs' values of one rank column are consecutive.
+  // Each stage first holds the step's rows as copied (expand_lora_b).
+  using SmemLoraB = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
+                                           Shape<Ranks, BK, Int<kStages>>{}));
   // The extension's B tiles, A_cat's and R's (n = input column, k = rank), n-major, in two
   // buffers: a persistent CTA's producer loads the next tile's while the consumers read these.
   using SmemExtB = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
@@ -201,7 +205,7 @@ struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
   using SmemExtA = decltype(tile_to_shape(GMMA::Layout_K_SW32_Atom<T>{}, Shape<BM, Ranks>{}));
   using MmaG = decltype(make_tiled_mma(
       GMMA::ss_op_selector<T, T, float, Shape<Int<64>, Ranks, BK>, GMMA::Major::K,
-                           GMMA::Major::MN>(),
+                           GMMA::Major::K>(),
       Layout<Shape<_2, _1, _1>>{}));
 
   struct Shared {
@@ -212,14 +216,15 @@ struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
     alignas(1024) ArrayEngine<T, cosize_v<SmemExtB>> router;
     alignas(1024) ArrayEngine<T, cosize_v<SmemExtA>> du;
     alignas(1024) ArrayEngine<T, cosize_v<SmemExtA>> dl;
-    alignas(1024) ArrayEngine<T, cosize_v<SmemZ>> z;  // by the z warps, for the reducer
+    alignas(1024) ArrayEngine<T, cosize_v<SmemZ>> z;  // by the z warp, for the reducer
     float staging[Base::kBM][kStagingLd];  // g of the tile's rows in fp32
     float dl_rows[Base::kBM][kStagingLd];  // dl in fp32, for dc's per-block sums
     alignas(8) uint64_t full[kStages];
     alignas(8) uint64_t empty[kStages];
+    alignas(8) uint64_t lora_b_copied[kStages];  // a step's rows of B landed, as copied
     alignas(8) uint64_t ext_full[2];   // the extension's B tiles landed
     alignas(8) uint64_t ext_empty[2];  // the consumers' extension MMAs read them
-    alignas(8) uint64_t z_full[2];     // the z warps wrote a tile's z
+    alignas(8) uint64_t z_full[2];     // the z warp wrote a tile's z
     alignas(8) uint64_t z_empty[2];    // the reducer's MMAs read it
   };
 };
@@ -255,14 +260,14 @@ auto b_operand(const void* p, int n, int k, int64_t ld) {
   }
 }
 
-// The ring's barriers: `full` counts TMA bytes (one arrival, the producer's), `empty` the
-// threads that finished reading a stage (the consumers, and the routed input gradient's
-// reducer).
+// The ring's barriers: `full` counts TMA bytes and the threads that fill a stage (the TMA
+// thread, and the routed input gradient's B warps), `empty` the threads that finished reading
+// a stage (the consumers, and the routed input gradient's reducer).
 template <class Shared, int kStages>
-__device__ void init_ring(Shared& smem, int consumers) {
+__device__ void init_ring(Shared& smem, int consumers, int producers = 1) {
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      TxBarrier::init(&smem.full[s], 1);
+      TxBarrier::init(&smem.full[s], producers);
       Barrier::init(&smem.empty[s], consumers);
     }
     cutlass::arch::fence_barrier_init();
@@ -831,6 +836,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 // What the routed input gradient reads and writes besides its TMA operands.
 template <typename T>
 struct RoutedDgradPointers {
+  const T* lora_b;     // [O, r], by bulk copies of each K step's rows (expand_lora_b)
   const float* u;      // [N, u_ld]: u = x A_cat^T in fp32 (the forward's [u | l], or recomputed)
   int64_t u_ld;
   const float* probs;  // [N, L]
@@ -858,7 +864,7 @@ __device__ void route_dgrad_row(const MorDims& d, int row, int64_t token, bool k
   T* const kept = ptr.d_shrink + token * d.shrink_ld();
   route_backward_values<ROUTER, BYPASS, kRoutedBranches>(
       d, ptr.u + token * ptr.u_ld, staged, ptr.probs + token * logits,
-      [](int, float) {},  // z: route_z's (the z warps), from u and p alone
+      [](int, float) {},  // z: route_z's (the z warp), from u and p alone
       [&](int j, float v) {
         sDu(row, j) = T(v);
         if (keeps) kept[j] = T(v);
@@ -870,10 +876,12 @@ __device__ void route_dgrad_row(const MorDims& d, int row, int64_t token, bool k
       });
 }
 
-// The producer warp group's warps 1-3 (the z warps) route z for the reducer, one tile ahead
-// (two buffers): z = (p S) u of each tile row from the saved u and p (zeros past r and the last token,
-// and for a column tile with no K step to share), into one of two buffers. Their global loads
-// thus delay nobody.
+// The producer warp group's warp 1 (the z warp) routes z for the reducer, one tile ahead (two
+// buffers): z = (p S) u of each tile row from the saved u and p (zeros past r and the last
+// token, and for a column tile with no K step to share), into one of two buffers. Its global
+// loads thus delay nobody; it first asks L1 for the lines of all its rows (their first values:
+// prefetching more spilled), so that their latencies overlap (a thread routes 4 rows one after
+// the other).
 template <class Cfg, bool ROUTER, bool BYPASS, class Shared>
 __device__ void route_z(Shared& smem, const MorDims& d,
                         const RoutedDgradPointers<typename Cfg::T>& ptr, int tiles, int col_tiles,
@@ -882,8 +890,18 @@ __device__ void route_z(Shared& smem, const MorDims& d,
   const int thread = int(threadIdx.x) - 32;
   const int logits = ROUTER ? d.logits : 0;
   Tensor sZ = make_tensor(make_smem_ptr(smem.z.begin()), typename Cfg::SmemZ{});  // [16,BM,2]
+  const auto prefetch = [](const float* p) {
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
+  };
   for_each_tile(tiles, col_tiles, [&](int row_tile, int col, int i) {
     const int buffer = i & 1;
+    for (int row = thread; row < Cfg::kBM; row += Cfg::kZThreads) {
+      const int64_t token = int64_t(row_tile) * Cfg::kBM + row;
+      if (token < d.tokens && col < k_steps) {  // each row's first values
+        prefetch(ptr.u + token * ptr.u_ld);
+        if (ROUTER) prefetch(ptr.probs + token * logits);
+      }
+    }
     Barrier::wait(&smem.z_empty[buffer], ((i >> 1) & 1) ^ 1);  // at first: free
     for (int row = thread; row < Cfg::kBM; row += Cfg::kZThreads) {
       const int64_t token = int64_t(row_tile) * Cfg::kBM + row;
@@ -913,11 +931,84 @@ __device__ void route_z(Shared& smem, const MorDims& d,
   });
 }
 
+// Where g's B operand (SmemLoraB: n = rank, k = output, k-major, 128-byte swizzle) holds rank
+// column j's value of the stage's output row o: 64 outputs per column, their 16-byte chunks
+// permuted by j % 8. Checked below against CuTe's layout, whose swizzle acts on the byte
+// address (the stages start at 1024-byte boundaries, its period).
+__host__ __device__ constexpr int lora_b_offset(int j, int o) {
+  return 64 * j + 8 * ((o / 8) ^ (j % 8)) + o % 8;
+}
+
+template <class Cfg>
+constexpr bool lora_b_offsets_match() {
+  constexpr auto layout = typename Cfg::SmemLoraB{};
+  constexpr int kBytes = int(sizeof(typename Cfg::T));
+  for (int s = 0; s < Cfg::kStages; ++s) {
+    for (int o = 0; o < Cfg::kBK; ++o) {
+      for (int j = 0; j < Cfg::kRanks; ++j) {
+        const int byte = int(layout.layout_a()(kBytes * int(layout.layout_b()(j, o, s))));
+        if (byte != kBytes * (s * Cfg::kRanks * Cfg::kBK + lora_b_offset(j, o))) return false;
+      }
+    }
+  }
+  return true;
+}
+static_assert(lora_b_offsets_match<RoutedDgradConfig<cutlass::half_t>>());
+static_assert(lora_b_offsets_match<RoutedDgradConfig<cutlass::bfloat16_t>>());
+
+// The producer warp group's warps 2-3 (the B warps) put each K step's rows of B into g's
+// operand, zero-padded to 16 columns and past the last output. B's rows are 2 r bytes (28 for
+// the paper's ranks), which TMA's tensor copies cannot load (they take rows of 16-byte
+// multiples), and a padded copy would cost a launch of its own. But a step's rows are one
+// contiguous run of 128 r bytes: the TMA thread copies them as they are into the stage (a bulk
+// copy, counted on lora_b_copied), and these warps rearrange them in place. Thread t reads
+// row t (rows r values apart: no bank conflicts for the paper's r = 14, eight-way for r = 16)
+// and, once all have read, stores them (two threads to a word: no conflicts), then arrives on
+// the stage's `full` barrier, which counts these arrivals besides the TMA thread's. (One warp
+// with two rows a thread spilled at this warp group's 40 registers.)
+template <class Cfg, class Shared>
+__device__ void expand_lora_b(Shared& smem, const MorDims& d, int tiles, int k_steps) {
+  using T = typename Cfg::T;
+  constexpr int kStages = Cfg::kStages, kStageValues = Cfg::kRanks * Cfg::kBK;
+  constexpr int kBarrier = 2;  // named barrier id (1: the consumers')
+  static_assert(Cfg::kLoraBThreads == Cfg::kBK, "one row of each step per thread");
+  const int o = int(threadIdx.x) % Cfg::kLoraBThreads;  // the thread's row of each step
+  // The CTA's tiles, as for_each_tile walks them (in 32 bits: fewer registers)
+  const int bid = int(blockIdx.x), grid = int(gridDim.x);
+  const int cta_tiles = bid < tiles ? (tiles - 1 - bid) / grid + 1 : 0;
+  int stage = 0, phase = 0;
+  for (int tile = 0; tile < cta_tiles; ++tile) {
+    for (int kt = 0; kt < k_steps; ++kt) {
+      const int rows = min(Cfg::kBK, d.out_features - kt * Cfg::kBK);  // those copied
+      T* const values = smem.lora_b.begin() + stage * kStageValues;
+      const uint16_t* const row = reinterpret_cast<const uint16_t*>(values) + o * d.rank;
+      TxBarrier::wait(&smem.lora_b_copied[stage], phase);
+      uint32_t pairs[Cfg::kRanks / 2];  // columns 2i and 2i + 1 (zeros past r and the rows)
+      CUTE_UNROLL
+      for (int i = 0; i < Cfg::kRanks / 2; ++i) {
+        const uint32_t lo = 2 * i < d.rank && o < rows ? row[2 * i] : 0u;
+        const uint32_t hi = 2 * i + 1 < d.rank && o < rows ? row[2 * i + 1] : 0u;
+        pairs[i] = lo | hi << 16;
+      }
+      // every thread has read the copied rows before any overwrites them
+      cutlass::arch::NamedBarrier::sync(Cfg::kLoraBThreads, kBarrier);
+      CUTE_UNROLL
+      for (int i = 0; i < Cfg::kRanks / 2; ++i) {
+        values[lora_b_offset(2 * i, o)] = T::bitcast(uint16_t(pairs[i] & 0xffffu));
+        values[lora_b_offset(2 * i + 1, o)] = T::bitcast(uint16_t(pairs[i] >> 16));
+      }
+      cutlass::arch::fence_view_async_shared();  // written by threads, read by wgmma
+      Barrier::arrive(&smem.full[stage]);
+      if (++stage == kStages) stage = 0, phase ^= 1;
+    }
+  }
+}
+
 // The reducer warp group of the routed input gradient: dB's partial of each row tile,
 // dy^T z over its 128 rows, from the dy tiles already in the ring (dy is read once for dx, g
 // and dB). K step kt (64 output columns) is column tile kt % col_tiles's share, so a row
 // tile's column tiles split the work and every partial element is written once, by plain
-// stores (the sum launch adds the row tiles in a fixed order). z comes from the z warps. It
+// stores (the sum launch adds the row tiles in a fixed order). z comes from the z warp. It
 // waits for every stage and frees it with the consumers and waits for its own MMAs only: it
 // never waits for the consumers, and can delay them only through the ring (a stage it holds is
 // one the producer cannot refill).
@@ -983,17 +1074,16 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
 
 // dx = dy W + [du | dl] [A_cat; R] for one group (sm90_gemm.h), with g = dy B and the
 // backward routing folded in: each K step (64 output columns) also brings those rows of B
-// (zero-padded to 16 columns) into the ring, and the consumers run g += dy B (a 64x16 MMA)
-// beside the main 64x192 one, 8 % more MMA work and no separate read of dy for g. After the
-// main loop one thread per row routes in fp32 and writes du and dl into shared memory, and
-// du A_cat and dl R become two last 16-deep K steps. The first column tile also writes
-// [du | dl] (d[A_cat; R]'s operand) and its rows' dl sums (dc's partials). A fourth warp
-// group, the reducer, computes dB's row-tile partials from the same dy tiles, with z routed by
-// the producer warp group's idle warps.
-template <class Cfg, class TmaA, class TmaB, class TmaG, class TmaE>
+// (zero-padded to 16 columns, by the producer warp group's B warps) into the ring, and the
+// consumers run g += dy B (a 64x16 MMA) beside the main 64x192 one, 8 % more MMA work and no
+// separate read of dy for g. After the main loop one thread per row routes in fp32 and writes
+// du and dl into shared memory, and du A_cat and dl R become two last 16-deep K steps. The
+// first column tile also writes [du | dl] (d[A_cat; R]'s operand) and its rows' dl sums (dc's
+// partials). A fourth warp group, the reducer, computes dB's row-tile partials from the same
+// dy tiles, with z routed by the producer warp group's z warp.
+template <class Cfg, class TmaA, class TmaB, class TmaE>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     routed_dgrad_kernel(CUTE_GRID_CONSTANT const TmaA tma_dy, CUTE_GRID_CONSTANT const TmaB tma_w,
-                        CUTE_GRID_CONSTANT const TmaG tma_lora_b,
                         CUTE_GRID_CONSTANT const TmaE tma_lora_a,
                         CUTE_GRID_CONSTANT const TmaE tma_router, const MorDims d,
                         const RoutedDgradPointers<typename Cfg::T> ptr) {
@@ -1004,8 +1094,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int col_tiles = (n + Cfg::kBN - 1) / Cfg::kBN;
   const int tiles = int(tile_count(m, n));  // at most 2^31 - 1: the host checks
   const int k_steps = (k + Cfg::kBK - 1) / Cfg::kBK;
-  constexpr uint32_t kStageBytes =
-      uint32_t((Cfg::kBM + Cfg::kBN + Cfg::kRanks) * Cfg::kBK * sizeof(T));
+  // TMA's bytes per stage (B's rows: a bulk copy counted on its own barrier)
+  constexpr uint32_t kStageBytes = uint32_t((Cfg::kBM + Cfg::kBN) * Cfg::kBK * sizeof(T));
   constexpr uint32_t kExtBytes = uint32_t(2 * Cfg::kBN * Cfg::kRanks * sizeof(T));
   extern __shared__ __align__(1024) char shared_bytes[];
   auto& smem = *reinterpret_cast<typename Cfg::Shared*>(shared_bytes);
@@ -1021,8 +1111,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   Tensor sDl = make_tensor(make_smem_ptr(smem.dl.begin()), typename Cfg::SmemExtA{});  // [BM,16]
 
   const auto tiler = Shape<typename Cfg::BM, typename Cfg::BN, typename Cfg::BK>{};
-  init_ring<typename Cfg::Shared, kStages>(smem, Cfg::kConsumerThreads + Cfg::kReducerThreads);
+  init_ring<typename Cfg::Shared, kStages>(smem, Cfg::kConsumerThreads + Cfg::kReducerThreads,
+                                           1 + Cfg::kLoraBThreads);
   if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) TxBarrier::init(&smem.lora_b_copied[s], 1);
     for (int b = 0; b < 2; ++b) {
       TxBarrier::init(&smem.ext_full[b], 1);
       Barrier::init(&smem.ext_empty[b], Cfg::kConsumerThreads);
@@ -1038,9 +1130,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     reduce_lora_b<Cfg>(smem, d, ptr, tiles, col_tiles, k_steps);
     return;
   }
-  if (threadIdx.x < 128) {  // producer warp group: one thread issues every load
+  if (threadIdx.x < 128) {  // producer warp group: one thread issues every TMA load
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegisters>();
-    if (threadIdx.x >= 32) {  // the z warps
+    if (threadIdx.x >= 32 + Cfg::kZThreads) {  // the B warps
+      expand_lora_b<Cfg>(smem, d, tiles, k_steps);
+      return;
+    }
+    if (threadIdx.x >= 32) {  // the z warp
       if (!d.router) {
         route_z<Cfg, false, false>(smem, d, ptr, tiles, col_tiles, k_steps);
       } else if (d.bypass) {
@@ -1053,7 +1149,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     if (!elect_one_sync()) return;
     prefetch_tma_descriptor(tma_dy.get_tma_descriptor());
     prefetch_tma_descriptor(tma_w.get_tma_descriptor());
-    prefetch_tma_descriptor(tma_lora_b.get_tma_descriptor());
     prefetch_tma_descriptor(tma_lora_a.get_tma_descriptor());
     prefetch_tma_descriptor(tma_router.get_tma_descriptor());
     // Without a router the last descriptor reads lora_a again, unused.
@@ -1080,18 +1175,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                               Step<_1, X, _1>{});  // [BM, BK, k steps]
       Tensor gW = local_tile(tma_w.get_tma_tensor(make_shape(n, k)), tiler, tile,
                              Step<X, _1, _1>{});  // [BN, BK, k steps]
-      Tensor gG = local_tile(tma_lora_b.get_tma_tensor(make_shape(d.rank_ld(), k)),
-                             Shape<typename Cfg::Ranks, typename Cfg::BK>{},
-                             make_coord(0, _));  // [16, BK, k steps]
       auto tA = tma_split(tma_dy, sA, gDy);
       auto tB = tma_split(tma_w, sB, gW);
-      auto tG = tma_split(tma_lora_b, sG, gG);
-      fill_ring<kStages>(smem, 0, k_steps, kStageBytes, stage, phase,
-                         [&](int kt, int at, uint64_t& full) {
-                           copy_step(tma_dy, full, tA, kt, at);
-                           copy_step(tma_w, full, tB, kt, at);
-                           copy_step(tma_lora_b, full, tG, kt, at);
-                         });
+      fill_ring<kStages>(
+          smem, 0, k_steps, kStageBytes, stage, phase, [&](int kt, int at, uint64_t& full) {
+            copy_step(tma_dy, full, tA, kt, at);
+            copy_step(tma_w, full, tB, kt, at);
+            // the step's rows of B as they are (O is a multiple of 8: 16-byte multiples)
+            const int rows = min(Cfg::kBK, k - kt * Cfg::kBK);
+            const int bytes = rows * d.rank * int(sizeof(T));
+            TxBarrier::arrive_and_expect_tx(&smem.lora_b_copied[at], uint32_t(bytes));
+            SM90_BULK_COPY_G2S::copy(ptr.lora_b + int64_t(kt) * Cfg::kBK * d.rank,
+                                     &smem.lora_b_copied[at],
+                                     smem.lora_b.begin() + at * Cfg::kRanks * Cfg::kBK, bytes);
+          });
     });
     return;
   }
@@ -1183,7 +1280,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                int64_t(n));
   });
 #else
-  (void)tma_dy, (void)tma_w, (void)tma_lora_b, (void)tma_lora_a, (void)tma_router, (void)d;
+  (void)tma_dy, (void)tma_w, (void)tma_lora_a, (void)tma_router, (void)d;
   (void)ptr;
 #if defined(__CUDA_ARCH__)
   __trap();
@@ -1313,10 +1410,6 @@ cudaError_t launch_routed_dgrad(const MorDims& d, const MorBackwardArgs& a, cuda
   const auto tma_w = make_tma_atom(SM90_TMA_LOAD{}, b_operand<T, true>(a.weight, n, k, n),
                                    typename Cfg::SmemB{}(_, _, Int<0>{}),
                                    make_shape(typename Cfg::BN{}, typename Cfg::BK{}));
-  const auto tma_lora_b = make_tma_atom(
-      SM90_TMA_LOAD{}, b_operand<T, true>(a.lora_b_ext, d.rank_ld(), k, d.rank_ld()),
-      typename Cfg::SmemLoraB{}(_, _, Int<0>{}),
-      make_shape(typename Cfg::Ranks{}, typename Cfg::BK{}));
   const auto tma_lora_a = make_tma_atom(SM90_TMA_LOAD{},
                                         b_operand<T, true>(a.lora_a, n, d.rank, n),
                                         typename Cfg::SmemExtB{}(_, _, Int<0>{}), ext_box);
@@ -1325,13 +1418,17 @@ cudaError_t launch_routed_dgrad(const MorDims& d, const MorBackwardArgs& a, cuda
       d.router ? b_operand<T, true>(a.router_weight, n, d.logits, n)
                : b_operand<T, true>(a.lora_a, n, d.rank, n),
       typename Cfg::SmemExtB{}(_, _, Int<0>{}), ext_box);
-  const RoutedDgradPointers<T> ptr{a.u,          a.u_ld,        a.probs, static_cast<T*>(a.dx),
-                                   static_cast<T*>(a.d_shrink), a.dl_partial,
+  const RoutedDgradPointers<T> ptr{static_cast<const T*>(a.lora_b),
+                                   a.u,
+                                   a.u_ld,
+                                   a.probs,
+                                   static_cast<T*>(a.dx),
+                                   static_cast<T*>(a.d_shrink),
+                                   a.dl_partial,
                                    a.lora_b_partial};
   return launch_on_tiles<int(sizeof(typename Cfg::Shared)), Cfg::kThreads>(
-      &routed_dgrad_kernel<Cfg, decltype(tma_dy), decltype(tma_w), decltype(tma_lora_b),
-                           decltype(tma_lora_a)>,
-      tile_count(m, n), stream, tma_dy, tma_w, tma_lora_b, tma_lora_a, tma_router, d, ptr);
+      &routed_dgrad_kernel<Cfg, decltype(tma_dy), decltype(tma_w), decltype(tma_lora_a)>,
+      tile_count(m, n), stream, tma_dy, tma_w, tma_lora_a, tma_router, d, ptr);
 }
 
 template <typename T>
@@ -1470,7 +1567,8 @@ bool sm90_routed_dgrad_accepts(DType dtype, const MorDims& d, const MorBackwardA
   if (row_tiles > kMaxDbPartials) return false;
   const bool aligned = aligned16(a.dy) && aligned16(a.weight) && aligned16(a.lora_a) &&
                        aligned16(a.dx) && (!d.router || aligned16(a.router_weight));
-  return aligned && d.in_features % 8 == 0 && d.out_features % 8 == 0 &&
+  // B by bulk copies of 16-byte multiples from a 16-byte aligned start
+  return aligned && aligned16(a.lora_b) && d.in_features % 8 == 0 && d.out_features % 8 == 0 &&
          tile_count(d.tokens, d.in_features) <= INT32_MAX;
 }
 

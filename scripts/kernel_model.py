@@ -243,11 +243,12 @@ def sm90_routed(n, k, o, g) -> Cost:
 def sm90_routed_dgrad(n, k, o) -> Cost:
     """The routed input gradient (routed_dgrad_kernel, one group): sm90_gemm's tiles over dy
     and W, each also running g = dy B over its dy tiles (16 columns, again in every column
-    tile), then routing (ROUTE_STEP_US per wave) and two 16-deep extension steps (du A_cat,
+    tile; B's rows bulk-copied per K step and zero-padded on chip, work the model does not
+    charge), then routing (ROUTE_STEP_US per wave) and two 16-deep extension steps (du A_cat,
     dl R); its reducer warp group runs dB's dy^T z (16 columns) on the same dy tiles, each
     row tile's K steps shared among its column tiles, into one fp32 partial per row tile.
-    dy, W, B's padded copy, A_cat and R read once, u and p read (by consumers and z warps),
-    dx written, [du | dl] written once (the first column tile) for d[A_cat; R]."""
+    dy, W, B, A_cat and R read once, u and p read (by consumers and the z warp), dx written,
+    [du | dl] written once (the first column tile) for d[A_cat; R]."""
     bm, bn, _ = SM90_TILE
     col_tiles = math.ceil(k / bn)
     row_tiles = math.ceil(n / bm)
@@ -256,7 +257,7 @@ def sm90_routed_dgrad(n, k, o) -> Cost:
     efficiency = tiles / (waves * SMS)
     flops = (2 * n * k * (o + 2 * ROUTED_RANKS) + 2 * n * col_tiles * ROUTED_RANKS * o
              + 2 * n * o * ROUTED_RANKS)
-    bytes_ = (ELEM * (n * o + o * k + o * _pad8(R) + (R + L) * k + n * k)
+    bytes_ = (ELEM * (n * o + o * k + o * R + (R + L) * k + n * k)
               + F32 * (n * (R + L) + n * L) + ELEM * n * _pad8(R + L)
               + F32 * row_tiles * o * R)
     return Cost.kernel(flops, bytes_, tiles, efficiency, WGMMA_FRACTION,
@@ -290,10 +291,8 @@ def cuda_bwd(n, k, o, g, hopper=True) -> Cost:
     route = Cost.kernel(0, F32 * (2 * n * gr + n * g * L) + ELEM * (n * gr + n * s))
     routed = hopper and g == 1 and R <= ROUTED_RANKS and L <= ROUTED_RANKS
     if routed:
-        # as sm90_routed_dgrad_accepts: B zero-padded, then g, the routing, dx and dB's
-        # partials in one
-        pad = Cost.kernel(0, ELEM * (o * R + o * _pad8(R)))
-        gg, route, dx = Cost(), Cost(), pad + sm90_routed_dgrad(n, k, o)
+        # as sm90_routed_dgrad_accepts: g, the routing, dx and dB's partials in one
+        gg, route, dx = Cost(), Cost(), sm90_routed_dgrad(n, k, o)
     elif hopper:  # [A_cat; R] stacked into one [S, K] operand, then the GEMM
         stack = Cost.kernel(0, 2 * ELEM * s * k)
         dx = stack + sm90_gemm(n, k, o, s, _pad8(s), s, k)

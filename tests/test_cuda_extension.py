@@ -225,6 +225,9 @@ class TestCompiledExtension:
                                              r"gdesc\[UR\d+\]\.tnspA\.tnspB", code), name
                             assert "USETMAXREG.DEALLOC" in code, name
                             assert "USETMAXREG.TRY_ALLOC" in code, name
+                            # B's rows (28-byte rows: no tensor TMA) by a bulk copy into
+                            # the stage (laid out there by two warps)
+                            assert "UBLKCP.S.G" in code, name
                         hopper += 1
                 elif "gemm_kernel" in name and ("__half" in name or "bfloat16" in name):
                     assert "LDGSTS" in code and "HMMA" in code, (arch, name)

@@ -16,7 +16,8 @@ def make_inputs(n, k, o, cfg, dtype, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     G = cfg.get("groups", 1)
     router, bypass = cfg.get("router", True), cfg.get("bypass", True)
-    r, L = sum(RANKS), (len(RANKS) + bypass) if router else 0
+    ranks = cfg.get("ranks", RANKS)
+    r, L = sum(ranks), (len(ranks) + bypass) if router else 0
 
     def rnd(*shape, scale=1.0):
         t = torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32) * scale
@@ -36,7 +37,8 @@ def make_inputs(n, k, o, cfg, dtype, seed=0):
 
 def run(backend, inputs, dy, cfg, dtype=None):
     """-> (y, probs, gradients) of one forward + backward; cfg flags: non_contiguous (x, weight
-    and dy column-major), no_dx (x needs no gradient), bypass, groups."""
+    and dy column-major), no_dx (x needs no gradient), bypass, groups, ranks and scalings
+    (default RANKS, SCALINGS)."""
     leaves = {}
     for name, v in inputs.items():
         if v is not None:
@@ -46,7 +48,8 @@ def run(backend, inputs, dy, cfg, dtype=None):
             v.requires_grad_(name in GRADS and not (name == "x" and cfg.get("no_dx")))
         leaves[name] = v
     y, probs = mor_linear_with_routing(
-        *leaves.values(), ranks=RANKS, scalings=SCALINGS, bypass=cfg.get("bypass", True),
+        *leaves.values(), ranks=cfg.get("ranks", RANKS), scalings=cfg.get("scalings", SCALINGS),
+        bypass=cfg.get("bypass", True),
         groups=cfg.get("groups", 1), backend=backend,
     )
     dy = dy.to(y.dtype)

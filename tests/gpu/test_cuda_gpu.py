@@ -8,7 +8,8 @@ ones; both are also compared
 with the switch EI_KERNELS_CUDA_SM90=0, and the sm_90a GEMM without the routed kernels with
 EI_KERNELS_CUDA_SM90=unrouted; persistent CTAs against one CTA per tile
 (EI_KERNELS_CUDA_SM90_PERSISTENT=0) bit for bit; the routed forward's shrink shared out in
-clusters of 1, 2 and 4 column tiles (EI_KERNELS_CUDA_SM90_CLUSTER)."""
+clusters of 1, 2 and 4 column tiles (EI_KERNELS_CUDA_SM90_CLUSTER); the routed input
+gradient's B rows for odd and full ranks, and a B it cannot bulk-copy."""
 
 import pytest
 import torch
@@ -71,8 +72,9 @@ def _hopper_gemm_expected() -> bool:
 
 
 def _launches(prof, kernel: str) -> int:
-    """Launches of an sm_90a kernel ("routed_gemm_kernel", "routed_dgrad_kernel",
-    "ext_gemm_kernel") or, for "portable", of the portable GEMM."""
+    """Launches of the kernels whose names hold `kernel` (an sm_90a one: "routed_gemm_kernel",
+    "routed_dgrad_kernel", "ext_gemm_kernel"; "block_diagonal_kernel") or, for "portable", of
+    the portable GEMM."""
     names = [e.name for e in prof.events()]
     if kernel == "portable":
         return sum("gemm_kernel" in name and "ext_gemm_kernel" not in name
@@ -178,8 +180,10 @@ def test_the_hopper_gemm_runs_exactly_where_it_should(monkeypatch, switch):
     assert _launches(prof, "routed_dgrad_kernel") == int(routed)
     assert _launches(prof, "ext_gemm_kernel") == int(hopper and not routed)
     assert _launches(prof, "routed_gemm_kernel") == 0
-    if routed:  # u kept, dB inside the routed input gradient: only d[A_cat; R] is left
+    if routed:  # u kept, dB inside the routed input gradient: only d[A_cat; R] is left,
+        # and B's rows are read in place (no padded copy first)
         assert _launches(prof, "portable") == 1
+        assert _launches(prof, "block_diagonal_kernel") == 0
 
 
 @pytest.mark.parametrize("n, groups, routed", [
@@ -204,6 +208,52 @@ def test_the_input_gradient_routes_inside_the_gemm_for_one_group(monkeypatch, n,
     assert _launches(prof, "routed_dgrad_kernel") == int(routed)
     assert _launches(prof, "ext_gemm_kernel") == int(not routed)
     check_against_torch_and_fp64("cuda", n, 768, o, {"groups": groups}, torch.bfloat16, ulps=4)
+
+
+@pytest.mark.parametrize("o, ranks, scalings", [
+    # B's rows: 14 values (28 bytes), 7 (odd: rows start at odd offsets in the copied run), 16
+    # (no padding; eight-way bank conflicts in the layout step); O = 40 and 1000 end in a
+    # partial K step of B's rows (40 rows copied of 64)
+    pytest.param(40, (2, 4, 8), (2.0, 1.0, 0.5), id="O40-r14"),
+    pytest.param(1000, (1, 2, 4), (1.0, 0.5, 0.25), id="O1000-r7"),
+    pytest.param(1000, (4, 4, 8), (1.0, 2.0, 0.5), id="O1000-r16"),
+])
+def test_the_routed_input_gradient_lays_out_b_for_any_rank(monkeypatch, o, ranks, scalings):
+    """The routed input gradient bulk-copies each K step's rows of B as they are and lays them
+    out on chip, zero-padded: odd and full ranks, and a last step of fewer rows, stay right."""
+    if not _hopper_gemm_expected():
+        pytest.skip("needs the sm_90a kernels on a compute capability 9.0 GPU")
+    monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
+    cfg = {"ranks": ranks, "scalings": scalings}
+    inputs, dy = make_inputs(333, 104, o, cfg, torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run("cuda", inputs, dy, cfg)
+        torch.cuda.synchronize()
+    assert _launches(prof, "routed_dgrad_kernel") == 1
+    check_against_torch_and_fp64("cuda", 333, 104, o, cfg, torch.bfloat16, ulps=4)
+
+
+def test_a_b_that_a_bulk_copy_cannot_read_takes_the_unrouted_input_gradient(monkeypatch):
+    """B contiguous but 2 bytes past a 16-byte boundary: the input gradient runs g and the
+    routing on their own and dx on the sm_90a GEMM, and stays right."""
+    if not _hopper_gemm_expected():
+        pytest.skip("needs the sm_90a kernels on a compute capability 9.0 GPU")
+    monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
+    inputs, dy = make_inputs(333, 104, 40, {}, torch.bfloat16)
+    b = inputs["lora_b"]
+    shifted = torch.empty(b.numel() + 1, device="cuda", dtype=b.dtype)[1:].view_as(b)
+    shifted.copy_(b)
+    assert shifted.data_ptr() % 16 != 0 and shifted.is_contiguous()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        y, _, grads = run("cuda", {**inputs, "lora_b": shifted}, dy, {})
+        torch.cuda.synchronize()
+    assert _launches(prof, "routed_dgrad_kernel") == 0
+    assert _launches(prof, "ext_gemm_kernel") == 1
+    y_t, _, grads_t = run("torch", inputs, dy, {})
+    y_x, _, grads_x = run("torch", inputs, dy, {}, dtype=torch.float64)
+    check("y", y, y_t, y_x, ulps=4)
+    for name in grads_x:
+        check(name, grads[name], grads_t[name], grads_x[name], ulps=4)
 
 
 @pytest.mark.parametrize("k, o, groups, routed", [
