@@ -23,13 +23,14 @@ def make_inputs(n, k, o, cfg, dtype, seed=0):
         t = torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32) * scale
         return t.to(dtype)
 
+    fan_in = max(k, 1) ** -0.5  # (k = 0: empty matrices)
     inputs = dict(
         x=rnd(n, k),
-        weight=rnd(o, k, scale=k ** -0.5),
+        weight=rnd(o, k, scale=fan_in),
         bias=rnd(o) if cfg.get("bias", True) else None,
-        lora_a=rnd(G * r, k, scale=k ** -0.5),
+        lora_a=rnd(G * r, k, scale=fan_in),
         lora_b=rnd(o, r, scale=0.5),
-        router_weight=rnd(G * L, k, scale=2 * k ** -0.5) if router else None,
+        router_weight=rnd(G * L, k, scale=2 * fan_in) if router else None,
         router_bias=rnd(G * L) if router else None,
     )
     return inputs, rnd(n, o)

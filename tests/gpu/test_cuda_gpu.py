@@ -41,6 +41,8 @@ CASES = [
     pytest.param(1576, 768, 768, {"no_dx": True}, "bf16", id="no-dx-bf16"),
     pytest.param(12608, 768, 3072, {}, "bf16", id="mlp-fc1-12608-bf16"),
     pytest.param(12608, 3072, 768, {}, "fp32", id="mlp-fc2-12608-fp32"),
+    # 44 token splits of 288 for d[A_cat; R] on 132 SMs: the last four have no tokens
+    pytest.param(11265, 768, 768, {}, "bf16", id="empty-token-splits-bf16"),
     pytest.param(333, 104, 40, {}, "bf16", id="odd-tiles-K104-O40-bf16"),
     pytest.param(333, 104, 48, {"groups": 3}, "fp16", id="odd-tiles-K104-O48-groups3-fp16"),
     pytest.param(333, 100, 37, {}, "bf16", id="odd-K100-O37-bf16"),
@@ -50,6 +52,9 @@ CASES = [
     pytest.param(1, 100, 37, {}, "bf16", id="one-token-bf16"),
     pytest.param(1, 768, 768, {"groups": 3}, "fp32", id="one-token-groups3-fp32"),
     pytest.param(0, 100, 36, {"groups": 3}, "bf16", id="no-tokens-bf16"),
+    # no input features: y is the bias, and dB and dc still come out (from z = 0 and dl)
+    pytest.param(333, 0, 40, {}, "fp32", id="no-in-features-fp32"),
+    pytest.param(333, 0, 40, {}, "bf16", id="no-in-features-bf16"),
 ]
 
 
