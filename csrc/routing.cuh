@@ -123,8 +123,9 @@ __global__ void __launch_bounds__(kRouteThreads, 4)
 }
 
 // One deterministic reduction of split-K partials: out = sum over splits of partial[s]
-// ([rows, cols] fp32 each), in split order; stored rows below row_split go to `lo`, the rest to
-// `hi` (d[A_cat; R] -> d_lora_a and d_router_weight, which must not share storage).
+// ([rows, cols] fp32 each), in a fixed order (sum_splits_kernel); stored rows below row_split
+// go to `lo`, the rest to `hi` (d[A_cat; R] -> d_lora_a and d_router_weight, which must not
+// share storage).
 struct SplitSum {
   const float* partial;  // [splits, rows, cols]
   int splits;
@@ -142,32 +143,63 @@ struct SplitSums {
   int count;
 };
 
+// Each block sums 32 consecutive outputs (of all the jobs' outputs in a row) at a time: warp w
+// of the block's kSumWarps adds splits w, w + kSumWarps, ... in order, its lanes reading
+// consecutive outputs of one split (coalesced), then the warps' sums are added in warp order.
+// A fixed order, so the same bits every run; and a few round trips to memory per output where
+// one thread walking all of an output's splits (99 for dB's row tiles at 12608 tokens) waited
+// for one load after another.
+constexpr int kSumWarps = 8;
+constexpr int kSumBlockThreads = 32 * kSumWarps;
+
 template <typename T>
-__global__ void sum_splits_kernel(const SplitSums sums) {
+__global__ void __launch_bounds__(kSumBlockThreads) sum_splits_kernel(const SplitSums sums) {
+  __shared__ float warp_sums[kSumWarps][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   int64_t total = 0;
 #pragma unroll
   for (int j = 0; j < kMaxSplitSums; ++j) {
     if (j < sums.count) total += sums.sum[j].rows * sums.sum[j].cols;
   }
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
+  for (int64_t first = int64_t(blockIdx.x) * 32; first < total;
+       first += int64_t(gridDim.x) * 32) {
+    const int64_t idx = first + lane;
+    float acc = 0.0f;
     int64_t start = 0;
 #pragma unroll
     for (int j = 0; j < kMaxSplitSums; ++j) {  // unrolled: the parameters are read in place
       const SplitSum& job = sums.sum[j];
       const int64_t count = j < sums.count ? job.rows * job.cols : 0;
       if (idx >= start && idx < start + count) {
-        const int64_t at = idx - start;
-        float acc = 0.0f;
-        for (int s = 0; s < job.splits; ++s) acc += job.partial[s * count + at];
-        const int64_t r = at / job.cols;
-        const int c = int(at % job.cols);
-        T* const dst = r < job.row_split ? static_cast<T*>(job.lo) + r * job.cols
-                                         : static_cast<T*>(job.hi) + (r - job.row_split) * job.cols;
-        dst[c] = from_float<T>(acc);
+        for (int s = warp; s < job.splits; s += kSumWarps) {
+          acc += job.partial[s * count + idx - start];
+        }
       }
       start += count;
     }
+    warp_sums[warp][lane] = acc;
+    __syncthreads();
+    if (warp == 0 && idx < total) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kSumWarps; ++w) sum += warp_sums[w][lane];
+      start = 0;
+#pragma unroll
+      for (int j = 0; j < kMaxSplitSums; ++j) {
+        const SplitSum& job = sums.sum[j];
+        const int64_t count = j < sums.count ? job.rows * job.cols : 0;
+        if (idx >= start && idx < start + count) {
+          const int64_t r = (idx - start) / job.cols;
+          const int c = int((idx - start) % job.cols);
+          T* const dst = r < job.row_split
+                             ? static_cast<T*>(job.lo) + r * job.cols
+                             : static_cast<T*>(job.hi) + (r - job.row_split) * job.cols;
+          dst[c] = from_float<T>(sum);
+        }
+        start += count;
+      }
+    }
+    __syncthreads();  // warp_sums is rewritten by the next outputs
   }
 }
 
