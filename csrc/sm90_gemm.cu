@@ -260,8 +260,8 @@ auto b_operand(const void* p, int n, int k, int64_t ld) {
   }
 }
 
-// The ring's barriers: `full` counts TMA bytes and the threads that fill a stage (the TMA
-// thread, and the routed input gradient's B warps), `empty` the threads that finished reading
+// The ring's barriers: `full` counts TMA bytes and the arrivals of those that fill a stage (the
+// TMA thread, and the routed input gradient's B warps), `empty` the threads that finished reading
 // a stage (the consumers, and the routed input gradient's reducer).
 template <class Shared, int kStages>
 __device__ void init_ring(Shared& smem, int consumers, int producers = 1) {
@@ -963,9 +963,9 @@ static_assert(lora_b_offsets_match<RoutedDgradConfig<cutlass::bfloat16_t>>());
 // contiguous run of 128 r bytes: the TMA thread copies them as they are into the stage (a bulk
 // copy, counted on lora_b_copied), and these warps rearrange them in place. Thread t reads
 // row t (rows r values apart: no bank conflicts for the paper's r = 14, eight-way for r = 16)
-// and, once all have read, stores them (two threads to a word: no conflicts), then arrives on
-// the stage's `full` barrier, which counts these arrivals besides the TMA thread's. (One warp
-// with two rows a thread spilled at this warp group's 40 registers.)
+// and, once all have read, stores them (two threads to a word: no conflicts); one lane per warp
+// then arrives on the stage's `full` barrier, which counts these arrivals besides the TMA
+// thread's. (One warp with two rows a thread spilled at this warp group's 40 registers.)
 template <class Cfg, class Shared>
 __device__ void expand_lora_b(Shared& smem, const MorDims& d, int tiles, int k_steps) {
   using T = typename Cfg::T;
@@ -997,8 +997,11 @@ __device__ void expand_lora_b(Shared& smem, const MorDims& d, int tiles, int k_s
         values[lora_b_offset(2 * i, o)] = T::bitcast(uint16_t(pairs[i] & 0xffffu));
         values[lora_b_offset(2 * i + 1, o)] = T::bitcast(uint16_t(pairs[i] >> 16));
       }
-      cutlass::arch::fence_view_async_shared();  // written by threads, read by wgmma
-      Barrier::arrive(&smem.full[stage]);
+      // Written by threads, read by wgmma: every lane fences its stores, then one lane per
+      // warp arrives (as CUTLASS's epilogues fence, synchronise, then let one thread issue)
+      cutlass::arch::fence_view_async_shared();
+      __syncwarp();
+      if (threadIdx.x % 32 == 0) Barrier::arrive(&smem.full[stage]);
       if (++stage == kStages) stage = 0, phase ^= 1;
     }
   }
@@ -1112,7 +1115,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   const auto tiler = Shape<typename Cfg::BM, typename Cfg::BN, typename Cfg::BK>{};
   init_ring<typename Cfg::Shared, kStages>(smem, Cfg::kConsumerThreads + Cfg::kReducerThreads,
-                                           1 + Cfg::kLoraBThreads);
+                                           1 + Cfg::kLoraBThreads / 32);
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) TxBarrier::init(&smem.lora_b_copied[s], 1);
     for (int b = 0; b < 2; ++b) {
