@@ -141,7 +141,7 @@ void sum_splits(const SplitSums& sums, cudaStream_t stream) {
   int64_t count = 0;
   for (int j = 0; j < sums.count; ++j) count += sums.sum[j].rows * sums.sum[j].cols;
   if (count == 0) return;
-  const unsigned blocks = unsigned(std::min<int64_t>(blocks_for(count, 32), 4096));
+  const unsigned blocks = unsigned(std::min<int64_t>((count + 31) / 32, 4096));
   sum_splits_kernel<T><<<blocks, kSumBlockThreads, 0, stream>>>(sums);
 }
 

@@ -143,12 +143,12 @@ struct SplitSums {
   int count;
 };
 
-// Each block sums 32 consecutive outputs (of all the jobs' outputs in a row) at a time: warp w
-// of the block's kSumWarps adds splits w, w + kSumWarps, ... in order, its lanes reading
-// consecutive outputs of one split (coalesced), then the warps' sums are added in warp order.
-// A fixed order, so the same bits every run; and a few round trips to memory per output where
-// one thread walking all of an output's splits (99 for dB's row tiles at 12608 tokens) waited
-// for one load after another.
+// Each block (kSumBlockThreads threads: every warp_sums row is written) sums 32 consecutive
+// outputs (of all the jobs' outputs in a row) at a time: warp w of the block's kSumWarps adds
+// splits w, w + kSumWarps, ... in order, its lanes reading consecutive outputs of one split
+// (coalesced), then the warps' sums are added in warp order. A fixed order, so the same bits
+// every run; and an eighth of the loads one after another per output where one thread walked
+// all of an output's splits (99 for dB's row tiles at 12608 tokens).
 constexpr int kSumWarps = 8;
 constexpr int kSumBlockThreads = 32 * kSumWarps;
 
