@@ -238,27 +238,35 @@ def test_the_routed_input_gradient_lays_out_b_for_any_rank(monkeypatch, o, ranks
     check_against_torch_and_fp64("cuda", 333, 104, o, cfg, torch.bfloat16, ulps=4)
 
 
+def _run_with_shifted(name, inputs, dy):
+    """One forward + backward with input `name` contiguous but 2 bytes past a 16-byte
+    boundary (what TMA and bulk copies cannot read), profiled; the results are checked against
+    torch and fp64 -> the profile."""
+    t = inputs[name]
+    shifted = torch.empty(t.numel() + 1, device="cuda", dtype=t.dtype)[1:].view_as(t)
+    shifted.copy_(t)
+    assert shifted.data_ptr() % 16 != 0 and shifted.is_contiguous()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        y, _, grads = run("cuda", {**inputs, name: shifted}, dy, {})
+        torch.cuda.synchronize()
+    y_t, _, grads_t = run("torch", inputs, dy, {})
+    y_x, _, grads_x = run("torch", inputs, dy, {}, dtype=torch.float64)
+    check("y", y, y_t, y_x, ulps=4)
+    for grad in grads_x:
+        check(grad, grads[grad], grads_t[grad], grads_x[grad], ulps=4)
+    return prof
+
+
 def test_a_b_that_a_bulk_copy_cannot_read_takes_the_unrouted_input_gradient(monkeypatch):
-    """B contiguous but 2 bytes past a 16-byte boundary: the input gradient runs g and the
-    routing on their own and dx on the sm_90a GEMM, and stays right."""
+    """B 2 bytes past a 16-byte boundary: the input gradient runs g and the routing on their
+    own and dx on the sm_90a GEMM, and stays right."""
     if not _hopper_gemm_expected():
         pytest.skip("needs the sm_90a kernels on a compute capability 9.0 GPU")
     monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
     inputs, dy = make_inputs(333, 104, 40, {}, torch.bfloat16)
-    b = inputs["lora_b"]
-    shifted = torch.empty(b.numel() + 1, device="cuda", dtype=b.dtype)[1:].view_as(b)
-    shifted.copy_(b)
-    assert shifted.data_ptr() % 16 != 0 and shifted.is_contiguous()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        y, _, grads = run("cuda", {**inputs, "lora_b": shifted}, dy, {})
-        torch.cuda.synchronize()
+    prof = _run_with_shifted("lora_b", inputs, dy)
     assert _launches(prof, "routed_dgrad_kernel") == 0
     assert _launches(prof, "ext_gemm_kernel") == 1
-    y_t, _, grads_t = run("torch", inputs, dy, {})
-    y_x, _, grads_x = run("torch", inputs, dy, {}, dtype=torch.float64)
-    check("y", y, y_t, y_x, ulps=4)
-    for name in grads_x:
-        check(name, grads[name], grads_t[name], grads_x[name], ulps=4)
 
 
 @pytest.mark.parametrize("k, o, groups, routed", [
@@ -284,25 +292,14 @@ def test_the_forward_routes_inside_the_gemm_where_a_tile_holds_one_group(monkeyp
 
 
 def test_an_x_that_tma_cannot_load_takes_the_portable_forward_and_stays_right(monkeypatch):
-    """x contiguous but 2 bytes past a 16-byte boundary: the forward falls back to the
-    portable kernels (dx, from dy and W in fresh buffers, still takes the routed sm_90a
-    kernel, which never reads x), and the results stay right."""
+    """x 2 bytes past a 16-byte boundary: the forward falls back to the portable kernels (dx,
+    from dy and W in fresh buffers, still takes the routed sm_90a kernel, which never reads
+    x), and the results stay right."""
     monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
     inputs, dy = make_inputs(333, 104, 40, {}, torch.bfloat16)
-    x = inputs["x"]
-    shifted = torch.empty(x.numel() + 1, device="cuda", dtype=x.dtype)[1:].view_as(x)
-    shifted.copy_(x)
-    assert shifted.data_ptr() % 16 != 0 and shifted.is_contiguous()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        y, _, grads = run("cuda", {**inputs, "x": shifted}, dy, {})
-        torch.cuda.synchronize()
+    prof = _run_with_shifted("x", inputs, dy)
     assert _launches(prof, "routed_gemm_kernel") == 0
     assert _launches(prof, "routed_dgrad_kernel") == (1 if _hopper_gemm_expected() else 0)
-    y_t, _, grads_t = run("torch", inputs, dy, {})
-    y_x, _, grads_x = run("torch", inputs, dy, {}, dtype=torch.float64)
-    check("y", y, y_t, y_x, ulps=4)
-    for name in grads_x:
-        check(name, grads[name], grads_t[name], grads_x[name], ulps=4)
 
 
 @pytest.mark.parametrize("keep", [True, False], ids=["kept-u", "recomputed-u"])
