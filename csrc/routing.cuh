@@ -143,6 +143,20 @@ struct SplitSums {
   int count;
 };
 
+// Calls f(job, output within the job) for the job that holds output idx of all the jobs'
+// outputs in a row (none past the last); unrolled, so that the parameters are read in place.
+template <class F>
+__device__ __forceinline__ void with_job(const SplitSums& sums, int64_t idx, F&& f) {
+  int64_t start = 0;
+#pragma unroll
+  for (int j = 0; j < kMaxSplitSums; ++j) {
+    const SplitSum& job = sums.sum[j];
+    const int64_t count = j < sums.count ? job.rows * job.cols : 0;
+    if (idx >= start && idx < start + count) f(job, idx - start);
+    start += count;
+  }
+}
+
 // Each block (kSumBlockThreads threads: every warp_sums row is written) sums 32 consecutive
 // outputs (of all the jobs' outputs in a row) at a time: warp w of the block's kSumWarps adds
 // splits w, w + kSumWarps, ... in order, its lanes reading consecutive outputs of one split
@@ -165,39 +179,24 @@ __global__ void __launch_bounds__(kSumBlockThreads) sum_splits_kernel(const Spli
        first += int64_t(gridDim.x) * 32) {
     const int64_t idx = first + lane;
     float acc = 0.0f;
-    int64_t start = 0;
-#pragma unroll
-    for (int j = 0; j < kMaxSplitSums; ++j) {  // unrolled: the parameters are read in place
-      const SplitSum& job = sums.sum[j];
-      const int64_t count = j < sums.count ? job.rows * job.cols : 0;
-      if (idx >= start && idx < start + count) {
-        for (int s = warp; s < job.splits; s += kSumWarps) {
-          acc += job.partial[s * count + idx - start];
-        }
-      }
-      start += count;
-    }
+    with_job(sums, idx, [&](const SplitSum& job, int64_t at) {
+      const int64_t count = job.rows * job.cols;
+      for (int s = warp; s < job.splits; s += kSumWarps) acc += job.partial[s * count + at];
+    });
     warp_sums[warp][lane] = acc;
     __syncthreads();
-    if (warp == 0 && idx < total) {
+    if (warp == 0) {
       float sum = 0.0f;
 #pragma unroll
       for (int w = 0; w < kSumWarps; ++w) sum += warp_sums[w][lane];
-      start = 0;
-#pragma unroll
-      for (int j = 0; j < kMaxSplitSums; ++j) {
-        const SplitSum& job = sums.sum[j];
-        const int64_t count = j < sums.count ? job.rows * job.cols : 0;
-        if (idx >= start && idx < start + count) {
-          const int64_t r = (idx - start) / job.cols;
-          const int c = int((idx - start) % job.cols);
-          T* const dst = r < job.row_split
-                             ? static_cast<T*>(job.lo) + r * job.cols
-                             : static_cast<T*>(job.hi) + (r - job.row_split) * job.cols;
-          dst[c] = from_float<T>(sum);
-        }
-        start += count;
-      }
+      with_job(sums, idx, [&](const SplitSum& job, int64_t at) {
+        const int64_t r = at / job.cols;
+        const int c = int(at % job.cols);
+        T* const dst = r < job.row_split
+                           ? static_cast<T*>(job.lo) + r * job.cols
+                           : static_cast<T*>(job.hi) + (r - job.row_split) * job.cols;
+        dst[c] = from_float<T>(sum);
+      });
     }
     __syncthreads();  // warp_sums is rewritten by the next outputs
   }

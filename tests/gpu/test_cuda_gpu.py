@@ -76,6 +76,14 @@ def _hopper_gemm_expected() -> bool:
         torch.cuda.get_device_capability() == (9, 0))
 
 
+@pytest.fixture
+def sm90_kernels():
+    """Skips a test of the sm_90a kernels unless they run here: built, on a compute
+    capability 9.0 GPU (asked when the test runs, never at import)."""
+    if not _hopper_gemm_expected():
+        pytest.skip("needs the sm_90a kernels on a compute capability 9.0 GPU")
+
+
 def _launches(prof, kernel: str) -> int:
     """Launches of the kernels whose names hold `kernel` (an sm_90a one: "routed_gemm_kernel",
     "routed_dgrad_kernel", "ext_gemm_kernel"; "block_diagonal_kernel") or, for "portable", of
@@ -107,13 +115,12 @@ def test_both_gemm_paths_match_torch_and_fp64(monkeypatch, switch, n, k, o, cfg,
     pytest.param(12608, 768, 2304, 3, id="qkv-12608-9-tiles-per-sm"),
     pytest.param(333, 104, 40, 1, id="odd-K104-O40-fewer-tiles-than-sms"),
 ])
+@pytest.mark.usefixtures("sm90_kernels")
 def test_persistent_ctas_give_the_same_bits_as_one_cta_per_tile(monkeypatch, switch, n, k, o,
                                                                 groups):
     """One persistent CTA per SM walking the tiles and one CTA per tile compute every tile
     the same way: y and every gradient agree bit for bit (and a tile left unwritten or
     written twice by the walk would show)."""
-    if not _hopper_gemm_expected():
-        pytest.skip("needs the sm_90a kernels on a compute capability 9.0 GPU")
     monkeypatch.setenv("EI_KERNELS_CUDA_SM90", switch)
     inputs, dy = make_inputs(n, k, o, {"groups": groups}, torch.bfloat16)
     results = []
@@ -137,14 +144,13 @@ def test_persistent_ctas_give_the_same_bits_as_one_cta_per_tile(monkeypatch, swi
     pytest.param(333, 104, 768, 1, id="K104-O768-fewer-k-steps-than-ctas"),
     pytest.param(4100, 1000, 1000, 1, id="N4100-K1000-16-k-steps-persistent-walks"),
 ])
+@pytest.mark.usefixtures("sm90_kernels")
 def test_the_forward_shares_the_shrink_in_a_cluster_and_stays_right(monkeypatch, cluster, n, k,
                                                                     o, groups):
     """The routed forward's column tiles of a row block, in clusters of 1, 2 or 4 CTAs (fewer
     where the group's column tiles are not a multiple), each multiply x by [A_cat; R] in their
     share of the K steps and sum the partials through distributed shared memory: y, p and every
     gradient stay right, twice the same bits, and persistent CTAs agree with one per tile."""
-    if not _hopper_gemm_expected():
-        pytest.skip("needs the sm_90a kernels on a compute capability 9.0 GPU")
     monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
     monkeypatch.setenv("EI_KERNELS_CUDA_SM90_CLUSTER", cluster)
     check_against_torch_and_fp64("cuda", n, k, o, {"groups": groups}, torch.bfloat16, ulps=4)
@@ -197,13 +203,12 @@ def test_the_hopper_gemm_runs_exactly_where_it_should(monkeypatch, switch):
     # 513 row tiles: past the 512 row-tile partials of dB that the routed kernel writes
     pytest.param(513 * 128, 1, False, id="one-group-65664-tokens"),
 ])
+@pytest.mark.usefixtures("sm90_kernels")
 def test_the_input_gradient_routes_inside_the_gemm_for_one_group(monkeypatch, n, groups,
                                                                  routed):
     """One group: g, the routing, dx and dB's partials in one routed launch; qkv, or more than
     65536 tokens: g and the routing as their own launches, then dx on the sm_90a GEMM. All stay
     right, gradients included."""
-    if not _hopper_gemm_expected():
-        pytest.skip("needs the sm_90a kernels on a compute capability 9.0 GPU")
     monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
     o = 768 * groups
     inputs, dy = make_inputs(n, 768, o, {"groups": groups}, torch.bfloat16)
@@ -223,11 +228,10 @@ def test_the_input_gradient_routes_inside_the_gemm_for_one_group(monkeypatch, n,
     pytest.param(1000, (1, 2, 4), (1.0, 0.5, 0.25), id="O1000-r7"),
     pytest.param(1000, (4, 4, 8), (1.0, 2.0, 0.5), id="O1000-r16"),
 ])
+@pytest.mark.usefixtures("sm90_kernels")
 def test_the_routed_input_gradient_lays_out_b_for_any_rank(monkeypatch, o, ranks, scalings):
     """The routed input gradient bulk-copies each K step's rows of B as they are and lays them
     out on chip, zero-padded: odd and full ranks, and a last step of fewer rows, stay right."""
-    if not _hopper_gemm_expected():
-        pytest.skip("needs the sm_90a kernels on a compute capability 9.0 GPU")
     monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
     cfg = {"ranks": ranks, "scalings": scalings}
     inputs, dy = make_inputs(333, 104, o, cfg, torch.bfloat16)
@@ -257,11 +261,10 @@ def _run_with_shifted(name, inputs, dy):
     return prof
 
 
+@pytest.mark.usefixtures("sm90_kernels")
 def test_a_b_that_a_bulk_copy_cannot_read_takes_the_unrouted_input_gradient(monkeypatch):
     """B 2 bytes past a 16-byte boundary: the input gradient runs g and the routing on their
     own and dx on the sm_90a GEMM, and stays right."""
-    if not _hopper_gemm_expected():
-        pytest.skip("needs the sm_90a kernels on a compute capability 9.0 GPU")
     monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
     inputs, dy = make_inputs(333, 104, 40, {}, torch.bfloat16)
     prof = _run_with_shifted("lora_b", inputs, dy)
@@ -274,12 +277,11 @@ def test_a_b_that_a_bulk_copy_cannot_read_takes_the_unrouted_input_gradient(monk
     pytest.param(104, 40, 1, True, id="K104-O40"),
     pytest.param(104, 48, 3, False, id="K104-O48-groups3-16-per-group"),
 ])
+@pytest.mark.usefixtures("sm90_kernels")
 def test_the_forward_routes_inside_the_gemm_where_a_tile_holds_one_group(monkeypatch, k, o,
                                                                           groups, routed):
     """The routed forward needs every 192-column tile inside one group; else the shrink, the
     routing and the sm_90a GEMM run one after the other. Both stay right."""
-    if not _hopper_gemm_expected():
-        pytest.skip("needs the sm_90a kernels on a compute capability 9.0 GPU")
     monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
     inputs, dy = make_inputs(333, k, o, {"groups": groups}, torch.bfloat16)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
