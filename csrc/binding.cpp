@@ -203,7 +203,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   Tensor d_shrink = at::empty({N, d.shrink_ld()}, opts);
   const bool sm90 = compute_dx && sm90_enabled(dtype, x);  // only dx takes it
   Tensor shrink_partial = at::empty({plan.shrink_splits, S, K}, f32);
-  Tensor dl_partial = at::empty({plan.dl_splits, gl}, f32);
 
   ei::MorBackwardArgs args{};
   args.dy = dy.data_ptr();
@@ -224,15 +223,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   args.d_shrink = d_shrink.data_ptr();
   args.sm90 = sm90;
   args.shrink_partial = shrink_partial.data_ptr<float>();
-  args.dl_partial = dl_partial.data_ptr<float>();
-  // The routed sm_90a dx keeps g and z on chip and writes dB's partials, one per row tile of
-  // 128 tokens (as dl's: dl_splits); the other paths need g and z, and the unrouted sm_90a dx
-  // [A_cat; R] stacked.
+  // The routed sm_90a dx keeps g and z on chip and writes dB's and dc's partials, one per
+  // row tile; the other paths need g and z, and the unrouted sm_90a dx [A_cat; R] stacked.
   args.sm90_routed = sm90 && ei::sm90_routed_enabled() &&
-                     ei::sm90_routed_dgrad_accepts(dtype, d, args, plan.dl_splits);
+                     ei::sm90_routed_dgrad_accepts(dtype, d, args);
   Tensor g, z, shrink_weight;
   if (args.sm90_routed) {
-    plan.lora_b_splits = plan.dl_splits;
+    plan.dl_splits = plan.lora_b_splits = int(ei::sm90_routed_dgrad_row_tiles(N));
   } else {
     g = at::empty({N, gr}, f32);
     args.g = g.data_ptr<float>();
@@ -245,6 +242,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   }
   Tensor lora_b_partial = at::empty({plan.lora_b_splits, O, d.rank}, f32);
   args.lora_b_partial = lora_b_partial.data_ptr<float>();
+  Tensor dl_partial = at::empty({plan.dl_splits, gl}, f32);
+  args.dl_partial = dl_partial.data_ptr<float>();
   C10_CUDA_CHECK(ei::mor_backward(dtype, d, plan, args, c10::cuda::getCurrentCUDAStream()));
   return {dx, d_lora_a, d_lora_b, d_router_weight, d_router_bias};
 }

@@ -16,9 +16,9 @@
 // On a compute capability 9.0 device, 16-bit inputs whose rows TMA can load take the sm_90a
 // kernels (sm90_gemm.h): the whole forward in one launch (routed_gemm: (1) and (2) folded
 // into (3)) where the ranks fit it, else forward (3) as one launch over all groups with B_cat
-// as a block-diagonal [O, G*r] matrix; for one group, backward (2)-(4) in one launch
-// (routed_dgrad, which also writes dB's partials of (5)), else backward
-// (4) with [A_cat; R] stacked into one operand.
+// as a block-diagonal [O, G*r] matrix; backward (2)-(4) in one launch where each group's
+// outputs fill whole 64-column K steps (routed_dgrad, which also writes dB's and dc's
+// partials of (5)), else backward (4) with [A_cat; R] stacked into one operand.
 // Everything else, and every GEMM elsewhere, runs the portable kernels of gemm.cuh.
 //
 // Every kernel is a template over the element type; this file instantiates each for fp16,
@@ -222,7 +222,7 @@ cudaError_t backward_impl(DType dtype, const MorDims& d, const ReductionPlan& pl
     }
 
     if (a.sm90_routed) {
-      // One group: dx with g, the routing and dB's partials inside
+      // dx with g, the routing and dB's and dc's partials inside
       const cudaError_t err = sm90_routed_dgrad(dtype, d, a, stream);
       if (err != cudaSuccess) return err;
       return token_reductions<T>(d, plan, a, stream, /*lora_b_partials_written=*/true);

@@ -51,9 +51,10 @@ struct MorDims {
 // and device, partial sums added in a fixed order).
 struct ReductionPlan {
   int shrink_splits;  // d[A_cat; R] = [du | dl]^T x
-  int lora_b_splits;  // dB_cat = dy^T z (the routed input gradient's: its row tiles, which
-                      // the binding sets when it runs)
+  int lora_b_splits;  // dB_cat = dy^T z
   int dl_splits;      // dc: one partial per block of the backward routing kernel
+                      // (the routed input gradient writes both per row tile: the binding
+                      // then sets both to sm90_routed_dgrad_row_tiles)
 };
 
 struct MorForwardArgs {
@@ -102,8 +103,7 @@ struct MorBackwardArgs {
                               // and z are then null)
   void* shrink_weight;        // workspace [S, K] for it with a router: [A_cat; R], else null
   float* shrink_partial;      // workspace [shrink_splits, S, K]
-  float* lora_b_partial;      // workspace [lora_b_splits, O, r] (the routed dx writes it:
-                              // then lora_b_splits is its row tiles, dl_splits)
+  float* lora_b_partial;      // workspace [lora_b_splits, O, r]
   float* dl_partial;          // workspace [dl_splits, G*L]: per-block fp32 sums of dl
 };
 

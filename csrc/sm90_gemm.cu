@@ -839,18 +839,18 @@ struct RoutedDgradPointers {
   const T* lora_b;     // [O, r], by bulk copies of each K step's rows (expand_lora_b)
   const float* u;      // [N, u_ld]: u = x A_cat^T in fp32 (the forward's [u | l], or recomputed)
   int64_t u_ld;
-  const float* probs;  // [N, L]
+  const float* probs;  // [N, G*L]
   T* dx;               // [N, K]
   T* d_shrink;         // [N, shrink_ld()] [du | dl], for d[A_cat; R]
-  float* dl_partial;   // [row tiles, L]: each tile's fp32 sums of dl, for dc
+  float* dl_partial;   // [row tiles, G*L]: each tile's fp32 sums of dl, for dc
   float* lora_b_partial;  // [row tiles, O, r]: each row tile's dy^T z, for dB
 };
 
-// One row of the routed input gradient: du and dl from u, p and the fp32 g of the staging
-// tile, into the extension's A tiles (zeros past r and L, and for rows past the last token);
-// from the first column tile only, [du | dl] to memory and dl to dl_rows.
+// One (row, group) of the routed input gradient: du and dl from u, p and the fp32 g of the
+// staging tile, into the extension's A tiles (zeros past r and L, and for rows past the last
+// token); from the first column tile only, [du | dl] to memory and dl to dl_rows.
 template <class Cfg, bool ROUTER, bool BYPASS, class SA>
-__device__ void route_dgrad_row(const MorDims& d, int row, int64_t token, bool keeps,
+__device__ void route_dgrad_row(const MorDims& d, int group, int row, int64_t token, bool keeps,
                                 const RoutedDgradPointers<typename Cfg::T>& ptr,
                                 const float* staged, float* dl_row, SA& sDu, SA& sDl) {
   using T = typename Cfg::T;
@@ -861,27 +861,56 @@ __device__ void route_dgrad_row(const MorDims& d, int row, int64_t token, bool k
     dl_row[j] = 0.0f;
   }
   if (token >= d.tokens) return;
-  T* const kept = ptr.d_shrink + token * d.shrink_ld();
+  T* const kept = ptr.d_shrink + token * d.shrink_ld();  // [du (G r) | dl (G L)]
+  T* const kept_du = kept + group * d.rank;
+  T* const kept_dl = kept + d.groups * d.rank + group * logits;
   route_backward_values<ROUTER, BYPASS, kRoutedBranches>(
-      d, ptr.u + token * ptr.u_ld, staged, ptr.probs + token * logits,
+      d, ptr.u + token * ptr.u_ld + group * d.rank, staged,
+      ptr.probs + (token * d.groups + group) * logits,
       [](int, float) {},  // z: route_z's (the z warp), from u and p alone
       [&](int j, float v) {
         sDu(row, j) = T(v);
-        if (keeps) kept[j] = T(v);
+        if (keeps) kept_du[j] = T(v);
       },
       [&](int i, float v) {
         sDl(row, i) = T(v);
         dl_row[i] = v;
-        if (keeps) kept[d.rank + i] = T(v);
+        if (keeps) kept_dl[i] = T(v);
       });
 }
 
-// The producer warp group's warp 1 (the z warp) routes z for the reducer, one tile ahead (two
-// buffers): z = (p S) u of each tile row from the saved u and p (zeros past r and the last
-// token, and for a column tile with no K step to share), into one of two buffers. Its global
-// loads thus delay nobody; it first asks L1 for the lines of all its rows (their first values:
-// prefetching more spilled), so that their latencies overlap (a thread routes 4 rows one after
-// the other).
+// The K steps of a tile's group (segment) `group`: each group's outputs fill whole steps when
+// G > 1 (the host checks O / G % 64 == 0), so group g owns steps [g s, (g + 1) s).
+struct GroupSteps {
+  int first, last;
+  __device__ GroupSteps(int group, int groups, int k_steps) {
+    const int per_group = k_steps / groups;
+    first = group * per_group;
+    last = first + per_group;
+  }
+};
+
+// The routed input gradient's walk: the CTA's tiles in for_each_tile's order, each group by
+// group: body(row tile, column tile, group, segment), where segment counts the CTA's (tile,
+// group) pairs (its double buffers alternate per segment). The segment is the loop's only
+// state, in 32 bits (the host checks tiles < 2^30), and the loop ends on tiles, which stays in
+// a uniform register: the z warp has 40 registers, and with more loop state (for_each_tile's
+// 64-bit loop around a group loop, a bound of its own, or a tile and a group) it spilled.
+template <class Body>
+__device__ void for_each_segment(int tiles, int col_tiles, int groups, Body&& body) {
+  for (int segment = 0;; ++segment) {
+    const int tile = int(blockIdx.x) + segment / groups * int(gridDim.x);
+    if (tile >= tiles) return;
+    body(tile / col_tiles, tile % col_tiles, segment % groups, segment);
+  }
+}
+
+// The producer warp group's warp 1 (the z warp) routes z for the reducer, one segment (a
+// tile's group) ahead in two buffers: z = (p S) u of each tile row and the group, from the
+// saved u and p (zeros past r and the last token, and where the column tile has no K step of
+// the group to share). Its global loads thus delay nobody; it first asks L1 for the lines of
+// all its rows (their first values: prefetching more spilled), so that their latencies overlap
+// (a thread routes 4 rows one after the other).
 template <class Cfg, bool ROUTER, bool BYPASS, class Shared>
 __device__ void route_z(Shared& smem, const MorDims& d,
                         const RoutedDgradPointers<typename Cfg::T>& ptr, int tiles, int col_tiles,
@@ -893,24 +922,35 @@ __device__ void route_z(Shared& smem, const MorDims& d,
   const auto prefetch = [](const float* p) {
     asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
   };
-  for_each_tile(tiles, col_tiles, [&](int row_tile, int col, int i) {
-    const int buffer = i & 1;
-    for (int row = thread; row < Cfg::kBM; row += Cfg::kZThreads) {
-      const int64_t token = int64_t(row_tile) * Cfg::kBM + row;
-      if (token < d.tokens && col < k_steps) {  // each row's first values
-        prefetch(ptr.u + token * ptr.u_ld);
-        if (ROUTER) prefetch(ptr.probs + token * logits);
-      }
+  for_each_segment(tiles, col_tiles, d.groups, [&](int row_tile, int col, int group,
+                                                   int segment) {
+    const int buffer = segment & 1;
+    // The tile's rows that hold a token (32 bits: the host admits at most 65536 tokens), none
+    // where the column tile has no share of the group's steps (kt % col_tiles == col: the
+    // reducer's split of dB's work)
+    const GroupSteps steps(group, d.groups, k_steps);
+    const bool shares = steps.first + (col - steps.first % col_tiles + col_tiles) % col_tiles <
+                        steps.last;
+    const int rows = shares ? min(Cfg::kBM, int(d.tokens) - row_tile * Cfg::kBM) : 0;
+    // Row `row`'s u (the group's r columns) and p (its L)
+    const auto u_of = [&](int row) {
+      return ptr.u + int64_t(row_tile * Cfg::kBM + row) * ptr.u_ld + group * d.rank;
+    };
+    const auto p_of = [&](int row) {
+      return ptr.probs + (int64_t(row_tile * Cfg::kBM + row) * d.groups + group) * logits;
+    };
+    for (int row = thread; row < rows; row += Cfg::kZThreads) {  // each row's first values
+      prefetch(u_of(row));
+      if (ROUTER) prefetch(p_of(row));
     }
-    Barrier::wait(&smem.z_empty[buffer], ((i >> 1) & 1) ^ 1);  // at first: free
+    Barrier::wait(&smem.z_empty[buffer], ((segment >> 1) & 1) ^ 1);  // at first: free
     for (int row = thread; row < Cfg::kBM; row += Cfg::kZThreads) {
-      const int64_t token = int64_t(row_tile) * Cfg::kBM + row;
-      const bool real = token < d.tokens && col < k_steps;
+      const bool real = row < rows;
       float p[kRoutedBranches + 1];
       if constexpr (ROUTER) {
         CUTE_UNROLL
         for (int e = 0; e < kRoutedBranches + 1; ++e) {
-          if (e < logits) p[e] = real ? ptr.probs[token * logits + e] : 0.0f;
+          if (e < logits) p[e] = real ? p_of(row)[e] : 0.0f;
         }
       }
       float coef[kRoutedBranches];
@@ -922,8 +962,8 @@ __device__ void route_z(Shared& smem, const MorDims& d,
         for (int k = 0; k < kRoutedBranches; ++k) {
           if (k < d.branches && j >= d.start[k] && j < d.start[k + 1]) c = coef[k];
         }
-        const float u = real && j < d.rank ? ptr.u[token * ptr.u_ld + j] : 0.0f;
-        sZ(j, row, buffer) = T(c * u);
+        const float v = real && j < d.rank ? u_of(row)[j] : 0.0f;
+        sZ(j, row, buffer) = T(c * v);
       }
     }
     cutlass::arch::fence_view_async_shared();  // z: written by threads, read by wgmma
@@ -1011,10 +1051,10 @@ __device__ void expand_lora_b(Shared& smem, const MorDims& d, int tiles, int k_s
 // dy^T z over its 128 rows, from the dy tiles already in the ring (dy is read once for dx, g
 // and dB). K step kt (64 output columns) is column tile kt % col_tiles's share, so a row
 // tile's column tiles split the work and every partial element is written once, by plain
-// stores (the sum launch adds the row tiles in a fixed order). z comes from the z warp. It
-// waits for every stage and frees it with the consumers and waits for its own MMAs only: it
-// never waits for the consumers, and can delay them only through the ring (a stage it holds is
-// one the producer cannot refill).
+// stores (the sum launch adds the row tiles in a fixed order). z of the step's group comes from
+// the z warp, one buffer per segment (a tile's group). It waits for every stage and frees it
+// with the consumers and waits for its own MMAs only: it never waits for the consumers, and can
+// delay them only through the ring (a stage it holds is one the producer cannot refill).
 template <class Cfg, class Shared>
 __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
                               const RoutedDgradPointers<typename Cfg::T>& ptr, int tiles,
@@ -1032,16 +1072,20 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
   const Tensor tC = thr.partition_C(tile_db);
 
   int stage = 0, phase = 0;
-  for_each_tile(tiles, col_tiles, [&](int row_tile, int col, int i) {
-    const int buffer = i & 1;
-    bool z_ready = false;  // z is waited for at the first share: the steps before go at once
+  int share = 0;  // the tile's next K step to multiply
+  for_each_segment(tiles, col_tiles, d.groups, [&](int row_tile, int col, int group,
+                                                   int segment) {
     float* const partial =
         ptr.lora_b_partial + int64_t(row_tile) * d.out_features * d.rank;
-    for (int kt = 0, share = col; kt < k_steps; ++kt) {
+    if (group == 0) share = col;
+    const int buffer = segment & 1;
+    const GroupSteps steps(group, d.groups, k_steps);
+    bool z_ready = false;  // z is waited for at the first share: the steps before go at once
+    for (int kt = steps.first; kt < steps.last; ++kt) {
       TxBarrier::wait(&smem.full[stage], phase);
       if (kt == share) {
         share += col_tiles;
-        if (!z_ready) Barrier::wait(&smem.z_full[buffer], (i >> 1) & 1);  // z of the rows
+        if (!z_ready) Barrier::wait(&smem.z_full[buffer], (segment >> 1) & 1);  // z's rows
         z_ready = true;
         warpgroup_fence_operand(acc);
         warpgroup_arrive();
@@ -1068,22 +1112,24 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
       }
       if (++stage == kStages) stage = 0, phase ^= 1;
     }
-    // Every MMA reading z has retired. A tile with no share waits for its z all the same: a
-    // parity wait must see every phase of its barrier, or a later one would pass on an old.
-    if (!z_ready) Barrier::wait(&smem.z_full[buffer], (i >> 1) & 1);
+    // Every MMA reading z has retired. A segment with no share waits for its z all the
+    // same: a parity wait must see every phase of its barrier, or a later one would pass on
+    // an old.
+    if (!z_ready) Barrier::wait(&smem.z_full[buffer], (segment >> 1) & 1);
     Barrier::arrive(&smem.z_empty[buffer]);
   });
 }
 
-// dx = dy W + [du | dl] [A_cat; R] for one group (sm90_gemm.h), with g = dy B and the
-// backward routing folded in: each K step (64 output columns) also brings those rows of B
-// (zero-padded to 16 columns, by the producer warp group's B warps) into the ring, and the
-// consumers run g += dy B (a 64x16 MMA) beside the main 64x192 one, 8 % more MMA work and no
-// separate read of dy for g. After the main loop one thread per row routes in fp32 and writes
-// du and dl into shared memory, and du A_cat and dl R become two last 16-deep K steps. The
-// first column tile also writes [du | dl] (d[A_cat; R]'s operand) and its rows' dl sums (dc's
-// partials). A fourth warp group, the reducer, computes dB's row-tile partials from the same
-// dy tiles, with z routed by the producer warp group's z warp.
+// dx = dy W + [du | dl] [A_cat; R] (sm90_gemm.h), with g = dy B and the backward routing
+// folded in: each K step (64 output columns) also brings those rows of B (zero-padded to 16
+// columns, by the producer warp group's B warps) into the ring, and the consumers run g += dy B
+// (a 64x16 MMA) beside the main 64x192 one, 8 % more MMA work and no separate read of dy for g.
+// A tile's K steps run group by group (a segment each: O / G is a multiple of 64 when G > 1).
+// After a group's steps one thread per row routes it in fp32 and writes du and dl into shared
+// memory, and du A_g and dl R_g become two 16-deep K steps, before the next group's steps
+// accumulate on. The first column tile also writes [du | dl] (d[A_cat; R]'s operand) and its
+// rows' dl sums (dc's partials). A fourth warp group, the reducer, computes dB's row-tile
+// partials from the same dy tiles, with z routed by the producer warp group's z warp.
 template <class Cfg, class TmaA, class TmaB, class TmaE>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     routed_dgrad_kernel(CUTE_GRID_CONSTANT const TmaA tma_dy, CUTE_GRID_CONSTANT const TmaB tma_w,
@@ -1095,7 +1141,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   constexpr int kStages = Cfg::kStages;
   const int m = int(d.tokens), n = d.in_features, k = d.out_features;
   const int col_tiles = (n + Cfg::kBN - 1) / Cfg::kBN;
-  const int tiles = int(tile_count(m, n));  // at most 2^31 - 1: the host checks
+  const int tiles = int(tile_count(m, n));  // tiles G < 2^30: the host checks
   const int k_steps = (k + Cfg::kBK - 1) / Cfg::kBK;
   // TMA's bytes per stage (B's rows: a bulk copy counted on its own barrier)
   constexpr uint32_t kStageBytes = uint32_t((Cfg::kBM + Cfg::kBN) * Cfg::kBK * sizeof(T));
@@ -1155,18 +1201,24 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     prefetch_tma_descriptor(tma_lora_a.get_tma_descriptor());
     prefetch_tma_descriptor(tma_router.get_tma_descriptor());
     // Without a router the last descriptor reads lora_a again, unused.
-    const int router_rows = d.router ? d.logits : d.rank;
+    const int gr = d.groups * d.rank;
+    const int router_rows = d.router ? d.groups * d.logits : gr;
     int stage = 0, phase = 0;
-    for_each_tile(tiles, col_tiles, [&](int row, int col, int i) {
-      // The extension's tiles first, into the buffer of the CTA's tile before last: A_cat's
-      // and R's rows for this tile's columns (TMA fills the rows past r and L with zeros).
-      const int buffer = i & 1;
-      Barrier::wait(&smem.ext_empty[buffer], ((i >> 1) & 1) ^ 1);  // at first: free
-      const auto ext_tile = make_coord(col, 0);
-      Tensor gLoraA = local_tile(tma_lora_a.get_tma_tensor(make_shape(n, d.rank)),
-                                 Shape<typename Cfg::BN, typename Cfg::Ranks>{}, ext_tile);
-      Tensor gRouter = local_tile(tma_router.get_tma_tensor(make_shape(n, router_rows)),
-                                  Shape<typename Cfg::BN, typename Cfg::Ranks>{}, ext_tile);
+    for_each_segment(tiles, col_tiles, d.groups, [&](int row, int col, int group, int segment) {
+      // The group's extension tiles first, into the buffer of the segment before last: the
+      // 16 rows of A_cat and R from the group's first (TMA fills past the last with zeros;
+      // rows of the next group meet du and dl's zero columns), for this tile's columns.
+      const int buffer = segment & 1;
+      Barrier::wait(&smem.ext_empty[buffer], ((segment >> 1) & 1) ^ 1);  // at first: free
+      const auto ext_tile = Shape<typename Cfg::BN, typename Cfg::Ranks>{};
+      Tensor gLoraA = local_tile(
+          domain_offset(make_coord(0, group * d.rank),
+                        tma_lora_a.get_tma_tensor(make_shape(n, gr))),
+          ext_tile, make_coord(col, 0));
+      Tensor gRouter = local_tile(
+          domain_offset(make_coord(0, d.router ? group * d.logits : group * d.rank),
+                        tma_router.get_tma_tensor(make_shape(n, router_rows))),
+          ext_tile, make_coord(col, 0));
       auto tEA = tma_split(tma_lora_a, sLoraA, gLoraA);
       auto tER = tma_split(tma_router, sRouter, gRouter);
       TxBarrier::arrive_and_expect_tx(&smem.ext_full[buffer], kExtBytes);
@@ -1180,8 +1232,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                              Step<X, _1, _1>{});  // [BN, BK, k steps]
       auto tA = tma_split(tma_dy, sA, gDy);
       auto tB = tma_split(tma_w, sB, gW);
+      const GroupSteps steps(group, d.groups, k_steps);
       fill_ring<kStages>(
-          smem, 0, k_steps, kStageBytes, stage, phase, [&](int kt, int at, uint64_t& full) {
+          smem, steps.first, steps.last, kStageBytes, stage, phase,
+          [&](int kt, int at, uint64_t& full) {
             copy_step(tma_dy, full, tA, kt, at);
             copy_step(tma_w, full, tB, kt, at);
             // the step's rows of B as they are (O is a multiple of 8: 16-byte multiples)
@@ -1218,12 +1272,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const Tensor tGc = thr_g.partition_C(tile_g);
 
   int stage = 0, phase = 0;
-  for_each_tile(tiles, col_tiles, [&](int row_tile, int col, int i) {
+  for_each_segment(tiles, col_tiles, d.groups, [&](int row_tile, int col, int group,
+                                                   int segment) {
     const bool keeps = col == 0;  // the first column tile
-    clear(acc);
+    if (group == 0) clear(acc);
+    const GroupSteps steps(group, d.groups, k_steps);
     clear(acc_g);
     drain_ring<kStages>(
-        smem, k_steps, stage, phase,
+        smem, steps.last - steps.first, stage, phase,
         [&](int at) {
           gemm(mma, tCrA(_, _, _, at), tCrB(_, _, _, at), acc);
           gemm(mma_g, tGrA(_, _, _, at), tGrB(_, _, _, at), acc_g);
@@ -1239,36 +1295,38 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       const auto [r, c] = tGc(j);
       smem.staging[r][c] = acc_g(j);
     }
-    // The consumers' own barrier (user id 1: hardware barrier 9; barrier 0 is __syncthreads).
+    // The consumers' own barrier (user id 1: hardware barrier 9; 0 is __syncthreads). It
+    // also orders this group's writes of staging, du, dl and dl_rows after the last
+    // group's reads: each warp group waited for its extension MMAs before coming here.
     cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
     if (thread < Cfg::kBM) {
       const int64_t token = int64_t(row_tile) * Cfg::kBM + thread;
       const float* const staged = smem.staging[thread];
       float* const dl_row = smem.dl_rows[thread];
       if (!d.router) {
-        route_dgrad_row<Cfg, false, false>(d, thread, token, keeps, ptr, staged, dl_row, sDu,
-                                           sDl);
+        route_dgrad_row<Cfg, false, false>(d, group, thread, token, keeps, ptr, staged, dl_row,
+                                           sDu, sDl);
       } else if (d.bypass) {
-        route_dgrad_row<Cfg, true, true>(d, thread, token, keeps, ptr, staged, dl_row, sDu,
-                                         sDl);
+        route_dgrad_row<Cfg, true, true>(d, group, thread, token, keeps, ptr, staged, dl_row,
+                                         sDu, sDl);
       } else {
-        route_dgrad_row<Cfg, true, false>(d, thread, token, keeps, ptr, staged, dl_row, sDu,
-                                          sDl);
+        route_dgrad_row<Cfg, true, false>(d, group, thread, token, keeps, ptr, staged, dl_row,
+                                          sDu, sDl);
       }
     }
-    cutlass::arch::fence_view_async_shared();  // du and dl: written by threads, read by wgmma
+    cutlass::arch::fence_view_async_shared();  // du and dl: by threads, read by wgmma
     cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
     if (keeps && d.router && thread < d.logits) {  // this row tile's dl sums, in row order
       float total = 0.0f;
       for (int r = 0; r < Cfg::kBM; ++r) total += smem.dl_rows[r][thread];
-      ptr.dl_partial[int64_t(row_tile) * d.logits + thread] = total;
+      ptr.dl_partial[(int64_t(row_tile) * d.groups + group) * d.logits + thread] = total;
     }
 
-    // The extension: acc += du A_cat + dl R, one 64x192x16 MMA each per warp group, both in
+    // The extension: acc += du A_g + dl R_g, one 64x192x16 MMA each per warp group, both in
     // one batch: without a router dl is zeros and the second tile holds lora_a's finite
     // values (a branch around an MMA would split the batch).
-    const int buffer = i & 1;
-    TxBarrier::wait(&smem.ext_full[buffer], (i >> 1) & 1);
+    const int buffer = segment & 1;
+    TxBarrier::wait(&smem.ext_full[buffer], (segment >> 1) & 1);
     warpgroup_fence_operand(acc);
     warpgroup_arrive();
     gemm(mma, tDuA, tLoraAB(_, _, _, buffer), acc);
@@ -1277,10 +1335,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc);
     Barrier::arrive(&smem.ext_empty[buffer]);
-    Tensor gC = local_tile(make_identity_tensor(make_shape(m, n)), tiler,
-                           make_coord(row_tile, col, _), Step<_1, _1, X>{});  // [BM, BN]
-    store_tile(acc, thr_mma.partition_C(gC), m, n, static_cast<const T*>(nullptr), ptr.dx,
-               int64_t(n));
+    if (group == d.groups - 1) {  // the tile's last group
+      Tensor gC = local_tile(make_identity_tensor(make_shape(m, n)), tiler,
+                             make_coord(row_tile, col, _), Step<_1, _1, X>{});  // [BM, BN]
+      store_tile(acc, thr_mma.partition_C(gC), m, n, static_cast<const T*>(nullptr), ptr.dx,
+                 int64_t(n));
+    }
   });
 #else
   (void)tma_dy, (void)tma_w, (void)tma_lora_a, (void)tma_router, (void)d;
@@ -1413,13 +1473,14 @@ cudaError_t launch_routed_dgrad(const MorDims& d, const MorBackwardArgs& a, cuda
   const auto tma_w = make_tma_atom(SM90_TMA_LOAD{}, b_operand<T, true>(a.weight, n, k, n),
                                    typename Cfg::SmemB{}(_, _, Int<0>{}),
                                    make_shape(typename Cfg::BN{}, typename Cfg::BK{}));
-  const auto tma_lora_a = make_tma_atom(SM90_TMA_LOAD{},
-                                        b_operand<T, true>(a.lora_a, n, d.rank, n),
+  const int gr = d.groups * d.rank;
+  const auto tma_lora_a = make_tma_atom(SM90_TMA_LOAD{}, b_operand<T, true>(a.lora_a, n, gr, n),
                                         typename Cfg::SmemExtB{}(_, _, Int<0>{}), ext_box);
+  // Without a router its descriptor reads lora_a (times dl's zeros)
   const auto tma_router = make_tma_atom(
       SM90_TMA_LOAD{},
-      d.router ? b_operand<T, true>(a.router_weight, n, d.logits, n)
-               : b_operand<T, true>(a.lora_a, n, d.rank, n),
+      d.router ? b_operand<T, true>(a.router_weight, n, d.groups * d.logits, n)
+               : b_operand<T, true>(a.lora_a, n, gr, n),
       typename Cfg::SmemExtB{}(_, _, Int<0>{}), ext_box);
   const RoutedDgradPointers<T> ptr{static_cast<const T*>(a.lora_b),
                                    a.u,
@@ -1553,26 +1614,29 @@ bool sm90_routed_accepts(DType dtype, const MorDims& d, const MorForwardArgs& a)
          tile_count(d.tokens, d.out_features) <= INT32_MAX;
 }
 
-bool sm90_routed_dgrad_accepts(DType dtype, const MorDims& d, const MorBackwardArgs& a,
-                               int dl_splits) {
+int64_t sm90_routed_dgrad_row_tiles(int64_t tokens) {
+  using Cfg = RoutedDgradConfig<cutlass::half_t>;  // the same tiles for both dtypes
+  return (tokens + Cfg::kBM - 1) / Cfg::kBM;
+}
+
+bool sm90_routed_dgrad_accepts(DType dtype, const MorDims& d, const MorBackwardArgs& a) {
   using Cfg = RoutedDgradConfig<cutlass::half_t>;  // the same sizes for both dtypes
   if (!sm90_gemm_built() || dtype == DType::kFloat || a.dx == nullptr) return false;
-  if (d.tokens <= 0 || d.tokens > INT32_MAX || d.groups != 1) return false;
+  if (d.tokens <= 0 || d.tokens > INT32_MAX || d.groups < 1) return false;
   if (d.in_features <= 0 || d.out_features <= 0) return false;  // TMA: no empty dimension
+  // a tile's K steps run group by group: each group's outputs fill whole steps
+  if (d.groups > 1 && (d.out_features / d.groups) % Cfg::kBK != 0) return false;
   if (d.rank > Cfg::kRanks || (d.router && d.logits > Cfg::kRanks)) return false;
   if (d.branches > kRoutedBranches) return false;
-  const int64_t row_tiles = (d.tokens + Cfg::kBM - 1) / Cfg::kBM;
-  // dc's and dB's partials: one per row tile (the binding sizes dB's as dl_splits: one per
-  // 128 tokens, as the routing kernel writes dc's, so for one group this always holds)
-  if (dl_splits != row_tiles) return false;
-  // dB's partials take r / 64 of dy's bytes: beyond 512 row tiles (65536 tokens; 88 MB at
-  // O = 3072, r = 14) the unrouted path's few split partials are leaner
-  if (row_tiles > kMaxDbPartials) return false;
+  // dB's partials, one per row tile, take r / 64 of dy's bytes: beyond 512 row tiles (65536
+  // tokens; 88 MB at O = 3072, r = 14) the unrouted path's few split partials are leaner
+  if (sm90_routed_dgrad_row_tiles(d.tokens) > kMaxDbPartials) return false;
   const bool aligned = aligned16(a.dy) && aligned16(a.weight) && aligned16(a.lora_a) &&
                        aligned16(a.dx) && (!d.router || aligned16(a.router_weight));
-  // B by bulk copies of 16-byte multiples from a 16-byte aligned start
+  // B by bulk copies of 16-byte multiples from a 16-byte aligned start; the tile walk's
+  // (tile, group) counts in 32 bits with room to spare (for_each_segment)
   return aligned && aligned16(a.lora_b) && d.in_features % 8 == 0 && d.out_features % 8 == 0 &&
-         tile_count(d.tokens, d.in_features) <= INT32_MAX;
+         tile_count(d.tokens, d.in_features) * d.groups < (int64_t(1) << 30);
 }
 
 cudaError_t sm90_routed_dgrad(DType dtype, const MorDims& dims, const MorBackwardArgs& args,
