@@ -240,28 +240,29 @@ def sm90_routed(n, k, o, g) -> Cost:
                        serial_us=waves * step_us)
 
 
-def sm90_routed_dgrad(n, k, o) -> Cost:
-    """The routed input gradient (routed_dgrad_kernel, one group): sm90_gemm's tiles over dy
-    and W, each also running g = dy B over its dy tiles (16 columns, again in every column
-    tile; B's rows bulk-copied per K step and zero-padded on chip, work the model does not
-    charge), then routing (ROUTE_STEP_US per wave) and two 16-deep extension steps (du A_cat,
-    dl R); its reducer warp group runs dB's dy^T z (16 columns) on the same dy tiles, each
-    row tile's K steps shared among its column tiles, into one fp32 partial per row tile.
-    dy, W, B, A_cat and R read once, u and p read (by consumers and the z warp), dx written,
-    [du | dl] written once (the first column tile) for d[A_cat; R]."""
+def sm90_routed_dgrad(n, k, o, g=1) -> Cost:
+    """The routed input gradient (routed_dgrad_kernel): sm90_gemm's tiles over dy and W, each
+    also running g = dy B over its dy tiles (16 columns, again in every column tile; B's rows
+    bulk-copied per K step and zero-padded on chip, work the model does not charge). A tile's
+    K steps run group by group; after each group's, routing (ROUTE_STEP_US per wave and group,
+    tensor cores idle) and two 16-deep extension steps (du A_g, dl R_g). Its reducer warp
+    group runs dB's dy^T z (16 columns) on the same dy tiles, each row tile's K steps shared
+    among its column tiles, into one fp32 partial per row tile. dy, W, B, A_cat and R read
+    once, u and p read (by consumers and the z warp), dx written, [du | dl] written once (the
+    first column tile) for d[A_cat; R]."""
     bm, bn, _ = SM90_TILE
     col_tiles = math.ceil(k / bn)
     row_tiles = math.ceil(n / bm)
     tiles = row_tiles * col_tiles
     waves = math.ceil(tiles / SMS)
     efficiency = tiles / (waves * SMS)
-    flops = (2 * n * k * (o + 2 * ROUTED_RANKS) + 2 * n * col_tiles * ROUTED_RANKS * o
+    flops = (2 * n * k * (o + 2 * ROUTED_RANKS * g) + 2 * n * col_tiles * ROUTED_RANKS * o
              + 2 * n * o * ROUTED_RANKS)
-    bytes_ = (ELEM * (n * o + o * k + o * R + (R + L) * k + n * k)
-              + F32 * (n * (R + L) + n * L) + ELEM * n * _pad8(R + L)
+    bytes_ = (ELEM * (n * o + o * k + o * R + g * (R + L) * k + n * k)
+              + F32 * g * (n * (R + L) + n * L) + ELEM * n * _pad8(g * (R + L))
               + F32 * row_tiles * o * R)
     return Cost.kernel(flops, bytes_, tiles, efficiency, WGMMA_FRACTION,
-                       serial_us=waves * ROUTE_STEP_US)
+                       serial_us=waves * g * ROUTE_STEP_US)
 
 
 def cuda_fwd(n, k, o, g, hopper=True) -> Cost:
@@ -289,10 +290,11 @@ def cuda_bwd(n, k, o, g, hopper=True) -> Cost:
     gg = Cost.kernel(2 * n * o * _pad(R, TALL_N), ELEM * (n * o + o * R) + F32 * n * gr,
                      rate=MMA_SYNC_FRACTION)
     route = Cost.kernel(0, F32 * (2 * n * gr + n * g * L) + ELEM * (n * gr + n * s))
-    routed = hopper and g == 1 and R <= ROUTED_RANKS and L <= ROUTED_RANKS
+    routed = (hopper and (g == 1 or o // g % SM90_TILE[2] == 0) and R <= ROUTED_RANKS
+              and L <= ROUTED_RANKS)
     if routed:
         # as sm90_routed_dgrad_accepts: g, the routing, dx and dB's partials in one
-        gg, route, dx = Cost(), Cost(), sm90_routed_dgrad(n, k, o)
+        gg, route, dx = Cost(), Cost(), sm90_routed_dgrad(n, k, o, g)
     elif hopper:  # [A_cat; R] stacked into one [S, K] operand, then the GEMM
         stack = Cost.kernel(0, 2 * ELEM * s * k)
         dx = stack + sm90_gemm(n, k, o, s, _pad8(s), s, k)
@@ -301,16 +303,17 @@ def cuda_bwd(n, k, o, g, hopper=True) -> Cost:
                          ELEM * (n * o + o * k + n * s + s * k + n * k), rate=MMA_SYNC_FRACTION)
     # The token reductions: split-K partials in fp32 (about two waves of blocks), then one
     # launch sums them and dc's per-block partials of the routing kernel.
-    # (The routed input gradient wrote dB's, one per row tile.)
+    # (The routed input gradient wrote dB's and dc's, one per row tile.)
     splits = 8
     db_splits = math.ceil(n / SM90_TILE[0]) if routed else splits
+    dc_splits = math.ceil(n / SM90_TILE[0]) if routed else math.ceil(n * g / 128)
     dw = Cost.kernel(2 * _pad(s, TALL_N) * k * n,
                      ELEM * (n * s + n * k) + F32 * splits * s * k, rate=MMA_SYNC_FRACTION)
     db = Cost() if routed else Cost.kernel(
         2 * o * _pad(R, TALL_N) * n, ELEM * (n * o + n * gr) + F32 * splits * o * R,
         rate=MMA_SYNC_FRACTION)
     sums = Cost.kernel(0, F32 * (splits * s * k + db_splits * o * R) + ELEM * (s * k + o * R)
-                       + F32 * math.ceil(n * g / 128) * g * L)
+                       + F32 * dc_splits * g * L)
     return u + gg + route + dx + dw + db + sums
 
 

@@ -9,7 +9,7 @@ with the switch EI_KERNELS_CUDA_SM90=0, and the sm_90a GEMM without the routed k
 EI_KERNELS_CUDA_SM90=unrouted; persistent CTAs against one CTA per tile
 (EI_KERNELS_CUDA_SM90_PERSISTENT=0) bit for bit; the routed forward's shrink shared out in
 clusters of 1, 2 and 4 column tiles (EI_KERNELS_CUDA_SM90_CLUSTER); the routed input
-gradient's B rows for odd and full ranks, and a B it cannot bulk-copy."""
+gradient's B rows for odd and full ranks, a B it cannot bulk-copy, and grouped layers."""
 
 import pytest
 import torch
@@ -171,7 +171,7 @@ def test_the_forward_shares_the_shrink_in_a_cluster_and_stays_right(monkeypatch,
 def test_the_hopper_gemm_runs_exactly_where_it_should(monkeypatch, switch):
     """Kernel names from the profiler: on an H100/H200 build that holds them, unless switched
     off, the routed sm_90a kernel is the whole forward and the routed input gradient runs g,
-    the routing, dx and dB's partials of one group; "unrouted", the sm_90a GEMM runs y and dx
+    the routing, dx and dB's partials; "unrouted", the sm_90a GEMM runs y and dx
     with the shrink, g and the routing around it; nowhere else."""
     monkeypatch.setenv("EI_KERNELS_CUDA_SM90", switch)
     layer = make_layer("cuda")
@@ -197,20 +197,22 @@ def test_the_hopper_gemm_runs_exactly_where_it_should(monkeypatch, switch):
         assert _launches(prof, "block_diagonal_kernel") == 0
 
 
-@pytest.mark.parametrize("n, groups, routed", [
-    pytest.param(1576, 1, True, id="one-group"),
-    pytest.param(1576, 3, False, id="qkv-groups3"),
+@pytest.mark.parametrize("n, o, groups, routed", [
+    pytest.param(1576, 768, 1, True, id="one-group"),
+    pytest.param(1576, 2304, 3, True, id="qkv-groups3"),
+    # 40 outputs per group: not whole 64-column K steps
+    pytest.param(1576, 120, 3, False, id="groups3-40-per-group"),
     # 513 row tiles: past the 512 row-tile partials of dB that the routed kernel writes
-    pytest.param(513 * 128, 1, False, id="one-group-65664-tokens"),
+    pytest.param(513 * 128, 768, 1, False, id="one-group-65664-tokens"),
 ])
 @pytest.mark.usefixtures("sm90_kernels")
-def test_the_input_gradient_routes_inside_the_gemm_for_one_group(monkeypatch, n, groups,
-                                                                 routed):
-    """One group: g, the routing, dx and dB's partials in one routed launch; qkv, or more than
-    65536 tokens: g and the routing as their own launches, then dx on the sm_90a GEMM. All stay
-    right, gradients included."""
+def test_the_input_gradient_routes_inside_the_gemm_where_groups_fill_whole_k_steps(
+        monkeypatch, n, o, groups, routed):
+    """g, the routing, dx and dB's and dc's partials in one routed launch where each group's
+    outputs are whole 64-column K steps (one group, qkv); else, or past 65536 tokens, g and
+    the routing as their own launches, then dx on the sm_90a GEMM. All stay right, gradients
+    included."""
     monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
-    o = 768 * groups
     inputs, dy = make_inputs(n, 768, o, {"groups": groups}, torch.bfloat16)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run("cuda", inputs, dy, {"groups": groups})
@@ -218,6 +220,31 @@ def test_the_input_gradient_routes_inside_the_gemm_for_one_group(monkeypatch, n,
     assert _launches(prof, "routed_dgrad_kernel") == int(routed)
     assert _launches(prof, "ext_gemm_kernel") == int(not routed)
     check_against_torch_and_fp64("cuda", n, 768, o, {"groups": groups}, torch.bfloat16, ulps=4)
+
+
+@pytest.mark.parametrize("n, k, o, cfg", [
+    # 2 K steps per group, every dimension ending in a partial tile
+    pytest.param(333, 104, 256, {"groups": 2}, id="groups2-K104-O256"),
+    # 6 column tiles, 1 K step per group: most (tile, group) pairs have no dB share
+    pytest.param(333, 1000, 192, {"groups": 3}, id="groups3-more-column-tiles-than-steps"),
+    pytest.param(333, 104, 192, {"groups": 3, "router": False}, id="groups3-plain-lora"),
+    pytest.param(333, 104, 192, {"groups": 3, "bypass": False}, id="groups3-no-bypass"),
+    # odd ranks: a group's 16 rows of A_cat in the extension reach into the next group's
+    pytest.param(333, 104, 192, {"groups": 3, "ranks": (1, 2, 4), "scalings": (1.0, 0.5, 0.25)},
+                 id="groups3-r7"),
+])
+@pytest.mark.usefixtures("sm90_kernels")
+def test_the_grouped_routed_input_gradient_stays_right(monkeypatch, n, k, o, cfg):
+    """The routed input gradient walks each tile's K steps group by group, routing and
+    extending per group: odd tiles, column tiles without a share of a group's dB work, each
+    flag off and odd ranks stay right (bf16, against torch and fp64)."""
+    monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
+    inputs, dy = make_inputs(n, k, o, cfg, torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run("cuda", inputs, dy, cfg)
+        torch.cuda.synchronize()
+    assert _launches(prof, "routed_dgrad_kernel") == 1
+    check_against_torch_and_fp64("cuda", n, k, o, cfg, torch.bfloat16, ulps=4)
 
 
 @pytest.mark.parametrize("o, ranks, scalings", [
