@@ -113,8 +113,8 @@ struct MorBackwardArgs {
 // only those kernels read. Queries the device once (cached: safe under graph capture).
 cudaError_t sm90_gemm_enabled(DType dtype, int device, bool* enabled);
 
-// Whether the sm_90a kernels may include the routed ones (sm90_gemm.h: the forward, and one
-// group's input gradient, in one launch each): unless EI_KERNELS_CUDA_SM90 is "unrouted",
+// Whether the sm_90a kernels may include the routed ones (sm90_gemm.h: the forward, and the
+// input gradient, in one launch each): unless EI_KERNELS_CUDA_SM90 is "unrouted",
 // which keeps the shrink, g and the routing as launches of their own around the sm_90a GEMM
 // (to measure what folding them in buys, or to rule the routed kernels out).
 bool sm90_routed_enabled();
