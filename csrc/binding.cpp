@@ -202,7 +202,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   Tensor u = shrink ? *shrink : at::empty({N, gr}, f32);  // the forward's [u | l], if kept
   Tensor d_shrink = at::empty({N, d.shrink_ld()}, opts);
   const bool sm90 = compute_dx && sm90_enabled(dtype, x);  // only dx takes it
-  Tensor shrink_partial = at::empty({plan.shrink_splits, S, K}, f32);
 
   ei::MorBackwardArgs args{};
   args.dy = dy.data_ptr();
@@ -222,14 +221,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   args.u_workspace = shrink ? nullptr : u.data_ptr<float>();
   args.d_shrink = d_shrink.data_ptr();
   args.sm90 = sm90;
-  args.shrink_partial = shrink_partial.data_ptr<float>();
-  // The routed sm_90a dx keeps g and z on chip and writes dB's and dc's partials, one per
-  // row tile; the other paths need g and z, and the unrouted sm_90a dx [A_cat; R] stacked.
+  // The routed sm_90a dx keeps g and z on chip and writes the partials of d[A_cat; R], dB
+  // and dc, one per row tile; the other paths need g and z, and the unrouted sm_90a dx
+  // [A_cat; R] stacked.
   args.sm90_routed = sm90 && ei::sm90_routed_enabled() &&
                      ei::sm90_routed_dgrad_accepts(dtype, d, args);
   Tensor g, z, shrink_weight;
   if (args.sm90_routed) {
-    plan.dl_splits = plan.lora_b_splits = int(ei::sm90_routed_dgrad_row_tiles(N));
+    plan.shrink_splits = plan.dl_splits = plan.lora_b_splits =
+        int(ei::sm90_routed_dgrad_row_tiles(N));
   } else {
     g = at::empty({N, gr}, f32);
     args.g = g.data_ptr<float>();
@@ -244,6 +244,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   args.lora_b_partial = lora_b_partial.data_ptr<float>();
   Tensor dl_partial = at::empty({plan.dl_splits, gl}, f32);
   args.dl_partial = dl_partial.data_ptr<float>();
+  Tensor shrink_partial = at::empty({plan.shrink_splits, S, K}, f32);
+  args.shrink_partial = shrink_partial.data_ptr<float>();
   C10_CUDA_CHECK(ei::mor_backward(dtype, d, plan, args, c10::cuda::getCurrentCUDAStream()));
   return {dx, d_lora_a, d_lora_b, d_router_weight, d_router_bias};
 }

@@ -17,8 +17,8 @@
 // kernels (sm90_gemm.h): the whole forward in one launch (routed_gemm: (1) and (2) folded
 // into (3)) where the ranks fit it, else forward (3) as one launch over all groups with B_cat
 // as a block-diagonal [O, G*r] matrix; backward (2)-(4) in one launch where each group's
-// outputs fill whole 64-column K steps (routed_dgrad, which also writes dB's and dc's
-// partials of (5)), else backward (4) with [A_cat; R] stacked into one operand.
+// outputs fill whole 64-column K steps (routed_dgrad, which also writes every partial of (5):
+// only the sum is left), else backward (4) with [A_cat; R] stacked into one operand.
 // Everything else, and every GEMM elsewhere, runs the portable kernels of gemm.cuh.
 //
 // Every kernel is a template over the element type; this file instantiates each for fp16,
@@ -159,22 +159,23 @@ __global__ void stack_rows_kernel(const T* __restrict__ top, int64_t top_count,
 
 // d[A_cat; R] = [du | dl]^T x, dB_cat = dy^T z and dc from z, [du | dl] and the per-block dl
 // sums that the routing wrote: split-K partials, then one deterministic sum. With
-// lora_b_partials_written the routed input gradient already wrote dB's (one per row tile).
+// partials_written the routed input gradient already wrote those of d[A_cat; R] and dB (one
+// per row tile): only the sum is left.
 template <typename T>
 cudaError_t token_reductions(const MorDims& d, const ReductionPlan& plan,
                              const MorBackwardArgs& a, cudaStream_t stream,
-                             bool lora_b_partials_written = false) {
+                             bool partials_written = false) {
   const int m = int(d.tokens), K = d.in_features, O = d.out_features, r = d.rank;
   const int S = d.shrink_width(), og = O / d.groups;
-  GemmArgs<T, float> dw{};
-  dw.m = S, dw.n = K, dw.k = m, dw.k_per_split = split_length<T>(m, plan.shrink_splits);
-  dw.a = dense<T>(static_cast<T*>(a.d_shrink), d.shrink_ld());
-  dw.b = dense(static_cast<const T*>(a.x), K);
-  dw.c = a.shrink_partial, dw.ldc = K, dw.c_split_stride = int64_t(S) * K;
-  dw.batches = 1, dw.splits = plan.shrink_splits;
-  launch_gemm<WideTile, false, false>(dw, stream);
+  if (!partials_written) {
+    GemmArgs<T, float> dw{};
+    dw.m = S, dw.n = K, dw.k = m, dw.k_per_split = split_length<T>(m, plan.shrink_splits);
+    dw.a = dense<T>(static_cast<T*>(a.d_shrink), d.shrink_ld());
+    dw.b = dense(static_cast<const T*>(a.x), K);
+    dw.c = a.shrink_partial, dw.ldc = K, dw.c_split_stride = int64_t(S) * K;
+    dw.batches = 1, dw.splits = plan.shrink_splits;
+    launch_gemm<WideTile, false, false>(dw, stream);
 
-  if (!lora_b_partials_written) {
     GemmArgs<T, float> db{};
     db.m = og, db.n = r, db.k = m, db.k_per_split = split_length<T>(m, plan.lora_b_splits);
     db.a = dense(static_cast<const T*>(a.dy), O, og);
@@ -222,10 +223,10 @@ cudaError_t backward_impl(DType dtype, const MorDims& d, const ReductionPlan& pl
     }
 
     if (a.sm90_routed) {
-      // dx with g, the routing and dB's and dc's partials inside
+      // dx with g, the routing and the partials of d[A_cat; R], dB and dc inside
       const cudaError_t err = sm90_routed_dgrad(dtype, d, a, stream);
       if (err != cudaSuccess) return err;
-      return token_reductions<T>(d, plan, a, stream, /*lora_b_partials_written=*/true);
+      return token_reductions<T>(d, plan, a, stream, /*partials_written=*/true);
     }
 
     // Batch entry g: g[:, group g's rank columns] = dy[:, output slice g] lora_b[slice g].

@@ -102,7 +102,7 @@ struct MorBackwardArgs {
                               // and sm90_routed_dgrad_accepts (the binding decides; g
                               // and z are then null)
   void* shrink_weight;        // workspace [S, K] for it with a router: [A_cat; R], else null
-  float* shrink_partial;      // workspace [shrink_splits, S, K]
+  float* shrink_partial;      // workspace [shrink_splits, S, K] (the routed dx writes it)
   float* lora_b_partial;      // workspace [lora_b_splits, O, r]
   float* dl_partial;          // workspace [dl_splits, G*L]: per-block fp32 sums of dl
 };

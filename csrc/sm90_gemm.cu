@@ -85,9 +85,9 @@ struct Sm90Config {
   };
 };
 
-// The most row tiles for which the routed input gradient writes one dB partial per row tile
-// (sm90_routed_dgrad_accepts).
-constexpr int64_t kMaxDbPartials = 512;
+// The most row tiles for which the routed input gradient writes the token reductions' partials
+// per row tile (sm90_routed_dgrad_accepts).
+constexpr int64_t kMaxRowTilePartials = 512;
 
 // Branches per group the routed kernels route (the paper has 3): their per-row arrays then
 // stay in the registers left beside the 96 accumulators per thread (with mor_kernels.h's 16,
@@ -203,6 +203,13 @@ struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
                                           Shape<BN, Ranks, _2>{}, Step<_2, _1, _3>{}));
   // du and dl of the tile's rows, the extension's A tiles, k-major.
   using SmemExtA = decltype(tile_to_shape(GMMA::Layout_K_SW32_Atom<T>{}, Shape<BM, Ranks>{}));
+  // The same du and dl read transposed (n = rank, k = row: m-major), the reducer's B operand
+  // of d[A_cat; R]'s row-tile partial x^T [du | dl]; its A operand is the x tile, which comes
+  // through the ring's dy slots in kXChunks stages of BK columns, read transposed as dy^T is.
+  using SmemExtAT =
+      decltype(tile_to_shape(GMMA::Layout_MN_SW32_Atom<T>{}, Shape<Ranks, BM>{}));
+  static constexpr int kXChunks = Base::kBN / Base::kBK;
+  static_assert(kXChunks * Base::kBK == Base::kBN, "x's tile in whole stages");
   using MmaG = decltype(make_tiled_mma(
       GMMA::ss_op_selector<T, T, float, Shape<Int<64>, Ranks, BK>, GMMA::Major::K,
                            GMMA::Major::K>(),
@@ -226,6 +233,8 @@ struct RoutedDgradConfig : Sm90Config<Element, true, 4> {
     alignas(8) uint64_t ext_empty[2];  // the consumers' extension MMAs read them
     alignas(8) uint64_t z_full[2];     // the z warp wrote a tile's z
     alignas(8) uint64_t z_empty[2];    // the reducer's MMAs read it
+    alignas(8) uint64_t du_ready;      // the consumers routed a segment: du and dl are in place
+    alignas(8) uint64_t du_free;       // the reducer's x^T [du | dl] MMAs read them
   };
 };
 
@@ -241,6 +250,27 @@ constexpr bool dy_view_is_transposed() {
 }
 static_assert(dy_view_is_transposed<RoutedDgradConfig<cutlass::half_t>>());
 static_assert(dy_view_is_transposed<RoutedDgradConfig<cutlass::bfloat16_t>>());
+
+// The reducer's m-major view of du and dl reaches every (row, rank) at the bytes where the
+// consumers' k-major extension operand holds it (both swizzles act on byte addresses; the
+// buffers start at 1024-byte boundaries, beyond their period).
+template <class Cfg>
+constexpr bool du_view_is_transposed() {
+  constexpr auto ext = typename Cfg::SmemExtA{};
+  constexpr auto view = typename Cfg::SmemExtAT{};
+  constexpr int kBytes = int(sizeof(typename Cfg::T));
+  for (int row = 0; row < Cfg::kBM; ++row) {
+    for (int j = 0; j < Cfg::kRanks; ++j) {
+      if (ext.layout_a()(kBytes * int(ext.layout_b()(row, j))) !=
+          view.layout_a()(kBytes * int(view.layout_b()(j, row)))) {
+        return false;
+      }
+    }
+  }
+  return cosize_v<typename Cfg::SmemExtA> == cosize_v<typename Cfg::SmemExtAT>;
+}
+static_assert(du_view_is_transposed<RoutedDgradConfig<cutlass::half_t>>());
+static_assert(du_view_is_transposed<RoutedDgradConfig<cutlass::bfloat16_t>>());
 
 // [rows, cols] row-major with leading dimension ld, as CuTe's (row, col) tensor.
 template <typename T>
@@ -844,6 +874,7 @@ struct RoutedDgradPointers {
   T* d_shrink;         // [N, shrink_ld()] [du | dl], for d[A_cat; R]
   float* dl_partial;   // [row tiles, G*L]: each tile's fp32 sums of dl, for dc
   float* lora_b_partial;  // [row tiles, O, r]: each row tile's dy^T z, for dB
+  float* shrink_partial;  // [row tiles, S, K]: each row tile's [du | dl]^T x, for d[A_cat; R]
 };
 
 // One (row, group) of the routed input gradient: du and dl from u, p and the fp32 g of the
@@ -1016,6 +1047,7 @@ __device__ void expand_lora_b(Shared& smem, const MorDims& d, int tiles, int k_s
   // The CTA's tiles, as for_each_tile walks them (in 32 bits: fewer registers)
   const int bid = int(blockIdx.x), grid = int(gridDim.x);
   const int cta_tiles = bid < tiles ? (tiles - 1 - bid) / grid + 1 : 0;
+  const int group_steps = k_steps / d.groups;
   int stage = 0, phase = 0;
   for (int tile = 0; tile < cta_tiles; ++tile) {
     for (int kt = 0; kt < k_steps; ++kt) {
@@ -1043,6 +1075,11 @@ __device__ void expand_lora_b(Shared& smem, const MorDims& d, int tiles, int k_s
       __syncwarp();
       if (threadIdx.x % 32 == 0) Barrier::arrive(&smem.full[stage]);
       if (++stage == kStages) stage = 0, phase ^= 1;
+      if ((kt + 1) % group_steps == 0) {  // the group's x stages: the TMA thread's alone
+        for (int c = 0; c < Cfg::kXChunks; ++c) {
+          if (++stage == kStages) stage = 0, phase ^= 1;
+        }
+      }
     }
   }
 }
@@ -1067,9 +1104,27 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
   auto thr = mma.get_thread_slice(thread);
   Tensor tA = thr.make_fragment_A(thr.partition_A(sDyT));  // smem descriptors [.., 1, 8, P]
   Tensor tB = thr.make_fragment_B(thr.partition_B(sZ));    // [.., 1, 8, 2]
+  Tensor sDuT = make_tensor(make_smem_ptr(smem.du.begin()), typename Cfg::SmemExtAT{});
+  Tensor sDlT = make_tensor(make_smem_ptr(smem.dl.begin()), typename Cfg::SmemExtAT{});
+  Tensor tDu = thr.make_fragment_B(thr.partition_B(sDuT));  // [.., 1, 8]
+  Tensor tDl = thr.make_fragment_B(thr.partition_B(sDlT));
   const auto tile_db = make_identity_tensor(Shape<typename Cfg::BK, typename Cfg::Ranks>{});
-  Tensor acc = thr.partition_fragment_C(tile_db);  // [64 output columns, 16 ranks] in fp32
+  Tensor acc = thr.partition_fragment_C(tile_db);  // [64 columns, 16 ranks] in fp32
   const Tensor tC = thr.partition_C(tile_db);
+  // acc = stage `at`'s tile read transposed (64 columns) times b (16 ranks), over the 128 rows
+  const auto multiply = [&](int at, const auto& b) {
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    mma.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tA); ++kb) {  // the 128 rows, 16 at a time
+      gemm(mma, tA(_, _, kb, at), b(_, _, kb), acc);
+      mma.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc);
+  };
 
   int stage = 0, phase = 0;
   int share = 0;  // the tile's next K step to multiply
@@ -1087,17 +1142,7 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
         share += col_tiles;
         if (!z_ready) Barrier::wait(&smem.z_full[buffer], (segment >> 1) & 1);  // z's rows
         z_ready = true;
-        warpgroup_fence_operand(acc);
-        warpgroup_arrive();
-        mma.accumulate_ = GMMA::ScaleOut::Zero;
-        CUTE_UNROLL
-        for (int kb = 0; kb < size<2>(tA); ++kb) {  // the 128 rows, 16 at a time
-          gemm(mma, tA(_, _, kb, stage), tB(_, _, kb, buffer), acc);
-          mma.accumulate_ = GMMA::ScaleOut::One;
-        }
-        warpgroup_commit_batch();
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(acc);
+        multiply(stage, tB(_, _, _, buffer));
         Barrier::arrive(&smem.empty[stage]);
         CUTE_UNROLL
         for (int v = 0; v < size(acc); ++v) {
@@ -1117,6 +1162,38 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
     // an old.
     if (!z_ready) Barrier::wait(&smem.z_full[buffer], (segment >> 1) & 1);
     Barrier::arrive(&smem.z_empty[buffer]);
+
+    // d[A_cat; R]'s partial of the row tile for this column tile's inputs: x^T du and x^T dl
+    // of the segment's group, x's tile in kXChunks stages of 64 columns (a chunk past K is not
+    // loaded: nothing to multiply), du and dl once the consumers have routed the segment.
+    const int n = d.in_features;
+    float* const shrink_partial = ptr.shrink_partial + int64_t(row_tile) * d.shrink_width() * n;
+    // acc's columns of the chunk from `first_column` on, as `rows` rows of [A_cat; R] from
+    // `first_row` on
+    const auto store = [&](int first_column, int first_row, int rows) {
+      CUTE_UNROLL
+      for (int v = 0; v < size(acc); ++v) {
+        const auto [o, j] = tC(v);
+        const int column = first_column + o;
+        if (column < n && j < rows) shrink_partial[int64_t(first_row + j) * n + column] = acc(v);
+      }
+    };
+    for (int c = 0; c < Cfg::kXChunks; ++c) {
+      TxBarrier::wait(&smem.full[stage], phase);
+      if (c == 0) Barrier::wait(&smem.du_ready, segment & 1);
+      const int first_column = (col * Cfg::kXChunks + c) * Cfg::kBK;
+      if (first_column < n) {  // the group's r rows of A_cat, then its L of R after A_cat
+        multiply(stage, tDu);
+        store(first_column, group * d.rank, d.rank);
+        if (d.router) {
+          multiply(stage, tDl);
+          store(first_column, d.groups * d.rank + group * d.logits, d.logits);
+        }
+      }
+      Barrier::arrive(&smem.empty[stage]);
+      if (++stage == kStages) stage = 0, phase ^= 1;
+    }
+    Barrier::arrive(&smem.du_free);  // every MMA reading du and dl has retired
   });
 }
 
@@ -1132,7 +1209,8 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
 // partials from the same dy tiles, with z routed by the producer warp group's z warp.
 template <class Cfg, class TmaA, class TmaB, class TmaE>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
-    routed_dgrad_kernel(CUTE_GRID_CONSTANT const TmaA tma_dy, CUTE_GRID_CONSTANT const TmaB tma_w,
+    routed_dgrad_kernel(CUTE_GRID_CONSTANT const TmaA tma_dy, CUTE_GRID_CONSTANT const TmaA tma_x,
+                        CUTE_GRID_CONSTANT const TmaB tma_w,
                         CUTE_GRID_CONSTANT const TmaE tma_lora_a,
                         CUTE_GRID_CONSTANT const TmaE tma_router, const MorDims d,
                         const RoutedDgradPointers<typename Cfg::T> ptr) {
@@ -1143,8 +1221,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int col_tiles = (n + Cfg::kBN - 1) / Cfg::kBN;
   const int tiles = int(tile_count(m, n));  // tiles G < 2^30: the host checks
   const int k_steps = (k + Cfg::kBK - 1) / Cfg::kBK;
-  // TMA's bytes per stage (B's rows: a bulk copy counted on its own barrier)
+  // TMA's bytes per stage (B's rows: a bulk copy counted on its own barrier), and per stage of
+  // x's tile (its dy slot only)
   constexpr uint32_t kStageBytes = uint32_t((Cfg::kBM + Cfg::kBN) * Cfg::kBK * sizeof(T));
+  constexpr uint32_t kXBytes = uint32_t(Cfg::kBM * Cfg::kBK * sizeof(T));
   constexpr uint32_t kExtBytes = uint32_t(2 * Cfg::kBN * Cfg::kRanks * sizeof(T));
   extern __shared__ __align__(1024) char shared_bytes[];
   auto& smem = *reinterpret_cast<typename Cfg::Shared*>(shared_bytes);
@@ -1170,6 +1250,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       Barrier::init(&smem.z_full[b], Cfg::kZThreads);
       Barrier::init(&smem.z_empty[b], Cfg::kReducerThreads);
     }
+    Barrier::init(&smem.du_ready, 1);
+    Barrier::init(&smem.du_free, Cfg::kReducerThreads);
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
@@ -1197,6 +1279,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     }
     if (!elect_one_sync()) return;
     prefetch_tma_descriptor(tma_dy.get_tma_descriptor());
+    prefetch_tma_descriptor(tma_x.get_tma_descriptor());
     prefetch_tma_descriptor(tma_w.get_tma_descriptor());
     prefetch_tma_descriptor(tma_lora_a.get_tma_descriptor());
     prefetch_tma_descriptor(tma_router.get_tma_descriptor());
@@ -1246,6 +1329,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                                      &smem.lora_b_copied[at],
                                      smem.lora_b.begin() + at * Cfg::kRanks * Cfg::kBK, bytes);
           });
+      // Then x's tile for the reducer's x^T [du | dl], in kXChunks stages of the dy slot. They
+      // hold no B: this thread also makes the B warps' two arrivals (a chunk past K is not
+      // loaded: no bytes).
+      Tensor gX = local_tile(tma_x.get_tma_tensor(make_shape(m, n)),
+                             Shape<typename Cfg::BM, typename Cfg::BK>{},
+                             make_coord(row, _));  // [BM, BK, K chunks]
+      auto tX = tma_split(tma_x, sA, gX);
+      for (int c = 0; c < Cfg::kXChunks; ++c) {
+        const int chunk = col * Cfg::kXChunks + c;
+        const bool inside = chunk * Cfg::kBK < n;
+        fill_ring<kStages>(smem, chunk, chunk + 1, inside ? kXBytes : 0u, stage, phase,
+                           [&](int kt, int at, uint64_t& full) {
+                             if (inside) copy_step(tma_x, full, tX, kt, at);
+                             Barrier::arrive(&full);
+                             Barrier::arrive(&full);
+                           });
+      }
     });
     return;
   }
@@ -1303,6 +1403,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       const int64_t token = int64_t(row_tile) * Cfg::kBM + thread;
       const float* const staged = smem.staging[thread];
       float* const dl_row = smem.dl_rows[thread];
+      Barrier::wait(&smem.du_free, (segment & 1) ^ 1);  // the reducer read the last ones
       if (!d.router) {
         route_dgrad_row<Cfg, false, false>(d, group, thread, token, keeps, ptr, staged, dl_row,
                                            sDu, sDl);
@@ -1316,6 +1417,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     }
     cutlass::arch::fence_view_async_shared();  // du and dl: by threads, read by wgmma
     cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
+    if (thread == 0) Barrier::arrive(&smem.du_ready);  // for the reducer's x^T [du | dl]
     if (keeps && d.router && thread < d.logits) {  // this row tile's dl sums, in row order
       float total = 0.0f;
       for (int r = 0; r < Cfg::kBM; ++r) total += smem.dl_rows[r][thread];
@@ -1341,9 +1443,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       store_tile(acc, thr_mma.partition_C(gC), m, n, static_cast<const T*>(nullptr), ptr.dx,
                  int64_t(n));
     }
+    // x's stages are the reducer's: wait for each (so that this release counts toward the
+    // lap it loaded) and release it
+    for (int c = 0; c < Cfg::kXChunks; ++c) {
+      TxBarrier::wait(&smem.full[stage], phase);
+      Barrier::arrive(&smem.empty[stage]);
+      if (++stage == kStages) stage = 0, phase ^= 1;
+    }
   });
 #else
-  (void)tma_dy, (void)tma_w, (void)tma_lora_a, (void)tma_router, (void)d;
+  (void)tma_dy, (void)tma_x, (void)tma_w, (void)tma_lora_a, (void)tma_router, (void)d;
   (void)ptr;
 #if defined(__CUDA_ARCH__)
   __trap();
@@ -1470,6 +1579,9 @@ cudaError_t launch_routed_dgrad(const MorDims& d, const MorBackwardArgs& a, cuda
   const auto tma_dy = make_tma_atom(SM90_TMA_LOAD{}, row_major<T>(a.dy, m, k, k),
                                     typename Cfg::SmemA{}(_, _, Int<0>{}),
                                     make_shape(typename Cfg::BM{}, typename Cfg::BK{}));
+  const auto tma_x = make_tma_atom(SM90_TMA_LOAD{}, row_major<T>(a.x, m, n, n),
+                                   typename Cfg::SmemA{}(_, _, Int<0>{}),
+                                   make_shape(typename Cfg::BM{}, typename Cfg::BK{}));
   const auto tma_w = make_tma_atom(SM90_TMA_LOAD{}, b_operand<T, true>(a.weight, n, k, n),
                                    typename Cfg::SmemB{}(_, _, Int<0>{}),
                                    make_shape(typename Cfg::BN{}, typename Cfg::BK{}));
@@ -1489,10 +1601,11 @@ cudaError_t launch_routed_dgrad(const MorDims& d, const MorBackwardArgs& a, cuda
                                    static_cast<T*>(a.dx),
                                    static_cast<T*>(a.d_shrink),
                                    a.dl_partial,
-                                   a.lora_b_partial};
+                                   a.lora_b_partial,
+                                   a.shrink_partial};
   return launch_on_tiles<int(sizeof(typename Cfg::Shared)), Cfg::kThreads>(
       &routed_dgrad_kernel<Cfg, decltype(tma_dy), decltype(tma_w), decltype(tma_lora_a)>,
-      tile_count(m, n), stream, tma_dy, tma_w, tma_lora_a, tma_router, d, ptr);
+      tile_count(m, n), stream, tma_dy, tma_x, tma_w, tma_lora_a, tma_router, d, ptr);
 }
 
 template <typename T>
@@ -1628,11 +1741,13 @@ bool sm90_routed_dgrad_accepts(DType dtype, const MorDims& d, const MorBackwardA
   if (d.groups > 1 && (d.out_features / d.groups) % Cfg::kBK != 0) return false;
   if (d.rank > Cfg::kRanks || (d.router && d.logits > Cfg::kRanks)) return false;
   if (d.branches > kRoutedBranches) return false;
-  // dB's partials, one per row tile, take r / 64 of dy's bytes: beyond 512 row tiles (65536
-  // tokens; 88 MB at O = 3072, r = 14) the unrouted path's few split partials are leaner
-  if (sm90_routed_dgrad_row_tiles(d.tokens) > kMaxDbPartials) return false;
-  const bool aligned = aligned16(a.dy) && aligned16(a.weight) && aligned16(a.lora_a) &&
-                       aligned16(a.dx) && (!d.router || aligned16(a.router_weight));
+  // The partials, one per row tile, take r / 64 of dy's bytes (dB) and S / 64 of x's
+  // (d[A_cat; R]): beyond 512 row tiles (65536 tokens: 116 MB at ViT-B's fc1, 135 MB at fc2,
+  // r = 14, L = 4) the unrouted path's few split partials are leaner
+  if (sm90_routed_dgrad_row_tiles(d.tokens) > kMaxRowTilePartials) return false;
+  const bool aligned = aligned16(a.dy) && aligned16(a.x) && aligned16(a.weight) &&
+                       aligned16(a.lora_a) && aligned16(a.dx) &&
+                       (!d.router || aligned16(a.router_weight));
   // B by bulk copies of 16-byte multiples from a 16-byte aligned start; the tile walk's
   // (tile, group) counts in 32 bits with room to spare (for_each_segment)
   return aligned && aligned16(a.lora_b) && d.in_features % 8 == 0 && d.out_features % 8 == 0 &&

@@ -61,14 +61,16 @@ cudaError_t sm90_routed_gemm(DType dtype, const MorDims& dims, const MorForwardA
 // dy tiles it already holds (B's rows bulk-copied, zero-padded on chip), routes in fp32 with
 // the saved u and p, and multiplies du by A_cat and dl by R as two extra K steps, group after
 // group (a tile's K steps run group by group). The first column tile writes [du | dl]
-// (args.d_shrink) and its rows' dl sums (args.dl_partial, [row tiles, G*L]: the caller's
-// dl_splits must be sm90_routed_dgrad_row_tiles), and a fourth warp group writes dB's
-// partials dy^T z per row tile (args.lora_b_partial, [row tiles, O, r]) from the same dy
-// tiles; g and z are never written. Accepts O / G a multiple of 64 when G > 1 (each group's
-// outputs fill whole K steps), r <= 16, L <= 16, at most 4 branches, at most 512 row tiles
-// of 128 tokens (65536 tokens: the dB partials' memory), the TMA alignment of dy, W, A_cat, R
-// and dx (K and O multiples of 8) and B 16-byte aligned; otherwise the caller runs g, the
-// routing and sm90_ext_gemm as separate launches.
+// (args.d_shrink) and its rows' dl sums (args.dl_partial, [row tiles, G*L]), and a fourth
+// warp group writes the token reductions' partials per row tile: dB's dy^T z from the same dy
+// tiles (args.lora_b_partial, [row tiles, O, r]) and d[A_cat; R]'s [du | dl]^T x from the
+// tile's x, loaded after each group's steps (args.shrink_partial, [row tiles, S, K]); the
+// caller's shrink_splits, lora_b_splits and dl_splits must be sm90_routed_dgrad_row_tiles.
+// g and z are never written, and x is read by this launch only. Accepts O / G a multiple of
+// 64 when G > 1 (each group's outputs fill whole K steps), r <= 16, L <= 16, at most 4
+// branches, at most 512 row tiles of 128 tokens (65536 tokens: the partials' memory), the
+// TMA alignment of dy, x, W, A_cat, R and dx (K and O multiples of 8) and B 16-byte aligned;
+// otherwise the caller runs g, the routing and sm90_ext_gemm as separate launches.
 bool sm90_routed_dgrad_accepts(DType dtype, const MorDims& dims, const MorBackwardArgs& args);
 int64_t sm90_routed_dgrad_row_tiles(int64_t tokens);
 cudaError_t sm90_routed_dgrad(DType dtype, const MorDims& dims, const MorBackwardArgs& args,
