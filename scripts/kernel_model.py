@@ -247,9 +247,10 @@ def sm90_routed_dgrad(n, k, o, g=1) -> Cost:
     K steps run group by group; after each group's, routing (ROUTE_STEP_US per wave and group,
     tensor cores idle) and two 16-deep extension steps (du A_g, dl R_g). Its reducer warp
     group runs dB's dy^T z (16 columns) on the same dy tiles, each row tile's K steps shared
-    among its column tiles, into one fp32 partial per row tile. dy, W, B, A_cat and R read
-    once, u and p read (by consumers and the z warp), dx written, [du | dl] written once (the
-    first column tile) for d[A_cat; R]."""
+    among its column tiles, and after each group's steps d[A_cat; R]'s x^T du and x^T dl (16
+    columns each) on the tile's x, loaded then: fp32 partials per row tile. dy, W, B, A_cat
+    and R read once, x once per group, u and p read (by consumers and the z warp), dx written,
+    [du | dl] written once (the first column tile)."""
     bm, bn, _ = SM90_TILE
     col_tiles = math.ceil(k / bn)
     row_tiles = math.ceil(n / bm)
@@ -257,10 +258,10 @@ def sm90_routed_dgrad(n, k, o, g=1) -> Cost:
     waves = math.ceil(tiles / SMS)
     efficiency = tiles / (waves * SMS)
     flops = (2 * n * k * (o + 2 * ROUTED_RANKS * g) + 2 * n * col_tiles * ROUTED_RANKS * o
-             + 2 * n * o * ROUTED_RANKS)
-    bytes_ = (ELEM * (n * o + o * k + o * R + g * (R + L) * k + n * k)
+             + 2 * n * o * ROUTED_RANKS + 2 * n * k * 2 * ROUTED_RANKS * g)
+    bytes_ = (ELEM * (n * o + o * k + o * R + g * (R + L) * k + n * k + g * n * k)
               + F32 * g * (n * (R + L) + n * L) + ELEM * n * _pad8(g * (R + L))
-              + F32 * row_tiles * o * R)
+              + F32 * row_tiles * (o * R + g * (R + L) * k))
     return Cost.kernel(flops, bytes_, tiles, efficiency, WGMMA_FRACTION,
                        serial_us=waves * g * ROUTE_STEP_US)
 
@@ -303,16 +304,18 @@ def cuda_bwd(n, k, o, g, hopper=True) -> Cost:
                          ELEM * (n * o + o * k + n * s + s * k + n * k), rate=MMA_SYNC_FRACTION)
     # The token reductions: split-K partials in fp32 (about two waves of blocks), then one
     # launch sums them and dc's per-block partials of the routing kernel.
-    # (The routed input gradient wrote dB's and dc's, one per row tile.)
+    # (The routed input gradient wrote all of them, one per row tile: only the sum is left.)
     splits = 8
-    db_splits = math.ceil(n / SM90_TILE[0]) if routed else splits
-    dc_splits = math.ceil(n / SM90_TILE[0]) if routed else math.ceil(n * g / 128)
-    dw = Cost.kernel(2 * _pad(s, TALL_N) * k * n,
-                     ELEM * (n * s + n * k) + F32 * splits * s * k, rate=MMA_SYNC_FRACTION)
+    row_tiles = math.ceil(n / SM90_TILE[0])
+    dw_splits, db_splits = (row_tiles, row_tiles) if routed else (splits, splits)
+    dc_splits = row_tiles if routed else math.ceil(n * g / 128)
+    dw = Cost() if routed else Cost.kernel(
+        2 * _pad(s, TALL_N) * k * n, ELEM * (n * s + n * k) + F32 * splits * s * k,
+        rate=MMA_SYNC_FRACTION)
     db = Cost() if routed else Cost.kernel(
         2 * o * _pad(R, TALL_N) * n, ELEM * (n * o + n * gr) + F32 * splits * o * R,
         rate=MMA_SYNC_FRACTION)
-    sums = Cost.kernel(0, F32 * (splits * s * k + db_splits * o * R) + ELEM * (s * k + o * R)
+    sums = Cost.kernel(0, F32 * (dw_splits * s * k + db_splits * o * R) + ELEM * (s * k + o * R)
                        + F32 * dc_splits * g * L)
     return u + gg + route + dx + dw + db + sums
 

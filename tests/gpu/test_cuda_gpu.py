@@ -191,9 +191,9 @@ def test_the_hopper_gemm_runs_exactly_where_it_should(monkeypatch, switch):
     assert _launches(prof, "routed_dgrad_kernel") == int(routed)
     assert _launches(prof, "ext_gemm_kernel") == int(hopper and not routed)
     assert _launches(prof, "routed_gemm_kernel") == 0
-    if routed:  # u kept, dB inside the routed input gradient: only d[A_cat; R] is left,
-        # and B's rows are read in place (no padded copy first)
-        assert _launches(prof, "portable") == 1
+    if routed:  # u kept, every token reduction's partials inside the routed input gradient
+        # (no GEMM left but the sum), and B's rows read in place (no padded copy first)
+        assert _launches(prof, "portable") == 0
         assert _launches(prof, "block_diagonal_kernel") == 0
 
 
@@ -328,14 +328,15 @@ def test_the_forward_routes_inside_the_gemm_where_a_tile_holds_one_group(monkeyp
 
 
 def test_an_x_that_tma_cannot_load_takes_the_portable_forward_and_stays_right(monkeypatch):
-    """x 2 bytes past a 16-byte boundary: the forward falls back to the portable kernels (dx,
-    from dy and W in fresh buffers, still takes the routed sm_90a kernel, which never reads
-    x), and the results stay right."""
+    """x 2 bytes past a 16-byte boundary: the forward falls back to the portable kernels, and
+    the input gradient to the unrouted one (the routed kernel loads x too, for d[A_cat; R]):
+    dx, from dy and W in fresh buffers, on the sm_90a GEMM. The results stay right."""
     monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
     inputs, dy = make_inputs(333, 104, 40, {}, torch.bfloat16)
     prof = _run_with_shifted("x", inputs, dy)
     assert _launches(prof, "routed_gemm_kernel") == 0
-    assert _launches(prof, "routed_dgrad_kernel") == (1 if _hopper_gemm_expected() else 0)
+    assert _launches(prof, "routed_dgrad_kernel") == 0
+    assert _launches(prof, "ext_gemm_kernel") == (1 if _hopper_gemm_expected() else 0)
 
 
 @pytest.mark.parametrize("keep", [True, False], ids=["kept-u", "recomputed-u"])
