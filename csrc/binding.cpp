@@ -200,7 +200,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   Tensor d_router_weight = at::empty({gl, K}, opts);
   Tensor d_router_bias = at::empty({gl}, opts);
   Tensor u = shrink ? *shrink : at::empty({N, gr}, f32);  // the forward's [u | l], if kept
-  Tensor d_shrink = at::empty({N, d.shrink_ld()}, opts);
   const bool sm90 = compute_dx && sm90_enabled(dtype, x);  // only dx takes it
 
   ei::MorBackwardArgs args{};
@@ -219,14 +218,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   args.u = u.data_ptr<float>();
   args.u_ld = u.size(1);
   args.u_workspace = shrink ? nullptr : u.data_ptr<float>();
-  args.d_shrink = d_shrink.data_ptr();
   args.sm90 = sm90;
   // The routed sm_90a dx keeps g and z on chip and writes the partials of d[A_cat; R], dB
   // and dc, one per row tile; the other paths need g and z, and the unrouted sm_90a dx
   // [A_cat; R] stacked.
   args.sm90_routed = sm90 && ei::sm90_routed_enabled() &&
                      ei::sm90_routed_dgrad_accepts(dtype, d, args);
-  Tensor g, z, shrink_weight;
+  Tensor g, z, d_shrink, shrink_weight;
   if (args.sm90_routed) {
     plan.shrink_splits = plan.dl_splits = plan.lora_b_splits =
         int(ei::sm90_routed_dgrad_row_tiles(N));
@@ -235,6 +233,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
     args.g = g.data_ptr<float>();
     z = at::empty({N, d.rank_ld()}, opts);
     args.z = z.data_ptr();
+    d_shrink = at::empty({N, d.shrink_ld()}, opts);
+    args.d_shrink = d_shrink.data_ptr();
     if (sm90 && router) {
       shrink_weight = at::empty({S, K}, opts);
       args.shrink_weight = shrink_weight.data_ptr();

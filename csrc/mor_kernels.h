@@ -96,7 +96,7 @@ struct MorBackwardArgs {
   void* z;                    // workspace [N, G*r], row stride rank_ld(); null for the
                               // routed dx
   void* d_shrink;             // workspace [N, S]: [du | dl] in the input dtype, row stride
-                              // shrink_ld()
+                              // shrink_ld(); null for the routed dx
   bool sm90;                  // the binding enabled the sm_90a GEMM (sm90_gemm_enabled)
   bool sm90_routed;           // run the routed input gradient: sm90, sm90_routed_enabled()
                               // and sm90_routed_dgrad_accepts (the binding decides; g

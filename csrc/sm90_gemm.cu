@@ -871,7 +871,6 @@ struct RoutedDgradPointers {
   int64_t u_ld;
   const float* probs;  // [N, G*L]
   T* dx;               // [N, K]
-  T* d_shrink;         // [N, shrink_ld()] [du | dl], for d[A_cat; R]
   float* dl_partial;   // [row tiles, G*L]: each tile's fp32 sums of dl, for dc
   float* lora_b_partial;  // [row tiles, O, r]: each row tile's dy^T z, for dB
   float* shrink_partial;  // [row tiles, S, K]: each row tile's [du | dl]^T x, for d[A_cat; R]
@@ -879,9 +878,9 @@ struct RoutedDgradPointers {
 
 // One (row, group) of the routed input gradient: du and dl from u, p and the fp32 g of the
 // staging tile, into the extension's A tiles (zeros past r and L, and for rows past the last
-// token); from the first column tile only, [du | dl] to memory and dl to dl_rows.
+// token) and dl to dl_row in fp32.
 template <class Cfg, bool ROUTER, bool BYPASS, class SA>
-__device__ void route_dgrad_row(const MorDims& d, int group, int row, int64_t token, bool keeps,
+__device__ void route_dgrad_row(const MorDims& d, int group, int row, int64_t token,
                                 const RoutedDgradPointers<typename Cfg::T>& ptr,
                                 const float* staged, float* dl_row, SA& sDu, SA& sDl) {
   using T = typename Cfg::T;
@@ -892,21 +891,14 @@ __device__ void route_dgrad_row(const MorDims& d, int group, int row, int64_t to
     dl_row[j] = 0.0f;
   }
   if (token >= d.tokens) return;
-  T* const kept = ptr.d_shrink + token * d.shrink_ld();  // [du (G r) | dl (G L)]
-  T* const kept_du = kept + group * d.rank;
-  T* const kept_dl = kept + d.groups * d.rank + group * logits;
   route_backward_values<ROUTER, BYPASS, kRoutedBranches>(
       d, ptr.u + token * ptr.u_ld + group * d.rank, staged,
       ptr.probs + (token * d.groups + group) * logits,
       [](int, float) {},  // z: route_z's (the z warp), from u and p alone
-      [&](int j, float v) {
-        sDu(row, j) = T(v);
-        if (keeps) kept_du[j] = T(v);
-      },
+      [&](int j, float v) { sDu(row, j) = T(v); },
       [&](int i, float v) {
         sDl(row, i) = T(v);
         dl_row[i] = v;
-        if (keeps) kept_dl[i] = T(v);
       });
 }
 
@@ -1048,13 +1040,18 @@ __device__ void expand_lora_b(Shared& smem, const MorDims& d, int tiles, int k_s
   const int bid = int(blockIdx.x), grid = int(gridDim.x);
   const int cta_tiles = bid < tiles ? (tiles - 1 - bid) / grid + 1 : 0;
   const int group_steps = k_steps / d.groups;
-  int stage = 0, phase = 0;
+  // The ring's stage, and per stage the parity of lora_b_copied's next phase: that barrier
+  // completes a phase only where a K step copies B, not in the stages of x's tile, so its
+  // phases and the ring's laps part ways.
+  int stage = 0;
+  uint32_t copied = 0;
   for (int tile = 0; tile < cta_tiles; ++tile) {
     for (int kt = 0; kt < k_steps; ++kt) {
       const int rows = min(Cfg::kBK, d.out_features - kt * Cfg::kBK);  // those copied
       T* const values = smem.lora_b.begin() + stage * kStageValues;
       const uint16_t* const row = reinterpret_cast<const uint16_t*>(values) + o * d.rank;
-      TxBarrier::wait(&smem.lora_b_copied[stage], phase);
+      TxBarrier::wait(&smem.lora_b_copied[stage], int(copied >> stage & 1u));
+      copied ^= 1u << stage;
       uint32_t pairs[Cfg::kRanks / 2];  // columns 2i and 2i + 1 (zeros past r and the rows)
       CUTE_UNROLL
       for (int i = 0; i < Cfg::kRanks / 2; ++i) {
@@ -1074,11 +1071,9 @@ __device__ void expand_lora_b(Shared& smem, const MorDims& d, int tiles, int k_s
       cutlass::arch::fence_view_async_shared();
       __syncwarp();
       if (threadIdx.x % 32 == 0) Barrier::arrive(&smem.full[stage]);
-      if (++stage == kStages) stage = 0, phase ^= 1;
+      if (++stage == kStages) stage = 0;
       if ((kt + 1) % group_steps == 0) {  // the group's x stages: the TMA thread's alone
-        for (int c = 0; c < Cfg::kXChunks; ++c) {
-          if (++stage == kStages) stage = 0, phase ^= 1;
-        }
+        stage = (stage + Cfg::kXChunks) % kStages;
       }
     }
   }
@@ -1204,9 +1199,10 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
 // A tile's K steps run group by group (a segment each: O / G is a multiple of 64 when G > 1).
 // After a group's steps one thread per row routes it in fp32 and writes du and dl into shared
 // memory, and du A_g and dl R_g become two 16-deep K steps, before the next group's steps
-// accumulate on. The first column tile also writes [du | dl] (d[A_cat; R]'s operand) and its
-// rows' dl sums (dc's partials). A fourth warp group, the reducer, computes dB's row-tile
-// partials from the same dy tiles, with z routed by the producer warp group's z warp.
+// accumulate on. The first column tile also writes its rows' dl sums (dc's partials). A fourth
+// warp group, the reducer, computes dB's row-tile partials from the same dy tiles, with z
+// routed by the producer warp group's z warp, and d[A_cat; R]'s from the tile's x, which the
+// producer loads into three ring stages after each group's steps, and du and dl.
 template <class Cfg, class TmaA, class TmaB, class TmaE>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     routed_dgrad_kernel(CUTE_GRID_CONSTANT const TmaA tma_dy, CUTE_GRID_CONSTANT const TmaA tma_x,
@@ -1374,7 +1370,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   int stage = 0, phase = 0;
   for_each_segment(tiles, col_tiles, d.groups, [&](int row_tile, int col, int group,
                                                    int segment) {
-    const bool keeps = col == 0;  // the first column tile
+    const bool keeps = col == 0;  // the first column tile writes dc's partials
     if (group == 0) clear(acc);
     const GroupSteps steps(group, d.groups, k_steps);
     clear(acc_g);
@@ -1405,19 +1401,24 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       float* const dl_row = smem.dl_rows[thread];
       Barrier::wait(&smem.du_free, (segment & 1) ^ 1);  // the reducer read the last ones
       if (!d.router) {
-        route_dgrad_row<Cfg, false, false>(d, group, thread, token, keeps, ptr, staged, dl_row,
-                                           sDu, sDl);
+        route_dgrad_row<Cfg, false, false>(d, group, thread, token, ptr, staged, dl_row, sDu, sDl);
       } else if (d.bypass) {
-        route_dgrad_row<Cfg, true, true>(d, group, thread, token, keeps, ptr, staged, dl_row,
-                                         sDu, sDl);
+        route_dgrad_row<Cfg, true, true>(d, group, thread, token, ptr, staged, dl_row, sDu, sDl);
       } else {
-        route_dgrad_row<Cfg, true, false>(d, group, thread, token, keeps, ptr, staged, dl_row,
-                                          sDu, sDl);
+        route_dgrad_row<Cfg, true, false>(d, group, thread, token, ptr, staged, dl_row, sDu, sDl);
       }
     }
     cutlass::arch::fence_view_async_shared();  // du and dl: by threads, read by wgmma
     cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
     if (thread == 0) Barrier::arrive(&smem.du_ready);  // for the reducer's x^T [du | dl]
+    // The x stages that follow the group's steps are the reducer's: release them now, so that
+    // the producer can refill them with the next steps while this extension and store run
+    // (waiting for each first, so that the release counts toward the lap that loaded it).
+    for (int c = 0; c < Cfg::kXChunks; ++c) {
+      TxBarrier::wait(&smem.full[stage], phase);
+      Barrier::arrive(&smem.empty[stage]);
+      if (++stage == kStages) stage = 0, phase ^= 1;
+    }
     if (keeps && d.router && thread < d.logits) {  // this row tile's dl sums, in row order
       float total = 0.0f;
       for (int r = 0; r < Cfg::kBM; ++r) total += smem.dl_rows[r][thread];
@@ -1442,13 +1443,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                              make_coord(row_tile, col, _), Step<_1, _1, X>{});  // [BM, BN]
       store_tile(acc, thr_mma.partition_C(gC), m, n, static_cast<const T*>(nullptr), ptr.dx,
                  int64_t(n));
-    }
-    // x's stages are the reducer's: wait for each (so that this release counts toward the
-    // lap it loaded) and release it
-    for (int c = 0; c < Cfg::kXChunks; ++c) {
-      TxBarrier::wait(&smem.full[stage], phase);
-      Barrier::arrive(&smem.empty[stage]);
-      if (++stage == kStages) stage = 0, phase ^= 1;
     }
   });
 #else
@@ -1599,7 +1593,6 @@ cudaError_t launch_routed_dgrad(const MorDims& d, const MorBackwardArgs& a, cuda
                                    a.u_ld,
                                    a.probs,
                                    static_cast<T*>(a.dx),
-                                   static_cast<T*>(a.d_shrink),
                                    a.dl_partial,
                                    a.lora_b_partial,
                                    a.shrink_partial};

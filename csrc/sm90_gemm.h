@@ -60,9 +60,8 @@ cudaError_t sm90_routed_gemm(DType dtype, const MorDims& dims, const MorForwardA
 // GEMM: dx = dy W + [du | dl] [A_cat; R], where every CTA also computes g for its rows from the
 // dy tiles it already holds (B's rows bulk-copied, zero-padded on chip), routes in fp32 with
 // the saved u and p, and multiplies du by A_cat and dl by R as two extra K steps, group after
-// group (a tile's K steps run group by group). The first column tile writes [du | dl]
-// (args.d_shrink) and its rows' dl sums (args.dl_partial, [row tiles, G*L]), and a fourth
-// warp group writes the token reductions' partials per row tile: dB's dy^T z from the same dy
+// group (a tile's K steps run group by group). The first column tile writes its rows' dl sums
+// (args.dl_partial, [row tiles, G*L]), and a fourth warp group writes the token reductions' partials per row tile: dB's dy^T z from the same dy
 // tiles (args.lora_b_partial, [row tiles, O, r]) and d[A_cat; R]'s [du | dl]^T x from the
 // tile's x, loaded after each group's steps (args.shrink_partial, [row tiles, S, K]); the
 // caller's shrink_splits, lora_b_splits and dl_splits must be sm90_routed_dgrad_row_tiles.

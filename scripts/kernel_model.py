@@ -249,8 +249,8 @@ def sm90_routed_dgrad(n, k, o, g=1) -> Cost:
     group runs dB's dy^T z (16 columns) on the same dy tiles, each row tile's K steps shared
     among its column tiles, and after each group's steps d[A_cat; R]'s x^T du and x^T dl (16
     columns each) on the tile's x, loaded then: fp32 partials per row tile. dy, W, B, A_cat
-    and R read once, x once per group, u and p read (by consumers and the z warp), dx written,
-    [du | dl] written once (the first column tile)."""
+    and R read once, x once per group, u and p read (by consumers and the z warp), dx
+    written."""
     bm, bn, _ = SM90_TILE
     col_tiles = math.ceil(k / bn)
     row_tiles = math.ceil(n / bm)
@@ -260,7 +260,7 @@ def sm90_routed_dgrad(n, k, o, g=1) -> Cost:
     flops = (2 * n * k * (o + 2 * ROUTED_RANKS * g) + 2 * n * col_tiles * ROUTED_RANKS * o
              + 2 * n * o * ROUTED_RANKS + 2 * n * k * 2 * ROUTED_RANKS * g)
     bytes_ = (ELEM * (n * o + o * k + o * R + g * (R + L) * k + n * k + g * n * k)
-              + F32 * g * (n * (R + L) + n * L) + ELEM * n * _pad8(g * (R + L))
+              + F32 * g * (n * (R + L) + n * L)
               + F32 * row_tiles * (o * R + g * (R + L) * k))
     return Cost.kernel(flops, bytes_, tiles, efficiency, WGMMA_FRACTION,
                        serial_us=waves * g * ROUTE_STEP_US)
@@ -294,7 +294,7 @@ def cuda_bwd(n, k, o, g, hopper=True) -> Cost:
     routed = (hopper and (g == 1 or o // g % SM90_TILE[2] == 0) and R <= ROUTED_RANKS
               and L <= ROUTED_RANKS)
     if routed:
-        # as sm90_routed_dgrad_accepts: g, the routing, dx and dB's partials in one
+        # as sm90_routed_dgrad_accepts: g, the routing, dx and every partial in one
         gg, route, dx = Cost(), Cost(), sm90_routed_dgrad(n, k, o, g)
     elif hopper:  # [A_cat; R] stacked into one [S, K] operand, then the GEMM
         stack = Cost.kernel(0, 2 * ELEM * s * k)

@@ -104,7 +104,7 @@ def test_the_routed_dgrad_adds_g_per_column_tile_two_extension_steps_and_db_once
     assert dgrad.flops == (2 * n * k * (o + 32) + 2 * n * 16 * 16 * o + 2 * n * o * 16
                            + 2 * n * k * 32)
     # dy read once for all three, x once; dB's and d[A_cat; R]'s fp32 partials one per row tile
-    assert dgrad.bytes == (2 * (n * o + o * k + o * 14 + 18 * k + n * k + n * k + n * 24)
+    assert dgrad.bytes == (2 * (n * o + o * k + o * 14 + 18 * k + n * k + n * k)
                            + 4 * (n * 18 + n * 4 + 99 * (o * 14 + 18 * k)))
     assert dgrad.programs == 99 * 16 and dgrad.efficiency == 1.0  # 12 waves
 
@@ -117,7 +117,7 @@ def test_the_grouped_routed_dgrad_routes_and_extends_once_per_group():
     dgrad = kernel_model.sm90_routed_dgrad(n, k, o, g)
     assert dgrad.flops == (2 * n * k * (o + 32 * g) + 2 * n * 4 * 16 * o + 2 * n * o * 16
                            + 2 * n * k * 32 * g)
-    assert dgrad.bytes == (2 * (n * o + o * k + o * 14 + g * 18 * k + n * k + g * n * k + n * 56)
+    assert dgrad.bytes == (2 * (n * o + o * k + o * 14 + g * 18 * k + n * k + g * n * k)
                            + 4 * (g * (n * 18 + n * 4) + 99 * (o * 14 + g * 18 * k)))
     one_group = kernel_model.sm90_routed_dgrad(n, k, o)
     assert dgrad.programs == one_group.programs == 99 * 4

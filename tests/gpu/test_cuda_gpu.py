@@ -171,8 +171,8 @@ def test_the_forward_shares_the_shrink_in_a_cluster_and_stays_right(monkeypatch,
 def test_the_hopper_gemm_runs_exactly_where_it_should(monkeypatch, switch):
     """Kernel names from the profiler: on an H100/H200 build that holds them, unless switched
     off, the routed sm_90a kernel is the whole forward and the routed input gradient runs g,
-    the routing, dx and dB's partials; "unrouted", the sm_90a GEMM runs y and dx
-    with the shrink, g and the routing around it; nowhere else."""
+    the routing, dx and the token reductions' partials; "unrouted", the sm_90a GEMM runs y and
+    dx with the shrink, g and the routing around it; nowhere else."""
     monkeypatch.setenv("EI_KERNELS_CUDA_SM90", switch)
     layer = make_layer("cuda")
     x = torch.randn(256, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -202,16 +202,16 @@ def test_the_hopper_gemm_runs_exactly_where_it_should(monkeypatch, switch):
     pytest.param(1576, 2304, 3, True, id="qkv-groups3"),
     # 40 outputs per group: not whole 64-column K steps
     pytest.param(1576, 120, 3, False, id="groups3-40-per-group"),
-    # 513 row tiles: past the 512 row-tile partials of dB that the routed kernel writes
+    # 513 row tiles: past the 512 row-tile partials that the routed kernel writes
     pytest.param(513 * 128, 768, 1, False, id="one-group-65664-tokens"),
 ])
 @pytest.mark.usefixtures("sm90_kernels")
 def test_the_input_gradient_routes_inside_the_gemm_where_groups_fill_whole_k_steps(
         monkeypatch, n, o, groups, routed):
-    """g, the routing, dx and dB's and dc's partials in one routed launch where each group's
-    outputs are whole 64-column K steps (one group, qkv); else, or past 65536 tokens, g and
-    the routing as their own launches, then dx on the sm_90a GEMM. All stay right, gradients
-    included."""
+    """g, the routing, dx and every token reduction's partials in one routed launch where each
+    group's outputs are whole 64-column K steps (one group, qkv); else, or past 65536 tokens, g
+    and the routing as their own launches, then dx on the sm_90a GEMM. All stay right,
+    gradients included."""
     monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
     inputs, dy = make_inputs(n, 768, o, {"groups": groups}, torch.bfloat16)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
