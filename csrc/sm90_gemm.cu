@@ -3,8 +3,9 @@
 // none of CUTLASS's kernels are used).
 //
 // 128 x 192 output tiles, three warp groups per CTA (warp specialised; in the routed input
-// gradient a fourth, the reducer, runs dB's MMAs on the ring, and the producer warp group's
-// warp 1 routes z for it while warps 2-3 lay out B's rows for g):
+// gradient a fourth, the reducer, runs the token reductions' MMAs (dB's on the ring's dy
+// tiles, d[A_cat; R]'s on x tiles loaded after each group's steps), and the producer warp
+// group's warp 1 routes z for it while warps 2-3 lay out B's rows for g):
 //   producer  one elected thread of warp 0 issues the TMA loads of every K step into a
 //             shared-memory ring (5 stages; 4 in the routed kernels, whose extra tiles take
 //             the room): for ext_gemm first the main reduction (A, B), then the extension (A2,
@@ -16,7 +17,8 @@
 // The epilogue adds the bias and stores pairs of columns straight from the accumulators.
 // The routed forward runs in thread block clusters of column tiles of one row block, which
 // share out its shrink and sum the partials through distributed shared memory.
-// Persistent: one CTA per SM walks the tiles (for_each_tile), and since the ring runs on
+// Persistent: one CTA per SM walks the tiles (for_each_tile; for_each_segment in the routed
+// input gradient, which walks each tile group by group), and since the ring runs on
 // across tiles, the producer fills the next tile's stages while the consumers route and
 // store the last one; EI_KERNELS_CUDA_SM90_PERSISTENT=0 launches one CTA per tile instead
 // (the same code, each CTA's walk one tile long: to measure what persistence buys).
