@@ -219,22 +219,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   args.u_ld = u.size(1);
   args.u_workspace = shrink ? nullptr : u.data_ptr<float>();
   args.sm90 = sm90;
-  // The routed sm_90a dx keeps g and z on chip and writes the partials of d[A_cat; R], dB
-  // and dc, one per row tile; the other paths need g and z, and the unrouted sm_90a dx
-  // [A_cat; R] stacked.
+  // The routed sm_90a dx keeps g and z on chip and writes the partials of dB, dc and (unless
+  // "unfolded") d[A_cat; R], one per row tile; the other paths need g and z, and the
+  // unrouted sm_90a dx [A_cat; R] stacked.
   args.sm90_routed = sm90 && ei::sm90_routed_enabled() &&
                      ei::sm90_routed_dgrad_accepts(dtype, d, args);
+  args.sm90_folds_x = args.sm90_routed && ei::sm90_routed_folds_x();
   Tensor g, z, d_shrink, shrink_weight;
+  if (!args.sm90_folds_x) {
+    d_shrink = at::empty({N, d.shrink_ld()}, opts);
+    args.d_shrink = d_shrink.data_ptr();
+  }
   if (args.sm90_routed) {
-    plan.shrink_splits = plan.dl_splits = plan.lora_b_splits =
-        int(ei::sm90_routed_dgrad_row_tiles(N));
+    const int row_tiles = int(ei::sm90_routed_dgrad_row_tiles(N));
+    plan.dl_splits = plan.lora_b_splits = row_tiles;
+    if (args.sm90_folds_x) plan.shrink_splits = row_tiles;
   } else {
     g = at::empty({N, gr}, f32);
     args.g = g.data_ptr<float>();
     z = at::empty({N, d.rank_ld()}, opts);
     args.z = z.data_ptr();
-    d_shrink = at::empty({N, d.shrink_ld()}, opts);
-    args.d_shrink = d_shrink.data_ptr();
     if (sm90 && router) {
       shrink_weight = at::empty({S, K}, opts);
       args.shrink_weight = shrink_weight.data_ptr();

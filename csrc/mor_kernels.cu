@@ -158,16 +158,16 @@ __global__ void stack_rows_kernel(const T* __restrict__ top, int64_t top_count,
 }
 
 // d[A_cat; R] = [du | dl]^T x, dB_cat = dy^T z and dc from z, [du | dl] and the per-block dl
-// sums that the routing wrote: split-K partials, then one deterministic sum. With
-// partials_written the routed input gradient already wrote those of d[A_cat; R] and dB (one
-// per row tile): only the sum is left.
+// sums that the routing wrote: split-K partials, then one deterministic sum. With `routed` the
+// routed input gradient already wrote dB's (one per row tile), and d[A_cat; R]'s too where it
+// folds x in: then only the sum is left.
 template <typename T>
 cudaError_t token_reductions(const MorDims& d, const ReductionPlan& plan,
                              const MorBackwardArgs& a, cudaStream_t stream,
-                             bool partials_written = false) {
+                             bool routed = false) {
   const int m = int(d.tokens), K = d.in_features, O = d.out_features, r = d.rank;
   const int S = d.shrink_width(), og = O / d.groups;
-  if (!partials_written) {
+  if (!routed || !a.sm90_folds_x) {
     GemmArgs<T, float> dw{};
     dw.m = S, dw.n = K, dw.k = m, dw.k_per_split = split_length<T>(m, plan.shrink_splits);
     dw.a = dense<T>(static_cast<T*>(a.d_shrink), d.shrink_ld());
@@ -175,7 +175,8 @@ cudaError_t token_reductions(const MorDims& d, const ReductionPlan& plan,
     dw.c = a.shrink_partial, dw.ldc = K, dw.c_split_stride = int64_t(S) * K;
     dw.batches = 1, dw.splits = plan.shrink_splits;
     launch_gemm<WideTile, false, false>(dw, stream);
-
+  }
+  if (!routed) {
     GemmArgs<T, float> db{};
     db.m = og, db.n = r, db.k = m, db.k_per_split = split_length<T>(m, plan.lora_b_splits);
     db.a = dense(static_cast<const T*>(a.dy), O, og);
@@ -226,7 +227,7 @@ cudaError_t backward_impl(DType dtype, const MorDims& d, const ReductionPlan& pl
       // dx with g, the routing and the partials of d[A_cat; R], dB and dc inside
       const cudaError_t err = sm90_routed_dgrad(dtype, d, a, stream);
       if (err != cudaSuccess) return err;
-      return token_reductions<T>(d, plan, a, stream, /*partials_written=*/true);
+      return token_reductions<T>(d, plan, a, stream, /*routed=*/true);
     }
 
     // Batch entry g: g[:, group g's rank columns] = dy[:, output slice g] lora_b[slice g].
@@ -316,6 +317,11 @@ cudaError_t plan_reductions(const MorDims& d, int device, ReductionPlan* plan) {
 bool sm90_routed_enabled() {
   const char* const switch_value = std::getenv("EI_KERNELS_CUDA_SM90");
   return switch_value == nullptr || std::strcmp(switch_value, "unrouted") != 0;
+}
+
+bool sm90_routed_folds_x() {
+  const char* const switch_value = std::getenv("EI_KERNELS_CUDA_SM90");
+  return switch_value == nullptr || std::strcmp(switch_value, "unfolded") != 0;
 }
 
 cudaError_t sm90_gemm_enabled(DType dtype, int device, bool* enabled) {

@@ -96,13 +96,15 @@ struct MorBackwardArgs {
   void* z;                    // workspace [N, G*r], row stride rank_ld(); null for the
                               // routed dx
   void* d_shrink;             // workspace [N, S]: [du | dl] in the input dtype, row stride
-                              // shrink_ld(); null for the routed dx
+                              // shrink_ld(); null where the routed dx folds x in
   bool sm90;                  // the binding enabled the sm_90a GEMM (sm90_gemm_enabled)
   bool sm90_routed;           // run the routed input gradient: sm90, sm90_routed_enabled()
                               // and sm90_routed_dgrad_accepts (the binding decides; g
                               // and z are then null)
+  bool sm90_folds_x;          // with sm90_routed: it writes d[A_cat; R]'s partials too
+                              // (sm90_routed_folds_x; d_shrink is then null)
   void* shrink_weight;        // workspace [S, K] for it with a router: [A_cat; R], else null
-  float* shrink_partial;      // workspace [shrink_splits, S, K] (the routed dx writes it)
+  float* shrink_partial;      // workspace [shrink_splits, S, K]
   float* lora_b_partial;      // workspace [lora_b_splits, O, r]
   float* dl_partial;          // workspace [dl_splits, G*L]: per-block fp32 sums of dl
 };
@@ -118,6 +120,11 @@ cudaError_t sm90_gemm_enabled(DType dtype, int device, bool* enabled);
 // which keeps the shrink, g and the routing as launches of their own around the sm_90a GEMM
 // (to measure what folding them in buys, or to rule the routed kernels out).
 bool sm90_routed_enabled();
+
+// Whether the routed input gradient also writes d[A_cat; R]'s partials from the tiles of x it
+// loads: unless EI_KERNELS_CUDA_SM90 is "unfolded", which leaves that token reduction to a
+// split-K launch of its own over [du | dl] (to measure what folding it in buys).
+bool sm90_routed_folds_x();
 
 // Reads the device's SM count (no stream work, so it is safe during CUDA graph capture).
 cudaError_t plan_reductions(const MorDims& dims, int device, ReductionPlan* plan);

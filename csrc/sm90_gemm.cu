@@ -873,16 +873,22 @@ struct RoutedDgradPointers {
   int64_t u_ld;
   const float* probs;  // [N, G*L]
   T* dx;               // [N, K]
+  // Where x is folded in: [row tiles, S, K], each row tile's [du | dl]^T x for d[A_cat; R],
+  // and d_shrink null; else null, and d_shrink [N, shrink_ld()] gets [du | dl] for a split-K
+  // launch of its own.
+  float* shrink_partial;
+  T* d_shrink;
   float* dl_partial;   // [row tiles, G*L]: each tile's fp32 sums of dl, for dc
   float* lora_b_partial;  // [row tiles, O, r]: each row tile's dy^T z, for dB
-  float* shrink_partial;  // [row tiles, S, K]: each row tile's [du | dl]^T x, for d[A_cat; R]
 };
 
 // One (row, group) of the routed input gradient: du and dl from u, p and the fp32 g of the
 // staging tile, into the extension's A tiles (zeros past r and L, and for rows past the last
-// token) and dl to dl_row in fp32.
+// token) and dl to dl_row in fp32; into `kept` too (the row's [du | dl] in d_shrink) unless
+// null.
 template <class Cfg, bool ROUTER, bool BYPASS, class SA>
 __device__ void route_dgrad_row(const MorDims& d, int group, int row, int64_t token,
+                                typename Cfg::T* kept,
                                 const RoutedDgradPointers<typename Cfg::T>& ptr,
                                 const float* staged, float* dl_row, SA& sDu, SA& sDl) {
   using T = typename Cfg::T;
@@ -897,10 +903,14 @@ __device__ void route_dgrad_row(const MorDims& d, int group, int row, int64_t to
       d, ptr.u + token * ptr.u_ld + group * d.rank, staged,
       ptr.probs + (token * d.groups + group) * logits,
       [](int, float) {},  // z: route_z's (the z warp), from u and p alone
-      [&](int j, float v) { sDu(row, j) = T(v); },
+      [&](int j, float v) {
+        sDu(row, j) = T(v);
+        if (kept) kept[group * d.rank + j] = T(v);
+      },
       [&](int i, float v) {
         sDl(row, i) = T(v);
         dl_row[i] = v;
+        if (kept) kept[d.groups * d.rank + group * logits + i] = T(v);
       });
 }
 
@@ -1032,7 +1042,8 @@ static_assert(lora_b_offsets_match<RoutedDgradConfig<cutlass::bfloat16_t>>());
 // then arrives on the stage's `full` barrier, which counts these arrivals besides the TMA
 // thread's. (One warp with two rows a thread spilled at this warp group's 40 registers.)
 template <class Cfg, class Shared>
-__device__ void expand_lora_b(Shared& smem, const MorDims& d, int tiles, int k_steps) {
+__device__ void expand_lora_b(Shared& smem, const MorDims& d, int tiles, int k_steps,
+                              bool folds) {
   using T = typename Cfg::T;
   constexpr int kStages = Cfg::kStages, kStageValues = Cfg::kRanks * Cfg::kBK;
   constexpr int kBarrier = 2;  // named barrier id (1: the consumers')
@@ -1074,7 +1085,7 @@ __device__ void expand_lora_b(Shared& smem, const MorDims& d, int tiles, int k_s
       __syncwarp();
       if (threadIdx.x % 32 == 0) Barrier::arrive(&smem.full[stage]);
       if (++stage == kStages) stage = 0;
-      if ((kt + 1) % group_steps == 0) {  // the group's x stages: the TMA thread's alone
+      if (folds && (kt + 1) % group_steps == 0) {  // the group's x stages: not for B
         stage = (stage + Cfg::kXChunks) % kStages;
       }
     }
@@ -1160,9 +1171,11 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
     if (!z_ready) Barrier::wait(&smem.z_full[buffer], (segment >> 1) & 1);
     Barrier::arrive(&smem.z_empty[buffer]);
 
-    // d[A_cat; R]'s partial of the row tile for this column tile's inputs: x^T du and x^T dl
-    // of the segment's group, x's tile in kXChunks stages of 64 columns (a chunk past K is not
-    // loaded: nothing to multiply), du and dl once the consumers have routed the segment.
+    // d[A_cat; R]'s partial of the row tile for this column tile's inputs, where x is folded
+    // in: x^T du and x^T dl of the segment's group, x's tile in kXChunks stages of 64 columns
+    // (a chunk past K is not loaded: nothing to multiply), du and dl once the consumers have
+    // routed the segment.
+    if (ptr.shrink_partial == nullptr) return;
     const int n = d.in_features;
     float* const shrink_partial = ptr.shrink_partial + int64_t(row_tile) * d.shrink_width() * n;
     // acc's columns of the chunk from `first_column` on, as `rows` rows of [A_cat; R] from
@@ -1219,6 +1232,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int col_tiles = (n + Cfg::kBN - 1) / Cfg::kBN;
   const int tiles = int(tile_count(m, n));  // tiles G < 2^30: the host checks
   const int k_steps = (k + Cfg::kBK - 1) / Cfg::kBK;
+  // x folded in: x's tile follows each group's steps through the ring, for d[A_cat; R]
+  const bool folds = ptr.shrink_partial != nullptr;
   // TMA's bytes per stage (B's rows: a bulk copy counted on its own barrier), and per stage of
   // x's tile (its dy slot only)
   constexpr uint32_t kStageBytes = uint32_t((Cfg::kBM + Cfg::kBN) * Cfg::kBK * sizeof(T));
@@ -1262,7 +1277,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   if (threadIdx.x < 128) {  // producer warp group: one thread issues every TMA load
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegisters>();
     if (threadIdx.x >= 32 + Cfg::kZThreads) {  // the B warps
-      expand_lora_b<Cfg>(smem, d, tiles, k_steps);
+      expand_lora_b<Cfg>(smem, d, tiles, k_steps, folds);
       return;
     }
     if (threadIdx.x >= 32) {  // the z warp
@@ -1330,6 +1345,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       // Then x's tile for the reducer's x^T [du | dl], in kXChunks stages of the dy slot. They
       // hold no B: this thread also makes the B warps' two arrivals (a chunk past K is not
       // loaded: no bytes).
+      if (!folds) return;
       Tensor gX = local_tile(tma_x.get_tma_tensor(make_shape(m, n)),
                              Shape<typename Cfg::BM, typename Cfg::BK>{},
                              make_coord(row, _));  // [BM, BK, K chunks]
@@ -1401,25 +1417,35 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       const int64_t token = int64_t(row_tile) * Cfg::kBM + thread;
       const float* const staged = smem.staging[thread];
       float* const dl_row = smem.dl_rows[thread];
-      Barrier::wait(&smem.du_free, (segment & 1) ^ 1);  // the reducer read the last ones
+      // [du | dl] to memory from the first column tile where x is not folded in
+      T* const kept = keeps && !folds && token < d.tokens
+                          ? ptr.d_shrink + token * d.shrink_ld()
+                          : nullptr;
+      if (folds) Barrier::wait(&smem.du_free, (segment & 1) ^ 1);  // the reducer read the last
       if (!d.router) {
-        route_dgrad_row<Cfg, false, false>(d, group, thread, token, ptr, staged, dl_row, sDu, sDl);
+        route_dgrad_row<Cfg, false, false>(d, group, thread, token, kept, ptr, staged, dl_row,
+                                           sDu, sDl);
       } else if (d.bypass) {
-        route_dgrad_row<Cfg, true, true>(d, group, thread, token, ptr, staged, dl_row, sDu, sDl);
+        route_dgrad_row<Cfg, true, true>(d, group, thread, token, kept, ptr, staged, dl_row,
+                                         sDu, sDl);
       } else {
-        route_dgrad_row<Cfg, true, false>(d, group, thread, token, ptr, staged, dl_row, sDu, sDl);
+        route_dgrad_row<Cfg, true, false>(d, group, thread, token, kept, ptr, staged, dl_row,
+                                          sDu, sDl);
       }
     }
     cutlass::arch::fence_view_async_shared();  // du and dl: by threads, read by wgmma
     cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
-    if (thread == 0) Barrier::arrive(&smem.du_ready);  // for the reducer's x^T [du | dl]
-    // The x stages that follow the group's steps are the reducer's: release them now, so that
-    // the producer can refill them with the next steps while this extension and store run
-    // (waiting for each first, so that the release counts toward the lap that loaded it).
-    for (int c = 0; c < Cfg::kXChunks; ++c) {
-      TxBarrier::wait(&smem.full[stage], phase);
-      Barrier::arrive(&smem.empty[stage]);
-      if (++stage == kStages) stage = 0, phase ^= 1;
+    if (folds) {
+      if (thread == 0) Barrier::arrive(&smem.du_ready);  // for the reducer's x^T [du | dl]
+      // The x stages that follow the group's steps are the reducer's: release them now, so
+      // that the producer can refill them with the next steps while this extension and store
+      // run (waiting for each first, so that the release counts toward the lap that loaded
+      // it).
+      for (int c = 0; c < Cfg::kXChunks; ++c) {
+        TxBarrier::wait(&smem.full[stage], phase);
+        Barrier::arrive(&smem.empty[stage]);
+        if (++stage == kStages) stage = 0, phase ^= 1;
+      }
     }
     if (keeps && d.router && thread < d.logits) {  // this row tile's dl sums, in row order
       float total = 0.0f;
@@ -1595,9 +1621,10 @@ cudaError_t launch_routed_dgrad(const MorDims& d, const MorBackwardArgs& a, cuda
                                    a.u_ld,
                                    a.probs,
                                    static_cast<T*>(a.dx),
+                                   a.sm90_folds_x ? a.shrink_partial : nullptr,
+                                   a.sm90_folds_x ? nullptr : static_cast<T*>(a.d_shrink),
                                    a.dl_partial,
-                                   a.lora_b_partial,
-                                   a.shrink_partial};
+                                   a.lora_b_partial};
   return launch_on_tiles<int(sizeof(typename Cfg::Shared)), Cfg::kThreads>(
       &routed_dgrad_kernel<Cfg, decltype(tma_dy), decltype(tma_w), decltype(tma_lora_a)>,
       tile_count(m, n), stream, tma_dy, tma_x, tma_w, tma_lora_a, tma_router, d, ptr);

@@ -62,10 +62,11 @@ def test_summary_of_a_run_killed_half_way(tmp_path):
     assert "started vitb-qkv-groups3-bf16: hung or crashed" in text
     assert "ceiling gemm-8192: 785 TFLOP/s" in text
     # providers: linear, torch, triton, cuda, cuda one CTA per tile, cuda without clusters and
-    # in clusters of 4, cuda without its routed kernels, cuda without its sm_90a kernels, and
-    # triton with the GPU's size not consulted, nothing shared between programs, atomic
+    # in clusters of 4, cuda with d[A_cat; R] on its own launch, cuda without its routed
+    # kernels, cuda without its sm_90a kernels, and triton with the GPU's size not consulted,
+    # nothing shared between programs, atomic
     assert ("| K768-O768-N12608 | fwd | 0.050 | - | 0.060 | - | - | - | - | - | - | - | - | - "
-            "| - | 1.20 | - | - | - | - | - | - | - | - | - |" in text)
+            "| - | - | 1.20 | - | - | - | - | - | - | - | - | - | - |" in text)
     assert ("K768-O768-N12608 fused-cuda: routed_dgrad_kernel 31.5, routed_gemm_kernel 30.2"
             in text)
     assert "| ei bf16 b8 448 px | 12.00 | 9.00 | 0.75 |" in text
@@ -163,7 +164,8 @@ def test_kernel_times_sum_launches_under_short_names():
 def test_cuda_correctness_steps_down_the_sm90_ladder_past_modes_that_hung():
     """A case that never finished (or lost the context) under a mode moves the cases still to
     run one step down: every sm_90a kernel persistent, then without clusters, then one CTA per
-    tile, then the plain sm_90a GEMM, then none."""
+    tile, then without d[A_cat; R] in the routed input gradient, then the plain sm_90a GEMM,
+    then none."""
     sys.path.insert(0, str(SCRIPTS))
     try:
         import correctness
@@ -181,6 +183,6 @@ def test_cuda_correctness_steps_down_the_sm90_ladder_past_modes_that_hung():
     assert correctness.sm90_mode(passed + hung) == "no-cluster"
     no_cluster_hung = [{**cuda, "case": "e", "sm90": "no-cluster", "verdict": "started"}]
     assert correctness.sm90_mode(passed + hung + no_cluster_hung) == "one-tile"
-    assert correctness.sm90_mode(passed + hung + no_cluster_hung + lost) == "unrouted"
+    assert correctness.sm90_mode(passed + hung + no_cluster_hung + lost) == "unfolded"
     assert correctness.sm90_mode(lost) == "1"  # "one-tile" broke, but "1" never did
     assert set(correctness.SM90_ENV) == set(correctness.SM90_LADDER)

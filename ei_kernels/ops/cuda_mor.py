@@ -18,7 +18,7 @@ from ..spec import MoRSpec
 # The extension's run-time switches (README, "Building the CUDA extension") and the values it
 # knows. It reads any other value as the default, which would hide a typo: refused here.
 SWITCHES = {
-    "EI_KERNELS_CUDA_SM90": ("0", "1", "unrouted"),
+    "EI_KERNELS_CUDA_SM90": ("0", "1", "unrouted", "unfolded"),
     "EI_KERNELS_CUDA_SM90_PERSISTENT": ("0", "1"),
     "EI_KERNELS_CUDA_SM90_CLUSTER": ("1", "2", "4"),
 }

@@ -30,7 +30,7 @@ from mor_reference import make_inputs  # noqa: E402
 # (id, tokens, K, O, groups, router): which kernels each takes in mode "1" on an H100/H200
 CASES = [
     ("routed-K104-O200", 333, 104, 200, 1, True),  # the routed forward and input gradient
-    ("routed-qkv-K104-O576", 333, 104, 576, 3, True),  # routed forward, plain sm_90a dx
+    ("routed-qkv-K104-O576", 333, 104, 576, 3, True),  # both routed, 3 groups
     ("lora-K104-O200", 333, 104, 200, 1, False),  # no router: plain LoRA
     ("portable-K100-O37", 333, 100, 37, 1, True),  # rows TMA cannot load: portable kernels
     ("one-token-K104-O200", 1, 104, 200, 1, True),

@@ -12,7 +12,9 @@ token reductions instead of the deterministic slots ("fused-triton-atomic"), and
 backend with its sm_90a TMA + wgmma GEMM switched off ("fused-cuda-portable":
 EI_KERNELS_CUDA_SM90=0, every GEMM on the portable mma.sync kernel), without its routed
 kernels ("fused-cuda-unrouted": EI_KERNELS_CUDA_SM90=unrouted, the shrink, g and the routing
-as launches of their own around the sm_90a GEMM) or with one CTA per tile instead of one
+as launches of their own around the sm_90a GEMM), with d[A_cat; R] as a split-K launch of its
+own instead of inside the routed input gradient ("fused-cuda-unfolded":
+EI_KERNELS_CUDA_SM90=unfolded) or with one CTA per tile instead of one
 persistent CTA per SM ("fused-cuda-one-tile": EI_KERNELS_CUDA_SM90_PERSISTENT=0), and with the
 routed forward's shrink not shared out in a cluster ("fused-cuda-no-cluster":
 EI_KERNELS_CUDA_SM90_CLUSTER=1, every column tile computes its rows' shrink) or shared out
@@ -57,11 +59,11 @@ SHAPES = [(40, 24, 1), (40, 36, 3)] if DRY else [
     (768, 768, 1), (768, 2304, 3), (768, 3072, 1), (3072, 768, 1)]
 # The Triton variants last: within the stage's time cap they are what may be cut.
 PROVIDERS = ("linear", "fused-torch", "fused-triton", "fused-cuda", "fused-cuda-one-tile",
-             "fused-cuda-no-cluster", "fused-cuda-cluster4", "fused-cuda-unrouted",
-             "fused-cuda-portable", "fused-triton-unfitted", "fused-triton-unshared",
-             "fused-triton-atomic")
+             "fused-cuda-no-cluster", "fused-cuda-cluster4", "fused-cuda-unfolded",
+             "fused-cuda-unrouted", "fused-cuda-portable", "fused-triton-unfitted",
+             "fused-triton-unshared", "fused-triton-atomic")
 PROFILED = ("linear", "fused-triton", "fused-cuda", "fused-cuda-one-tile",  # their fwd+bwd
-            "fused-cuda-no-cluster")
+            "fused-cuda-no-cluster", "fused-cuda-unfolded")
 DTYPE = torch.float32 if DRY else torch.bfloat16
 WARMUP, ROUNDS = (1, 2) if DRY else (10, 30)
 
@@ -118,11 +120,13 @@ def _triton_variant(provider: str):
 @contextlib.contextmanager
 def _cuda_variant(provider: str):
     """The cuda backend as `provider` runs it: "-portable" without the sm_90a GEMM,
-    "-unrouted" without its routed kernels, "-one-tile" with one CTA per tile, "-no-cluster"
+    "-unrouted" without its routed kernels, "-unfolded" with d[A_cat; R] on its own launch,
+    "-one-tile" with one CTA per tile, "-no-cluster"
     and "-cluster4" with the routed forward in clusters of 1 and 4 CTAs (the extension reads
     the switches at every call)."""
     switches = {"-portable": ("EI_KERNELS_CUDA_SM90", "0"),
                 "-unrouted": ("EI_KERNELS_CUDA_SM90", "unrouted"),
+                "-unfolded": ("EI_KERNELS_CUDA_SM90", "unfolded"),
                 "-one-tile": ("EI_KERNELS_CUDA_SM90_PERSISTENT", "0"),
                 "-no-cluster": ("EI_KERNELS_CUDA_SM90_CLUSTER", "1"),
                 "-cluster4": ("EI_KERNELS_CUDA_SM90_CLUSTER", "4")}

@@ -95,8 +95,8 @@ def _launches(prof, kernel: str) -> int:
     return sum(kernel in name for name in names)
 
 
-@pytest.mark.parametrize("switch", ["1", "unrouted", "0"],
-                         ids=["sm90-on", "sm90-unrouted", "sm90-off"])
+@pytest.mark.parametrize("switch", ["1", "unfolded", "unrouted", "0"],
+                         ids=["sm90-on", "sm90-unfolded", "sm90-unrouted", "sm90-off"])
 @pytest.mark.parametrize("n, k, o, cfg, dtype", [
     pytest.param(1576, 768, 2304, {"groups": 3}, "bf16", id="qkv-groups3-bf16"),
     pytest.param(333, 104, 40, {"bypass": False}, "fp16", id="odd-tiles-no-bypass-fp16"),
@@ -166,13 +166,14 @@ def test_the_forward_shares_the_shrink_in_a_cluster_and_stays_right(monkeypatch,
             assert torch.equal(g[name], g_other[name]), name
 
 
-@pytest.mark.parametrize("switch", ["1", "unrouted", "0"],
-                         ids=["sm90-on", "sm90-unrouted", "sm90-off"])
+@pytest.mark.parametrize("switch", ["1", "unfolded", "unrouted", "0"],
+                         ids=["sm90-on", "sm90-unfolded", "sm90-unrouted", "sm90-off"])
 def test_the_hopper_gemm_runs_exactly_where_it_should(monkeypatch, switch):
     """Kernel names from the profiler: on an H100/H200 build that holds them, unless switched
     off, the routed sm_90a kernel is the whole forward and the routed input gradient runs g,
-    the routing, dx and the token reductions' partials; "unrouted", the sm_90a GEMM runs y and
-    dx with the shrink, g and the routing around it; nowhere else."""
+    the routing, dx and the token reductions' partials ("unfolded": d[A_cat; R]'s on a
+    portable launch of their own); "unrouted", the sm_90a GEMM runs y and dx with the shrink,
+    g and the routing around it; nowhere else."""
     monkeypatch.setenv("EI_KERNELS_CUDA_SM90", switch)
     layer = make_layer("cuda")
     x = torch.randn(256, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -180,7 +181,7 @@ def test_the_hopper_gemm_runs_exactly_where_it_should(monkeypatch, switch):
         y = layer(x)
         torch.cuda.synchronize()
     hopper = switch != "0" and _hopper_gemm_expected()
-    routed = hopper and switch == "1"
+    routed = hopper and switch in ("1", "unfolded")
     assert _launches(prof, "routed_gemm_kernel") == int(routed)
     assert _launches(prof, "ext_gemm_kernel") == int(hopper and not routed)
     if routed:  # nothing else runs in the forward
@@ -191,9 +192,10 @@ def test_the_hopper_gemm_runs_exactly_where_it_should(monkeypatch, switch):
     assert _launches(prof, "routed_dgrad_kernel") == int(routed)
     assert _launches(prof, "ext_gemm_kernel") == int(hopper and not routed)
     assert _launches(prof, "routed_gemm_kernel") == 0
-    if routed:  # u kept, every token reduction's partials inside the routed input gradient
-        # (no GEMM left but the sum), and B's rows read in place (no padded copy first)
-        assert _launches(prof, "portable") == 0
+    if routed:  # u kept, the token reductions' partials inside the routed input gradient
+        # (no GEMM left but the sum; "unfolded": and d[A_cat; R]'s), and B's rows read in
+        # place (no padded copy first)
+        assert _launches(prof, "portable") == int(switch == "unfolded")
         assert _launches(prof, "block_diagonal_kernel") == 0
 
 
