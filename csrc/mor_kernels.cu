@@ -224,7 +224,7 @@ cudaError_t backward_impl(DType dtype, const MorDims& d, const ReductionPlan& pl
     }
 
     if (a.sm90_routed) {
-      // dx with g, the routing and the partials of d[A_cat; R], dB and dc inside
+      // dx with g, the routing and the partials of dB, dc and (folded) d[A_cat; R] inside
       const cudaError_t err = sm90_routed_dgrad(dtype, d, a, stream);
       if (err != cudaSuccess) return err;
       return token_reductions<T>(d, plan, a, stream, /*routed=*/true);

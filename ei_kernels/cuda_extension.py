@@ -70,7 +70,8 @@ def cuda_extension_info() -> dict:
     loaded (None when it is); "sm90_gemm" whether the loaded library holds the sm_90a TMA +
     wgmma GEMM (None when nothing is loaded). It runs on compute capability 9.0 devices for
     16-bit inputs unless EI_KERNELS_CUDA_SM90=0 (=unrouted: without the routed forward and
-    input gradient); elsewhere every GEMM takes the portable kernel.
+    input gradient; =unfolded: d[A_cat; R] not inside the routed input gradient); elsewhere
+    every GEMM takes the portable kernel.
     """
     built, loaded, reason = _load()
     return {

@@ -5,8 +5,9 @@ bitwise determinism, CUDA graph capture and replay, torch.compile(fullgraph=True
 H100/H200 the 16-bit cases whose rows TMA can load take the sm_90a kernels, routed where they
 fit (the K=104/O=40 ones: partial tiles in every dimension there), the rest the portable
 ones; both are also compared
-with the switch EI_KERNELS_CUDA_SM90=0, and the sm_90a GEMM without the routed kernels with
-EI_KERNELS_CUDA_SM90=unrouted; persistent CTAs against one CTA per tile
+with the switch EI_KERNELS_CUDA_SM90=0, the sm_90a GEMM without the routed kernels with
+EI_KERNELS_CUDA_SM90=unrouted, and the routed input gradient without d[A_cat; R] with
+EI_KERNELS_CUDA_SM90=unfolded; persistent CTAs against one CTA per tile
 (EI_KERNELS_CUDA_SM90_PERSISTENT=0) bit for bit; the routed forward's shrink shared out in
 clusters of 1, 2 and 4 column tiles (EI_KERNELS_CUDA_SM90_CLUSTER); the routed input
 gradient's B rows for odd and full ranks, a B it cannot bulk-copy, and grouped layers."""
@@ -109,7 +110,8 @@ def test_both_gemm_paths_match_torch_and_fp64(monkeypatch, switch, n, k, o, cfg,
     check_against_torch_and_fp64("cuda", n, k, o, cfg, DTYPES[dtype], ulps=4)
 
 
-@pytest.mark.parametrize("switch", ["1", "unrouted"], ids=["routed", "unrouted"])
+@pytest.mark.parametrize("switch", ["1", "unfolded", "unrouted"],
+                         ids=["routed", "routed-unfolded", "unrouted"])
 @pytest.mark.parametrize("n, k, o, groups", [
     pytest.param(12608, 768, 768, 1, id="proj-12608-3-tiles-per-sm"),
     pytest.param(12608, 768, 2304, 3, id="qkv-12608-9-tiles-per-sm"),
