@@ -1042,24 +1042,21 @@ static_assert(lora_b_offsets_match<RoutedDgradConfig<cutlass::bfloat16_t>>());
 // then arrives on the stage's `full` barrier, which counts these arrivals besides the TMA
 // thread's. (One warp with two rows a thread spilled at this warp group's 40 registers.)
 template <class Cfg, class Shared>
-__device__ void expand_lora_b(Shared& smem, const MorDims& d, int tiles, int k_steps,
-                              bool folds) {
+__device__ void expand_lora_b(Shared& smem, const MorDims& d, int tiles, int col_tiles,
+                              int k_steps, bool folds) {
   using T = typename Cfg::T;
   constexpr int kStages = Cfg::kStages, kStageValues = Cfg::kRanks * Cfg::kBK;
   constexpr int kBarrier = 2;  // named barrier id (1: the consumers')
   static_assert(Cfg::kLoraBThreads == Cfg::kBK, "one row of each step per thread");
   const int o = int(threadIdx.x) % Cfg::kLoraBThreads;  // the thread's row of each step
-  // The CTA's tiles, as for_each_tile walks them (in 32 bits: fewer registers)
-  const int bid = int(blockIdx.x), grid = int(gridDim.x);
-  const int cta_tiles = bid < tiles ? (tiles - 1 - bid) / grid + 1 : 0;
-  const int group_steps = k_steps / d.groups;
   // The ring's stage, and per stage the parity of lora_b_copied's next phase: that barrier
   // completes a phase only where a K step copies B, not in the stages of x's tile, so its
   // phases and the ring's laps part ways.
   int stage = 0;
   uint32_t copied = 0;
-  for (int tile = 0; tile < cta_tiles; ++tile) {
-    for (int kt = 0; kt < k_steps; ++kt) {
+  for_each_segment(tiles, col_tiles, d.groups, [&](int, int, int group, int) {
+    const GroupSteps steps(group, d.groups, k_steps);
+    for (int kt = steps.first; kt < steps.last; ++kt) {
       const int rows = min(Cfg::kBK, d.out_features - kt * Cfg::kBK);  // those copied
       T* const values = smem.lora_b.begin() + stage * kStageValues;
       const uint16_t* const row = reinterpret_cast<const uint16_t*>(values) + o * d.rank;
@@ -1085,11 +1082,9 @@ __device__ void expand_lora_b(Shared& smem, const MorDims& d, int tiles, int k_s
       __syncwarp();
       if (threadIdx.x % 32 == 0) Barrier::arrive(&smem.full[stage]);
       if (++stage == kStages) stage = 0;
-      if (folds && (kt + 1) % group_steps == 0) {  // the group's x stages: not for B
-        stage = (stage + Cfg::kXChunks) % kStages;
-      }
     }
-  }
+    if (folds) stage = (stage + Cfg::kXChunks) % kStages;  // the group's x stages: not for B
+  });
 }
 
 // The reducer warp group of the routed input gradient: dB's partial of each row tile,
@@ -1277,7 +1272,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   if (threadIdx.x < 128) {  // producer warp group: one thread issues every TMA load
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegisters>();
     if (threadIdx.x >= 32 + Cfg::kZThreads) {  // the B warps
-      expand_lora_b<Cfg>(smem, d, tiles, k_steps, folds);
+      expand_lora_b<Cfg>(smem, d, tiles, col_tiles, k_steps, folds);
       return;
     }
     if (threadIdx.x >= 32) {  // the z warp
