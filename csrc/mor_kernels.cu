@@ -136,13 +136,19 @@ cudaError_t forward_impl(DType dtype, const MorDims& d, const MorForwardArgs& a,
   return cudaSuccess;
 }
 
+// as_dependent: launched as the programmatic dependent of the kernel ahead (a 9.0+ device).
 template <typename T>
-void sum_splits(const SplitSums& sums, cudaStream_t stream) {
+cudaError_t sum_splits(const SplitSums& sums, bool as_dependent, cudaStream_t stream) {
   int64_t count = 0;
   for (int j = 0; j < sums.count; ++j) count += sums.sum[j].rows * sums.sum[j].cols;
-  if (count == 0) return;
+  if (count == 0) return cudaSuccess;
   const unsigned blocks = unsigned(std::min<int64_t>((count + 31) / 32, 4096));
+  if (as_dependent) {
+    return launch_as_dependent(&sum_splits_kernel<T>, dim3(blocks), dim3(kSumBlockThreads),
+                               stream, sums);
+  }
   sum_splits_kernel<T><<<blocks, kSumBlockThreads, 0, stream>>>(sums);
+  return cudaSuccess;
 }
 
 // [top; bottom] as one contiguous matrix (the sm_90a input gradient's [A_cat; R] operand).
@@ -187,7 +193,8 @@ cudaError_t token_reductions(const MorDims& d, const ReductionPlan& plan,
   }
 
   // The partial sums in a fixed order, one launch; dc from the routing kernel's per-block
-  // sums (none for no tokens: zeros).
+  // sums (none for no tokens: zeros). Right after the routed input gradient (which lets its
+  // dependent launch from its start), as that kernel's dependent, unless switched off.
   SplitSums sums{};
   sums.sum[sums.count++] = {a.shrink_partial, plan.shrink_splits, S, K, d.groups * r, a.d_lora_a,
                             a.d_router_weight};
@@ -196,8 +203,7 @@ cudaError_t token_reductions(const MorDims& d, const ReductionPlan& plan,
     sums.sum[sums.count++] = {a.dl_partial, plan.dl_splits, 1, d.groups * d.logits, 1,
                               a.d_router_bias, nullptr};
   }
-  sum_splits<T>(sums, stream);
-  return cudaSuccess;
+  return sum_splits<T>(sums, routed && a.dependent_sum, stream);
 }
 
 template <typename T>
@@ -317,6 +323,11 @@ cudaError_t plan_reductions(const MorDims& d, int device, ReductionPlan* plan) {
 bool sm90_routed_enabled() {
   const char* const switch_value = std::getenv("EI_KERNELS_CUDA_SM90");
   return switch_value == nullptr || std::strcmp(switch_value, "unrouted") != 0;
+}
+
+bool dependent_launch_enabled() {
+  const char* const switch_value = std::getenv("EI_KERNELS_CUDA_PDL");
+  return switch_value == nullptr || std::strcmp(switch_value, "0") != 0;
 }
 
 bool sm90_routed_folds_x() {

@@ -103,6 +103,9 @@ struct MorBackwardArgs {
                               // and z are then null)
   bool sm90_folds_x;          // with sm90_routed: it writes d[A_cat; R]'s partials too
                               // (sm90_routed_folds_x; d_shrink is then null)
+  bool dependent_sum;         // with sm90_folds_x: the sum of the partials starts as the
+                              // routed input gradient's programmatic dependent
+                              // (dependent_launch_enabled)
   void* shrink_weight;        // workspace [S, K] for it with a router: [A_cat; R], else null
   float* shrink_partial;      // workspace [shrink_splits, S, K]
   float* lora_b_partial;      // workspace [lora_b_splits, O, r]
@@ -125,6 +128,11 @@ bool sm90_routed_enabled();
 // loads: unless EI_KERNELS_CUDA_SM90 is "unfolded", which leaves that token reduction to a
 // split-K launch of its own over [du | dl] (to measure what folding it in buys).
 bool sm90_routed_folds_x();
+
+// Whether the backward's sum of the partials may launch as the programmatic dependent of the
+// routed input gradient, so that its launch hides behind that kernel's tail: unless
+// EI_KERNELS_CUDA_PDL is "0" (to measure what that buys, or to rule it out).
+bool dependent_launch_enabled();
 
 // Reads the device's SM count (no stream work, so it is safe during CUDA graph capture).
 cudaError_t plan_reductions(const MorDims& dims, int device, ReductionPlan* plan);

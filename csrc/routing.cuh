@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "dependent_launch.cuh"
 #include "mor_kernels.h"
 #include "numeric.cuh"
 #include "routing_math.cuh"
@@ -162,13 +163,15 @@ __device__ __forceinline__ void with_job(const SplitSums& sums, int64_t idx, F&&
 // splits w, w + kSumWarps, ... in order, its lanes reading consecutive outputs of one split
 // (coalesced), then the warps' sums are added in warp order. A fixed order, so the same bits
 // every run; and an eighth of the loads one after another per output where one thread walked
-// all of an output's splits (99 for dB's row tiles at 12608 tokens).
+// all of an output's splits (99 for dB's row tiles at 12608 tokens). After the routed input
+// gradient it runs as that kernel's programmatic dependent, so it waits for it first.
 constexpr int kSumWarps = 8;
 constexpr int kSumBlockThreads = 32 * kSumWarps;
 
 template <typename T>
 __global__ void __launch_bounds__(kSumBlockThreads) sum_splits_kernel(const SplitSums sums) {
   __shared__ float warp_sums[kSumWarps][32];
+  wait_for_prerequisite();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   int64_t total = 0;
 #pragma unroll

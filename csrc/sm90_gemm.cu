@@ -39,6 +39,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "dependent_launch.cuh"
 #include "device_cache.h"
 #include "routing_math.cuh"
 #include "sm90_gemm.h"
@@ -1263,6 +1264,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
+  // The sum of the partials, launched as this kernel's dependent, may be scheduled from now
+  // on: its CTAs wait for this grid's end before they read anything, and until then take only
+  // SMs that no CTA of this one holds (all started: the last to call this lets it launch).
+  allow_dependent_launch();
 
   if (threadIdx.x >= Cfg::Base::kThreads) {  // the reducer warp group
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kReducerRegisters>();

@@ -12,6 +12,7 @@ seeing where the fused kernels spend work beyond the floor before a GPU measures
 
     python scripts/kernel_model.py [--tokens 12608] [--tflops 790] [--tbps 4.3] [--launch-us 3]
                                    [--mma-sync-fraction 0.6] [--wgmma-fraction 0.8]
+                                   [--cluster 2] [--dependent-launch-us 1]
 
 Defaults: bf16, ranks 2/4/8 (r = 14) with a bypass router (4 outputs), the sm90 launch table;
 ceilings as measured on an H200 of the lent machines (bf16 8192^3 GEMM 769-798 TFLOP/s, device
@@ -55,11 +56,13 @@ class Cost:
 
     @staticmethod
     def kernel(flops: float, bytes_: float, programs: int = 0, efficiency: float = 1.0,
-               rate: float = 1.0, serial_us: float = 0.0) -> "Cost":
+               rate: float = 1.0, serial_us: float = 0.0, dependent: bool = False) -> "Cost":
         """rate: the share of the MMA peak this kernel's instructions reach (1: wgmma at the
         measured GEMM ceiling; the CUDA backend's mma.sync and wgmma kernels less).
-        serial_us: time on top in which its tensor cores wait (a step between MMA phases)."""
-        return Cost(((flops, bytes_, efficiency, rate, serial_us),), programs)
+        serial_us: time on top in which its tensor cores wait (a step between MMA phases).
+        dependent: launched as the programmatic dependent of the kernel before it, whose
+        launch is then charged DEPENDENT_LAUNCH_US (at most the plain launch's cost)."""
+        return Cost(((flops, bytes_, efficiency, rate, serial_us, dependent),), programs)
 
     def __add__(self, other: "Cost") -> "Cost":
         return Cost(self.kernels + other.kernels, self.programs or other.programs)
@@ -82,8 +85,9 @@ class Cost:
 
     def us(self, peak: float, bandwidth: float, launch_us: float) -> float:
         busy = sum(max(f / (peak * rate), b / bandwidth) / e * 1e6 + serial
-                   for f, b, e, rate, serial in self.kernels)
-        return busy + self.launches * launch_us
+                   for f, b, e, rate, serial, _ in self.kernels)
+        return busy + sum(min(launch_us, DEPENDENT_LAUNCH_US) if dependent else launch_us
+                          for *_, dependent in self.kernels)
 
 
 def linear_fwd(n, k, o) -> Cost:
@@ -170,6 +174,11 @@ def triton_bwd(n, k, o, g) -> Cost:
 # GPU check times persistent against one-CTA-per-tile launches (fused-cuda-one-tile).
 MMA_SYNC_FRACTION = 0.6
 WGMMA_FRACTION = 0.8
+# A launch as the programmatic dependent of the kernel before it (the backward's sum after the
+# routed input gradient, EI_KERNELS_CUDA_PDL): scheduled while that kernel's last tiles run,
+# it pays only its start once the other ends (an assumption, not measured; "fused-cuda" against
+# "fused-cuda-no-pdl" in the GPU check will say).
+DEPENDENT_LAUNCH_US = 1.0
 TALL_N = 32  # TallTile / WideTile width: the thin products are padded to it
 BK_CUDA = 32  # portable tile depth in 16-bit types: its K-extension is padded to it
 SM90_TILE = (128, 192, 64)  # the sm_90a GEMM's tile (M, N, K): the extension pads to 64
@@ -315,8 +324,9 @@ def cuda_bwd(n, k, o, g, hopper=True) -> Cost:
     db = Cost() if routed else Cost.kernel(
         2 * o * _pad(R, TALL_N) * n, ELEM * (n * o + n * gr) + F32 * splits * o * R,
         rate=MMA_SYNC_FRACTION)
+    # (after the routed input gradient, as its programmatic dependent)
     sums = Cost.kernel(0, F32 * (dw_splits * s * k + db_splits * o * R) + ELEM * (s * k + o * R)
-                       + F32 * dc_splits * g * L)
+                       + F32 * dc_splits * g * L, dependent=routed)
     return u + gg + route + dx + dw + db + sums
 
 
@@ -361,7 +371,7 @@ def table(n, peak, bandwidth, launch_us) -> str:
 
 
 def main() -> None:
-    global MMA_SYNC_FRACTION, WGMMA_FRACTION, CLUSTER  # the cuda_* costs read them
+    global MMA_SYNC_FRACTION, WGMMA_FRACTION, CLUSTER, DEPENDENT_LAUNCH_US  # cuda_* read them
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=12608)
     parser.add_argument("--tflops", type=float, default=790.0)
@@ -371,9 +381,11 @@ def main() -> None:
     parser.add_argument("--wgmma-fraction", type=float, default=WGMMA_FRACTION)
     parser.add_argument("--cluster", type=int, choices=(1, 2, 4), default=CLUSTER,
                         help="CTAs per cluster of the routed forward")
+    parser.add_argument("--dependent-launch-us", type=float, default=DEPENDENT_LAUNCH_US,
+                        help="the launch cost of a programmatic dependent launch")
     args = parser.parse_args()
     MMA_SYNC_FRACTION, WGMMA_FRACTION = args.mma_sync_fraction, args.wgmma_fraction
-    CLUSTER = args.cluster
+    CLUSTER, DEPENDENT_LAUNCH_US = args.cluster, args.dependent_launch_us
     print(f"Model (not a measurement): bf16, N = {args.tokens}, {args.tflops:g} TFLOP/s, "
           f"{args.tbps:g} TB/s, {args.launch_us:g} us per launch\n")
     print(table(args.tokens, args.tflops * 1e12, args.tbps * 1e12, args.launch_us))

@@ -117,7 +117,8 @@ def _cuobjdump() -> str:
 
 @pytest.mark.parametrize("name, value", [("EI_KERNELS_CUDA_SM90", "on"),
                                          ("EI_KERNELS_CUDA_SM90_PERSISTENT", "yes"),
-                                         ("EI_KERNELS_CUDA_SM90_CLUSTER", "3")])
+                                         ("EI_KERNELS_CUDA_SM90_CLUSTER", "3"),
+                                         ("EI_KERNELS_CUDA_PDL", "off")])
 def test_an_unknown_switch_value_is_refused_naming_the_variable(monkeypatch, name, value):
     """The extension reads an unknown value as the default; the backend refuses it before any
     kernel runs (also without a GPU or the extension), naming the variable and its values."""
@@ -182,8 +183,9 @@ class TestCompiledExtension:
         with the shrink's 64x16 and 64x8 MMAs beside the 64x192 one (and its cluster's exchange
         of their partial sums through distributed shared memory) and the routed input
         gradient with g's 64x16 one and its reducer's transposed dy^T z, present whenever the build
-        found CUTLASS and a 90a target; and no kernel of any target has a stack frame (ptxas
-        spilled nothing)."""
+        found CUTLASS and a 90a target, the latter letting the sum of the partials launch as
+        its dependent, which waits for it (griddepcontrol) before its first load; and no kernel
+        of any target has a stack frame (ptxas spilled nothing)."""
         import re
         import subprocess
 
@@ -196,7 +198,7 @@ class TestCompiledExtension:
         assert frames and all(stack == "0" for _, stack in frames), [
             f for f in frames if f[1] != "0"]
         # "code for sm_90a" ... "Function : <mangled name>" ... instructions
-        checked, hopper = 0, 0
+        checked, hopper, sums_waiting = 0, 0, 0
         for arch, body in re.findall(r"code for (sm_\d+a?)\n(.*?)(?=\n\s*code for sm_|\Z)",
                                      sass, re.S):
             if int(re.sub(r"\D", "", arch)) < 80:
@@ -228,11 +230,19 @@ class TestCompiledExtension:
                             # B's rows (28-byte rows: no tensor TMA) by a bulk copy into
                             # the stage (laid out there by two warps)
                             assert "UBLKCP.S.G" in code, name
+                            # its dependent (the sum of the partials) may launch from its start
+                            assert "PREEXIT" in code, name
                         hopper += 1
+                elif "sum_splits_kernel" in name and arch == "sm_90a":
+                    # which waits for it before its first global load
+                    wait, load = code.find("ACQBULK"), code.find("LDG")
+                    sums_waiting += 0 <= wait < load
                 elif "gemm_kernel" in name and ("__half" in name or "bfloat16" in name):
                     assert "LDGSTS" in code and "HMMA" in code, (arch, name)
                     checked += 1
         assert checked, "no 16-bit GEMM found for an sm_80+ target"
+        if hopper:  # the backward's sum launches as the routed input gradient's dependent
+            assert sums_waiting == 3, "sum_splits_kernel: no griddepcontrol.wait (ACQBULK)"
         expected = _build_module().sm90_gemm_skipped() is None
         assert INFO["sm90_gemm"] == expected, _build_module().sm90_gemm_skipped()
         # fp16 and bf16, each with B k-major (forward) and n-major (input gradient), and the

@@ -8,7 +8,8 @@ ones; both are also compared
 with the switch EI_KERNELS_CUDA_SM90=0, the sm_90a GEMM without the routed kernels with
 EI_KERNELS_CUDA_SM90=unrouted, and the routed input gradient without d[A_cat; R] with
 EI_KERNELS_CUDA_SM90=unfolded; persistent CTAs against one CTA per tile
-(EI_KERNELS_CUDA_SM90_PERSISTENT=0) bit for bit; the routed forward's shrink shared out in
+(EI_KERNELS_CUDA_SM90_PERSISTENT=0) bit for bit, and the sum of the partials launched as the
+routed input gradient's dependent or after it (EI_KERNELS_CUDA_PDL); the routed forward's shrink shared out in
 clusters of 1, 2 and 4 column tiles (EI_KERNELS_CUDA_SM90_CLUSTER); the routed input
 gradient's B rows for odd and full ranks, a B it cannot bulk-copy, and grouped layers."""
 
@@ -133,6 +134,28 @@ def test_persistent_ctas_give_the_same_bits_as_one_cta_per_tile(monkeypatch, swi
     assert torch.equal(y1, y0) and torch.equal(p1, p0)
     for name in g1:
         assert torch.equal(g1[name], g0[name]), name
+
+
+@pytest.mark.parametrize("n, k, o, groups", [
+    pytest.param(12608, 768, 768, 1, id="proj-12608"),
+    pytest.param(12608, 3072, 768, 1, id="fc2-12608-largest-partials"),
+    pytest.param(12608, 768, 2304, 3, id="qkv-12608"),
+])
+@pytest.mark.usefixtures("sm90_kernels")
+def test_the_sum_launched_as_a_dependent_gives_the_same_bits(monkeypatch, n, k, o, groups):
+    """The backward's sum of the partials, launched as the routed input gradient's
+    programmatic dependent (the default), reads them only once that kernel has ended: every
+    gradient the same bits, over repeated runs, as with the sum launched after it
+    (EI_KERNELS_CUDA_PDL=0). A sum that read partials before they were written would differ."""
+    inputs, dy = make_inputs(n, k, o, {"groups": groups}, torch.bfloat16)
+    results = {}
+    for pdl in ("0", "1", "1"):
+        monkeypatch.setenv("EI_KERNELS_CUDA_PDL", pdl)
+        results.setdefault(pdl, []).append(run("cuda", inputs, dy, {"groups": groups})[2])
+    after = results["0"][0]
+    for dependent in results["1"]:
+        for name in after:
+            assert torch.equal(dependent[name], after[name]), name
 
 
 @pytest.mark.parametrize("cluster", ["1", "2", "4"])
