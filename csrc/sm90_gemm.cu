@@ -16,7 +16,9 @@
 //             reading it has retired.
 // The epilogue adds the bias and stores pairs of columns straight from the accumulators.
 // The routed forward runs in thread block clusters of column tiles of one row block, which
-// share out its shrink and sum the partials through distributed shared memory.
+// share out its shrink and sum the partials through distributed shared memory; it walks its
+// tiles in runs of one row block and group where x's row blocks in flight fit the L2, and a
+// run's later tiles reuse its first tile's z (for_each_routed_tile).
 // Persistent: one CTA per SM walks the tiles (for_each_tile; for_each_segment in the routed
 // input gradient, which walks each tile group by group), and since the ring runs on
 // across tiles, the producer fills the next tile's stages while the consumers route and
@@ -400,6 +402,32 @@ __device__ void for_each_tile(int tiles, int col_tiles, Body&& body) {
   }
 }
 
+// The routed forward's walk over units of cs = cluster-size column tiles of one row block
+// (rank r computes each unit's r-th tile). In runs (in_runs) the launch's clusters take equal
+// shares (to a unit) of the row-major units, so that a CTA's next tile mostly lies in the row
+// block and group of its last and reuses its z (no shrink, no routing); otherwise the units
+// round-robin, for_each_tile's order, every tile a run of its own. body(row tile, column
+// tile, i, starts_run) for the CTA's i-th tile; a run starts at the CTA's first tile and
+// wherever the row block or group changes (so the group's first column tile always starts
+// one), the same for every CTA of a cluster. One loop for both orders: a second copy of the
+// consumers' body (its MMAs) made ptxas serialise them and spill. (32-bit loop state: the
+// producer has 40 registers; tiles < 2^30, the host checks.)
+template <class Body>
+__device__ void for_each_routed_tile(int tiles, int col_tiles, int group_col_tiles, bool in_runs,
+                                     Body&& body) {
+  const int cs = int(cute::cluster_shape().x), rank = int(cute::block_rank_in_cluster());
+  const int units = tiles / cs, clusters = int(gridDim.x) / cs, cluster = int(blockIdx.x) / cs;
+  const int first = in_runs ? int(int64_t(units) * cluster / clusters) : cluster;
+  const int last = in_runs ? int(int64_t(units) * (cluster + 1) / clusters) : units;
+  const int stride = in_runs ? 1 : clusters;
+  int i = 0;
+  for (int unit = first; unit < last; unit += stride, ++i) {
+    const int tile = unit * cs + rank, col = tile % col_tiles;
+    body(tile / col_tiles, col, i,
+         !in_runs || unit == first || (col - rank) % group_col_tiles == 0);
+  }
+}
+
 // The CTAs of a cluster (the routed forward's column tiles of one row block, which share
 // out the shrink's K steps) exchange partial sums through distributed shared memory, with a
 // pair of mbarriers per CTA that every CTA of the cluster arrives on once per tile. A fence
@@ -621,24 +649,26 @@ __device__ void route_row(const MorDims& d, int group, int row, int64_t token, b
   for (int j = d.rank; j < Cfg::kRanks; ++j) sZ(row, j) = T(0.0f);
 }
 
-// The forward with the shrink and the routing folded in (sm90_gemm.h). Each K step also
-// brings the group's 16 rows of A_cat and 8 rows of R into the ring, and the consumers run
-// u = x A_cat^T and l = x R^T (64x16 and 64x8 MMAs) beside the main 64x192 one: 12.5 % more
-// MMA work and no second read of x. After the main loop each consumer thread routes one row
-// in fp32 and writes z into shared memory, and z B^T becomes the last K step. A tile's
-// columns lie in one group (the host checks O / G % 192 == 0 when G > 1).
+// The forward with the shrink and the routing folded in (sm90_gemm.h). In a run's first tile
+// each K step of the CTA's share also brings the group's 16 rows of A_cat and 8 rows of R into
+// the ring, and the consumers run u = x A_cat^T and l = x R^T (64x16 and 64x8 MMAs) beside the
+// main 64x192 one: no second read of x. After the main loop each consumer thread routes one
+// row in fp32 and writes z into shared memory; the run's later tiles find it there. In every
+// tile z B^T is the last K step. A tile's columns lie in one group (the host checks
+// O / G % 192 == 0 when G > 1).
 template <class Cfg, class TmaA, class TmaB, class TmaU, class TmaL>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     routed_gemm_kernel(CUTE_GRID_CONSTANT const TmaA tma_x, CUTE_GRID_CONSTANT const TmaB tma_w,
                        CUTE_GRID_CONSTANT const TmaU tma_lora_a,
                        CUTE_GRID_CONSTANT const TmaL tma_router, const MorDims d,
-                       const RoutedPointers<typename Cfg::T> ptr) {
+                       const RoutedPointers<typename Cfg::T> ptr, const bool in_runs) {
 #if defined(EI_SM90_DEVICE_CODE)
   using T = typename Cfg::T;
   constexpr int kStages = Cfg::kStages;
   const int m = int(d.tokens), n = d.out_features, k = d.in_features, og = n / d.groups;
   const int col_tiles = (n + Cfg::kBN - 1) / Cfg::kBN;
-  const int tiles = int(tile_count(m, n));  // at most 2^31 - 1: the host checks
+  const int group_col_tiles = (og + Cfg::kBN - 1) / Cfg::kBN;
+  const int tiles = int(tile_count(m, n));  // under 2^30: the host checks
   const int k_steps = (k + Cfg::kBK - 1) / Cfg::kBK;
   // The cluster's CTAs hold column tiles of one row block (the host sizes the cluster so) and
   // share out the shrink: this one multiplies its x tiles by [A_cat; R] in K steps
@@ -684,7 +714,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // loop (a branch around a wgmma makes ptxas close the batch and wait for it every step).
     const int router_rows = d.router ? d.groups * d.logits : d.groups * d.rank;
     int stage = 0, phase = 0;
-    for_each_tile(tiles, col_tiles, [&](int row, int col, int) {
+    for_each_routed_tile(tiles, col_tiles, group_col_tiles, in_runs, [&](int row, int col, int,
+                                                                        bool starts_run) {
       const auto tile = make_coord(row, col, _);
       const int group = col * Cfg::kBN / og;
       Tensor gX = local_tile(tma_x.get_tma_tensor(make_shape(m, k)), tiler, tile,
@@ -704,20 +735,24 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       auto tW = tma_split(tma_w, sB, gW);
       auto tU = tma_split(tma_lora_a, sU, gU);
       auto tL = tma_split(tma_router, sL, gL);
+      // K steps from shrink_first on, wrapping around (a run's later tiles too: every tile
+      // then sums its K steps in the same order, whichever tile starts a run)
       const auto load_main = [&](int kt, int at, uint64_t& full) {
+        if (kt >= k_steps) kt -= k_steps;
         copy_step(tma_x, full, tX, kt, at);
         copy_step(tma_w, full, tW, kt, at);
       };
-      fill_ring<kStages>(smem, shrink_first, shrink_last, kMainBytes + kShrinkBytes, stage, phase,
-                         [&](int kt, int at, uint64_t& full) {
-                           load_main(kt, at, full);
-                           copy_step(tma_lora_a, full, tU, kt, at);
-                           copy_step(tma_router, full, tL, kt, at);
-                         });
-      fill_ring<kStages>(smem, shrink_last, shrink_first + k_steps, kMainBytes, stage, phase,
-                         [&](int kt, int at, uint64_t& full) {
-                           load_main(kt < k_steps ? kt : kt - k_steps, at, full);
-                         });
+      const int main_first = starts_run ? shrink_last : shrink_first;
+      if (starts_run) {
+        fill_ring<kStages>(smem, shrink_first, shrink_last, kMainBytes + kShrinkBytes, stage,
+                           phase, [&](int kt, int at, uint64_t& full) {
+                             load_main(kt, at, full);
+                             copy_step(tma_lora_a, full, tU, kt, at);
+                             copy_step(tma_router, full, tL, kt, at);
+                           });
+      }
+      fill_ring<kStages>(smem, main_first, shrink_first + k_steps, kMainBytes, stage, phase,
+                         load_main);
     });
     return;
   }
@@ -748,10 +783,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const Tensor tUc = thr_u.partition_C(tile_u);
   const Tensor tLc = thr_l.partition_C(tile_l);
 
-  int stage = 0, phase = 0, tiles_done = 0;
-  for_each_tile(tiles, col_tiles, [&](int row_tile, int col, int i) {
+  int stage = 0, phase = 0;
+  int exchanges = 0;  // the cluster's exchanges of [u | l] so far: one per run
+  for_each_routed_tile(tiles, col_tiles, group_col_tiles, in_runs, [&](int row_tile, int col,
+                                                                      int i, bool starts_run) {
     const int n0 = col * Cfg::kBN, group = n0 / og;
-    tiles_done = i + 1;
     // The tile's rows of lora_b, zero-padded to 16 columns: all loads first, two values to a
     // register (so that they are in flight together without spilling), stored once both warp
     // groups' last extension MMA has read the previous tile's.
@@ -788,56 +824,60 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       warpgroup_fence_operand(acc_l);
     };
     int reading = -1;
+    const int shrink_steps = starts_run ? shrink_last - shrink_first : 0;  // none: z is there
     drain_steps<kStages>(
-        smem, shrink_last - shrink_first, stage, phase, reading,
+        smem, shrink_steps, stage, phase, reading,
         [&](int at) {
           main_mma(at);
           gemm(mma_u, tUrA(_, _, _, at), tUrB(_, _, _, at), acc_u);
           gemm(mma_l, tLrA(_, _, _, at), tLrB(_, _, _, at), acc_l);
         },
         fence);
-    drain_steps<kStages>(smem, k_steps - (shrink_last - shrink_first), stage, phase, reading,
-                         main_mma, fence);
+    drain_steps<kStages>(smem, k_steps - shrink_steps, stage, phase, reading, main_mma, fence);
     drain_done(smem, reading, fence);
 
-    // This CTA's partial [u | l] to the staging tile (in a cluster, once every peer has summed
-    // the last tile's); then one thread per row sums the cluster's partials and routes the row.
+    // A run's first tile: this CTA's partial [u | l] to the staging tile (in a cluster, once
+    // every peer has summed the last run's); then one thread per row sums the cluster's
+    // partials and routes the row into z, which the run's later tiles use as they find it.
     const bool clustered = cluster_size > 1;  // alone, a CTA routes its own staging directly
-    if (clustered && i > 0) wait_cluster(&smem.partials_read, (i - 1) & 1);
-    CUTE_UNROLL
-    for (int v = 0; v < size(acc_u); ++v) {
-      const auto [r, c] = tUc(v);
-      smem.staging[r][c] = acc_u(v);
-    }
-    CUTE_UNROLL
-    for (int v = 0; v < size(acc_l); ++v) {
-      const auto [r, c] = tLc(v);
-      smem.staging[r][Cfg::kRanks + c] = acc_l(v);
-    }
-    // The consumers' own barrier (user id 1: hardware barrier 9; barrier 0 is __syncthreads).
-    cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
-    if (clustered && thread == 0) arrive_on_cluster(&smem.partials_ready, cluster_size);
-    if (thread < Cfg::kBM) {
-      const int64_t token = int64_t(row_tile) * Cfg::kBM + thread;
-      const bool keeps = n0 % og == 0;  // the group's first column tile
-      const float* staged = smem.staging[thread];
-      if (clustered) {
-        wait_cluster(&smem.partials_ready, i & 1);
-        sum_over_cluster<Cfg::kRanks + Cfg::kLogits>(staged, smem.summed[thread], cluster_size);
-        staged = smem.summed[thread];
-        // The routing warp group's own barrier (user id 2): every row is summed, so the peers
-        // may overwrite their staging. Said before the routing's global stores, which the
-        // release fence would otherwise wait for.
-        cutlass::arch::NamedBarrier::sync(Cfg::kBM, 2);
-        if (thread == 0) arrive_on_cluster(&smem.partials_read, cluster_size);
+    if (starts_run) {
+      if (clustered && exchanges > 0) wait_cluster(&smem.partials_read, (exchanges - 1) & 1);
+      CUTE_UNROLL
+      for (int v = 0; v < size(acc_u); ++v) {
+        const auto [r, c] = tUc(v);
+        smem.staging[r][c] = acc_u(v);
       }
-      if (!d.router) {
-        route_row<Cfg, false, false>(d, group, thread, token, keeps, ptr, staged, sZ);
-      } else if (d.bypass) {
-        route_row<Cfg, true, true>(d, group, thread, token, keeps, ptr, staged, sZ);
-      } else {
-        route_row<Cfg, true, false>(d, group, thread, token, keeps, ptr, staged, sZ);
+      CUTE_UNROLL
+      for (int v = 0; v < size(acc_l); ++v) {
+        const auto [r, c] = tLc(v);
+        smem.staging[r][Cfg::kRanks + c] = acc_l(v);
       }
+      // The consumers' own barrier (user id 1: hardware barrier 9; barrier 0 is __syncthreads).
+      cutlass::arch::NamedBarrier::sync(Cfg::kConsumerThreads, 1);
+      if (clustered && thread == 0) arrive_on_cluster(&smem.partials_ready, cluster_size);
+      if (thread < Cfg::kBM) {
+        const int64_t token = int64_t(row_tile) * Cfg::kBM + thread;
+        const bool keeps = n0 % og == 0;  // the group's first column tile
+        const float* staged = smem.staging[thread];
+        if (clustered) {
+          wait_cluster(&smem.partials_ready, exchanges & 1);
+          sum_over_cluster<Cfg::kRanks + Cfg::kLogits>(staged, smem.summed[thread], cluster_size);
+          staged = smem.summed[thread];
+          // The routing warp group's own barrier (user id 2): every row is summed, so the peers
+          // may overwrite their staging. Said before the routing's global stores, which the
+          // release fence would otherwise wait for.
+          cutlass::arch::NamedBarrier::sync(Cfg::kBM, 2);
+          if (thread == 0) arrive_on_cluster(&smem.partials_read, cluster_size);
+        }
+        if (!d.router) {
+          route_row<Cfg, false, false>(d, group, thread, token, keeps, ptr, staged, sZ);
+        } else if (d.bypass) {
+          route_row<Cfg, true, true>(d, group, thread, token, keeps, ptr, staged, sZ);
+        } else {
+          route_row<Cfg, true, false>(d, group, thread, token, keeps, ptr, staged, sZ);
+        }
+      }
+      ++exchanges;
     }
     // z and lora_b: written by threads, read by wgmma
     cutlass::arch::fence_view_async_shared();
@@ -855,11 +895,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     store_tile(acc, thr_mma.partition_C(gC), m, n, ptr.bias, ptr.y, int64_t(n));
   });
   // A CTA's shared memory ends with it: stay until every peer has read the last partials.
-  if (cluster_size > 1 && tiles_done > 0) {
-    wait_cluster(&smem.partials_read, (tiles_done - 1) & 1);
-  }
+  if (cluster_size > 1 && exchanges > 0) wait_cluster(&smem.partials_read, (exchanges - 1) & 1);
 #else
-  (void)tma_x, (void)tma_w, (void)tma_lora_a, (void)tma_router, (void)d, (void)ptr;
+  (void)tma_x, (void)tma_w, (void)tma_lora_a, (void)tma_router, (void)d, (void)ptr, (void)in_runs;
 #if defined(__CUDA_ARCH__)
   __trap();
 #endif
@@ -1655,6 +1693,33 @@ int routed_cluster_size(const MorDims& d) {
   return size;
 }
 
+// Whether the routed forward walks its tiles in runs (for_each_routed_tile). By default where
+// the row blocks of x that its clusters hold at once (one each) take at most half of the L2,
+// so that a CTA still finds its row block there for the run's next tile: at 12608 tokens on
+// an H100/H200 (132 SMs, 50 MB) in pairs, K = 768 holds 13 MB (runs) and K = 3072 52 MB (not:
+// there for_each_tile's order, whose CTAs at work together share row blocks, reads x once).
+// EI_KERNELS_CUDA_SM90_RUNS=0: never; =1: always (to measure both ways).
+cudaError_t routed_walks_in_runs(const MorDims& d, int element_bytes, int cluster, bool* runs) {
+  using Cfg = RoutedConfig<cutlass::half_t>;  // the same tiles for both dtypes
+  const char* const switch_value = std::getenv("EI_KERNELS_CUDA_SM90_RUNS");
+  const bool set = switch_value != nullptr && switch_value[0] != '\0';  // empty: the default
+  *runs = !set || std::strcmp(switch_value, "0") != 0;
+  if (set && (std::strcmp(switch_value, "0") == 0 || std::strcmp(switch_value, "1") == 0)) {
+    return cudaSuccess;
+  }
+  int device = 0, sms = 0, l2_bytes = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = multiprocessor_count(device, &sms);
+  if (err == cudaSuccess) {
+    err = cached_per_device(device, &l2_bytes, [&](int* out) {
+      return cudaDeviceGetAttribute(out, cudaDevAttrL2CacheSize, device);
+    });
+  }
+  const int64_t row_block_bytes = int64_t(Cfg::kBM) * d.in_features * element_bytes;
+  *runs = err == cudaSuccess && int64_t(sms / cluster) * row_block_bytes <= l2_bytes / 2;
+  return err;
+}
+
 template <typename T>
 cudaError_t launch_routed(const MorDims& d, const MorForwardArgs& a, cudaStream_t stream) {
   using Cfg = RoutedConfig<T>;
@@ -1682,16 +1747,22 @@ cudaError_t launch_routed(const MorDims& d, const MorForwardArgs& a, cudaStream_
                                           decltype(tma_lora_a), decltype(tma_router)>;
   constexpr int kSmem = int(sizeof(typename Cfg::Shared));
   const int64_t tiles = tile_count(m, n);
-  switch (routed_cluster_size(d)) {
+  const int cluster = routed_cluster_size(d);
+  bool runs = false;
+  const cudaError_t err = routed_walks_in_runs(d, int(sizeof(T)), cluster, &runs);
+  if (err != cudaSuccess) return err;
+  switch (cluster) {
     case 4:
       return launch_on_tile_clusters<4, kSmem, Cfg::kThreads>(kernel, tiles, stream, tma_x, tma_w,
-                                                              tma_lora_a, tma_router, d, ptr);
+                                                              tma_lora_a, tma_router, d, ptr,
+                                                              runs);
     case 2:
       return launch_on_tile_clusters<2, kSmem, Cfg::kThreads>(kernel, tiles, stream, tma_x, tma_w,
-                                                              tma_lora_a, tma_router, d, ptr);
+                                                              tma_lora_a, tma_router, d, ptr,
+                                                              runs);
     default:
       return launch_on_tiles<kSmem, Cfg::kThreads>(kernel, tiles, stream, tma_x, tma_w,
-                                                   tma_lora_a, tma_router, d, ptr);
+                                                   tma_lora_a, tma_router, d, ptr, runs);
   }
 }
 
@@ -1745,8 +1816,9 @@ bool sm90_routed_accepts(DType dtype, const MorDims& d, const MorForwardArgs& a)
   // TMA: 16-byte aligned bases and rows (K and O multiples of 8 elements)
   const bool aligned = aligned16(a.x) && aligned16(a.weight) && aligned16(a.lora_a) &&
                        aligned16(a.y) && (!d.router || aligned16(a.router_weight));
+  // (tiles < 2^30: for_each_routed_tile's unit + stride stays in 32 bits)
   return aligned && d.in_features % 8 == 0 && d.out_features % 8 == 0 &&
-         tile_count(d.tokens, d.out_features) <= INT32_MAX;
+         tile_count(d.tokens, d.out_features) < (int64_t(1) << 30);
 }
 
 int64_t sm90_routed_dgrad_row_tiles(int64_t tokens) {

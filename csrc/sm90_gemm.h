@@ -46,9 +46,11 @@ cudaError_t sm90_ext_gemm(DType dtype, const ExtGemmArgs& args, cudaStream_t str
 // [u | l] = x [A_cat; R]^T for its group from the x tiles it already holds, routes in fp32,
 // and multiplies z by B as the last K step. Column tiles of one row block run as a thread block
 // cluster (2 by default; EI_KERNELS_CUDA_SM90_CLUSTER=1 or 4) and share the shrink out by K
-// steps, summing [u | l] through distributed shared memory. p and [u | l] (what the backward
-// keeps) are written once per group; z and B_cat's block-diagonal copy are never written to
-// memory.
+// steps, summing [u | l] through distributed shared memory. Where x's row blocks in flight fit
+// the L2 (EI_KERNELS_CUDA_SM90_RUNS), each cluster walks a contiguous share of the tiles, and
+// a tile of the row block and group of the cluster's last reuses its z: the shrink and the
+// routing run once per such run. p and [u | l] (what the backward keeps) are written once per
+// group; z and B_cat's block-diagonal copy are never written to memory.
 // Accepts r <= 16, L <= 8, at most 4 branches, O / G a multiple of the 192-column tile when
 // G > 1, and the TMA alignment of x, W, A_cat and R (K and O multiples of 8); otherwise the
 // caller runs the shrink, the routing and sm90_ext_gemm as separate launches.

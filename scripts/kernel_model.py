@@ -12,7 +12,7 @@ seeing where the fused kernels spend work beyond the floor before a GPU measures
 
     python scripts/kernel_model.py [--tokens 12608] [--tflops 790] [--tbps 4.3] [--launch-us 3]
                                    [--mma-sync-fraction 0.6] [--wgmma-fraction 0.8]
-                                   [--cluster 2] [--dependent-launch-us 1]
+                                   [--cluster 2] [--dependent-launch-us 1] [--no-runs]
 
 Defaults: bf16, ranks 2/4/8 (r = 14) with a bypass router (4 outputs), the sm90 launch table;
 ceilings as measured on an H200 of the lent machines (bf16 8192^3 GEMM 769-798 TFLOP/s, device
@@ -195,6 +195,12 @@ ROUTED_RANKS, ROUTED_LOGITS = 16, 8  # its shrink MMAs' widths: A_cat's and R's 
 # a CTA of a cluster (how many clusters fit at once is the occupancy query's, on the GPU).
 CLUSTER = 2
 CLUSTER_STEP_US = 0.15
+# The routed forward walks its tiles in runs of one row block and group (which reuse z: one
+# shrink and one routing step per run) where the row blocks of x its clusters hold at once fit
+# in half of an H100/H200's L2 (routed_walks_in_runs); RUNS = False models the round-robin walk
+# (EI_KERNELS_CUDA_SM90_RUNS=0), every tile a run of its own.
+L2_BYTES = 50 * 2**20
+RUNS = True
 
 
 def _pad(n: int, to: int) -> int:
@@ -227,26 +233,53 @@ def routed_cluster_size(o, g, cluster=None) -> int:
     return size
 
 
+def routed_walks_in_runs(k, cluster) -> bool:
+    """As csrc/sm90_gemm.cu's routed_walks_in_runs by default: where the row blocks of x that
+    the clusters hold at once (one each) take at most half of the L2."""
+    return SMS // cluster * SM90_TILE[0] * k * ELEM <= L2_BYTES // 2
+
+
+def routed_runs(n, o, g, cluster, in_runs) -> tuple[int, int]:
+    """(runs in all, most runs of one cluster) of the routed forward's walk, as
+    csrc/sm90_gemm.cu's for_each_routed_tile on SMS SMs: clusters take equal shares of the
+    row-major units (cluster column tiles of one row block) and a run starts at a share's first
+    unit and wherever the row block or group changes; without runs every unit is one."""
+    bm, bn, _ = SM90_TILE
+    col_tiles, group_col_tiles = math.ceil(o / bn), math.ceil(o // g / bn)
+    units = math.ceil(n / bm) * col_tiles // cluster
+    clusters = min(SMS // cluster, units)
+    if not in_runs:
+        return units, math.ceil(units / clusters)
+    counts = []
+    for j in range(clusters):
+        first, last = units * j // clusters, units * (j + 1) // clusters
+        counts.append(sum(u == first or u * cluster % col_tiles % group_col_tiles == 0
+                          for u in range(first, last)))
+    return sum(counts), max(counts)
+
+
 def sm90_routed(n, k, o, g) -> Cost:
-    """The routed forward (routed_gemm_kernel): sm90_gemm's tiles, each also multiplying its x
-    tiles by its group's 16 + 8 rows of [A_cat; R] in its share of the K steps (a cluster of
-    column tiles of one row block shares them out and sums the partials), then routing
-    (ROUTE_STEP_US per wave, tensor cores idle, and CLUSTER_STEP_US for the exchange when the
-    cluster has more than one CTA) and one 16-deep extension step; x, W, A_cat, R and B read
-    once, y, p and [u | l] written once."""
+    """The routed forward (routed_gemm_kernel): sm90_gemm's tiles, each run's first also
+    multiplying its x tiles by its group's 16 + 8 rows of [A_cat; R] in its share of the K
+    steps (a cluster of column tiles of one row block shares them out and sums the partials),
+    then routing (ROUTE_STEP_US per run of the busiest cluster, tensor cores idle, and
+    CLUSTER_STEP_US for the exchange when the cluster has more than one CTA), every tile one
+    16-deep extension step with its run's z; x, W, A_cat, R and B read once, y, p and [u | l]
+    written once."""
     bm, bn, _ = SM90_TILE
     col_tiles = math.ceil(o / bn)
     cluster = routed_cluster_size(o, g)
     tiles = math.ceil(n / bm) * col_tiles
     waves = math.ceil(tiles / SMS)
     efficiency = tiles / (waves * SMS)
+    runs, most_runs = routed_runs(n, o, g, cluster, RUNS and routed_walks_in_runs(k, cluster))
     flops = (2 * n * o * (k + ROUTED_RANKS)
-             + 2 * n * col_tiles // cluster * (ROUTED_RANKS + ROUTED_LOGITS) * k)
+             + 2 * runs * bm * (ROUTED_RANKS + ROUTED_LOGITS) * k)
     bytes_ = (ELEM * (n * k + o * k + g * (R + L) * k + o * R + n * o)
               + F32 * (n * g * (R + L) + n * g * L))
     step_us = ROUTE_STEP_US + (CLUSTER_STEP_US if cluster > 1 else 0.0)
     return Cost.kernel(flops, bytes_, tiles, efficiency, WGMMA_FRACTION,
-                       serial_us=waves * step_us)
+                       serial_us=most_runs * step_us)
 
 
 def sm90_routed_dgrad(n, k, o, g=1) -> Cost:
@@ -371,7 +404,7 @@ def table(n, peak, bandwidth, launch_us) -> str:
 
 
 def main() -> None:
-    global MMA_SYNC_FRACTION, WGMMA_FRACTION, CLUSTER, DEPENDENT_LAUNCH_US  # cuda_* read them
+    global MMA_SYNC_FRACTION, WGMMA_FRACTION, CLUSTER, DEPENDENT_LAUNCH_US, RUNS  # cuda_* read
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=12608)
     parser.add_argument("--tflops", type=float, default=790.0)
@@ -383,9 +416,12 @@ def main() -> None:
                         help="CTAs per cluster of the routed forward")
     parser.add_argument("--dependent-launch-us", type=float, default=DEPENDENT_LAUNCH_US,
                         help="the launch cost of a programmatic dependent launch")
+    parser.add_argument("--no-runs", action="store_true",
+                        help="the routed forward's round-robin walk, every tile a run")
     args = parser.parse_args()
     MMA_SYNC_FRACTION, WGMMA_FRACTION = args.mma_sync_fraction, args.wgmma_fraction
     CLUSTER, DEPENDENT_LAUNCH_US = args.cluster, args.dependent_launch_us
+    RUNS = not args.no_runs
     print(f"Model (not a measurement): bf16, N = {args.tokens}, {args.tflops:g} TFLOP/s, "
           f"{args.tbps:g} TB/s, {args.launch_us:g} us per launch\n")
     print(table(args.tokens, args.tflops * 1e12, args.tbps * 1e12, args.launch_us))

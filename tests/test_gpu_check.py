@@ -62,12 +62,13 @@ def test_summary_of_a_run_killed_half_way(tmp_path):
     assert "started vitb-qkv-groups3-bf16: hung or crashed" in text
     assert "ceiling gemm-8192: 785 TFLOP/s" in text
     # providers: linear, torch, triton, cuda, cuda one CTA per tile, cuda without clusters and
-    # in clusters of 4, cuda with d[A_cat; R] on its own launch, cuda with the backward's sum
-    # launched after the routed input gradient (not as its dependent), cuda without its routed
+    # in clusters of 4, cuda with d[A_cat; R] on its own launch, cuda with the routed forward's
+    # tiles round-robin, cuda with the backward's sum launched after the routed input gradient
+    # (not as its dependent), cuda without its routed
     # kernels, cuda without its sm_90a kernels, and triton with the GPU's size not consulted,
     # nothing shared between programs, atomic
     assert ("| K768-O768-N12608 | fwd | 0.050 | - | 0.060 | - | - | - | - | - | - | - | - | - "
-            "| - | - | - | 1.20 | - | - | - | - | - | - | - | - | - | - | - |" in text)
+            "| - | - | - | - | 1.20 | - | - | - | - | - | - | - | - | - | - | - |" in text)
     assert ("K768-O768-N12608 fused-cuda: routed_dgrad_kernel 31.5, routed_gemm_kernel 30.2"
             in text)
     assert "| ei bf16 b8 448 px | 12.00 | 9.00 | 0.75 |" in text

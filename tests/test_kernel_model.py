@@ -76,16 +76,45 @@ def test_the_routed_forward_reads_x_once_and_shares_the_shrink_out_in_a_cluster(
     """Its MMA work: the main product, the 16-deep extension, and the 16 + 8 shrink columns
     once per cluster of column tiles (4 column tiles at O = 768: in all 4 without a cluster,
     twice in pairs, once in quads); its traffic: each operand once; per wave the routing step
-    and, with a cluster, its exchange."""
+    and, with a cluster, its exchange. (Walked round-robin: every tile a run of its own.)"""
     monkeypatch.setattr(kernel_model, "CLUSTER", cluster)
+    monkeypatch.setattr(kernel_model, "RUNS", False)
     n, k, o = 12608, 768, 768
     routed = kernel_model.sm90_routed(n, k, o, 1)
-    assert routed.flops == 2 * n * o * (k + 16) + 2 * n * shrinks * (16 + 8) * k
+    rows = 99 * 128  # the row tiles' rows: the shrink runs on whole tiles
+    assert routed.flops == 2 * n * o * (k + 16) + 2 * rows * shrinks * (16 + 8) * k
     assert routed.bytes == (2 * (n * k + o * k + 18 * k + o * 14 + n * o)
                             + 4 * (n * 18 + n * 4))
     assert routed.efficiency == 1.0  # 396 tiles: 3 waves
     step = kernel_model.ROUTE_STEP_US + (kernel_model.CLUSTER_STEP_US if cluster > 1 else 0)
     assert routed.kernels[0][4] == pytest.approx(3 * step)
+
+
+@pytest.mark.parametrize("o, groups, runs, most", [
+    (768, 1, 132, 2),  # 3 pairs of tiles per pair of CTAs, 2 pairs per row block
+    (3072, 1, 132, 2),  # 12 pairs per pair of CTAs, 8 per row block
+    (2304, 3, 330, 5),  # 9 pairs per pair of CTAs, 2 per group
+])
+def test_the_routed_forward_walks_in_runs_that_share_z(monkeypatch, o, groups, runs, most):
+    """As csrc/sm90_gemm.cu's for_each_routed_tile: each pair of CTAs takes a contiguous share
+    of the 12608-token tiles and computes the shrink and the routing once per run of one row
+    block and group (round-robin: once per pair of tiles); where x's row blocks in flight
+    (66 pairs' worth) fit half the L2: K = 768, not K = 3072."""
+    n, k = 12608, 768
+    assert kernel_model.routed_runs(n, o, groups, 2, True) == (runs, most)
+    units = 99 * o // 192 // 2
+    assert kernel_model.routed_runs(n, o, groups, 2, False) == (units, units // 66)
+    assert kernel_model.routed_walks_in_runs(768, 2) and not kernel_model.routed_walks_in_runs(
+        3072, 2)
+    monkeypatch.setattr(kernel_model, "CLUSTER", 2)
+    in_runs = kernel_model.sm90_routed(n, k, o, groups)
+    monkeypatch.setattr(kernel_model, "RUNS", False)
+    round_robin = kernel_model.sm90_routed(n, k, o, groups)
+    shrink = 2 * 128 * (16 + 8) * k  # one pair's shrink of a row block
+    assert round_robin.flops - in_runs.flops == (units - runs) * shrink
+    step = kernel_model.ROUTE_STEP_US + kernel_model.CLUSTER_STEP_US
+    assert in_runs.kernels[0][4] == pytest.approx(most * step)
+    assert round_robin.kernels[0][4] == pytest.approx(units // 66 * step)
 
 
 def test_the_routed_forward_cluster_divides_a_group_s_column_tiles():

@@ -21,6 +21,7 @@ SWITCHES = {
     "EI_KERNELS_CUDA_SM90": ("0", "1", "unrouted", "unfolded"),
     "EI_KERNELS_CUDA_SM90_PERSISTENT": ("0", "1"),
     "EI_KERNELS_CUDA_SM90_CLUSTER": ("1", "2", "4"),
+    "EI_KERNELS_CUDA_SM90_RUNS": ("0", "1"),
     "EI_KERNELS_CUDA_PDL": ("0", "1"),
 }
 

@@ -14,9 +14,10 @@ run's d_router_bias: 4.3 ulps from Triton, 3.9 from our torch backend, 1.3 from 
 Cases are ordered most informative first (bf16 at ViT-B sizes, then the other precisions,
 flags, odd shapes, N = 1 and 0); a case already in the file is skipped, so a restarted stage
 goes on where the last one died. The cuda backend's cases run one step down the ladder "1"
-(every sm_90a kernel, persistent, the routed forward in clusters of 2 CTAs, the backward's
-sum launched as the routed input gradient's programmatic dependent), "no-cluster" (the same,
-one CTA per cluster, the sum launched after it), "one-tile" (the same kernels, one CTA per tile), "unfolded"
+(every sm_90a kernel, persistent, the routed forward in clusters of 2 CTAs walking its tiles
+in runs where it does by default, the backward's sum launched as the routed input gradient's
+programmatic dependent), "no-cluster" (the same, one CTA per cluster, the tiles round-robin,
+the sum launched after the routed input gradient), "one-tile" (the same kernels, one CTA per tile), "unfolded"
 (the same, d[A_cat; R] on a launch of its own, not in the routed input gradient), "unrouted"
 (the plain sm_90a GEMM, one CTA per tile), "0" (the portable kernels only) for each mode
 under which a case hung, crashed or lost the CUDA context, so that one broken kernel family
@@ -43,11 +44,11 @@ from mor_reference import make_inputs, reference_mor  # noqa: E402
 FILE = "correctness.jsonl"
 SM90_LADDER = ("1", "no-cluster", "one-tile", "unfolded", "unrouted", "0")  # most sm_90a first
 SM90_SWITCHES = ("EI_KERNELS_CUDA_SM90", "EI_KERNELS_CUDA_SM90_PERSISTENT",
-                 "EI_KERNELS_CUDA_SM90_CLUSTER", "EI_KERNELS_CUDA_PDL")
-SM90_ENV = {  # the values of SM90_SWITCHES in each mode
-    "1": ("1", "1", "2", "1"), "no-cluster": ("1", "1", "1", "0"),
-    "one-tile": ("1", "0", "1", "0"), "unfolded": ("unfolded", "0", "1", "0"),
-    "unrouted": ("unrouted", "0", "1", "0"), "0": ("0", "0", "1", "0")}
+                 "EI_KERNELS_CUDA_SM90_CLUSTER", "EI_KERNELS_CUDA_SM90_RUNS", "EI_KERNELS_CUDA_PDL")
+SM90_ENV = {  # the values of SM90_SWITCHES in each mode ("" for a switch's default)
+    "1": ("1", "1", "2", "", "1"), "no-cluster": ("1", "1", "1", "0", "0"),
+    "one-tile": ("1", "0", "1", "0", "0"), "unfolded": ("unfolded", "0", "1", "0", "0"),
+    "unrouted": ("unrouted", "0", "1", "0", "0"), "0": ("0", "0", "1", "0", "0")}
 RANKS, SCALINGS = (2, 4, 8), (2.0, 1.0, 0.5)  # distinct scalings catch a mis-weighted column
 TRAINABLE = ("x", "lora_a", "lora_b", "router_weight", "router_bias")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,

@@ -18,7 +18,9 @@ EI_KERNELS_CUDA_SM90=unfolded) or with one CTA per tile instead of one
 persistent CTA per SM ("fused-cuda-one-tile": EI_KERNELS_CUDA_SM90_PERSISTENT=0), and with the
 routed forward's shrink not shared out in a cluster ("fused-cuda-no-cluster":
 EI_KERNELS_CUDA_SM90_CLUSTER=1, every column tile computes its rows' shrink) or shared out
-four ways ("fused-cuda-cluster4": =4; "fused-cuda" pairs column tiles), and with the
+four ways ("fused-cuda-cluster4": =4; "fused-cuda" pairs column tiles), its tiles walked
+round-robin instead of in runs of one row block that share z ("fused-cuda-no-runs":
+EI_KERNELS_CUDA_SM90_RUNS=0; the default walks in runs at K = 768 only), and with the
 backward's sum of the partials launched after the routed input gradient instead of as its
 programmatic dependent ("fused-cuda-no-pdl": EI_KERNELS_CUDA_PDL=0). "fused-triton" is
 the launcher's choice by its schedule model (ei_kernels/ops/triton_schedule.py); these rows say
@@ -62,7 +64,7 @@ SHAPES = [(40, 24, 1), (40, 36, 3)] if DRY else [
 # The Triton variants last: within the stage's time cap they are what may be cut.
 PROVIDERS = ("linear", "fused-torch", "fused-triton", "fused-cuda", "fused-cuda-one-tile",
              "fused-cuda-no-cluster", "fused-cuda-cluster4", "fused-cuda-unfolded",
-             "fused-cuda-no-pdl",
+             "fused-cuda-no-runs", "fused-cuda-no-pdl",
              "fused-cuda-unrouted", "fused-cuda-portable", "fused-triton-unfitted",
              "fused-triton-unshared", "fused-triton-atomic")
 PROFILED = ("linear", "fused-triton", "fused-cuda", "fused-cuda-one-tile",  # their fwd+bwd
@@ -125,7 +127,8 @@ def _cuda_variant(provider: str):
     """The cuda backend as `provider` runs it: "-portable" without the sm_90a GEMM,
     "-unrouted" without its routed kernels, "-unfolded" with d[A_cat; R] on its own launch,
     "-one-tile" with one CTA per tile, "-no-cluster"
-    and "-cluster4" with the routed forward in clusters of 1 and 4 CTAs, "-no-pdl" with the
+    and "-cluster4" with the routed forward in clusters of 1 and 4 CTAs, "-no-runs" with its
+    tiles walked round-robin (every tile computing its shrink and routing), "-no-pdl" with the
     backward's sum launched after the routed input gradient, not as its dependent (the
     extension reads the switches at every call)."""
     switches = {"-portable": ("EI_KERNELS_CUDA_SM90", "0"),
@@ -134,6 +137,7 @@ def _cuda_variant(provider: str):
                 "-one-tile": ("EI_KERNELS_CUDA_SM90_PERSISTENT", "0"),
                 "-no-cluster": ("EI_KERNELS_CUDA_SM90_CLUSTER", "1"),
                 "-cluster4": ("EI_KERNELS_CUDA_SM90_CLUSTER", "4"),
+                "-no-runs": ("EI_KERNELS_CUDA_SM90_RUNS", "0"),
                 "-no-pdl": ("EI_KERNELS_CUDA_PDL", "0")}
     name, value = next((switch for suffix, switch in switches.items()
                         if provider.endswith(suffix)), (None, None))

@@ -8,7 +8,8 @@ ones; both are also compared
 with the switch EI_KERNELS_CUDA_SM90=0, the sm_90a GEMM without the routed kernels with
 EI_KERNELS_CUDA_SM90=unrouted, and the routed input gradient without d[A_cat; R] with
 EI_KERNELS_CUDA_SM90=unfolded; persistent CTAs against one CTA per tile
-(EI_KERNELS_CUDA_SM90_PERSISTENT=0) bit for bit, and the sum of the partials launched as the
+(EI_KERNELS_CUDA_SM90_PERSISTENT=0) bit for bit, the routed forward walked in runs or
+round-robin (EI_KERNELS_CUDA_SM90_RUNS), and the sum of the partials launched as the
 routed input gradient's dependent or after it (EI_KERNELS_CUDA_PDL); the routed forward's shrink shared out in
 clusters of 1, 2 and 4 column tiles (EI_KERNELS_CUDA_SM90_CLUSTER); the routed input
 gradient's B rows for odd and full ranks, a B it cannot bulk-copy, and grouped layers."""
@@ -129,6 +130,35 @@ def test_persistent_ctas_give_the_same_bits_as_one_cta_per_tile(monkeypatch, swi
     results = []
     for persistent in ("1", "0"):
         monkeypatch.setenv("EI_KERNELS_CUDA_SM90_PERSISTENT", persistent)
+        results.append(run("cuda", inputs, dy, {"groups": groups}))
+    (y1, p1, g1), (y0, p0, g0) = results
+    assert torch.equal(y1, y0) and torch.equal(p1, p0)
+    for name in g1:
+        assert torch.equal(g1[name], g0[name]), name
+
+
+@pytest.mark.parametrize("cluster", ["1", "2", "4"])
+@pytest.mark.parametrize("n, k, o, groups", [
+    pytest.param(12608, 768, 768, 1, id="proj-12608-3-tiles-per-sm"),
+    pytest.param(12608, 768, 3072, 1, id="fc1-12608-12-tiles-per-sm"),
+    pytest.param(12608, 3072, 768, 1, id="fc2-12608-round-robin-by-default"),
+    pytest.param(1576, 768, 2304, 3, id="qkv-runs-end-at-each-group"),
+    pytest.param(4100, 1000, 1000, 1, id="N4100-O1000-6-column-tiles"),
+    pytest.param(333, 104, 40, 1, id="odd-K104-O40-fewer-tiles-than-sms"),
+])
+@pytest.mark.usefixtures("sm90_kernels")
+def test_the_forward_walked_in_runs_gives_the_same_bits_as_round_robin(monkeypatch, cluster,
+                                                                       n, k, o, groups):
+    """The routed forward's tiles walked in runs of one row block and group, a run's later
+    tiles reusing its first tile's z (EI_KERNELS_CUDA_SM90_RUNS=1), give y, p and every
+    gradient bit for bit as walked round-robin with every tile routing for itself (=0): z is
+    the same wherever it is computed, and each tile sums its K steps in the same order. A run
+    that reused another group's or row block's z, or a tile left unwritten, would show."""
+    monkeypatch.setenv("EI_KERNELS_CUDA_SM90_CLUSTER", cluster)
+    inputs, dy = make_inputs(n, k, o, {"groups": groups}, torch.bfloat16)
+    results = []
+    for runs in ("1", "0"):
+        monkeypatch.setenv("EI_KERNELS_CUDA_SM90_RUNS", runs)
         results.append(run("cuda", inputs, dy, {"groups": groups}))
     (y1, p1, g1), (y0, p0, g0) = results
     assert torch.equal(y1, y0) and torch.equal(p1, p0)
