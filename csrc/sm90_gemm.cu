@@ -406,27 +406,85 @@ __device__ void for_each_tile(int tiles, int col_tiles, Body&& body) {
 // (rank r computes each unit's r-th tile). In runs (in_runs) the launch's clusters take equal
 // shares (to a unit) of the row-major units, so that a CTA's next tile mostly lies in the row
 // block and group of its last and reuses its z (no shrink, no routing); otherwise the units
-// round-robin, for_each_tile's order, every tile a run of its own. body(row tile, column
-// tile, i, starts_run) for the CTA's i-th tile; a run starts at the CTA's first tile and
-// wherever the row block or group changes (so the group's first column tile always starts
-// one), the same for every CTA of a cluster. One loop for both orders: a second copy of the
-// consumers' body (its MMAs) made ptxas serialise them and spill. (32-bit loop state: the
-// producer has 40 registers; tiles < 2^30, the host checks.)
+// round-robin, for_each_tile's order, every tile a run of its own. A run starts at the CTA's
+// first tile and wherever the row block or group changes (so the group's first column tile
+// always starts one), the same for every CTA of a cluster (routed_walk_is_sound checks all
+// this at compile time). 32-bit: the producer has 40 registers; tiles < 2^30, the host checks.
+struct RoutedWalk {
+  bool in_runs;
+  int first, last, stride;  // the cluster's units
+  __host__ __device__ constexpr RoutedWalk(int units, int clusters, int cluster, bool runs)
+      : in_runs(runs),
+        first(runs ? int(int64_t(units) * cluster / clusters) : cluster),
+        last(runs ? int(int64_t(units) * (cluster + 1) / clusters) : units),
+        stride(runs ? 1 : clusters) {}
+  // Whether `unit`, whose tile for `rank` lies in column tile col, starts a run.
+  __host__ __device__ constexpr bool starts_run(int unit, int col, int rank,
+                                                int group_col_tiles) const {
+    return !in_runs || unit == first || (col - rank) % group_col_tiles == 0;
+  }
+};
+
+// body(row tile, column tile, i, starts_run) for the CTA's i-th tile of the walk. One loop for
+// both orders: a second copy of the consumers' body (its MMAs) made ptxas serialise them and
+// spill.
 template <class Body>
 __device__ void for_each_routed_tile(int tiles, int col_tiles, int group_col_tiles, bool in_runs,
                                      Body&& body) {
   const int cs = int(cute::cluster_shape().x), rank = int(cute::block_rank_in_cluster());
-  const int units = tiles / cs, clusters = int(gridDim.x) / cs, cluster = int(blockIdx.x) / cs;
-  const int first = in_runs ? int(int64_t(units) * cluster / clusters) : cluster;
-  const int last = in_runs ? int(int64_t(units) * (cluster + 1) / clusters) : units;
-  const int stride = in_runs ? 1 : clusters;
+  const RoutedWalk walk(tiles / cs, int(gridDim.x) / cs, int(blockIdx.x) / cs, in_runs);
   int i = 0;
-  for (int unit = first; unit < last; unit += stride, ++i) {
+  for (int unit = walk.first; unit < walk.last; unit += walk.stride, ++i) {
     const int tile = unit * cs + rank, col = tile % col_tiles;
-    body(tile / col_tiles, col, i,
-         !in_runs || unit == first || (col - rank) % group_col_tiles == 0);
+    body(tile / col_tiles, col, i, walk.starts_run(unit, col, rank, group_col_tiles));
   }
 }
+
+// The walk of every CTA of a launch of `ctas` (a multiple of cs) over row_tiles x col_tiles
+// tiles (a multiple of cs; groups of group_col_tiles column tiles, which cs divides): every
+// tile exactly once, every CTA of a cluster as many tiles and runs starting at the same
+// steps, and the group's first column tile of every row block a run's start (where p and
+// [u | l] are written).
+constexpr bool routed_walk_is_sound(int row_tiles, int col_tiles, int group_col_tiles, int cs,
+                                    int ctas, bool in_runs) {
+  constexpr int kMaxTiles = 2048;
+  int seen[kMaxTiles] = {};
+  const int tiles = row_tiles * col_tiles;
+  if (tiles > kMaxTiles || tiles % cs != 0 || ctas % cs != 0 || group_col_tiles % cs != 0) {
+    return false;
+  }
+  for (int cluster = 0; cluster < ctas / cs; ++cluster) {
+    const RoutedWalk walk(tiles / cs, ctas / cs, cluster, in_runs);
+    for (int unit = walk.first; unit < walk.last; unit += walk.stride) {
+      for (int rank = 0; rank < cs; ++rank) {
+        const int tile = unit * cs + rank, col = tile % col_tiles;
+        const bool starts = walk.starts_run(unit, col, rank, group_col_tiles);
+        if (starts != walk.starts_run(unit, unit * cs % col_tiles, 0, group_col_tiles)) {
+          return false;
+        }
+        if (col % group_col_tiles == 0 && !starts) return false;
+        ++seen[tile];
+      }
+    }
+  }
+  for (int t = 0; t < tiles; ++t) {
+    if (seen[t] != 1) return false;
+  }
+  return true;
+}
+// 12608 tokens (99 row tiles) at proj (4 column tiles), fc1 (16), qkv (3 groups of 4) on 132
+// SMs in pairs or quads, or where fewer clusters fit (128 CTAs, 62 pairs); 4100 tokens at
+// O = 1000 (6 column tiles); 333 tokens at O = 40 (3 tiles, fewer than SMs); one CTA per tile.
+static_assert(routed_walk_is_sound(99, 4, 4, 2, 132, true));
+static_assert(routed_walk_is_sound(99, 4, 4, 4, 128, true));
+static_assert(routed_walk_is_sound(99, 16, 16, 2, 132, true));
+static_assert(routed_walk_is_sound(99, 16, 16, 1, 132, true));
+static_assert(routed_walk_is_sound(99, 12, 4, 2, 124, true));
+static_assert(routed_walk_is_sound(99, 12, 4, 4, 132, true));
+static_assert(routed_walk_is_sound(33, 6, 6, 2, 132, true));
+static_assert(routed_walk_is_sound(3, 1, 1, 1, 3, true));
+static_assert(routed_walk_is_sound(99, 12, 4, 2, 132, false));
+static_assert(routed_walk_is_sound(99, 4, 4, 2, 396, true));
 
 // The CTAs of a cluster (the routed forward's column tiles of one row block, which share
 // out the shrink's K steps) exchange partial sums through distributed shared memory, with a
