@@ -226,6 +226,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
                      ei::sm90_routed_dgrad_accepts(dtype, d, args);
   args.sm90_folds_x = args.sm90_routed && ei::sm90_routed_folds_x();
   args.dependent_sum = args.sm90_folds_x && ei::dependent_launch_enabled();
+  args.dependent_dgrad =
+      args.sm90_routed && args.u_workspace != nullptr && ei::dependent_launch_enabled();
   Tensor g, z, d_shrink, shrink_weight;
   if (!args.sm90_folds_x) {
     d_shrink = at::empty({N, d.shrink_ld()}, opts);

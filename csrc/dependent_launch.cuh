@@ -25,16 +25,18 @@ __device__ __forceinline__ void allow_dependent_launch() {
 #endif
 }
 
-// `kernel` on `stream` as a programmatic dependent of the kernel ahead of it (a 9.0+ device).
+// `kernel` on `stream` as a programmatic dependent of the kernel ahead of it (a 9.0+ device),
+// with shared_bytes of dynamic shared memory.
 template <class... Params, class... Args>
 cudaError_t launch_as_dependent(void (*kernel)(Params...), dim3 grid, dim3 block,
-                                cudaStream_t stream, Args&&... args) {
+                                size_t shared_bytes, cudaStream_t stream, Args&&... args) {
   cudaLaunchAttribute overlap = {};
   overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   overlap.val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
+  config.dynamicSmemBytes = shared_bytes;
   config.stream = stream;
   config.attrs = &overlap;
   config.numAttrs = 1;

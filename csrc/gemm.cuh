@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "dependent_launch.cuh"
 #include "numeric.cuh"
 
 namespace ei {
@@ -346,6 +347,10 @@ __global__ void __launch_bounds__(Cfg::THREADS, (kMinBlocks<T, Cfg>))
     return tiles + STAGES * Shapes::A_ELEMS + s * Shapes::B_ELEMS;
   };
 
+  // A kernel launched as this one's programmatic dependent (the routed input gradient after
+  // the u it reads) may be scheduled once every block has started: it waits for this grid's
+  // end before it reads anything.
+  allow_dependent_launch();
   const int batch = blockIdx.z / args.splits;
   const int split = blockIdx.z % args.splits;
   const int64_t m0 = int64_t(blockIdx.x) * Cfg::BM;

@@ -144,7 +144,7 @@ cudaError_t sum_splits(const SplitSums& sums, bool as_dependent, cudaStream_t st
   if (count == 0) return cudaSuccess;
   const unsigned blocks = unsigned(std::min<int64_t>((count + 31) / 32, 4096));
   if (as_dependent) {
-    return launch_as_dependent(&sum_splits_kernel<T>, dim3(blocks), dim3(kSumBlockThreads),
+    return launch_as_dependent(&sum_splits_kernel<T>, dim3(blocks), dim3(kSumBlockThreads), 0,
                                stream, sums);
   }
   sum_splits_kernel<T><<<blocks, kSumBlockThreads, 0, stream>>>(sums);

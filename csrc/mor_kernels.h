@@ -106,6 +106,8 @@ struct MorBackwardArgs {
   bool dependent_sum;         // with sm90_folds_x: the sum of the partials starts as the
                               // routed input gradient's programmatic dependent
                               // (dependent_launch_enabled)
+  bool dependent_dgrad;       // with sm90_routed and u_workspace: the routed input gradient
+                              // starts as the u GEMM's programmatic dependent (the same)
   void* shrink_weight;        // workspace [S, K] for it with a router: [A_cat; R], else null
   float* shrink_partial;      // workspace [shrink_splits, S, K]
   float* lora_b_partial;      // workspace [lora_b_splits, O, r]
@@ -130,7 +132,8 @@ bool sm90_routed_enabled();
 bool sm90_routed_folds_x();
 
 // Whether the backward's sum of the partials may launch as the programmatic dependent of the
-// routed input gradient, so that its launch hides behind that kernel's tail: unless
+// routed input gradient, and that kernel as the dependent of the u GEMM before it where u is
+// recomputed (qkv), so that each launch hides behind the last kernel's tail: unless
 // EI_KERNELS_CUDA_PDL is "0" (to measure what that buys, or to rule it out).
 bool dependent_launch_enabled();
 

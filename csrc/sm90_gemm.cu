@@ -488,10 +488,10 @@ static_assert(routed_walk_is_sound(99, 4, 4, 2, 396, true));
 
 // The CTAs of a cluster (the routed forward's column tiles of one row block, which share
 // out the shrink's K steps) exchange partial sums through distributed shared memory, with a
-// pair of mbarriers per CTA that every CTA of the cluster arrives on once per tile. A fence
-// before the arrivals releases, and the waits acquire, at cluster scope: one CTA's
-// shared-memory writes or reads before its arrival are ordered before another's accesses
-// after its wait. (sm_90a PTX: only that image compiles them.)
+// pair of mbarriers per CTA that every CTA of the cluster arrives on once per run (per tile
+// when walked round-robin). A fence before the arrivals releases, and the waits acquire, at
+// cluster scope: one CTA's shared-memory writes or reads before its arrival are ordered
+// before another's accesses after its wait. (sm_90a PTX: only that image compiles them.)
 #if defined(EI_SM90_DEVICE_CODE)
 __device__ void arrive_on_cluster(uint64_t* barrier, int cluster_size) {
   const uint32_t local = cute::cast_smem_ptr_to_uint(barrier);
@@ -752,7 +752,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   const auto tiler = Shape<typename Cfg::BM, typename Cfg::BN, typename Cfg::BK>{};
   init_ring<typename Cfg::Shared, kStages>(smem, Cfg::kConsumerThreads);
-  if (threadIdx.x == 0) {  // one arrival per CTA of the cluster and tile
+  if (threadIdx.x == 0) {  // one arrival per CTA of the cluster and run
     // (CuTe's initialize_barrier: cutlass's Barrier::init asserts on a count it cannot see)
     initialize_barrier(smem.partials_ready, cluster_size);
     initialize_barrier(smem.partials_read, cluster_size);
@@ -1360,6 +1360,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
+  // Launched as the dependent of the u GEMM before it (qkv), it waits for that grid's end
+  // before anything reads global memory (a plain launch passes at once).
+  wait_for_prerequisite();
   // The sum of the partials, launched as this kernel's dependent, may be scheduled from now
   // on: its CTAs wait for this grid's end before they read anything, and until then take only
   // SMs that no CTA of this one holds (all started: the last to call this lets it launch).
@@ -1601,8 +1604,9 @@ cudaError_t allow_shared_memory(Kernel kernel, int bytes) {
 // Launches `kernel` with kSmem bytes of dynamic shared memory over `tiles` output tiles
 // (for_each_tile): persistent, one CTA per SM, unless switched off (then one per tile).
 // (Attribute queries only, cached: safe during CUDA graph capture.)
+// With as_dependent: as the programmatic dependent of the kernel ahead (dependent_launch.cuh).
 template <int kSmem, int kThreads, class Kernel, class... Args>
-cudaError_t launch_on_tiles(Kernel kernel, int64_t tiles, cudaStream_t stream,
+cudaError_t launch_on_tiles(Kernel kernel, int64_t tiles, bool as_dependent, cudaStream_t stream,
                             const Args&... args) {
   static_assert(kSmem <= 227 * 1024, "over the opt-in shared memory of a 9.0 device");
   cudaError_t err = allow_shared_memory(kernel, kSmem);
@@ -1611,6 +1615,10 @@ cudaError_t launch_on_tiles(Kernel kernel, int64_t tiles, cudaStream_t stream,
   if (err == cudaSuccess) err = multiprocessor_count(device, &sms);
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned(persistent_tiles() ? std::min<int64_t>(tiles, sms) : tiles));
+  if (as_dependent) {
+    err = launch_as_dependent(kernel, grid, dim3(kThreads), kSmem, stream, args...);
+    return err != cudaSuccess ? err : cudaGetLastError();
+  }
   kernel<<<grid, kThreads, kSmem, stream>>>(args...);
   return cudaGetLastError();
 }
@@ -1655,7 +1663,9 @@ cudaError_t launch_on_tile_clusters(Kernel kernel, int64_t tiles, cudaStream_t s
   const int clusters = fitting - 1;
   // No cluster of this size fits (a GPU partition, say): CTAs alone, in either mode, right all
   // the same (the shrink then summed in one CTA: other roundings).
-  if (clusters <= 0) return launch_on_tiles<kSmem, kThreads>(kernel, tiles, stream, args...);
+  if (clusters <= 0) {
+    return launch_on_tiles<kSmem, kThreads>(kernel, tiles, false, stream, args...);
+  }
   const int64_t ctas =
       persistent_tiles() ? std::min<int64_t>(tiles, int64_t(clusters) * kCluster) : tiles;
   config.gridDim = dim3(unsigned(ctas));
@@ -1684,8 +1694,8 @@ cudaError_t launch(const ExtGemmArgs& g, cudaStream_t stream) {
                                   : b_operand<T, kBNMajor>(g.b, g.n, g.k, g.ldb),
                               smem_b, box_b);
   return launch_on_tiles<int(sizeof(typename Cfg::Shared)), Cfg::kThreads>(
-      &ext_gemm_kernel<Cfg, decltype(tma_a), decltype(tma_b)>, tile_count(g.m, g.n), stream,
-      tma_a, tma_a2, tma_b, tma_b2, g.m, g.n, g.k, g.k2, static_cast<const T*>(g.bias),
+      &ext_gemm_kernel<Cfg, decltype(tma_a), decltype(tma_b)>, tile_count(g.m, g.n), false,
+      stream, tma_a, tma_a2, tma_b, tma_b2, g.m, g.n, g.k, g.k2, static_cast<const T*>(g.bias),
       static_cast<T*>(g.c), g.ldc);
 }
 
@@ -1723,7 +1733,8 @@ cudaError_t launch_routed_dgrad(const MorDims& d, const MorBackwardArgs& a, cuda
                                    a.lora_b_partial};
   return launch_on_tiles<int(sizeof(typename Cfg::Shared)), Cfg::kThreads>(
       &routed_dgrad_kernel<Cfg, decltype(tma_dy), decltype(tma_w), decltype(tma_lora_a)>,
-      tile_count(m, n), stream, tma_dy, tma_x, tma_w, tma_lora_a, tma_router, d, ptr);
+      tile_count(m, n), a.dependent_dgrad, stream, tma_dy, tma_x, tma_w, tma_lora_a, tma_router,
+      d, ptr);
 }
 
 template <typename T>
@@ -1819,7 +1830,7 @@ cudaError_t launch_routed(const MorDims& d, const MorForwardArgs& a, cudaStream_
                                                               tma_lora_a, tma_router, d, ptr,
                                                               runs);
     default:
-      return launch_on_tiles<kSmem, Cfg::kThreads>(kernel, tiles, stream, tma_x, tma_w,
+      return launch_on_tiles<kSmem, Cfg::kThreads>(kernel, tiles, false, stream, tma_x, tma_w,
                                                    tma_lora_a, tma_router, d, ptr, runs);
   }
 }

@@ -175,7 +175,8 @@ def triton_bwd(n, k, o, g) -> Cost:
 MMA_SYNC_FRACTION = 0.6
 WGMMA_FRACTION = 0.8
 # A launch as the programmatic dependent of the kernel before it (the backward's sum after the
-# routed input gradient, EI_KERNELS_CUDA_PDL): scheduled while that kernel's last tiles run,
+# routed input gradient, and that after qkv's u GEMM, EI_KERNELS_CUDA_PDL): scheduled while
+# that kernel's last tiles run,
 # it pays only its start once the other ends (an assumption, not measured; "fused-cuda" against
 # "fused-cuda-no-pdl" in the GPU check will say).
 DEPENDENT_LAUNCH_US = 1.0
@@ -282,7 +283,7 @@ def sm90_routed(n, k, o, g) -> Cost:
                        serial_us=most_runs * step_us)
 
 
-def sm90_routed_dgrad(n, k, o, g=1) -> Cost:
+def sm90_routed_dgrad(n, k, o, g=1, dependent=False) -> Cost:
     """The routed input gradient (routed_dgrad_kernel): sm90_gemm's tiles over dy and W, each
     also running g = dy B over its dy tiles (16 columns, again in every column tile; B's rows
     bulk-copied per K step and zero-padded on chip, work the model does not charge). A tile's
@@ -305,7 +306,7 @@ def sm90_routed_dgrad(n, k, o, g=1) -> Cost:
               + F32 * g * (n * (R + L) + n * L)
               + F32 * row_tiles * (o * R + g * (R + L) * k))
     return Cost.kernel(flops, bytes_, tiles, efficiency, WGMMA_FRACTION,
-                       serial_us=waves * g * ROUTE_STEP_US)
+                       serial_us=waves * g * ROUTE_STEP_US, dependent=dependent)
 
 
 def cuda_fwd(n, k, o, g, hopper=True) -> Cost:
@@ -337,7 +338,8 @@ def cuda_bwd(n, k, o, g, hopper=True) -> Cost:
               and L <= ROUTED_RANKS)
     if routed:
         # as sm90_routed_dgrad_accepts: g, the routing, dx and every partial in one
-        gg, route, dx = Cost(), Cost(), sm90_routed_dgrad(n, k, o, g)
+        # (as the u GEMM's programmatic dependent where u is recomputed)
+        gg, route, dx = Cost(), Cost(), sm90_routed_dgrad(n, k, o, g, not keeps_u(g))
     elif hopper:  # [A_cat; R] stacked into one [S, K] operand, then the GEMM
         stack = Cost.kernel(0, 2 * ELEM * s * k)
         dx = stack + sm90_gemm(n, k, o, s, _pad8(s), s, k)

@@ -184,7 +184,8 @@ class TestCompiledExtension:
         of their partial sums through distributed shared memory) and the routed input
         gradient with g's 64x16 one and its reducer's transposed dy^T z, present whenever the build
         found CUTLASS and a 90a target, the latter letting the sum of the partials launch as
-        its dependent, which waits for it (griddepcontrol) before its first load; and no kernel
+        its dependent, which waits for it (griddepcontrol) before its first load, as it waits
+        for the portable GEMM before it (which lets it launch early); and no kernel
         of any target has a stack frame (ptxas spilled nothing)."""
         import re
         import subprocess
@@ -230,8 +231,12 @@ class TestCompiledExtension:
                             # B's rows (28-byte rows: no tensor TMA) by a bulk copy into
                             # the stage (laid out there by two warps)
                             assert "UBLKCP.S.G" in code, name
-                            # its dependent (the sum of the partials) may launch from its start
+                            # its dependent (the sum of the partials) may launch from its start;
+                            # it waits for the u GEMM ahead of it before any global load
                             assert "PREEXIT" in code, name
+                            loads = [code.find(op) for op in ("UTMALDG", "LDG", "UBLKCP")]
+                            assert 0 <= code.find("ACQBULK") < min(
+                                at for at in loads if at >= 0), name
                         hopper += 1
                 elif "sum_splits_kernel" in name and arch == "sm_90a":
                     # which waits for it before its first global load
@@ -239,6 +244,8 @@ class TestCompiledExtension:
                     sums_waiting += 0 <= wait < load
                 elif "gemm_kernel" in name and ("__half" in name or "bfloat16" in name):
                     assert "LDGSTS" in code and "HMMA" in code, (arch, name)
+                    # on Hopper it lets a dependent (the routed input gradient) launch early
+                    assert ("PREEXIT" in code) == (arch == "sm_90a"), (arch, name)
                     checked += 1
         assert checked, "no 16-bit GEMM found for an sm_80+ target"
         if hopper:  # the backward's sum launches as the routed input gradient's dependent

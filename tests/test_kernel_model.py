@@ -162,13 +162,16 @@ def test_paired_slots_are_those_one_sweep_after_an_even_sweep():
 
 
 def test_a_programmatic_dependent_launch_is_charged_its_own_launch_cost(monkeypatch):
-    """The routed backward's sum launches as the routed input gradient's dependent (csrc's
-    EI_KERNELS_CUDA_PDL): its launch costs DEPENDENT_LAUNCH_US, every other launch the plain
-    cost, and never more than that."""
+    """The routed backward's sum launches as the routed input gradient's dependent, and that
+    as the u GEMM's where u is recomputed (csrc's EI_KERNELS_CUDA_PDL): such a launch costs
+    DEPENDENT_LAUNCH_US, every other launch the plain cost, and never more than that."""
     n, k, o = 12608, 768, 768
     routed, portable = kernel_model.cuda_bwd(n, k, o, 1), kernel_model.cuda_bwd(n, k, o, 1, False)
     assert [kernel[-1] for kernel in routed.kernels] == [False, True]
     assert not any(kernel[-1] for kernel in portable.kernels)
+    # qkv: the u GEMM, then the routed input gradient and the sum, each the last's dependent
+    qkv = kernel_model.cuda_bwd(n, k, 3 * o, 3)
+    assert [kernel[-1] for kernel in qkv.kernels] == [False, True, True]
     monkeypatch.setattr(kernel_model, "DEPENDENT_LAUNCH_US", 1.0)
     at = {launch: routed.us(790e12, 4.3e12, launch) for launch in (0.0, 0.5, 3.0)}
     assert at[3.0] - at[0.0] == pytest.approx(3.0 + 1.0)

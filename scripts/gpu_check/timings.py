@@ -21,8 +21,9 @@ EI_KERNELS_CUDA_SM90_CLUSTER=1, every column tile computes its rows' shrink) or 
 four ways ("fused-cuda-cluster4": =4; "fused-cuda" pairs column tiles), its tiles walked
 round-robin instead of in runs of one row block that share z ("fused-cuda-no-runs":
 EI_KERNELS_CUDA_SM90_RUNS=0; the default walks in runs at K = 768 only), and with the
-backward's sum of the partials launched after the routed input gradient instead of as its
-programmatic dependent ("fused-cuda-no-pdl": EI_KERNELS_CUDA_PDL=0). "fused-triton" is
+backward's sum of the partials launched after the routed input gradient (and that, for qkv,
+after the u GEMM) instead of as its programmatic dependent ("fused-cuda-no-pdl":
+EI_KERNELS_CUDA_PDL=0). "fused-triton" is
 the launcher's choice by its schedule model (ei_kernels/ops/triton_schedule.py); these rows say
 what the split, the fitted order and the sharing buy,
 forward (no grad) and forward + backward (x needs a gradient, the base is frozen): CUDA events
@@ -129,7 +130,7 @@ def _cuda_variant(provider: str):
     "-one-tile" with one CTA per tile, "-no-cluster"
     and "-cluster4" with the routed forward in clusters of 1 and 4 CTAs, "-no-runs" with its
     tiles walked round-robin (every tile computing its shrink and routing), "-no-pdl" with the
-    backward's sum launched after the routed input gradient, not as its dependent (the
+    backward's launches plain, none as the last one's programmatic dependent (the
     extension reads the switches at every call)."""
     switches = {"-portable": ("EI_KERNELS_CUDA_SM90", "0"),
                 "-unrouted": ("EI_KERNELS_CUDA_SM90", "unrouted"),

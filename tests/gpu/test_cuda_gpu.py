@@ -172,11 +172,13 @@ def test_the_forward_walked_in_runs_gives_the_same_bits_as_round_robin(monkeypat
     pytest.param(12608, 768, 2304, 3, id="qkv-12608"),
 ])
 @pytest.mark.usefixtures("sm90_kernels")
-def test_the_sum_launched_as_a_dependent_gives_the_same_bits(monkeypatch, n, k, o, groups):
+def test_the_launches_as_dependents_give_the_same_bits(monkeypatch, n, k, o, groups):
     """The backward's sum of the partials, launched as the routed input gradient's
-    programmatic dependent (the default), reads them only once that kernel has ended: every
-    gradient the same bits, over repeated runs, as with the sum launched after it
-    (EI_KERNELS_CUDA_PDL=0). A sum that read partials before they were written would differ."""
+    programmatic dependent (the default), reads them only once that kernel has ended, and
+    that kernel (qkv: after the u GEMM, as its dependent) reads u only once it is written:
+    every gradient the same bits, over repeated runs, as with plain launches
+    (EI_KERNELS_CUDA_PDL=0). A kernel that read its inputs before they were written would
+    differ."""
     inputs, dy = make_inputs(n, k, o, {"groups": groups}, torch.bfloat16)
     results = {}
     for pdl in ("0", "1", "1"):
