@@ -27,4 +27,11 @@ inline cudaError_t multiprocessor_count(int device, int* sms) {
   });
 }
 
+// The device's L2 cache size in bytes, queried once.
+inline cudaError_t l2_cache_bytes(int device, int* bytes) {
+  return cached_per_device(device, bytes, [&](int* out) {
+    return cudaDeviceGetAttribute(out, cudaDevAttrL2CacheSize, device);
+  });
+}
+
 }  // namespace ei

@@ -1022,20 +1022,87 @@ struct GroupSteps {
   }
 };
 
-// The routed input gradient's walk: the CTA's tiles in for_each_tile's order, each group by
-// group: body(row tile, column tile, group, segment), where segment counts the CTA's (tile,
-// group) pairs (its double buffers alternate per segment). The segment is the loop's only
-// state, in 32 bits (the host checks tiles < 2^30), and the loop ends on tiles, which stays in
-// a uniform register: the z warp has 40 registers, and with more loop state (for_each_tile's
-// 64-bit loop around a group loop, a bound of its own, or a tile and a group) it spilled.
+// The routed input gradient's walk: CTA b's s-th tile is b * per_cta + s * stride, for
+// s < steps and below `tiles`: round-robin (for_each_tile's order: per_cta 1, stride the
+// grid) or in runs (one group only: per_cta = steps = the tiles per CTA, stride 1), where a
+// CTA's next tile mostly lies in its last one's row block and its g is the last one's. Kernel
+// parameters: read from the constant bank, they take no registers.
+struct SegmentWalk {
+  int per_cta, stride, steps;
+  int tiles;  // all of the launch's
+  // Whether the CTA's tile of step `step`, in column tile col, computes its g: everywhere
+  // but where the CTA's last tile, just before, lay in the same row block (one group).
+  __host__ __device__ constexpr bool starts_run(int step, int col, int groups) const {
+    return stride != 1 || groups > 1 || step == 0 || col == 0;
+  }
+};
+
+// The walk and the CTAs of a launch over `tiles` tiles on at most `ctas` CTAs, round-robin
+// or in runs (as many CTAs as runs of tiles / ctas, rounded up, take).
+struct SegmentLaunch {
+  SegmentWalk walk;
+  int ctas;
+};
+__host__ __device__ constexpr SegmentLaunch segment_launch(int tiles, int ctas, bool runs) {
+  if (!runs) return SegmentLaunch{SegmentWalk{1, ctas, INT32_MAX, tiles}, ctas};
+  const int per_cta = (tiles + ctas - 1) / ctas;
+  return SegmentLaunch{SegmentWalk{per_cta, 1, per_cta, tiles}, (tiles + per_cta - 1) / per_cta};
+}
+
+// body(row tile, column tile, group, segment, starts_run) for each of the CTA's tiles, group
+// by group, where segment counts the CTA's (tile, group) pairs (its double buffers alternate
+// per segment). The segment is the loop's only register state, in 32 bits (the host checks
+// tiles < 2^30): the z warp has 40 registers, and with more loop state (for_each_tile's 64-bit
+// loop around a group loop, a bound of its own, or a tile and a group) it spilled (4 bytes
+// with the tile count in a register).
 template <class Body>
-__device__ void for_each_segment(int tiles, int col_tiles, int groups, Body&& body) {
+__device__ void for_each_segment(int col_tiles, int groups, const SegmentWalk walk,
+                                 Body&& body) {
   for (int segment = 0;; ++segment) {
-    const int tile = int(blockIdx.x) + segment / groups * int(gridDim.x);
-    if (tile >= tiles) return;
-    body(tile / col_tiles, tile % col_tiles, segment % groups, segment);
+    const int step = segment / groups;
+    const int tile = int(blockIdx.x) * walk.per_cta + step * walk.stride;
+    if (step >= walk.steps || tile >= walk.tiles) return;
+    const int col = tile % col_tiles;
+    body(tile / col_tiles, col, segment % groups, segment, walk.starts_run(step, col, groups));
   }
 }
+
+// The walk of every CTA of segment_launch(row_tiles x col_tiles, ctas, runs) with one group:
+// every tile exactly once, and a tile that does not compute its g right after the same CTA's
+// tile to its left (the same row block).
+constexpr bool segment_walk_is_sound(int row_tiles, int col_tiles, int ctas, bool runs) {
+  constexpr int kMaxTiles = 2048;
+  int seen[kMaxTiles] = {};
+  const int tiles = row_tiles * col_tiles;
+  if (tiles > kMaxTiles) return false;
+  const SegmentLaunch launch = segment_launch(tiles, ctas, runs);
+  for (int cta = 0; cta < launch.ctas; ++cta) {
+    int last = -1;
+    for (int step = 0; step < launch.walk.steps; ++step) {
+      const int tile = cta * launch.walk.per_cta + step * launch.walk.stride;
+      if (tile >= tiles) break;
+      const int col = tile % col_tiles;
+      if (!launch.walk.starts_run(step, col, 1) && (last != tile - 1 || col == 0)) return false;
+      ++seen[tile];
+      last = tile;
+    }
+  }
+  for (int t = 0; t < tiles; ++t) {
+    if (seen[t] != 1) return false;
+  }
+  return true;
+}
+// 12608 tokens (99 row tiles) at proj's and fc1's 4 column tiles and fc2's 16, on 132 SMs and
+// 114 (an H100 PCIe's); odd sizes; one CTA per tile; round-robin.
+static_assert(segment_walk_is_sound(99, 4, 132, true));
+static_assert(segment_walk_is_sound(99, 16, 132, true));
+static_assert(segment_walk_is_sound(99, 16, 114, true));
+static_assert(segment_walk_is_sound(99, 4, 114, true));
+static_assert(segment_walk_is_sound(3, 1, 132, true));
+static_assert(segment_walk_is_sound(33, 6, 132, true));
+static_assert(segment_walk_is_sound(99, 4, 396, true));
+static_assert(segment_walk_is_sound(99, 16, 132, false));
+static_assert(segment_walk_is_sound(7, 3, 1, false));
 
 // The producer warp group's warp 1 (the z warp) routes z for the reducer, one segment (a
 // tile's group) ahead in two buffers: z = (p S) u of each tile row and the group, from the
@@ -1045,8 +1112,8 @@ __device__ void for_each_segment(int tiles, int col_tiles, int groups, Body&& bo
 // (a thread routes 4 rows one after the other).
 template <class Cfg, bool ROUTER, bool BYPASS, class Shared>
 __device__ void route_z(Shared& smem, const MorDims& d,
-                        const RoutedDgradPointers<typename Cfg::T>& ptr, int tiles, int col_tiles,
-                        int k_steps) {
+                        const RoutedDgradPointers<typename Cfg::T>& ptr, int col_tiles,
+                        int k_steps, const SegmentWalk walk) {
   using T = typename Cfg::T;
   const int thread = int(threadIdx.x) - 32;
   const int logits = ROUTER ? d.logits : 0;
@@ -1054,8 +1121,8 @@ __device__ void route_z(Shared& smem, const MorDims& d,
   const auto prefetch = [](const float* p) {
     asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
   };
-  for_each_segment(tiles, col_tiles, d.groups, [&](int row_tile, int col, int group,
-                                                   int segment) {
+  for_each_segment(col_tiles, d.groups, walk, [&](int row_tile, int col, int group,
+                                                            int segment, bool) {
     const int buffer = segment & 1;
     // The tile's rows that hold a token (32 bits: the host admits at most 65536 tokens), none
     // where the column tile has no share of the group's steps (kt % col_tiles == col: the
@@ -1139,8 +1206,8 @@ static_assert(lora_b_offsets_match<RoutedDgradConfig<cutlass::bfloat16_t>>());
 // then arrives on the stage's `full` barrier, which counts these arrivals besides the TMA
 // thread's. (One warp with two rows a thread spilled at this warp group's 40 registers.)
 template <class Cfg, class Shared>
-__device__ void expand_lora_b(Shared& smem, const MorDims& d, int tiles, int col_tiles,
-                              int k_steps, bool folds) {
+__device__ void expand_lora_b(Shared& smem, const MorDims& d, int col_tiles, int k_steps,
+                              bool folds, const SegmentWalk walk) {
   using T = typename Cfg::T;
   constexpr int kStages = Cfg::kStages, kStageValues = Cfg::kRanks * Cfg::kBK;
   constexpr int kBarrier = 2;  // named barrier id (1: the consumers')
@@ -1151,7 +1218,7 @@ __device__ void expand_lora_b(Shared& smem, const MorDims& d, int tiles, int col
   // phases and the ring's laps part ways.
   int stage = 0;
   uint32_t copied = 0;
-  for_each_segment(tiles, col_tiles, d.groups, [&](int, int, int group, int) {
+  for_each_segment(col_tiles, d.groups, walk, [&](int, int, int group, int, bool) {
     const GroupSteps steps(group, d.groups, k_steps);
     for (int kt = steps.first; kt < steps.last; ++kt) {
       const int rows = min(Cfg::kBK, d.out_features - kt * Cfg::kBK);  // those copied
@@ -1194,8 +1261,8 @@ __device__ void expand_lora_b(Shared& smem, const MorDims& d, int tiles, int col
 // delay them only through the ring (a stage it holds is one the producer cannot refill).
 template <class Cfg, class Shared>
 __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
-                              const RoutedDgradPointers<typename Cfg::T>& ptr, int tiles,
-                              int col_tiles, int k_steps) {
+                              const RoutedDgradPointers<typename Cfg::T>& ptr, int col_tiles,
+                              int k_steps, const SegmentWalk walk) {
   constexpr int kStages = Cfg::kStages;
   const int thread = int(threadIdx.x) - Cfg::Base::kThreads;
   Tensor sDyT = make_tensor(make_smem_ptr(smem.a.begin()), typename Cfg::SmemDyT{});
@@ -1228,8 +1295,8 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
 
   int stage = 0, phase = 0;
   int share = 0;  // the tile's next K step to multiply
-  for_each_segment(tiles, col_tiles, d.groups, [&](int row_tile, int col, int group,
-                                                   int segment) {
+  for_each_segment(col_tiles, d.groups, walk, [&](int row_tile, int col, int group,
+                                                            int segment, bool) {
     float* const partial =
         ptr.lora_b_partial + int64_t(row_tile) * d.out_features * d.rank;
     if (group == 0) share = col;
@@ -1316,13 +1383,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                         CUTE_GRID_CONSTANT const TmaB tma_w,
                         CUTE_GRID_CONSTANT const TmaE tma_lora_a,
                         CUTE_GRID_CONSTANT const TmaE tma_router, const MorDims d,
-                        const RoutedDgradPointers<typename Cfg::T> ptr) {
+                        const RoutedDgradPointers<typename Cfg::T> ptr, const SegmentWalk walk) {
 #if defined(EI_SM90_DEVICE_CODE)
   using T = typename Cfg::T;
   constexpr int kStages = Cfg::kStages;
   const int m = int(d.tokens), n = d.in_features, k = d.out_features;
   const int col_tiles = (n + Cfg::kBN - 1) / Cfg::kBN;
-  const int tiles = int(tile_count(m, n));  // tiles G < 2^30: the host checks
+  // (tiles G < 2^30, walk.tiles: the host checks)
   const int k_steps = (k + Cfg::kBK - 1) / Cfg::kBK;
   // x folded in: x's tile follows each group's steps through the ring, for d[A_cat; R]
   const bool folds = ptr.shrink_partial != nullptr;
@@ -1370,22 +1437,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   if (threadIdx.x >= Cfg::Base::kThreads) {  // the reducer warp group
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kReducerRegisters>();
-    reduce_lora_b<Cfg>(smem, d, ptr, tiles, col_tiles, k_steps);
+    reduce_lora_b<Cfg>(smem, d, ptr, col_tiles, k_steps, walk);
     return;
   }
   if (threadIdx.x < 128) {  // producer warp group: one thread issues every TMA load
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegisters>();
     if (threadIdx.x >= 32 + Cfg::kZThreads) {  // the B warps
-      expand_lora_b<Cfg>(smem, d, tiles, col_tiles, k_steps, folds);
+      expand_lora_b<Cfg>(smem, d, col_tiles, k_steps, folds, walk);
       return;
     }
     if (threadIdx.x >= 32) {  // the z warp
       if (!d.router) {
-        route_z<Cfg, false, false>(smem, d, ptr, tiles, col_tiles, k_steps);
+        route_z<Cfg, false, false>(smem, d, ptr, col_tiles, k_steps, walk);
       } else if (d.bypass) {
-        route_z<Cfg, true, true>(smem, d, ptr, tiles, col_tiles, k_steps);
+        route_z<Cfg, true, true>(smem, d, ptr, col_tiles, k_steps, walk);
       } else {
-        route_z<Cfg, true, false>(smem, d, ptr, tiles, col_tiles, k_steps);
+        route_z<Cfg, true, false>(smem, d, ptr, col_tiles, k_steps, walk);
       }
       return;
     }
@@ -1399,7 +1466,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const int gr = d.groups * d.rank;
     const int router_rows = d.router ? d.groups * d.logits : gr;
     int stage = 0, phase = 0;
-    for_each_segment(tiles, col_tiles, d.groups, [&](int row, int col, int group, int segment) {
+    for_each_segment(col_tiles, d.groups, walk,
+                     [&](int row, int col, int group, int segment, bool) {
       // The group's extension tiles first, into the buffer of the segment before last: the
       // 16 rows of A_cat and R from the group's first (TMA fills past the last with zeros;
       // rows of the next group meet du and dl's zero columns), for this tile's columns.
@@ -1485,28 +1553,48 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const Tensor tGc = thr_g.partition_C(tile_g);
 
   int stage = 0, phase = 0;
-  for_each_segment(tiles, col_tiles, d.groups, [&](int row_tile, int col, int group,
-                                                   int segment) {
+  for_each_segment(col_tiles, d.groups, walk, [&](int row_tile, int col, int group,
+                                                            int segment, bool starts_run) {
     const bool keeps = col == 0;  // the first column tile writes dc's partials
     if (group == 0) clear(acc);
     const GroupSteps steps(group, d.groups, k_steps);
-    clear(acc_g);
-    drain_ring<kStages>(
-        smem, steps.last - steps.first, stage, phase,
+    // g's MMAs only where a run starts: its later tiles find their g in the staging tile (two
+    // runs of steps, the second with none: a branch around them would split every batch). g
+    // starts from the first MMA's zero scale, not from cleared registers: a clear that might
+    // meet no MMA made ptxas serialise every batch (C7515).
+    const int g_steps = starts_run ? steps.last - steps.first : 0;
+    const auto fence = [&] {
+      warpgroup_fence_operand(acc);
+      warpgroup_fence_operand(acc_g);
+    };
+    int reading = -1;
+    mma_g.accumulate_ = GMMA::ScaleOut::Zero;
+    drain_steps<kStages>(
+        smem, g_steps, stage, phase, reading,
         [&](int at) {
           gemm(mma, tCrA(_, _, _, at), tCrB(_, _, _, at), acc);
-          gemm(mma_g, tGrA(_, _, _, at), tGrB(_, _, _, at), acc_g);
+          CUTE_UNROLL
+          for (int kb = 0; kb < size<2>(tGrA); ++kb) {  // the step's 64 outputs, 16 at a time
+            gemm(mma_g, tGrA(_, _, kb, at), tGrB(_, _, kb, at), acc_g);
+            mma_g.accumulate_ = GMMA::ScaleOut::One;
+          }
         },
-        [&] {
-          warpgroup_fence_operand(acc);
-          warpgroup_fence_operand(acc_g);
-        });
+        fence);
+    // (fencing acc alone: a fence of g's registers, which the last batch may still be
+    // writing, made ptxas serialise every batch, C7515)
+    drain_steps<kStages>(
+        smem, steps.last - steps.first - g_steps, stage, phase, reading,
+        [&](int at) { gemm(mma, tCrA(_, _, _, at), tCrB(_, _, _, at), acc); },
+        [&] { warpgroup_fence_operand(acc); });
+    drain_done(smem, reading, fence);
 
-    // g to the staging tile, then one thread per row routes it.
-    CUTE_UNROLL
-    for (int j = 0; j < size(acc_g); ++j) {
-      const auto [r, c] = tGc(j);
-      smem.staging[r][c] = acc_g(j);
+    // g to the staging tile (a run's first tile), then one thread per row routes it.
+    if (starts_run) {
+      CUTE_UNROLL
+      for (int j = 0; j < size(acc_g); ++j) {
+        const auto [r, c] = tGc(j);
+        smem.staging[r][c] = acc_g(j);
+      }
     }
     // The consumers' own barrier (user id 1: hardware barrier 9; 0 is __syncthreads). It
     // also orders this group's writes of staging, du, dl and dl_rows after the last
@@ -1574,7 +1662,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   });
 #else
   (void)tma_dy, (void)tma_x, (void)tma_w, (void)tma_lora_a, (void)tma_router, (void)d;
-  (void)ptr;
+  (void)ptr, (void)walk;
 #if defined(__CUDA_ARCH__)
   __trap();
 #endif
@@ -1604,23 +1692,40 @@ cudaError_t allow_shared_memory(Kernel kernel, int bytes) {
 // Launches `kernel` with kSmem bytes of dynamic shared memory over `tiles` output tiles
 // (for_each_tile): persistent, one CTA per SM, unless switched off (then one per tile).
 // (Attribute queries only, cached: safe during CUDA graph capture.)
-// With as_dependent: as the programmatic dependent of the kernel ahead (dependent_launch.cuh).
+// The CTAs of a launch over `tiles` tiles: one per SM (persistent), unless switched off.
+cudaError_t tile_ctas(int64_t tiles, int64_t* ctas) {
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = multiprocessor_count(device, &sms);
+  *ctas = persistent_tiles() ? std::min<int64_t>(tiles, sms) : tiles;
+  return err;
+}
+
+// `kernel` on `ctas` CTAs; with as_dependent, as the programmatic dependent of the kernel
+// ahead (dependent_launch.cuh).
 template <int kSmem, int kThreads, class Kernel, class... Args>
-cudaError_t launch_on_tiles(Kernel kernel, int64_t tiles, bool as_dependent, cudaStream_t stream,
-                            const Args&... args) {
+cudaError_t launch_on_ctas(Kernel kernel, int64_t ctas, bool as_dependent, cudaStream_t stream,
+                           const Args&... args) {
   static_assert(kSmem <= 227 * 1024, "over the opt-in shared memory of a 9.0 device");
   cudaError_t err = allow_shared_memory(kernel, kSmem);
-  int device = 0, sms = 0;
-  if (err == cudaSuccess) err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = multiprocessor_count(device, &sms);
   if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned(persistent_tiles() ? std::min<int64_t>(tiles, sms) : tiles));
+  const dim3 grid{unsigned(ctas)};
   if (as_dependent) {
     err = launch_as_dependent(kernel, grid, dim3(kThreads), kSmem, stream, args...);
     return err != cudaSuccess ? err : cudaGetLastError();
   }
   kernel<<<grid, kThreads, kSmem, stream>>>(args...);
   return cudaGetLastError();
+}
+
+// `kernel` over `tiles` output tiles (for_each_tile).
+template <int kSmem, int kThreads, class Kernel, class... Args>
+cudaError_t launch_on_tiles(Kernel kernel, int64_t tiles, cudaStream_t stream,
+                            const Args&... args) {
+  int64_t ctas = 0;
+  const cudaError_t err = tile_ctas(tiles, &ctas);
+  if (err != cudaSuccess) return err;
+  return launch_on_ctas<kSmem, kThreads>(kernel, ctas, false, stream, args...);
 }
 
 // The same in clusters of kCluster CTAs along the tile walk (tiles is a multiple of kCluster).
@@ -1664,7 +1769,7 @@ cudaError_t launch_on_tile_clusters(Kernel kernel, int64_t tiles, cudaStream_t s
   // No cluster of this size fits (a GPU partition, say): CTAs alone, in either mode, right all
   // the same (the shrink then summed in one CTA: other roundings).
   if (clusters <= 0) {
-    return launch_on_tiles<kSmem, kThreads>(kernel, tiles, false, stream, args...);
+    return launch_on_tiles<kSmem, kThreads>(kernel, tiles, stream, args...);
   }
   const int64_t ctas =
       persistent_tiles() ? std::min<int64_t>(tiles, int64_t(clusters) * kCluster) : tiles;
@@ -1694,9 +1799,31 @@ cudaError_t launch(const ExtGemmArgs& g, cudaStream_t stream) {
                                   : b_operand<T, kBNMajor>(g.b, g.n, g.k, g.ldb),
                               smem_b, box_b);
   return launch_on_tiles<int(sizeof(typename Cfg::Shared)), Cfg::kThreads>(
-      &ext_gemm_kernel<Cfg, decltype(tma_a), decltype(tma_b)>, tile_count(g.m, g.n), false,
-      stream, tma_a, tma_a2, tma_b, tma_b2, g.m, g.n, g.k, g.k2, static_cast<const T*>(g.bias),
+      &ext_gemm_kernel<Cfg, decltype(tma_a), decltype(tma_b)>, tile_count(g.m, g.n), stream,
+      tma_a, tma_a2, tma_b, tma_b2, g.m, g.n, g.k, g.k2, static_cast<const T*>(g.bias),
       static_cast<T*>(g.c), g.ldc);
+}
+
+// Whether the routed input gradient walks its tiles in runs (for_each_segment), which skip g's
+// MMAs after a run's first tile: one group only (the staging tile holds one group's g), and by
+// default where the row blocks of dy its CTAs hold at once take at most half of the L2 (at
+// 12608 tokens on an H100/H200: O = 768, 26 MB of 50, proj and fc2; not fc1's O = 3072).
+// EI_KERNELS_CUDA_SM90_RUNS as for the forward (routed_walks_in_runs). Queries failing here
+// leave it round-robin (the launch then reports them).
+bool routed_dgrad_walks_in_runs(const MorDims& d, int element_bytes) {
+  if (d.groups != 1) return false;
+  const char* const switch_value = std::getenv("EI_KERNELS_CUDA_SM90_RUNS");
+  const bool set = switch_value != nullptr && switch_value[0] != '\0';  // empty: the default
+  if (set && std::strcmp(switch_value, "0") == 0) return false;
+  if (set && std::strcmp(switch_value, "1") == 0) return true;
+  int device = 0, sms = 0, l2_bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || multiprocessor_count(device, &sms) != cudaSuccess ||
+      l2_cache_bytes(device, &l2_bytes) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  using Cfg = RoutedDgradConfig<cutlass::half_t>;  // the same tiles for both dtypes
+  return int64_t(sms) * Cfg::kBM * d.out_features * element_bytes <= l2_bytes / 2;
 }
 
 template <typename T>
@@ -1731,10 +1858,17 @@ cudaError_t launch_routed_dgrad(const MorDims& d, const MorBackwardArgs& a, cuda
                                    a.sm90_folds_x ? nullptr : static_cast<T*>(a.d_shrink),
                                    a.dl_partial,
                                    a.lora_b_partial};
-  return launch_on_tiles<int(sizeof(typename Cfg::Shared)), Cfg::kThreads>(
+  // Round-robin over the CTAs, or in runs of tiles per CTA (as many CTAs as that takes)
+  const int64_t tiles = tile_count(m, n);  // under 2^30 (sm90_routed_dgrad_accepts)
+  int64_t ctas = 0;
+  const cudaError_t err = tile_ctas(tiles, &ctas);
+  if (err != cudaSuccess) return err;
+  const SegmentLaunch launch =
+      segment_launch(int(tiles), int(ctas), routed_dgrad_walks_in_runs(d, int(sizeof(T))));
+  return launch_on_ctas<int(sizeof(typename Cfg::Shared)), Cfg::kThreads>(
       &routed_dgrad_kernel<Cfg, decltype(tma_dy), decltype(tma_w), decltype(tma_lora_a)>,
-      tile_count(m, n), a.dependent_dgrad, stream, tma_dy, tma_x, tma_w, tma_lora_a, tma_router,
-      d, ptr);
+      launch.ctas, a.dependent_dgrad, stream, tma_dy, tma_x, tma_w, tma_lora_a, tma_router, d, ptr,
+      launch.walk);
 }
 
 template <typename T>
@@ -1779,11 +1913,7 @@ cudaError_t routed_walks_in_runs(const MorDims& d, int element_bytes, int cluste
   int device = 0, sms = 0, l2_bytes = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = multiprocessor_count(device, &sms);
-  if (err == cudaSuccess) {
-    err = cached_per_device(device, &l2_bytes, [&](int* out) {
-      return cudaDeviceGetAttribute(out, cudaDevAttrL2CacheSize, device);
-    });
-  }
+  if (err == cudaSuccess) err = l2_cache_bytes(device, &l2_bytes);
   const int64_t row_block_bytes = int64_t(Cfg::kBM) * d.in_features * element_bytes;
   *runs = err == cudaSuccess && int64_t(sms / cluster) * row_block_bytes <= l2_bytes / 2;
   return err;
@@ -1830,7 +1960,7 @@ cudaError_t launch_routed(const MorDims& d, const MorForwardArgs& a, cudaStream_
                                                               tma_lora_a, tma_router, d, ptr,
                                                               runs);
     default:
-      return launch_on_tiles<kSmem, Cfg::kThreads>(kernel, tiles, false, stream, tma_x, tma_w,
+      return launch_on_tiles<kSmem, Cfg::kThreads>(kernel, tiles, stream, tma_x, tma_w,
                                                    tma_lora_a, tma_router, d, ptr, runs);
   }
 }

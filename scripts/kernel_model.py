@@ -283,10 +283,30 @@ def sm90_routed(n, k, o, g) -> Cost:
                        serial_us=most_runs * step_us)
 
 
+def routed_dgrad_walks_in_runs(o, g) -> bool:
+    """As csrc/sm90_gemm.cu's routed_dgrad_walks_in_runs by default: one group, and the row
+    blocks of dy that the CTAs hold at once take at most half of the L2."""
+    return RUNS and g == 1 and SMS * SM90_TILE[0] * o * ELEM <= L2_BYTES // 2
+
+
+def dgrad_g_tiles(n, k, o, g) -> int:
+    """The routed input gradient's tiles that compute g (csrc's segment_launch and
+    SegmentWalk.starts_run): every tile round-robin; in runs, a CTA's first tile and each of
+    its tiles that opens a row block."""
+    bm, bn, _ = SM90_TILE
+    col_tiles = math.ceil(k / bn)
+    tiles = math.ceil(n / bm) * col_tiles
+    if not routed_dgrad_walks_in_runs(o, g):
+        return tiles
+    per_cta = math.ceil(tiles / min(tiles, SMS))
+    return sum(t % per_cta == 0 or t % col_tiles == 0 for t in range(tiles))
+
+
 def sm90_routed_dgrad(n, k, o, g=1, dependent=False) -> Cost:
     """The routed input gradient (routed_dgrad_kernel): sm90_gemm's tiles over dy and W, each
-    also running g = dy B over its dy tiles (16 columns, again in every column tile; B's rows
-    bulk-copied per K step and zero-padded on chip, work the model does not charge). A tile's
+    also running g = dy B over its dy tiles (16 columns, again in every column tile, or, walked
+    in runs, in a run's first tile only; B's rows bulk-copied per K step and zero-padded on
+    chip, work the model does not charge). A tile's
     K steps run group by group; after each group's, routing (ROUTE_STEP_US per wave and group,
     tensor cores idle) and two 16-deep extension steps (du A_g, dl R_g). Its reducer warp
     group runs dB's dy^T z (16 columns) on the same dy tiles, each row tile's K steps shared
@@ -300,7 +320,8 @@ def sm90_routed_dgrad(n, k, o, g=1, dependent=False) -> Cost:
     tiles = row_tiles * col_tiles
     waves = math.ceil(tiles / SMS)
     efficiency = tiles / (waves * SMS)
-    flops = (2 * n * k * (o + 2 * ROUTED_RANKS * g) + 2 * n * col_tiles * ROUTED_RANKS * o
+    flops = (2 * n * k * (o + 2 * ROUTED_RANKS * g)
+             + 2 * dgrad_g_tiles(n, k, o, g) * bm * ROUTED_RANKS * o
              + 2 * n * o * ROUTED_RANKS + 2 * n * k * 2 * ROUTED_RANKS * g)
     bytes_ = (ELEM * (n * o + o * k + o * R + g * (R + L) * k + n * k + g * n * k)
               + F32 * g * (n * (R + L) + n * L)

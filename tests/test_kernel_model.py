@@ -125,12 +125,21 @@ def test_the_routed_forward_cluster_divides_a_group_s_column_tiles():
     assert kernel_model.routed_cluster_size(40, 1, 2) == 1
 
 
-def test_the_routed_dgrad_adds_g_per_column_tile_two_extension_steps_and_db_once():
+@pytest.mark.parametrize("runs, g_tiles", [(False, 99 * 16), (True, 132 + 66)])
+def test_the_routed_dgrad_adds_g_per_column_tile_two_extension_steps_and_db_once(
+        monkeypatch, runs, g_tiles):
+    """fc2: 99 x 16 tiles. Round-robin, g in each of them; in runs (dy's 132 row blocks in
+    flight take 26 MB, half the L2) 12 tiles per CTA, g where a CTA's run starts: its first
+    tile and, where its 12 tiles cross a row block's start (66 of the 99 row blocks start
+    inside a CTA's share, 33 on a CTA's first tile), the one that opens it."""
+    monkeypatch.setattr(kernel_model, "RUNS", runs)
     n, k, o = 12608, 3072, 768
+    assert kernel_model.routed_dgrad_walks_in_runs(o, 1) == runs
+    assert kernel_model.dgrad_g_tiles(n, k, o, 1) == g_tiles
     dgrad = kernel_model.sm90_routed_dgrad(n, k, o)
-    # g again in each of the 16 column tiles; dB's 16 columns once over dy (shared out);
+    # g (16 columns, over whole row tiles); dB's 16 columns once over dy (shared out);
     # d[A_cat; R]'s 16 + 16 columns once over x
-    assert dgrad.flops == (2 * n * k * (o + 32) + 2 * n * 16 * 16 * o + 2 * n * o * 16
+    assert dgrad.flops == (2 * n * k * (o + 32) + 2 * g_tiles * 128 * 16 * o + 2 * n * o * 16
                            + 2 * n * k * 32)
     # dy read once for all three, x once; dB's and d[A_cat; R]'s fp32 partials one per row tile
     assert dgrad.bytes == (2 * (n * o + o * k + o * 14 + 18 * k + n * k + n * k)
@@ -144,11 +153,12 @@ def test_the_grouped_routed_dgrad_routes_and_extends_once_per_group():
     wave for each group."""
     n, k, o, g = 12608, 768, 2304, 3
     dgrad = kernel_model.sm90_routed_dgrad(n, k, o, g)
-    assert dgrad.flops == (2 * n * k * (o + 32 * g) + 2 * n * 4 * 16 * o + 2 * n * o * 16
-                           + 2 * n * k * 32 * g)
+    assert not kernel_model.routed_dgrad_walks_in_runs(o, g)  # several groups: round-robin
+    assert dgrad.flops == (2 * n * k * (o + 32 * g) + 2 * 99 * 4 * 128 * 16 * o
+                           + 2 * n * o * 16 + 2 * n * k * 32 * g)
     assert dgrad.bytes == (2 * (n * o + o * k + o * 14 + g * 18 * k + n * k + g * n * k)
                            + 4 * (g * (n * 18 + n * 4) + 99 * (o * 14 + g * 18 * k)))
-    one_group = kernel_model.sm90_routed_dgrad(n, k, o)
+    one_group = kernel_model.sm90_routed_dgrad(n, k, o)  # O = 2304: round-robin too
     assert dgrad.programs == one_group.programs == 99 * 4
     assert dgrad.us(1e30, 1e30, 0) == pytest.approx(3 * one_group.us(1e30, 1e30, 0))
 

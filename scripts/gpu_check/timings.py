@@ -18,9 +18,10 @@ EI_KERNELS_CUDA_SM90=unfolded) or with one CTA per tile instead of one
 persistent CTA per SM ("fused-cuda-one-tile": EI_KERNELS_CUDA_SM90_PERSISTENT=0), and with the
 routed forward's shrink not shared out in a cluster ("fused-cuda-no-cluster":
 EI_KERNELS_CUDA_SM90_CLUSTER=1, every column tile computes its rows' shrink) or shared out
-four ways ("fused-cuda-cluster4": =4; "fused-cuda" pairs column tiles), its tiles walked
-round-robin instead of in runs of one row block that share z ("fused-cuda-no-runs":
-EI_KERNELS_CUDA_SM90_RUNS=0; the default walks in runs at K = 768 only), and with the
+four ways ("fused-cuda-cluster4": =4; "fused-cuda" pairs column tiles), the routed kernels'
+tiles walked round-robin instead of in runs of one row block that share z or g
+("fused-cuda-no-runs": EI_KERNELS_CUDA_SM90_RUNS=0; by default the forward walks in runs at
+K = 768, the one-group input gradient at O = 768), and with the
 backward's sum of the partials launched after the routed input gradient (and that, for qkv,
 after the u GEMM) instead of as its programmatic dependent ("fused-cuda-no-pdl":
 EI_KERNELS_CUDA_PDL=0). "fused-triton" is
@@ -128,9 +129,9 @@ def _cuda_variant(provider: str):
     """The cuda backend as `provider` runs it: "-portable" without the sm_90a GEMM,
     "-unrouted" without its routed kernels, "-unfolded" with d[A_cat; R] on its own launch,
     "-one-tile" with one CTA per tile, "-no-cluster"
-    and "-cluster4" with the routed forward in clusters of 1 and 4 CTAs, "-no-runs" with its
-    tiles walked round-robin (every tile computing its shrink and routing), "-no-pdl" with the
-    backward's launches plain, none as the last one's programmatic dependent (the
+    and "-cluster4" with the routed forward in clusters of 1 and 4 CTAs, "-no-runs" with the
+    routed kernels' tiles walked round-robin (every tile computing its z or g), "-no-pdl"
+    with the backward's launches plain, none as the last one's programmatic dependent (the
     extension reads the switches at every call)."""
     switches = {"-portable": ("EI_KERNELS_CUDA_SM90", "0"),
                 "-unrouted": ("EI_KERNELS_CUDA_SM90", "unrouted"),

@@ -8,7 +8,7 @@ ones; both are also compared
 with the switch EI_KERNELS_CUDA_SM90=0, the sm_90a GEMM without the routed kernels with
 EI_KERNELS_CUDA_SM90=unrouted, and the routed input gradient without d[A_cat; R] with
 EI_KERNELS_CUDA_SM90=unfolded; persistent CTAs against one CTA per tile
-(EI_KERNELS_CUDA_SM90_PERSISTENT=0) bit for bit, the routed forward walked in runs or
+(EI_KERNELS_CUDA_SM90_PERSISTENT=0) bit for bit, the routed kernels walked in runs or
 round-robin (EI_KERNELS_CUDA_SM90_RUNS), and the sum of the partials launched as the
 routed input gradient's dependent or after it (EI_KERNELS_CUDA_PDL); the routed forward's shrink shared out in
 clusters of 1, 2 and 4 column tiles (EI_KERNELS_CUDA_SM90_CLUSTER); the routed input
@@ -147,13 +147,14 @@ def test_persistent_ctas_give_the_same_bits_as_one_cta_per_tile(monkeypatch, swi
     pytest.param(333, 104, 40, 1, id="odd-K104-O40-fewer-tiles-than-sms"),
 ])
 @pytest.mark.usefixtures("sm90_kernels")
-def test_the_forward_walked_in_runs_gives_the_same_bits_as_round_robin(monkeypatch, cluster,
-                                                                       n, k, o, groups):
-    """The routed forward's tiles walked in runs of one row block and group, a run's later
-    tiles reusing its first tile's z (EI_KERNELS_CUDA_SM90_RUNS=1), give y, p and every
-    gradient bit for bit as walked round-robin with every tile routing for itself (=0): z is
-    the same wherever it is computed, and each tile sums its K steps in the same order. A run
-    that reused another group's or row block's z, or a tile left unwritten, would show."""
+def test_the_kernels_walked_in_runs_give_the_same_bits_as_round_robin(monkeypatch, cluster,
+                                                                      n, k, o, groups):
+    """The routed kernels' tiles walked in runs of one row block (and group), a run's later
+    tiles reusing its first tile's z (forward) or g (input gradient, one group)
+    (EI_KERNELS_CUDA_SM90_RUNS=1), give y, p and every gradient bit for bit as walked
+    round-robin with every tile computing its own (=0): z and g are the same wherever they are
+    computed, and each tile sums its K steps in the same order. A run that reused another
+    group's or row block's z or g, or a tile left unwritten, would show."""
     monkeypatch.setenv("EI_KERNELS_CUDA_SM90_CLUSTER", cluster)
     inputs, dy = make_inputs(n, k, o, {"groups": groups}, torch.bfloat16)
     results = []
