@@ -441,6 +441,12 @@ def test_cuda_graph_capture_and_replay():
     check_cuda_graph_replay(make_layer("cuda"))
 
 
+def test_cuda_graph_capture_of_the_grouped_backward_s_dependent_launches():
+    """Three groups of 256 outputs: u recomputed, the routed input gradient launched as the u
+    GEMM's programmatic dependent and the sum as its: both dependencies captured."""
+    check_cuda_graph_replay(make_layer("cuda", groups=3))
+
+
 def test_torch_compile_fullgraph_forward_and_backward():
     check_compile_fullgraph(make_layer("cuda"))
 
