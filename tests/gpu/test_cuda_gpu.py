@@ -112,6 +112,21 @@ def test_both_gemm_paths_match_torch_and_fp64(monkeypatch, switch, n, k, o, cfg,
     check_against_torch_and_fp64("cuda", n, k, o, cfg, DTYPES[dtype], ulps=4)
 
 
+def _same_bits_under(monkeypatch, variable, values, n, k, o, groups):
+    """y, p and every gradient of one bf16 forward + backward, run once with the environment
+    variable at each of `values` in turn, agree bit for bit."""
+    inputs, dy = make_inputs(n, k, o, {"groups": groups}, torch.bfloat16)
+    results = []
+    for value in values:
+        monkeypatch.setenv(variable, value)
+        results.append(run("cuda", inputs, dy, {"groups": groups}))
+    (y0, p0, g0), rest = results[0], results[1:]
+    for y, p, g in rest:
+        assert torch.equal(y, y0) and torch.equal(p, p0)
+        for name in g0:
+            assert torch.equal(g[name], g0[name]), name
+
+
 @pytest.mark.parametrize("switch", ["1", "unfolded", "unrouted"],
                          ids=["routed", "routed-unfolded", "unrouted"])
 @pytest.mark.parametrize("n, k, o, groups", [
@@ -126,15 +141,7 @@ def test_persistent_ctas_give_the_same_bits_as_one_cta_per_tile(monkeypatch, swi
     the same way: y and every gradient agree bit for bit (and a tile left unwritten or
     written twice by the walk would show)."""
     monkeypatch.setenv("EI_KERNELS_CUDA_SM90", switch)
-    inputs, dy = make_inputs(n, k, o, {"groups": groups}, torch.bfloat16)
-    results = []
-    for persistent in ("1", "0"):
-        monkeypatch.setenv("EI_KERNELS_CUDA_SM90_PERSISTENT", persistent)
-        results.append(run("cuda", inputs, dy, {"groups": groups}))
-    (y1, p1, g1), (y0, p0, g0) = results
-    assert torch.equal(y1, y0) and torch.equal(p1, p0)
-    for name in g1:
-        assert torch.equal(g1[name], g0[name]), name
+    _same_bits_under(monkeypatch, "EI_KERNELS_CUDA_SM90_PERSISTENT", ("1", "0"), n, k, o, groups)
 
 
 @pytest.mark.parametrize("cluster", ["1", "2", "4"])
@@ -156,15 +163,7 @@ def test_the_kernels_walked_in_runs_give_the_same_bits_as_round_robin(monkeypatc
     computed, and each tile sums its K steps in the same order. A run that reused another
     group's or row block's z or g, or a tile left unwritten, would show."""
     monkeypatch.setenv("EI_KERNELS_CUDA_SM90_CLUSTER", cluster)
-    inputs, dy = make_inputs(n, k, o, {"groups": groups}, torch.bfloat16)
-    results = []
-    for runs in ("1", "0"):
-        monkeypatch.setenv("EI_KERNELS_CUDA_SM90_RUNS", runs)
-        results.append(run("cuda", inputs, dy, {"groups": groups}))
-    (y1, p1, g1), (y0, p0, g0) = results
-    assert torch.equal(y1, y0) and torch.equal(p1, p0)
-    for name in g1:
-        assert torch.equal(g1[name], g0[name]), name
+    _same_bits_under(monkeypatch, "EI_KERNELS_CUDA_SM90_RUNS", ("1", "0"), n, k, o, groups)
 
 
 @pytest.mark.parametrize("n, k, o, groups", [
@@ -180,15 +179,7 @@ def test_the_launches_as_dependents_give_the_same_bits(monkeypatch, n, k, o, gro
     every gradient the same bits, over repeated runs, as with plain launches
     (EI_KERNELS_CUDA_PDL=0). A kernel that read its inputs before they were written would
     differ."""
-    inputs, dy = make_inputs(n, k, o, {"groups": groups}, torch.bfloat16)
-    results = {}
-    for pdl in ("0", "1", "1"):
-        monkeypatch.setenv("EI_KERNELS_CUDA_PDL", pdl)
-        results.setdefault(pdl, []).append(run("cuda", inputs, dy, {"groups": groups})[2])
-    after = results["0"][0]
-    for dependent in results["1"]:
-        for name in after:
-            assert torch.equal(dependent[name], after[name]), name
+    _same_bits_under(monkeypatch, "EI_KERNELS_CUDA_PDL", ("0", "1", "1"), n, k, o, groups)
 
 
 @pytest.mark.parametrize("cluster", ["1", "2", "4"])
