@@ -17,9 +17,10 @@ goes on where the last one died. The cuda backend's cases run one step down the 
 (every sm_90a kernel, persistent, the routed forward in clusters of 2 CTAs walking its tiles
 in runs where it does by default, the backward's sum launched as the routed input gradient's
 programmatic dependent), "no-cluster" (the same, one CTA per cluster, the tiles round-robin,
-the sum launched after the routed input gradient), "one-tile" (the same kernels, one CTA per tile), "unfolded"
-(the same, d[A_cat; R] on a launch of its own, not in the routed input gradient), "unrouted"
-(the plain sm_90a GEMM, one CTA per tile), "0" (the portable kernels only) for each mode
+the sum launched after the routed input gradient), "one-tile" (the same kernels, one CTA per
+tile), "unfolded" (the same, d[A_cat; R] on a launch of its own, not in the routed input
+gradient), "unrouted" (the plain sm_90a GEMM, one CTA per tile), "0" (the portable kernels
+only) for each mode
 under which a case hung, crashed or lost the CUDA context, so that one broken kernel family
 costs one watchdog period, not the whole budget; each record says its mode ("sm90"), SM90_ENV
 the environment it sets. In dry mode the shapes are tiny, bf16 runs as fp16 and tf32
