@@ -73,9 +73,10 @@ cudaError_t sm90_routed_gemm(DType dtype, const MorDims& dims, const MorForwardA
 // CTA walks a contiguous share of the tiles, and a tile right after the CTA's tile to its left
 // reuses that one's g. g and z are never written (nor, where x is folded in, [du | dl]).
 // Accepts O / G a multiple of 64 when G > 1 (each group's outputs fill whole K steps),
-// r <= 16, L <= 16, at most 4 branches, at most 512 row tiles of 128 tokens (65536 tokens: the partials' memory), the
-// TMA alignment of dy, x, W, A_cat, R and dx (K and O multiples of 8) and B 16-byte aligned;
-// otherwise the caller runs g, the routing and sm90_ext_gemm as separate launches.
+// r <= 16, L <= 16, at most 4 branches, at most 512 row tiles of 128 tokens (65536 tokens:
+// the partials' memory), the TMA alignment of dy, x, W, A_cat, R and dx (K and O multiples
+// of 8) and B 16-byte aligned; otherwise the caller runs g, the routing and sm90_ext_gemm as
+// separate launches.
 bool sm90_routed_dgrad_accepts(DType dtype, const MorDims& dims, const MorBackwardArgs& args);
 int64_t sm90_routed_dgrad_row_tiles(int64_t tokens);
 cudaError_t sm90_routed_dgrad(DType dtype, const MorDims& dims, const MorBackwardArgs& args,

@@ -11,8 +11,9 @@ EI_KERNELS_CUDA_SM90=unfolded; persistent CTAs against one CTA per tile
 (EI_KERNELS_CUDA_SM90_PERSISTENT=0) bit for bit, the routed kernels walked in runs or
 round-robin (EI_KERNELS_CUDA_SM90_RUNS), and the backward's launches as programmatic
 dependents or plain (EI_KERNELS_CUDA_PDL), also inside a CUDA graph; the routed forward's
-shrink shared out in clusters of 1, 2 and 4 column tiles (EI_KERNELS_CUDA_SM90_CLUSTER); the routed input
-gradient's B rows for odd and full ranks, a B it cannot bulk-copy, and grouped layers."""
+shrink shared out in clusters of 1, 2 and 4 column tiles (EI_KERNELS_CUDA_SM90_CLUSTER); the
+routed input gradient's B rows for odd and full ranks, a B it cannot bulk-copy, and grouped
+layers."""
 
 import pytest
 import torch
