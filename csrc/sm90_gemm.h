@@ -63,8 +63,9 @@ cudaError_t sm90_routed_gemm(DType dtype, const MorDims& dims, const MorForwardA
 // dy tiles it already holds (B's rows bulk-copied, zero-padded on chip), routes in fp32 with
 // the saved u and p, and multiplies du by A_cat and dl by R as two extra K steps, group after
 // group (a tile's K steps run group by group). The first column tile writes its rows' dl sums
-// (args.dl_partial, [row tiles, G*L]), and a fourth warp group writes the token reductions' partials per row tile: dB's dy^T z from the same dy
-// tiles (args.lora_b_partial, [row tiles, O, r]) and, with args.sm90_folds_x, d[A_cat; R]'s
+// (args.dl_partial, [row tiles, G*L]), and a fourth warp group writes the token reductions'
+// partials per row tile: dB's dy^T z from the same dy tiles (args.lora_b_partial,
+// [row tiles, O, r]) and, with args.sm90_folds_x, d[A_cat; R]'s
 // [du | dl]^T x from the tile's x, loaded after each group's steps (args.shrink_partial,
 // [row tiles, S, K]; without, the first column tile writes [du | dl] to args.d_shrink for a
 // launch of its own). The caller's lora_b_splits and dl_splits, and shrink_splits where x is
