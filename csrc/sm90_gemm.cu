@@ -1025,13 +1025,14 @@ struct GroupSteps {
 // The routed input gradient's walk: CTA b's s-th tile is b * per_cta + s * stride, for
 // s < steps and below `tiles`: round-robin (for_each_tile's order: per_cta 1, stride the
 // grid) or in runs (one group only: per_cta = steps = the tiles per CTA, stride 1), where a
-// CTA's next tile mostly lies in its last one's row block and its g is the last one's. Kernel
-// parameters: read from the constant bank, they take no registers.
+// CTA's next tile mostly lies in its last one's row block and its g, du and dl are the last
+// one's. Kernel parameters: read from the constant bank, they take no registers.
 struct SegmentWalk {
   int per_cta, stride, steps;
   int tiles;  // all of the launch's
-  // Whether the CTA's tile of step `step`, in column tile col, computes its g: everywhere
-  // but where the CTA's last tile, just before, lay in the same row block (one group).
+  // Whether the CTA's tile of step `step`, in column tile col, computes its g and routes:
+  // everywhere but where the CTA's last tile, just before, lay in the same row block (one
+  // group).
   __host__ __device__ constexpr bool starts_run(int step, int col, int groups) const {
     return stride != 1 || groups > 1 || step == 0 || col == 0;
   }
@@ -1588,7 +1589,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         [&] { warpgroup_fence_operand(acc); });
     drain_done(smem, reading, fence);
 
-    // g to the staging tile (a run's first tile), then one thread per row routes it.
+    // g to the staging tile, then one thread per row routes it (a run's first tile: the later
+    // ones find g in the staging tile, and du and dl where their routing left them).
     if (starts_run) {
       CUTE_UNROLL
       for (int j = 0; j < size(acc_g); ++j) {
@@ -1609,15 +1611,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                           ? ptr.d_shrink + token * d.shrink_ld()
                           : nullptr;
       if (folds) Barrier::wait(&smem.du_free, (segment & 1) ^ 1);  // the reducer read the last
-      if (!d.router) {
-        route_dgrad_row<Cfg, false, false>(d, group, thread, token, kept, ptr, staged, dl_row,
+      // A run's later tile keeps its du and dl: the same rows' (its dl_row and kept serve the
+      // first column tile only, which starts a run)
+      if (starts_run) {
+        if (!d.router) {
+          route_dgrad_row<Cfg, false, false>(d, group, thread, token, kept, ptr, staged,
+                                             dl_row, sDu, sDl);
+        } else if (d.bypass) {
+          route_dgrad_row<Cfg, true, true>(d, group, thread, token, kept, ptr, staged, dl_row,
                                            sDu, sDl);
-      } else if (d.bypass) {
-        route_dgrad_row<Cfg, true, true>(d, group, thread, token, kept, ptr, staged, dl_row,
-                                         sDu, sDl);
-      } else {
-        route_dgrad_row<Cfg, true, false>(d, group, thread, token, kept, ptr, staged, dl_row,
-                                          sDu, sDl);
+        } else {
+          route_dgrad_row<Cfg, true, false>(d, group, thread, token, kept, ptr, staged, dl_row,
+                                            sDu, sDl);
+        }
       }
     }
     cutlass::arch::fence_view_async_shared();  // du and dl: by threads, read by wgmma

@@ -289,26 +289,27 @@ def routed_dgrad_walks_in_runs(o, g) -> bool:
     return RUNS and g == 1 and SMS * SM90_TILE[0] * o * ELEM <= L2_BYTES // 2
 
 
-def dgrad_g_tiles(n, k, o, g) -> int:
-    """The routed input gradient's tiles that compute g (csrc's segment_launch and
-    SegmentWalk.starts_run): every tile round-robin; in runs, a CTA's first tile and each of
-    its tiles that opens a row block."""
+def dgrad_runs(n, k, o, g) -> tuple[int, int]:
+    """(tiles, most of one CTA) of the routed input gradient that start a run, computing g and
+    routing (csrc's segment_launch and SegmentWalk.starts_run): every tile round-robin; in
+    runs, a CTA's first tile and each of its tiles that opens a row block."""
     bm, bn, _ = SM90_TILE
     col_tiles = math.ceil(k / bn)
     tiles = math.ceil(n / bm) * col_tiles
     if not routed_dgrad_walks_in_runs(o, g):
-        return tiles
+        return tiles, math.ceil(tiles / SMS)
     per_cta = math.ceil(tiles / min(tiles, SMS))
-    return sum(t % per_cta == 0 or t % col_tiles == 0 for t in range(tiles))
+    starts = [t % per_cta == 0 or t % col_tiles == 0 for t in range(tiles)]
+    return sum(starts), max(sum(starts[t:t + per_cta]) for t in range(0, tiles, per_cta))
 
 
 def sm90_routed_dgrad(n, k, o, g=1, dependent=False) -> Cost:
     """The routed input gradient (routed_dgrad_kernel): sm90_gemm's tiles over dy and W, each
     also running g = dy B over its dy tiles (16 columns, again in every column tile, or, walked
     in runs, in a run's first tile only; B's rows bulk-copied per K step and zero-padded on
-    chip, work the model does not charge). A tile's
-    K steps run group by group; after each group's, routing (ROUTE_STEP_US per wave and group,
-    tensor cores idle) and two 16-deep extension steps (du A_g, dl R_g). Its reducer warp
+    chip, work the model does not charge). A tile's K steps run group by group; after each
+    group's, routing (ROUTE_STEP_US per run of the busiest CTA and group, tensor cores idle: a
+    run's later tiles keep its du and dl) and two 16-deep extension steps (du A_g, dl R_g). Its reducer warp
     group runs dB's dy^T z (16 columns) on the same dy tiles, each row tile's K steps shared
     among its column tiles, and after each group's steps d[A_cat; R]'s x^T du and x^T dl (16
     columns each) on the tile's x, loaded then: fp32 partials per row tile. dy, W, B, A_cat
@@ -320,14 +321,15 @@ def sm90_routed_dgrad(n, k, o, g=1, dependent=False) -> Cost:
     tiles = row_tiles * col_tiles
     waves = math.ceil(tiles / SMS)
     efficiency = tiles / (waves * SMS)
+    runs, most_runs = dgrad_runs(n, k, o, g)
     flops = (2 * n * k * (o + 2 * ROUTED_RANKS * g)
-             + 2 * dgrad_g_tiles(n, k, o, g) * bm * ROUTED_RANKS * o
+             + 2 * runs * bm * ROUTED_RANKS * o
              + 2 * n * o * ROUTED_RANKS + 2 * n * k * 2 * ROUTED_RANKS * g)
     bytes_ = (ELEM * (n * o + o * k + o * R + g * (R + L) * k + n * k + g * n * k)
               + F32 * g * (n * (R + L) + n * L)
               + F32 * row_tiles * (o * R + g * (R + L) * k))
     return Cost.kernel(flops, bytes_, tiles, efficiency, WGMMA_FRACTION,
-                       serial_us=waves * g * ROUTE_STEP_US, dependent=dependent)
+                       serial_us=most_runs * g * ROUTE_STEP_US, dependent=dependent)
 
 
 def cuda_fwd(n, k, o, g, hopper=True) -> Cost:

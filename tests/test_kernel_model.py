@@ -125,18 +125,20 @@ def test_the_routed_forward_cluster_divides_a_group_s_column_tiles():
     assert kernel_model.routed_cluster_size(40, 1, 2) == 1
 
 
-@pytest.mark.parametrize("runs, g_tiles", [(False, 99 * 16), (True, 132 + 66)])
+@pytest.mark.parametrize("runs, g_tiles, most", [(False, 99 * 16, 12), (True, 132 + 66, 2)])
 def test_the_routed_dgrad_adds_g_per_column_tile_two_extension_steps_and_db_once(
-        monkeypatch, runs, g_tiles):
+        monkeypatch, runs, g_tiles, most):
     """fc2: 99 x 16 tiles. Round-robin, g in each of them; in runs (dy's 132 row blocks in
     flight take 26 MB, half the L2) 12 tiles per CTA, g where a CTA's run starts: its first
     tile and, where its 12 tiles cross a row block's start (66 of the 99 row blocks start
-    inside a CTA's share, 33 on a CTA's first tile), the one that opens it."""
+    inside a CTA's share, 33 on a CTA's first tile), the one that opens it; the routing step
+    as often (at most twice a CTA, where it was 12 times)."""
     monkeypatch.setattr(kernel_model, "RUNS", runs)
     n, k, o = 12608, 3072, 768
     assert kernel_model.routed_dgrad_walks_in_runs(o, 1) == runs
-    assert kernel_model.dgrad_g_tiles(n, k, o, 1) == g_tiles
+    assert kernel_model.dgrad_runs(n, k, o, 1) == (g_tiles, most)
     dgrad = kernel_model.sm90_routed_dgrad(n, k, o)
+    assert dgrad.kernels[0][4] == pytest.approx(most * kernel_model.ROUTE_STEP_US)
     # g (16 columns, over whole row tiles); dB's 16 columns once over dy (shared out);
     # d[A_cat; R]'s 16 + 16 columns once over x
     assert dgrad.flops == (2 * n * k * (o + 32) + 2 * g_tiles * 128 * 16 * o + 2 * n * o * 16

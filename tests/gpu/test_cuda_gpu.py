@@ -158,7 +158,7 @@ def test_persistent_ctas_give_the_same_bits_as_one_cta_per_tile(monkeypatch, swi
 def test_the_kernels_walked_in_runs_give_the_same_bits_as_round_robin(monkeypatch, cluster,
                                                                       n, k, o, groups):
     """The routed kernels' tiles walked in runs of one row block (and group), a run's later
-    tiles reusing its first tile's z (forward) or g (input gradient, one group)
+    tiles reusing its first tile's z (forward) or g, du and dl (input gradient, one group)
     (EI_KERNELS_CUDA_SM90_RUNS=1), give y, p and every gradient bit for bit as walked
     round-robin with every tile computing its own (=0): z and g are the same wherever they are
     computed, and each tile sums its K steps in the same order. A run that reused another
