@@ -72,7 +72,8 @@ cudaError_t sm90_routed_gemm(DType dtype, const MorDims& dims, const MorForwardA
 // folded in, must be sm90_routed_dgrad_row_tiles.
 // With one group, where dy's row blocks in flight fit the L2 (EI_KERNELS_CUDA_SM90_RUNS), each
 // CTA walks a contiguous share of the tiles, and a tile right after the CTA's tile to its left
-// reuses that one's g, du and dl (no g MMAs, no routing). g and z are never written (nor, where x is folded in, [du | dl]).
+// reuses that one's g, du and dl (no g MMAs, no routing). g and z are never written (nor,
+// where x is folded in, [du | dl]).
 // Accepts O / G a multiple of 64 when G > 1 (each group's outputs fill whole K steps),
 // r <= 16, L <= 16, at most 4 branches, at most 512 row tiles of 128 tokens (65536 tokens:
 // the partials' memory), the TMA alignment of dy, x, W, A_cat, R and dx (K and O multiples
