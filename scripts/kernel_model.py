@@ -310,9 +310,9 @@ def sm90_routed_dgrad(n, k, o, g=1, dependent=False) -> Cost:
     chip, work the model does not charge). A tile's K steps run group by group; after each
     group's, routing (ROUTE_STEP_US per run of the busiest CTA and group, tensor cores idle: a
     run's later tiles keep its du and dl) and two 16-deep extension steps (du A_g, dl R_g).
-    Its reducer warp group runs dB's dy^T z (16 columns) on the same dy tiles, each row tile's K steps shared
-    among its column tiles, and after each group's steps d[A_cat; R]'s x^T du and x^T dl (16
-    columns each) on the tile's x, loaded then: fp32 partials per row tile. dy, W, B, A_cat
+    Its reducer warp group runs dB's dy^T z (16 columns) on the same dy tiles, each row tile's
+    K steps shared among its column tiles, and after each group's steps d[A_cat; R]'s x^T du
+    and x^T dl (16 columns each) on the tile's x, loaded then: fp32 partials per row tile. dy, W, B, A_cat
     and R read once, x once per group, u and p read (by consumers and the z warp), dx
     written."""
     bm, bn, _ = SM90_TILE
