@@ -312,9 +312,9 @@ def sm90_routed_dgrad(n, k, o, g=1, dependent=False) -> Cost:
     run's later tiles keep its du and dl) and two 16-deep extension steps (du A_g, dl R_g).
     Its reducer warp group runs dB's dy^T z (16 columns) on the same dy tiles, each row tile's
     K steps shared among its column tiles, and after each group's steps d[A_cat; R]'s x^T du
-    and x^T dl (16 columns each) on the tile's x, loaded then: fp32 partials per row tile. dy, W, B, A_cat
-    and R read once, x once per group, u and p read (by consumers and the z warp), dx
-    written."""
+    and x^T dl (16 columns each) on the tile's x, loaded then: fp32 partials per row tile.
+    dy, W, B, A_cat and R read once, x once per group, u and p read (by consumers and the z
+    warp), dx written."""
     bm, bn, _ = SM90_TILE
     col_tiles = math.ceil(k / bn)
     row_tiles = math.ceil(n / bm)
