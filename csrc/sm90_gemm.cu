@@ -1374,7 +1374,9 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
 // A tile's K steps run group by group (a segment each: O / G is a multiple of 64 when G > 1).
 // After a group's steps one thread per row routes it in fp32 and writes du and dl into shared
 // memory, and du A_g and dl R_g become two 16-deep K steps, before the next group's steps
-// accumulate on. The first column tile also writes its rows' dl sums (dc's partials). A fourth
+// accumulate on (walked in runs, one group, a run's later tiles skip g's MMAs and the routing:
+// their g, du and dl are the run's). The first column tile also writes its rows' dl sums
+// (dc's partials). A fourth
 // warp group, the reducer, computes dB's row-tile partials from the same dy tiles, with z
 // routed by the producer warp group's z warp, and d[A_cat; R]'s from the tile's x, which the
 // producer loads into three ring stages after each group's steps, and du and dl.

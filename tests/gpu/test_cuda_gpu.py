@@ -113,14 +113,15 @@ def test_both_gemm_paths_match_torch_and_fp64(monkeypatch, switch, n, k, o, cfg,
     check_against_torch_and_fp64("cuda", n, k, o, cfg, DTYPES[dtype], ulps=4)
 
 
-def _same_bits_under(monkeypatch, variable, values, n, k, o, groups):
-    """y, p and every gradient of one bf16 forward + backward, run once with the environment
-    variable at each of `values` in turn, agree bit for bit."""
-    inputs, dy = make_inputs(n, k, o, {"groups": groups}, torch.bfloat16)
+def _same_bits_under(monkeypatch, variable, values, n, k, o, groups, cfg=None):
+    """y, p and every gradient of one bf16 forward + backward (groups, and the flags of cfg),
+    run once with the environment variable at each of `values` in turn, agree bit for bit."""
+    cfg = {**(cfg or {}), "groups": groups}
+    inputs, dy = make_inputs(n, k, o, cfg, torch.bfloat16)
     results = []
     for value in values:
         monkeypatch.setenv(variable, value)
-        results.append(run("cuda", inputs, dy, {"groups": groups}))
+        results.append(run("cuda", inputs, dy, cfg))
     (y0, p0, g0), rest = results[0], results[1:]
     for y, p, g in rest:
         assert torch.equal(y, y0) and torch.equal(p, p0)
@@ -165,6 +166,21 @@ def test_the_kernels_walked_in_runs_give_the_same_bits_as_round_robin(monkeypatc
     group's or row block's z or g, or a tile left unwritten, would show."""
     monkeypatch.setenv("EI_KERNELS_CUDA_SM90_CLUSTER", cluster)
     _same_bits_under(monkeypatch, "EI_KERNELS_CUDA_SM90_RUNS", ("1", "0"), n, k, o, groups)
+
+
+@pytest.mark.parametrize("switch, cfg", [
+    pytest.param("1", {"router": False}, id="plain-lora"),
+    pytest.param("1", {"bypass": False}, id="no-bypass"),
+    pytest.param("unfolded", {}, id="unfolded-first-column-writes-du-dl"),
+])
+@pytest.mark.usefixtures("sm90_kernels")
+def test_the_input_gradient_in_runs_keeps_du_and_dl_for_every_routing(monkeypatch, switch, cfg):
+    """fc2's input gradient walked in runs (12 tiles a CTA over row blocks of 16), whose later
+    tiles keep their run's g, du and dl, gives the same bits as round-robin also without a
+    router, without the bypass, and unfolded (where the first column tile writes [du | dl])."""
+    monkeypatch.setenv("EI_KERNELS_CUDA_SM90", switch)
+    _same_bits_under(monkeypatch, "EI_KERNELS_CUDA_SM90_RUNS", ("1", "0"), 12608, 3072, 768, 1,
+                     cfg)
 
 
 @pytest.mark.parametrize("n, k, o, groups", [
