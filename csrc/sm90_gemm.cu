@@ -1697,10 +1697,9 @@ cudaError_t allow_shared_memory(Kernel kernel, int bytes) {
   });
 }
 
-// Launches `kernel` with kSmem bytes of dynamic shared memory over `tiles` output tiles
-// (for_each_tile): persistent, one CTA per SM, unless switched off (then one per tile).
-// (Attribute queries only, cached: safe during CUDA graph capture.)
-// The CTAs of a launch over `tiles` tiles: one per SM (persistent), unless switched off.
+// The CTAs of a launch over `tiles` output tiles (for_each_tile): one per SM (persistent),
+// unless switched off (then one per tile). (Attribute queries only, cached: safe during CUDA
+// graph capture.)
 cudaError_t tile_ctas(int64_t tiles, int64_t* ctas) {
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -1812,26 +1811,24 @@ cudaError_t launch(const ExtGemmArgs& g, cudaStream_t stream) {
       static_cast<T*>(g.c), g.ldc);
 }
 
-// Whether the routed input gradient walks its tiles in runs (for_each_segment), which skip g's
-// MMAs after a run's first tile: one group only (the staging tile holds one group's g), and by
-// default where the row blocks of dy its CTAs hold at once take at most half of the L2 (at
-// 12608 tokens on an H100/H200: O = 768, 26 MB of 50, proj and fc2; not fc1's O = 3072).
-// EI_KERNELS_CUDA_SM90_RUNS as for the forward (routed_walks_in_runs). Queries failing here
-// leave it round-robin (the launch then reports them).
-bool routed_dgrad_walks_in_runs(const MorDims& d, int element_bytes) {
-  if (d.groups != 1) return false;
+// Whether a routed kernel walks its tiles in runs (for_each_routed_tile, for_each_segment):
+// EI_KERNELS_CUDA_SM90_RUNS=0 never, =1 always (to measure both ways); by default where the
+// row blocks that its CTAs hold at once (one per cluster of `cluster` CTAs on every SM, of
+// row_block_bytes each) take at most half of the L2, so that a CTA still finds its row block
+// there for the run's next tile. (Attribute queries only, cached.)
+cudaError_t walks_in_runs(int cluster, int64_t row_block_bytes, bool* runs) {
   const char* const switch_value = std::getenv("EI_KERNELS_CUDA_SM90_RUNS");
   const bool set = switch_value != nullptr && switch_value[0] != '\0';  // empty: the default
-  if (set && std::strcmp(switch_value, "0") == 0) return false;
-  if (set && std::strcmp(switch_value, "1") == 0) return true;
-  int device = 0, sms = 0, l2_bytes = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || multiprocessor_count(device, &sms) != cudaSuccess ||
-      l2_cache_bytes(device, &l2_bytes) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
+  *runs = !set || std::strcmp(switch_value, "0") != 0;
+  if (set && (std::strcmp(switch_value, "0") == 0 || std::strcmp(switch_value, "1") == 0)) {
+    return cudaSuccess;
   }
-  using Cfg = RoutedDgradConfig<cutlass::half_t>;  // the same tiles for both dtypes
-  return int64_t(sms) * Cfg::kBM * d.out_features * element_bytes <= l2_bytes / 2;
+  int device = 0, sms = 0, l2_bytes = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = multiprocessor_count(device, &sms);
+  if (err == cudaSuccess) err = l2_cache_bytes(device, &l2_bytes);
+  *runs = err == cudaSuccess && int64_t(sms / cluster) * row_block_bytes <= l2_bytes / 2;
+  return err;
 }
 
 template <typename T>
@@ -1866,13 +1863,19 @@ cudaError_t launch_routed_dgrad(const MorDims& d, const MorBackwardArgs& a, cuda
                                    a.sm90_folds_x ? nullptr : static_cast<T*>(a.d_shrink),
                                    a.dl_partial,
                                    a.lora_b_partial};
-  // Round-robin over the CTAs, or in runs of tiles per CTA (as many CTAs as that takes)
+  // Round-robin over the CTAs, or in runs of tiles per CTA (as many CTAs as that takes), which
+  // skip g's MMAs and the routing after a run's first tile: one group only (the staging tile
+  // holds one group's g), by default where dy's row blocks in flight fit (at 12608 tokens on
+  // an H100/H200: O = 768, 26 MB of 50, proj and fc2; not fc1's O = 3072)
   const int64_t tiles = tile_count(m, n);  // under 2^30 (sm90_routed_dgrad_accepts)
   int64_t ctas = 0;
-  const cudaError_t err = tile_ctas(tiles, &ctas);
+  bool runs = false;
+  cudaError_t err = tile_ctas(tiles, &ctas);
+  if (err == cudaSuccess && d.groups == 1) {
+    err = walks_in_runs(1, int64_t(Cfg::kBM) * k * int64_t(sizeof(T)), &runs);
+  }
   if (err != cudaSuccess) return err;
-  const SegmentLaunch launch =
-      segment_launch(int(tiles), int(ctas), routed_dgrad_walks_in_runs(d, int(sizeof(T))));
+  const SegmentLaunch launch = segment_launch(int(tiles), int(ctas), runs);
   return launch_on_ctas<int(sizeof(typename Cfg::Shared)), Cfg::kThreads>(
       &routed_dgrad_kernel<Cfg, decltype(tma_dy), decltype(tma_w), decltype(tma_lora_a)>,
       launch.ctas, a.dependent_dgrad, stream, tma_dy, tma_x, tma_w, tma_lora_a, tma_router, d, ptr,
@@ -1904,29 +1907,6 @@ int routed_cluster_size(const MorDims& d) {
   return size;
 }
 
-// Whether the routed forward walks its tiles in runs (for_each_routed_tile). By default where
-// the row blocks of x that its clusters hold at once (one each) take at most half of the L2,
-// so that a CTA still finds its row block there for the run's next tile: at 12608 tokens on
-// an H100/H200 (132 SMs, 50 MB) in pairs, K = 768 holds 13 MB (runs) and K = 3072 52 MB (not:
-// there for_each_tile's order, whose CTAs at work together share row blocks, reads x once).
-// EI_KERNELS_CUDA_SM90_RUNS=0: never; =1: always (to measure both ways).
-cudaError_t routed_walks_in_runs(const MorDims& d, int element_bytes, int cluster, bool* runs) {
-  using Cfg = RoutedConfig<cutlass::half_t>;  // the same tiles for both dtypes
-  const char* const switch_value = std::getenv("EI_KERNELS_CUDA_SM90_RUNS");
-  const bool set = switch_value != nullptr && switch_value[0] != '\0';  // empty: the default
-  *runs = !set || std::strcmp(switch_value, "0") != 0;
-  if (set && (std::strcmp(switch_value, "0") == 0 || std::strcmp(switch_value, "1") == 0)) {
-    return cudaSuccess;
-  }
-  int device = 0, sms = 0, l2_bytes = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = multiprocessor_count(device, &sms);
-  if (err == cudaSuccess) err = l2_cache_bytes(device, &l2_bytes);
-  const int64_t row_block_bytes = int64_t(Cfg::kBM) * d.in_features * element_bytes;
-  *runs = err == cudaSuccess && int64_t(sms / cluster) * row_block_bytes <= l2_bytes / 2;
-  return err;
-}
-
 template <typename T>
 cudaError_t launch_routed(const MorDims& d, const MorForwardArgs& a, cudaStream_t stream) {
   using Cfg = RoutedConfig<T>;
@@ -1954,9 +1934,13 @@ cudaError_t launch_routed(const MorDims& d, const MorForwardArgs& a, cudaStream_
                                           decltype(tma_lora_a), decltype(tma_router)>;
   constexpr int kSmem = int(sizeof(typename Cfg::Shared));
   const int64_t tiles = tile_count(m, n);
+  // Runs by default where x's row blocks in flight fit (at 12608 tokens on an H100/H200 in
+  // pairs: K = 768 holds 13 MB, runs; K = 3072 52 MB, not: there for_each_tile's order, whose
+  // CTAs at work together share row blocks, reads x once)
   const int cluster = routed_cluster_size(d);
   bool runs = false;
-  const cudaError_t err = routed_walks_in_runs(d, int(sizeof(T)), cluster, &runs);
+  const cudaError_t err =
+      walks_in_runs(cluster, int64_t(Cfg::kBM) * k * int64_t(sizeof(T)), &runs);
   if (err != cudaSuccess) return err;
   switch (cluster) {
     case 4:

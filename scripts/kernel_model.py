@@ -198,7 +198,7 @@ CLUSTER = 2
 CLUSTER_STEP_US = 0.15
 # The routed forward walks its tiles in runs of one row block and group (which reuse z: one
 # shrink and one routing step per run) where the row blocks of x its clusters hold at once fit
-# in half of an H100/H200's L2 (routed_walks_in_runs); RUNS = False models the round-robin walk
+# in half of an H100/H200's L2 (walks_in_runs); RUNS = False models the round-robin walk
 # (EI_KERNELS_CUDA_SM90_RUNS=0), every tile a run of its own.
 L2_BYTES = 50 * 2**20
 RUNS = True
@@ -234,10 +234,10 @@ def routed_cluster_size(o, g, cluster=None) -> int:
     return size
 
 
-def routed_walks_in_runs(k, cluster) -> bool:
-    """As csrc/sm90_gemm.cu's routed_walks_in_runs by default: where the row blocks of x that
-    the clusters hold at once (one each) take at most half of the L2."""
-    return SMS // cluster * SM90_TILE[0] * k * ELEM <= L2_BYTES // 2
+def walks_in_runs(cluster, row_block_columns) -> bool:
+    """As csrc/sm90_gemm.cu's walks_in_runs by default: where the row blocks (of x, or dy)
+    that the CTAs hold at once (one per cluster) take at most half of the L2."""
+    return RUNS and SMS // cluster * SM90_TILE[0] * row_block_columns * ELEM <= L2_BYTES // 2
 
 
 def routed_runs(n, o, g, cluster, in_runs) -> tuple[int, int]:
@@ -273,7 +273,7 @@ def sm90_routed(n, k, o, g) -> Cost:
     tiles = math.ceil(n / bm) * col_tiles
     waves = math.ceil(tiles / SMS)
     efficiency = tiles / (waves * SMS)
-    runs, most_runs = routed_runs(n, o, g, cluster, RUNS and routed_walks_in_runs(k, cluster))
+    runs, most_runs = routed_runs(n, o, g, cluster, walks_in_runs(cluster, k))
     flops = (2 * n * o * (k + ROUTED_RANKS)
              + 2 * runs * bm * (ROUTED_RANKS + ROUTED_LOGITS) * k)
     bytes_ = (ELEM * (n * k + o * k + g * (R + L) * k + o * R + n * o)
@@ -284,9 +284,8 @@ def sm90_routed(n, k, o, g) -> Cost:
 
 
 def routed_dgrad_walks_in_runs(o, g) -> bool:
-    """As csrc/sm90_gemm.cu's routed_dgrad_walks_in_runs by default: one group, and the row
-    blocks of dy that the CTAs hold at once take at most half of the L2."""
-    return RUNS and g == 1 and SMS * SM90_TILE[0] * o * ELEM <= L2_BYTES // 2
+    """As csrc/sm90_gemm.cu's launch_routed_dgrad: one group, and walks_in_runs for dy."""
+    return g == 1 and walks_in_runs(1, o)
 
 
 def dgrad_runs(n, k, o, g) -> tuple[int, int]:

@@ -104,8 +104,7 @@ def test_the_routed_forward_walks_in_runs_that_share_z(monkeypatch, o, groups, r
     assert kernel_model.routed_runs(n, o, groups, 2, True) == (runs, most)
     units = 99 * o // 192 // 2
     assert kernel_model.routed_runs(n, o, groups, 2, False) == (units, units // 66)
-    assert kernel_model.routed_walks_in_runs(768, 2) and not kernel_model.routed_walks_in_runs(
-        3072, 2)
+    assert kernel_model.walks_in_runs(2, 768) and not kernel_model.walks_in_runs(2, 3072)
     monkeypatch.setattr(kernel_model, "CLUSTER", 2)
     in_runs = kernel_model.sm90_routed(n, k, o, groups)
     monkeypatch.setattr(kernel_model, "RUNS", False)
