@@ -32,7 +32,8 @@ import sys
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent
-SOURCES = ("mor_kernels.cu", "sm90_gemm.cu", "binding.cpp")
+SOURCES = ("mor_kernels.cu", "sm90_ext_gemm.cu", "sm90_routed_forward.cu", "sm90_routed_dgrad.cu",
+           "binding.cpp")
 DEFAULT_ARCHS = "75;80;86;89;90a;compute_90"
 
 

@@ -1,8 +1,8 @@
 // The per-(token, group) routing math of MOR_MATH.md in fp32 registers, shared by the routing
 // kernels (routing.cuh) and the sm_90a kernels that fold the routing into their GEMMs
-// (sm90_gemm.cu). Loops run to a compile-time branch bound (kBranches: mor_kernels.h's
-// kMaxBranches, or less where the caller's registers are scarce) so that the arrays stay in
-// registers.
+// (sm90_routed_forward.cu, sm90_routed_dgrad*). Loops run to a compile-time branch
+// bound (kBranches: mor_kernels.h's kMaxBranches, or less where the caller's registers are
+// scarce) so that the arrays stay in registers.
 #pragma once
 
 #include <math.h>

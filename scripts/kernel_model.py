@@ -225,8 +225,8 @@ def sm90_gemm(n, cols, k, k2, a2_ld, b2_rows, b2_ld) -> Cost:
 
 
 def routed_cluster_size(o, g, cluster=None) -> int:
-    """As csrc/sm90_gemm.cu's routed_cluster_size: halved until it divides a group's column
-    tiles."""
+    """As csrc/sm90_routed_forward.cu's routed_cluster_size: halved until it divides a group's
+    column tiles."""
     size = CLUSTER if cluster is None else cluster
     group_col_tiles = math.ceil(o // g / SM90_TILE[1])
     while group_col_tiles % size:
@@ -235,14 +235,14 @@ def routed_cluster_size(o, g, cluster=None) -> int:
 
 
 def walks_in_runs(cluster, row_block_columns) -> bool:
-    """As csrc/sm90_gemm.cu's walks_in_runs by default: where the row blocks (of x, or dy)
+    """As csrc/sm90_launch.cuh's walks_in_runs by default: where the row blocks (of x, or dy)
     that the CTAs hold at once (one per cluster) take at most half of the L2."""
     return RUNS and SMS // cluster * SM90_TILE[0] * row_block_columns * ELEM <= L2_BYTES // 2
 
 
 def routed_runs(n, o, g, cluster, in_runs) -> tuple[int, int]:
     """(runs in all, most runs of one cluster) of the routed forward's walk, as
-    csrc/sm90_gemm.cu's for_each_routed_tile on SMS SMs: clusters take equal shares of the
+    csrc/sm90_walks.cuh's for_each_routed_tile on SMS SMs: clusters take equal shares of the
     row-major units (cluster column tiles of one row block) and a run starts at a share's first
     unit and wherever the row block or group changes; without runs every unit is one."""
     bm, bn, _ = SM90_TILE
@@ -284,7 +284,7 @@ def sm90_routed(n, k, o, g) -> Cost:
 
 
 def routed_dgrad_walks_in_runs(o, g) -> bool:
-    """As csrc/sm90_gemm.cu's launch_routed_dgrad: one group, and walks_in_runs for dy."""
+    """As csrc/sm90_routed_dgrad.cu's launch_routed_dgrad: one group, and walks_in_runs for dy."""
     return g == 1 and walks_in_runs(1, o)
 
 
@@ -334,7 +334,7 @@ def sm90_routed_dgrad(n, k, o, g=1, dependent=False) -> Cost:
 def cuda_fwd(n, k, o, g, hopper=True) -> Cost:
     s, gr = g * (R + L), g * R
     if hopper and R <= ROUTED_RANKS and L <= ROUTED_LOGITS and (g == 1 or o // g % 192 == 0):
-        return sm90_routed(n, k, o, g)  # as csrc/sm90_gemm.cu's sm90_routed_accepts
+        return sm90_routed(n, k, o, g)  # as sm90_routed_forward.cu's sm90_routed_accepts
     shrink = Cost.kernel(2 * n * k * _pad(s, TALL_N), ELEM * (n * k + s * k) + F32 * n * s,
                          rate=MMA_SYNC_FRACTION)
     route = Cost.kernel(0, F32 * n * s + F32 * n * g * L + ELEM * n * gr)

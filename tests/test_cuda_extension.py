@@ -15,7 +15,7 @@ from ei_kernels import backends, mor_linear
 
 ROOT = Path(__file__).resolve().parent.parent
 INFO = ei_kernels.cuda_extension_info()
-# The sm_90a kernels (csrc/sm90_gemm.cu): trapping stubs in every other image.
+# The sm_90a kernels (csrc/sm90_*.cu): trapping stubs in every other image.
 HOPPER_KERNELS = ("ext_gemm_kernel", "routed_gemm_kernel", "routed_dgrad_kernel")
 
 needs_extension = [

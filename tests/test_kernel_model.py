@@ -96,7 +96,7 @@ def test_the_routed_forward_reads_x_once_and_shares_the_shrink_out_in_a_cluster(
     (2304, 3, 330, 5),  # 9 pairs per pair of CTAs, 2 per group
 ])
 def test_the_routed_forward_walks_in_runs_that_share_z(monkeypatch, o, groups, runs, most):
-    """As csrc/sm90_gemm.cu's for_each_routed_tile: each pair of CTAs takes a contiguous share
+    """As csrc/sm90_walks.cuh's for_each_routed_tile: each pair of CTAs takes a contiguous share
     of the 12608-token tiles and computes the shrink and the routing once per run of one row
     block and group (round-robin: once per pair of tiles); where x's row blocks in flight
     (66 pairs' worth) fit half the L2: K = 768, not K = 3072."""
@@ -117,7 +117,7 @@ def test_the_routed_forward_walks_in_runs_that_share_z(monkeypatch, o, groups, r
 
 
 def test_the_routed_forward_cluster_divides_a_group_s_column_tiles():
-    # as csrc/sm90_gemm.cu: halved until it divides them (a cluster's tiles share a group)
+    # as csrc/sm90_routed_forward.cu: halved until it divides them (a cluster's tiles share a group)
     assert kernel_model.routed_cluster_size(2304, 3, 4) == 4  # 4 column tiles per group
     assert kernel_model.routed_cluster_size(1000, 1, 4) == 2  # 6 column tiles
     assert kernel_model.routed_cluster_size(576, 1, 2) == 1  # 3 column tiles
