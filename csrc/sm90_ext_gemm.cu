@@ -1,6 +1,7 @@
 // The sm_90a GEMM with a K-extension (sm90_gemm.h): C = A B^T + A2 B2^T (+ bias), B k-major
 // (the forward's W) or n-major (the input gradient's W), the extension as the last K steps
-// through the same ring (sm90_pipeline.cuh).
+// through the same ring (sm90_pipeline.cuh); and sm90_gemm_built(), which the routed kernels'
+// accepts functions call too.
 #include "sm90_gemm.h"
 #include "sm90_launch.cuh"
 #include "sm90_pipeline.cuh"
@@ -112,10 +113,10 @@ cudaError_t launch(const ExtGemmArgs& g, cudaStream_t stream) {
                               ext ? b_operand<T, kBNMajor>(g.b2, g.n, g.k2, g.ldb2)
                                   : b_operand<T, kBNMajor>(g.b, g.n, g.k, g.ldb),
                               smem_b, box_b);
-  return launch_on_tiles<int(sizeof(typename Cfg::Shared)), Cfg::kThreads>(
-      &ext_gemm_kernel<Cfg, decltype(tma_a), decltype(tma_b)>, tile_count(g.m, g.n), stream,
-      tma_a, tma_a2, tma_b, tma_b2, g.m, g.n, g.k, g.k2, static_cast<const T*>(g.bias),
-      static_cast<T*>(g.c), g.ldc);
+  constexpr auto kernel = &ext_gemm_kernel<Cfg, decltype(tma_a), decltype(tma_b)>;
+  return launch_on_tiles<kernel, int(sizeof(typename Cfg::Shared)), Cfg::kThreads>(
+      tile_count(g.m, g.n), stream, tma_a, tma_a2, tma_b, tma_b2, g.m, g.n, g.k, g.k2,
+      static_cast<const T*>(g.bias), static_cast<T*>(g.c), g.ldc);
 }
 
 template <typename T>

@@ -1,13 +1,15 @@
 // What every sm_90a kernel of this backend shares (sm90_ext_gemm.cu, sm90_routed_forward.cu,
 // sm90_routed_dgrad.cu; interface and semantics: sm90_gemm.h), written with CuTe (CUTLASS 3
 // headers, from PyPI's nvidia-cutlass; none of CUTLASS's kernels are used): the tile
-// configuration, the shared-memory ring between the TMA producer and the wgmma consumers,
-// the persistent tile walk and the epilogue's store.
+// configuration, the global views TMA descriptors are made from, the shared-memory ring
+// between the TMA producer and the wgmma consumers, the tile count, the plain persistent walk
+// (for_each_tile, the ext GEMM's), the epilogue's store and the routed kernels' branch bound.
 //
 // 128 x 192 output tiles, three warp groups per CTA (warp specialised; in the routed input
-// gradient a fourth, the reducer, runs the token reductions' MMAs (dB's on the ring's dy
-// tiles, d[A_cat; R]'s on x tiles loaded after each group's steps), and the producer warp
-// group's warp 1 routes z for it while warps 2-3 lay out B's rows for g):
+// gradient (sm90_routed_dgrad_warps.cuh) a fourth, the reducer, runs the token reductions'
+// MMAs (dB's on the ring's dy tiles, d[A_cat; R]'s on x tiles loaded after each group's
+// steps), and the producer warp group's warp 1 routes z for it while warps 2-3 lay out B's
+// rows for g):
 //   producer  one elected thread of warp 0 issues the TMA loads of every K step into a
 //             shared-memory ring (5 stages; 4 in the routed kernels, whose extra tiles take
 //             the room): for ext_gemm first the main reduction (A, B), then the extension (A2,
@@ -20,8 +22,9 @@
 // Persistent: one CTA per SM walks the tiles (for_each_tile here; sm90_walks.cuh has the
 // routed kernels' walks), and since the ring runs on across tiles, the producer fills the
 // next tile's stages while the consumers route and store the last one;
-// EI_KERNELS_CUDA_SM90_PERSISTENT=0 launches one CTA per tile instead (the same code, each
-// CTA's walk one tile long: to measure what persistence buys).
+// EI_KERNELS_CUDA_SM90_PERSISTENT=0 (sm90_launch.cuh's persistent_tiles) launches one CTA per
+// tile instead (the same code, each CTA's walk one tile long: to measure what persistence
+// buys).
 //
 // Why 128 x 192: at ViT-B widths (768, 2304, 3072 output columns) and N = 12608 tokens it makes
 // 3, 9 and 12 full waves of 132 tiles (H100/H200 SXM), where 128 x 128 leaves a last wave half
@@ -36,7 +39,6 @@
 
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
-#include <cutlass/arch/reg_reconfig.h>
 
 #include <cstdint>
 
@@ -87,7 +89,7 @@ struct Sm90Config {
 // Branches per group the routed kernels route (the paper has 3): their per-row arrays then
 // stay in the registers left beside the 96 accumulators per thread (with mor_kernels.h's 16,
 // the input gradient's routing spilled).
-constexpr int kRoutedBranches = 4;
+inline constexpr int kRoutedBranches = 4;
 
 // [rows, cols] row-major with leading dimension ld, as CuTe's (row, col) tensor.
 template <typename T>
@@ -204,8 +206,8 @@ __host__ __device__ constexpr int64_t tile_count(int64_t m, int64_t n) {
 // The output tiles a CTA computes: t = blockIdx.x, blockIdx.x + gridDim.x, ... of the
 // row-major [row tiles, col_tiles] grid, so that the CTAs running together share row blocks
 // of A (read from memory once); body(row tile, column tile, i) for the CTA's i-th tile. The
-// host launches one CTA per SM (persistent: the producer loads the next tile's stages while
-// the consumers route and store the last one) or one per tile.
+// host (sm90_launch.cuh's tile_ctas) launches one CTA per SM (persistent: the producer loads
+// the next tile's stages while the consumers route and store the last one) or one per tile.
 template <class Body>
 __device__ void for_each_tile(int tiles, int col_tiles, Body&& body) {
   int i = 0;

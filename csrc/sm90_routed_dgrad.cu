@@ -1,8 +1,11 @@
 // The routed input gradient on sm_90a (sm90_gemm.h): dx = dy W + [du | dl] [A_cat; R] in one
 // launch, with g = dy B and the backward routing folded into the GEMM on sm90_pipeline.cuh's
 // ring, and the token reductions' partials from its reducer warp group
-// (sm90_routed_dgrad_warps.cuh: the reducer, the z warp and the B warps). The consumers and
-// the TMA thread are here.
+// (sm90_routed_dgrad_warps.cuh: its configuration, the reducer, the z warp and the B warps).
+// Here: the kernel's TMA thread and consumers (route_dgrad_row), its host launch and
+// sm90_gemm.h's sm90_routed_dgrad* entry points.
+#include <cutlass/arch/reg_reconfig.h>
+
 #include "dependent_launch.cuh"
 #include "routing_math.cuh"
 #include "sm90_gemm.h"
@@ -406,8 +409,9 @@ cudaError_t launch_routed_dgrad(const MorDims& d, const MorBackwardArgs& a, cuda
   }
   if (err != cudaSuccess) return err;
   const SegmentLaunch launch = segment_launch(int(tiles), int(ctas), runs);
-  return launch_on_ctas<int(sizeof(typename Cfg::Shared)), Cfg::kThreads>(
-      &routed_dgrad_kernel<Cfg, decltype(tma_dy), decltype(tma_w), decltype(tma_lora_a)>,
+  constexpr auto kernel =
+      &routed_dgrad_kernel<Cfg, decltype(tma_dy), decltype(tma_w), decltype(tma_lora_a)>;
+  return launch_on_ctas<kernel, int(sizeof(typename Cfg::Shared)), Cfg::kThreads>(
       launch.ctas, a.dependent_dgrad, stream, tma_dy, tma_x, tma_w, tma_lora_a, tma_router, d, ptr,
       launch.walk);
 }

@@ -2,7 +2,9 @@
 // and the roles beside its consumers and TMA thread (sm90_routed_dgrad.cu): the z warp, which
 // routes z = (p S) u from the saved u and p, the B warps, which lay out each K step's rows of
 // B as g's MMA operand, and the reducer warp group, which writes the token reductions'
-// partials per row tile (dB's dy^T z, d[A_cat; R]'s x^T [du | dl]).
+// partials per row tile (dB's dy^T z, d[A_cat; R]'s x^T [du | dl]); with what the kernel shares
+// with them (RoutedDgradPointers, GroupSteps) and compile-time checks of their shared-memory
+// views (dy_view_is_transposed, du_view_is_transposed, lora_b_offsets_match).
 #pragma once
 
 #include "mor_kernels.h"

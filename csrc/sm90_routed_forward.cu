@@ -4,6 +4,8 @@
 // share out its shrink and sum the partials through distributed shared memory; it walks its
 // tiles in runs of one row block and group where x's row blocks in flight fit the L2, and a
 // run's later tiles reuse its first tile's z (sm90_walks.cuh's for_each_routed_tile).
+#include <cutlass/arch/reg_reconfig.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -441,16 +443,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #endif
 }
 
-// The same in clusters of kCluster CTAs along the tile walk (tiles is a multiple of kCluster).
-// Persistent, it launches as many clusters as fit on the device at once (GPCs need not hold a
-// whole number of clusters, so this may leave SMs idle: the occupancy query says how many).
-template <int kCluster, int kSmem, int kThreads, class Kernel, class... Args>
-cudaError_t launch_on_tile_clusters(Kernel kernel, int64_t tiles, cudaStream_t stream,
-                                    const Args&... args) {
+// sm90_launch.cuh's launch_on_tiles in clusters of kCluster CTAs along the tile walk (tiles is a
+// multiple of kCluster). Persistent, it launches as many clusters as fit on the device at once
+// (GPCs need not hold a whole number of clusters, so this may leave SMs idle: the occupancy
+// query says how many).
+template <auto kKernel, int kCluster, int kSmem, int kThreads, class... Args>
+cudaError_t launch_on_tile_clusters(int64_t tiles, cudaStream_t stream, const Args&... args) {
   static_assert(kSmem <= 227 * 1024, "over the opt-in shared memory of a 9.0 device");
   // A cluster's CTAs walk the same number of tiles, or one would wait for its peers forever.
   if (tiles % kCluster != 0) return cudaErrorInvalidValue;
-  cudaError_t err = allow_shared_memory(kernel, kSmem);
+  cudaError_t err = allow_shared_memory<kKernel>(kSmem);
   int device = 0;
   if (err == cudaSuccess) err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
@@ -471,7 +473,7 @@ cudaError_t launch_on_tile_clusters(Kernel kernel, int64_t tiles, cudaStream_t s
   int fitting = 0;
   if (cached_per_device(device, &fitting, [&](int* out) {
         int clusters = 0;
-        const cudaError_t query = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+        const cudaError_t query = cudaOccupancyMaxActiveClusters(&clusters, kKernel, &config);
         *out = std::max(clusters, 0) + 1;
         return query;
       }) != cudaSuccess) {
@@ -482,12 +484,12 @@ cudaError_t launch_on_tile_clusters(Kernel kernel, int64_t tiles, cudaStream_t s
   // No cluster of this size fits (a GPU partition, say): CTAs alone, in either mode, right all
   // the same (the shrink then summed in one CTA: other roundings).
   if (clusters <= 0) {
-    return launch_on_tiles<kSmem, kThreads>(kernel, tiles, stream, args...);
+    return launch_on_tiles<kKernel, kSmem, kThreads>(tiles, stream, args...);
   }
   const int64_t ctas =
       persistent_tiles() ? std::min<int64_t>(tiles, int64_t(clusters) * kCluster) : tiles;
   config.gridDim = dim3(unsigned(ctas));
-  err = cudaLaunchKernelEx(&config, kernel, args...);
+  err = cudaLaunchKernelEx(&config, kKernel, args...);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
@@ -532,8 +534,8 @@ cudaError_t launch_routed(const MorDims& d, const MorForwardArgs& a, cudaStream_
   const RoutedPointers<T> ptr{static_cast<const T*>(a.bias), static_cast<const T*>(a.lora_b),
                               static_cast<const T*>(a.router_bias), static_cast<T*>(a.y),
                               a.probs, a.shrink};
-  const auto kernel = &routed_gemm_kernel<Cfg, decltype(tma_x), decltype(tma_w),
-                                          decltype(tma_lora_a), decltype(tma_router)>;
+  constexpr auto kernel = &routed_gemm_kernel<Cfg, decltype(tma_x), decltype(tma_w),
+                                              decltype(tma_lora_a), decltype(tma_router)>;
   constexpr int kSmem = int(sizeof(typename Cfg::Shared));
   const int64_t tiles = tile_count(m, n);
   // Runs by default where x's row blocks in flight fit (at 12608 tokens on an H100/H200 in
@@ -546,19 +548,16 @@ cudaError_t launch_routed(const MorDims& d, const MorForwardArgs& a, cudaStream_
   if (err != cudaSuccess) return err;
   switch (cluster) {
     case 4:
-      return launch_on_tile_clusters<4, kSmem, Cfg::kThreads>(kernel, tiles, stream, tma_x, tma_w,
-                                                              tma_lora_a, tma_router, d, ptr,
-                                                              runs);
+      return launch_on_tile_clusters<kernel, 4, kSmem, Cfg::kThreads>(
+          tiles, stream, tma_x, tma_w, tma_lora_a, tma_router, d, ptr, runs);
     case 2:
-      return launch_on_tile_clusters<2, kSmem, Cfg::kThreads>(kernel, tiles, stream, tma_x, tma_w,
-                                                              tma_lora_a, tma_router, d, ptr,
-                                                              runs);
+      return launch_on_tile_clusters<kernel, 2, kSmem, Cfg::kThreads>(
+          tiles, stream, tma_x, tma_w, tma_lora_a, tma_router, d, ptr, runs);
     default:
-      return launch_on_tiles<kSmem, Cfg::kThreads>(kernel, tiles, stream, tma_x, tma_w,
-                                                   tma_lora_a, tma_router, d, ptr, runs);
+      return launch_on_tiles<kernel, kSmem, Cfg::kThreads>(tiles, stream, tma_x, tma_w,
+                                                           tma_lora_a, tma_router, d, ptr, runs);
   }
 }
-
 
 }  // namespace
 }  // namespace sm90

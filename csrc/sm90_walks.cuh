@@ -1,12 +1,13 @@
-// The orders in which the routed kernels' persistent CTAs walk their output tiles, as
-// host/device structs that the host builds and the kernels read, each with a compile-time
-// proof on ViT-B's and odd shapes that every tile is visited exactly once and that a tile
-// which reuses its predecessor's routing really follows it.
+// The orders in which the routed kernels' persistent CTAs walk their output tiles: the routed
+// forward's RoutedWalk (built in the kernel from the host's in_runs) and for_each_routed_tile,
+// the input gradient's SegmentWalk (built by the host's segment_launch, read from the kernel's
+// parameters) and for_each_segment, each with a compile-time proof on ViT-B's and odd shapes
+// that every tile is visited exactly once and that a tile which reuses its predecessor's
+// routing really follows it.
 #pragma once
 
-#include <cute/tensor.hpp>
+#include <cute/arch/cluster_sm90.hpp>
 
-#include <climits>
 #include <cstdint>
 
 namespace ei {
@@ -19,7 +20,8 @@ namespace sm90 {
 // round-robin, for_each_tile's order, every tile a run of its own. A run starts at the CTA's
 // first tile and wherever the row block or group changes (so the group's first column tile
 // always starts one), the same for every CTA of a cluster (routed_walk_is_sound checks all
-// this at compile time). 32-bit: the producer has 40 registers; tiles < 2^30, the host checks.
+// this at compile time). 32-bit: the producer has 40 registers; tiles < 2^30
+// (sm90_routed_accepts).
 struct RoutedWalk {
   bool in_runs;
   int first, last, stride;  // the cluster's units
@@ -126,10 +128,10 @@ __host__ __device__ constexpr SegmentLaunch segment_launch(int tiles, int ctas, 
 
 // body(row tile, column tile, group, segment, starts_run) for each of the CTA's tiles, group
 // by group, where segment counts the CTA's (tile, group) pairs (its double buffers alternate
-// per segment). The segment is the loop's only register state, in 32 bits (the host checks
-// tiles < 2^30): the z warp has 40 registers, and with more loop state (for_each_tile's 64-bit
-// loop around a group loop, a bound of its own, or a tile and a group) it spilled (4 bytes
-// with the tile count in a register).
+// per segment). The segment is the loop's only register state, in 32 bits (tiles x groups
+// < 2^30: sm90_routed_dgrad_accepts): the z warp has 40 registers, and with more loop state
+// (for_each_tile's 64-bit loop around a group loop, a bound of its own, or a tile and a group)
+// it spilled (4 bytes with the tile count in a register).
 template <class Body>
 __device__ void for_each_segment(int col_tiles, int groups, const SegmentWalk walk,
                                  Body&& body) {
