@@ -220,8 +220,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
   args.u_workspace = shrink ? nullptr : u.data_ptr<float>();
   args.sm90 = sm90;
   // The routed sm_90a dx keeps g and z on chip and writes the partials of dB, dc and (unless
-  // "unfolded") d[A_cat; R], one per row tile; the other paths need g and z, and the
-  // unrouted sm_90a dx [A_cat; R] stacked.
+  // "unfolded") d[A_cat; R]: dc's one per row tile, the others' per slot (sm90_gemm.h); the
+  // other paths need g and z, and the unrouted sm_90a dx [A_cat; R] stacked.
   args.sm90_routed = sm90 && ei::sm90_routed_enabled() &&
                      ei::sm90_routed_dgrad_accepts(dtype, d, args);
   args.sm90_folds_x = args.sm90_routed && ei::sm90_routed_folds_x();
@@ -234,9 +234,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mor_bwd(
     args.d_shrink = d_shrink.data_ptr();
   }
   if (args.sm90_routed) {
-    const int row_tiles = int(ei::sm90_routed_dgrad_row_tiles(N));
-    plan.dl_splits = plan.lora_b_splits = row_tiles;
-    if (args.sm90_folds_x) plan.shrink_splits = row_tiles;
+    int64_t slots = 0;
+    C10_CUDA_CHECK(ei::sm90_routed_dgrad_slots(d, &slots));
+    plan.dl_splits = int(ei::sm90_routed_dgrad_row_tiles(N));
+    plan.lora_b_splits = int(slots);
+    if (args.sm90_folds_x) plan.shrink_splits = int(slots);
   } else {
     g = at::empty({N, gr}, f32);
     args.g = g.data_ptr<float>();

@@ -53,8 +53,8 @@ struct ReductionPlan {
   int shrink_splits;  // d[A_cat; R] = [du | dl]^T x
   int lora_b_splits;  // dB_cat = dy^T z
   int dl_splits;      // dc: one partial per block of the backward routing kernel
-                      // (the routed input gradient writes both per row tile: the binding
-                      // then sets both to sm90_routed_dgrad_row_tiles)
+                      // (the routed input gradient writes its own partials: the binding
+                      // then sets these as sm90_gemm.h's sm90_routed_dgrad says)
 };
 
 struct MorForwardArgs {

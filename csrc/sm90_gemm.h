@@ -64,12 +64,13 @@ cudaError_t sm90_routed_gemm(DType dtype, const MorDims& dims, const MorForwardA
 // the saved u and p, and multiplies du by A_cat and dl by R as two extra K steps, group after
 // group (a tile's K steps run group by group). The first column tile writes its rows' dl sums
 // (args.dl_partial, [row tiles, G*L]), and a fourth warp group writes the token reductions'
-// partials per row tile: dB's dy^T z from the same dy tiles (args.lora_b_partial,
-// [row tiles, O, r]) and, with args.sm90_folds_x, d[A_cat; R]'s
+// partials in slots (one per row tile, or where each CTA's tiles share a column tile, one
+// per CTA of a column tile, the CTA adding its row tiles' partials): dB's dy^T z from the same
+// dy tiles (args.lora_b_partial, [slots, O, r]) and, with args.sm90_folds_x, d[A_cat; R]'s
 // [du | dl]^T x from the tile's x, loaded after each group's steps (args.shrink_partial,
-// [row tiles, S, K]; without, the first column tile writes [du | dl] to args.d_shrink for a
-// launch of its own). The caller's lora_b_splits and dl_splits, and shrink_splits where x is
-// folded in, must be sm90_routed_dgrad_row_tiles.
+// [slots, S, K]; without, the first column tile writes [du | dl] to args.d_shrink for a
+// launch of its own). The caller's dl_splits must be sm90_routed_dgrad_row_tiles, and its
+// lora_b_splits, and shrink_splits where x is folded in, sm90_routed_dgrad_slots.
 // With one group, where dy's row blocks in flight fit the L2 (EI_KERNELS_CUDA_SM90_RUNS), each
 // CTA walks a contiguous share of the tiles, and a tile right after the CTA's tile to its left
 // reuses that one's g, du and dl (no g MMAs, no routing). g and z are never written (nor,
@@ -81,6 +82,9 @@ cudaError_t sm90_routed_gemm(DType dtype, const MorDims& dims, const MorForwardA
 // separate launches.
 bool sm90_routed_dgrad_accepts(DType dtype, const MorDims& dims, const MorBackwardArgs& args);
 int64_t sm90_routed_dgrad_row_tiles(int64_t tokens);
+// The partial slots of the routed input gradient's launch for these dims on the current device
+// (device attribute queries, cached: safe during CUDA graph capture).
+cudaError_t sm90_routed_dgrad_slots(const MorDims& dims, int64_t* slots);
 cudaError_t sm90_routed_dgrad(DType dtype, const MorDims& dims, const MorBackwardArgs& args,
                               cudaStream_t stream);
 

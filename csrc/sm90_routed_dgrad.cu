@@ -15,11 +15,17 @@
 #include "sm90_walks.cuh"
 
 namespace ei {
+
+int64_t sm90_routed_dgrad_row_tiles(int64_t tokens) {
+  using Cfg = sm90::RoutedDgradConfig<cutlass::half_t>;  // the same tiles for both dtypes
+  return (tokens + Cfg::kBM - 1) / Cfg::kBM;
+}
+
 namespace sm90 {
 namespace {
 
 // The most row tiles for which the routed input gradient writes the token reductions' partials
-// per row tile (sm90_routed_dgrad_accepts).
+// (up to one per row tile: sm90_routed_dgrad_accepts).
 constexpr int64_t kMaxRowTilePartials = 512;
 
 // One (row, group) of the routed input gradient: du and dl from u, p and the fp32 g of the
@@ -63,10 +69,10 @@ __device__ void route_dgrad_row(const MorDims& d, int group, int row, int64_t to
 // memory, and du A_g and dl R_g become two 16-deep K steps, before the next group's steps
 // accumulate on (walked in runs, one group, a run's later tiles skip g's MMAs and the routing:
 // their g, du and dl are the run's). The first column tile also writes its rows' dl sums
-// (dc's partials). A fourth
-// warp group, the reducer, computes dB's row-tile partials from the same dy tiles, with z
-// routed by the producer warp group's z warp, and d[A_cat; R]'s from the tile's x, which the
-// producer loads into three ring stages after each group's steps, and du and dl.
+// (dc's partials). A fourth warp group, the reducer, computes dB's row-tile partials from the
+// same dy tiles, with z routed by the producer warp group's z warp, and d[A_cat; R]'s from the
+// tile's x, which the producer loads into three ring stages after each group's steps, and du
+// and dl, into the walk's partial slots.
 template <class Cfg, class TmaA, class TmaB, class TmaE>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     routed_dgrad_kernel(CUTE_GRID_CONSTANT const TmaA tma_dy, CUTE_GRID_CONSTANT const TmaA tma_x,
@@ -364,6 +370,28 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #endif
 }
 
+// The routed input gradient's walk and grid on the current device: round-robin over the CTAs,
+// or in runs of tiles per CTA (as many CTAs as that takes), which skip g's MMAs and the
+// routing after a run's first tile: one group only (the staging tile holds one group's g), by
+// default where dy's row blocks in flight fit (at 12608 tokens on an H100/H200: O = 768, 26
+// MB of 50, proj and fc2; not fc1's O = 3072). Round-robin on a grid that is a multiple of the
+// column tiles, each CTA's tiles share a column tile, and it adds their partials into one slot
+// (qkv and fc1 at 12608 tokens on 132 SMs: 33 slots for 99 row tiles). (Attribute queries
+// only, cached: the binding sizes the partials with it, and the launch walks it.)
+cudaError_t dgrad_launch(const MorDims& d, SegmentLaunch* launch) {
+  using Cfg = RoutedDgradConfig<cutlass::half_t>;  // the same tiles for both dtypes
+  const int64_t row_tiles = sm90_routed_dgrad_row_tiles(d.tokens);
+  const int64_t col_tiles = (d.in_features + Cfg::kBN - 1) / Cfg::kBN;
+  int64_t ctas = 0;  // tiles under 2^30: sm90_routed_dgrad_accepts
+  bool runs = false;
+  cudaError_t err = tile_ctas(row_tiles * col_tiles, &ctas);
+  if (err == cudaSuccess && d.groups == 1) {
+    err = walks_in_runs(1, int64_t(Cfg::kBM) * d.out_features * int64_t(sizeof(Cfg::T)), &runs);
+  }
+  *launch = segment_launch(int(row_tiles), int(col_tiles), int(ctas), runs);
+  return err;
+}
+
 template <typename T>
 cudaError_t launch_routed_dgrad(const MorDims& d, const MorBackwardArgs& a, cudaStream_t stream) {
   using Cfg = RoutedDgradConfig<T>;
@@ -396,19 +424,9 @@ cudaError_t launch_routed_dgrad(const MorDims& d, const MorBackwardArgs& a, cuda
                                    a.sm90_folds_x ? nullptr : static_cast<T*>(a.d_shrink),
                                    a.dl_partial,
                                    a.lora_b_partial};
-  // Round-robin over the CTAs, or in runs of tiles per CTA (as many CTAs as that takes), which
-  // skip g's MMAs and the routing after a run's first tile: one group only (the staging tile
-  // holds one group's g), by default where dy's row blocks in flight fit (at 12608 tokens on
-  // an H100/H200: O = 768, 26 MB of 50, proj and fc2; not fc1's O = 3072)
-  const int64_t tiles = tile_count(m, n);  // under 2^30 (sm90_routed_dgrad_accepts)
-  int64_t ctas = 0;
-  bool runs = false;
-  cudaError_t err = tile_ctas(tiles, &ctas);
-  if (err == cudaSuccess && d.groups == 1) {
-    err = walks_in_runs(1, int64_t(Cfg::kBM) * k * int64_t(sizeof(T)), &runs);
-  }
+  SegmentLaunch launch{};
+  const cudaError_t err = dgrad_launch(d, &launch);
   if (err != cudaSuccess) return err;
-  const SegmentLaunch launch = segment_launch(int(tiles), int(ctas), runs);
   constexpr auto kernel =
       &routed_dgrad_kernel<Cfg, decltype(tma_dy), decltype(tma_w), decltype(tma_lora_a)>;
   return launch_on_ctas<kernel, int(sizeof(typename Cfg::Shared)), Cfg::kThreads>(
@@ -421,9 +439,12 @@ cudaError_t launch_routed_dgrad(const MorDims& d, const MorBackwardArgs& a, cuda
 
 using namespace sm90;
 
-int64_t sm90_routed_dgrad_row_tiles(int64_t tokens) {
-  using Cfg = RoutedDgradConfig<cutlass::half_t>;  // the same tiles for both dtypes
-  return (tokens + Cfg::kBM - 1) / Cfg::kBM;
+
+cudaError_t sm90_routed_dgrad_slots(const MorDims& dims, int64_t* slots) {
+  SegmentLaunch launch{};
+  const cudaError_t err = dgrad_launch(dims, &launch);
+  *slots = launch.walk.slots;
+  return err;
 }
 
 bool sm90_routed_dgrad_accepts(DType dtype, const MorDims& d, const MorBackwardArgs& a) {
@@ -435,7 +456,7 @@ bool sm90_routed_dgrad_accepts(DType dtype, const MorDims& d, const MorBackwardA
   if (d.groups > 1 && (d.out_features / d.groups) % Cfg::kBK != 0) return false;
   if (d.rank > Cfg::kRanks || (d.router && d.logits > Cfg::kRanks)) return false;
   if (d.branches > kRoutedBranches) return false;
-  // The partials, one per row tile, take r / 64 of dy's bytes (dB) and S / 64 of x's
+  // The partials, up to one per row tile, take r / 64 of dy's bytes (dB) and S / 64 of x's
   // (d[A_cat; R]): beyond 512 row tiles (65536 tokens: 116 MB at ViT-B's fc1, 135 MB at fc2,
   // r = 14, L = 4) the unrouted path's few split partials are leaner
   if (sm90_routed_dgrad_row_tiles(d.tokens) > kMaxRowTilePartials) return false;

@@ -2,7 +2,7 @@
 // and the roles beside its consumers and TMA thread (sm90_routed_dgrad.cu): the z warp, which
 // routes z = (p S) u from the saved u and p, the B warps, which lay out each K step's rows of
 // B as g's MMA operand, and the reducer warp group, which writes the token reductions'
-// partials per row tile (dB's dy^T z, d[A_cat; R]'s x^T [du | dl]); with what the kernel shares
+// partials in slots (dB's dy^T z, d[A_cat; R]'s x^T [du | dl]); with what the kernel shares
 // with them (RoutedDgradPointers, GroupSteps) and compile-time checks of their shared-memory
 // views (dy_view_is_transposed, du_view_is_transposed, lora_b_offsets_match).
 #pragma once
@@ -145,13 +145,13 @@ struct RoutedDgradPointers {
   int64_t u_ld;
   const float* probs;  // [N, G*L]
   T* dx;               // [N, K]
-  // Where x is folded in: [row tiles, S, K], each row tile's [du | dl]^T x for d[A_cat; R],
-  // and d_shrink null; else null, and d_shrink [N, shrink_ld()] gets [du | dl] for a split-K
-  // launch of its own.
+  // Where x is folded in: [slots, S, K], the sums of [du | dl]^T x over the row tiles of
+  // each slot (SegmentWalk::slots) for d[A_cat; R], and d_shrink null; else null, and
+  // d_shrink [N, shrink_ld()] gets [du | dl] for a split-K launch of its own.
   float* shrink_partial;
   T* d_shrink;
   float* dl_partial;   // [row tiles, G*L]: each tile's fp32 sums of dl, for dc
-  float* lora_b_partial;  // [row tiles, O, r]: each row tile's dy^T z, for dB
+  float* lora_b_partial;  // [slots, O, r]: the sums of dy^T z over each slot's row tiles, for dB
 };
 
 // The K steps of a tile's group (segment) `group`: each group's outputs fill whole steps when
@@ -315,8 +315,9 @@ __device__ void expand_lora_b(Shared& smem, const MorDims& d, int col_tiles, int
 // The reducer warp group of the routed input gradient: dB's partial of each row tile,
 // dy^T z over its 128 rows, from the dy tiles already in the ring (dy is read once for dx, g
 // and dB). K step kt (64 output columns) is column tile kt % col_tiles's share, so a row
-// tile's column tiles split the work and every partial element is written once, by plain
-// stores (the sum launch adds the row tiles in a fixed order). z of the step's group comes from
+// tile's column tiles split the work and every partial element has one writer, which stores
+// it or adds it to its slot (SegmentWalk::slots; the sum launch adds the slots in a fixed
+// order). z of the step's group comes from
 // the z warp, one buffer per segment (a tile's group). It waits for every stage and frees it
 // with the consumers and waits for its own MMAs only: it never waits for the consumers, and can
 // delay them only through the ring (a stage it holds is one the producer cannot refill).
@@ -353,13 +354,32 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc);
   };
+  // acc's values into a partial slot (SegmentWalk::slots), element(v) where value v goes or
+  // null: stored by the CTA's first tile of the slot, added by its later ones to what it
+  // stored (this thread holds the same elements in every tile of the CTA's column tile, so it
+  // reads back only its own stores; all loads first, their latencies overlapping).
+  const auto put = [&](bool adds, const auto& element) {
+    constexpr int kValues = decltype(size(acc))::value;
+    float earlier[kValues];
+    CUTE_UNROLL
+    for (int v = 0; v < kValues; ++v) {
+      const float* const at = element(v);
+      earlier[v] = adds && at != nullptr ? *at : 0.0f;
+    }
+    CUTE_UNROLL
+    for (int v = 0; v < kValues; ++v) {
+      float* const at = element(v);
+      if (at != nullptr) *at = adds ? earlier[v] + acc(v) : acc(v);
+    }
+  };
 
   int stage = 0, phase = 0;
   int share = 0;  // the tile's next K step to multiply
   for_each_segment(col_tiles, d.groups, walk, [&](int row_tile, int col, int group,
                                                             int segment, bool) {
-    float* const partial =
-        ptr.lora_b_partial + int64_t(row_tile) * d.out_features * d.rank;
+    const int64_t slot = row_tile % walk.slots;  // the row tile's partial slot
+    const bool adds = row_tile >= walk.slots;
+    float* const partial = ptr.lora_b_partial + slot * d.out_features * d.rank;
     if (group == 0) share = col;
     const int buffer = segment & 1;
     const GroupSteps steps(group, d.groups, k_steps);
@@ -372,14 +392,12 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
         z_ready = true;
         multiply(stage, tB(_, _, _, buffer));
         Barrier::arrive(&smem.empty[stage]);
-        CUTE_UNROLL
-        for (int v = 0; v < size(acc); ++v) {
+        put(adds, [&](int v) -> float* {
           const auto [o, j] = tC(v);
           const int column = kt * Cfg::kBK + o;
-          if (column < d.out_features && j < d.rank) {
-            partial[int64_t(column) * d.rank + j] = acc(v);
-          }
-        }
+          return column < d.out_features && j < d.rank ? partial + int64_t(column) * d.rank + j
+                                                       : nullptr;
+        });
       } else {
         Barrier::arrive(&smem.empty[stage]);
       }
@@ -397,16 +415,16 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
     // routed the segment.
     if (ptr.shrink_partial == nullptr) return;
     const int n = d.in_features;
-    float* const shrink_partial = ptr.shrink_partial + int64_t(row_tile) * d.shrink_width() * n;
+    float* const shrink_partial = ptr.shrink_partial + slot * d.shrink_width() * n;
     // acc's columns of the chunk from `first_column` on, as `rows` rows of [A_cat; R] from
     // `first_row` on
     const auto store = [&](int first_column, int first_row, int rows) {
-      CUTE_UNROLL
-      for (int v = 0; v < size(acc); ++v) {
+      put(adds, [&](int v) -> float* {
         const auto [o, j] = tC(v);
         const int column = first_column + o;
-        if (column < n && j < rows) shrink_partial[int64_t(first_row + j) * n + column] = acc(v);
-      }
+        return column < n && j < rows ? shrink_partial + int64_t(first_row + j) * n + column
+                                      : nullptr;
+      });
     };
     for (int c = 0; c < Cfg::kXChunks; ++c) {
       TxBarrier::wait(&smem.full[stage], phase);

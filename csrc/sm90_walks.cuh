@@ -106,6 +106,12 @@ static_assert(routed_walk_is_sound(99, 4, 4, 2, 396, true));
 struct SegmentWalk {
   int per_cta, stride, steps;
   int tiles;  // all of the launch's
+  // The token reductions' partial slots: row tile r's partials go to slot r % slots. One per
+  // row tile, or, where every CTA walks round-robin over several tiles of one column tile
+  // (the grid a multiple of the column tiles), one per CTA of a column tile: the CTA adds its
+  // later row tiles' partials to its first's (row tiles from `slots` on add), so the sum after
+  // reads a fraction of them, and each slot element has one writer, adding in walk order.
+  int slots;
   // Whether the CTA's tile of step `step`, in column tile col, computes its g and routes:
   // everywhere but where the CTA's last tile, just before, lay in the same row block (one
   // group).
@@ -114,16 +120,23 @@ struct SegmentWalk {
   }
 };
 
-// The walk and the CTAs of a launch over `tiles` tiles on at most `ctas` CTAs, round-robin
-// or in runs (as many CTAs as runs of tiles / ctas, rounded up, take).
+// The walk and the CTAs of a launch over row_tiles x col_tiles tiles on at most `ctas` CTAs,
+// round-robin or in runs (as many CTAs as runs of tiles / ctas, rounded up, take).
 struct SegmentLaunch {
   SegmentWalk walk;
   int ctas;
 };
-__host__ __device__ constexpr SegmentLaunch segment_launch(int tiles, int ctas, bool runs) {
-  if (!runs) return SegmentLaunch{SegmentWalk{1, ctas, INT32_MAX, tiles}, ctas};
+__host__ __device__ constexpr SegmentLaunch segment_launch(int row_tiles, int col_tiles, int ctas,
+                                                           bool runs) {
+  const int tiles = row_tiles * col_tiles;
+  if (!runs) {
+    const bool shared_slots = tiles > ctas && ctas % col_tiles == 0;
+    const int slots = shared_slots ? ctas / col_tiles : row_tiles;
+    return SegmentLaunch{SegmentWalk{1, ctas, INT32_MAX, tiles, slots}, ctas};
+  }
   const int per_cta = (tiles + ctas - 1) / ctas;
-  return SegmentLaunch{SegmentWalk{per_cta, 1, per_cta, tiles}, (tiles + per_cta - 1) / per_cta};
+  return SegmentLaunch{SegmentWalk{per_cta, 1, per_cta, tiles, row_tiles},
+                       (tiles + per_cta - 1) / per_cta};
 }
 
 // body(row tile, column tile, group, segment, starts_run) for each of the CTA's tiles, group
@@ -144,33 +157,48 @@ __device__ void for_each_segment(int col_tiles, int groups, const SegmentWalk wa
   }
 }
 
-// The walk of every CTA of segment_launch(row_tiles x col_tiles, ctas, runs) with one group:
-// every tile exactly once, and a tile that does not compute its g right after the same CTA's
-// tile to its left (the same row block).
+// The walk of every CTA of segment_launch(row_tiles, col_tiles, ctas, runs) with one group:
+// every tile exactly once; a tile that does not compute its g right after the same CTA's tile
+// to its left (the same row block); every partial slot's share of each column tile written
+// once, by a tile of a row tile below `slots`, and added to only by that tile's CTA, after.
 constexpr bool segment_walk_is_sound(int row_tiles, int col_tiles, int ctas, bool runs) {
   constexpr int kMaxTiles = 2048;
   int seen[kMaxTiles] = {};
+  int writer[kMaxTiles] = {};  // per (slot, column tile): 1 + the CTA that wrote it, or 0
   const int tiles = row_tiles * col_tiles;
   if (tiles > kMaxTiles) return false;
-  const SegmentLaunch launch = segment_launch(tiles, ctas, runs);
+  const SegmentLaunch launch = segment_launch(row_tiles, col_tiles, ctas, runs);
+  const int slots = launch.walk.slots;
+  if (slots < 1 || slots > row_tiles) return false;
   for (int cta = 0; cta < launch.ctas; ++cta) {
     int last = -1;
     for (int step = 0; step < launch.walk.steps; ++step) {
       const int tile = cta * launch.walk.per_cta + step * launch.walk.stride;
       if (tile >= tiles) break;
-      const int col = tile % col_tiles;
+      const int row = tile / col_tiles, col = tile % col_tiles;
       if (!launch.walk.starts_run(step, col, 1) && (last != tile - 1 || col == 0)) return false;
       ++seen[tile];
       last = tile;
+      int& slot_writer = writer[row % slots * col_tiles + col];
+      if (row < slots) {
+        if (slot_writer != 0) return false;
+        slot_writer = 1 + cta;
+      } else if (slot_writer != 1 + cta) {
+        return false;
+      }
     }
   }
   for (int t = 0; t < tiles; ++t) {
     if (seen[t] != 1) return false;
   }
+  for (int i = 0; i < slots * col_tiles; ++i) {
+    if (writer[i] == 0) return false;
+  }
   return true;
 }
 // 12608 tokens (99 row tiles) at proj's and fc1's 4 column tiles and fc2's 16, on 132 SMs and
-// 114 (an H100 PCIe's); odd sizes; one CTA per tile; round-robin.
+// 114 (an H100 PCIe's); odd sizes; one CTA per tile; round-robin, where 132 CTAs over 4 or 6
+// column tiles share their slots and 114 over 4 or 16 do not.
 static_assert(segment_walk_is_sound(99, 4, 132, true));
 static_assert(segment_walk_is_sound(99, 16, 132, true));
 static_assert(segment_walk_is_sound(99, 16, 114, true));
@@ -180,6 +208,17 @@ static_assert(segment_walk_is_sound(33, 6, 132, true));
 static_assert(segment_walk_is_sound(99, 4, 396, true));
 static_assert(segment_walk_is_sound(99, 16, 132, false));
 static_assert(segment_walk_is_sound(7, 3, 1, false));
+static_assert(segment_walk_is_sound(99, 4, 132, false));
+static_assert(segment_walk_is_sound(99, 4, 114, false));
+static_assert(segment_walk_is_sound(34, 6, 132, false));
+static_assert(segment_walk_is_sound(23, 6, 132, false));
+static_assert(segment_walk_is_sound(22, 6, 132, false));
+static_assert(segment_walk_is_sound(99, 4, 396, false));
+static_assert(segment_walk_is_sound(5, 1, 2, false));
+static_assert(segment_launch(99, 4, 132, false).walk.slots == 33);
+static_assert(segment_launch(99, 4, 114, false).walk.slots == 99);
+static_assert(segment_launch(99, 4, 132, true).walk.slots == 99);
+static_assert(segment_launch(33, 4, 132, false).walk.slots == 33);
 
 }  // namespace sm90
 }  // namespace ei

@@ -302,6 +302,17 @@ def dgrad_runs(n, k, o, g) -> tuple[int, int]:
     return sum(starts), max(sum(starts[t:t + per_cta]) for t in range(0, tiles, per_cta))
 
 
+def dgrad_slots(n, k, o, g) -> int:
+    """The routed input gradient's partial slots, as csrc/sm90_walks.cuh's segment_launch on
+    SMS SMs: one per row tile, or, round-robin over more tiles than CTAs with the CTAs a
+    multiple of the column tiles, one per CTA of a column tile (each CTA adds its row tiles)."""
+    bm, bn, _ = SM90_TILE
+    row_tiles, col_tiles = math.ceil(n / bm), math.ceil(k / bn)
+    shared = (not routed_dgrad_walks_in_runs(o, g) and row_tiles * col_tiles > SMS
+              and SMS % col_tiles == 0)
+    return SMS // col_tiles if shared else row_tiles
+
+
 def sm90_routed_dgrad(n, k, o, g=1, dependent=False) -> Cost:
     """The routed input gradient (routed_dgrad_kernel): sm90_gemm's tiles over dy and W, each
     also running g = dy B over its dy tiles (16 columns, again in every column tile, or, walked
@@ -311,9 +322,10 @@ def sm90_routed_dgrad(n, k, o, g=1, dependent=False) -> Cost:
     run's later tiles keep its du and dl) and two 16-deep extension steps (du A_g, dl R_g).
     Its reducer warp group runs dB's dy^T z (16 columns) on the same dy tiles, each row tile's
     K steps shared among its column tiles, and after each group's steps d[A_cat; R]'s x^T du
-    and x^T dl (16 columns each) on the tile's x, loaded then: fp32 partials per row tile.
-    dy, W, B, A_cat and R read once, x once per group, u and p read (by consumers and the z
-    warp), dx written."""
+    and x^T dl (16 columns each) on the tile's x, loaded then: fp32 partials, each row tile's
+    written into its slot (dgrad_slots), or added to it where a CTA's earlier row tile wrote
+    the slot (read back). dy, W, B, A_cat and R read once, x once per group, u and p read (by
+    consumers and the z warp), dx written."""
     bm, bn, _ = SM90_TILE
     col_tiles = math.ceil(k / bn)
     row_tiles = math.ceil(n / bm)
@@ -321,12 +333,13 @@ def sm90_routed_dgrad(n, k, o, g=1, dependent=False) -> Cost:
     waves = math.ceil(tiles / SMS)
     efficiency = tiles / (waves * SMS)
     runs, most_runs = dgrad_runs(n, k, o, g)
+    added = row_tiles - dgrad_slots(n, k, o, g)  # row tiles added to a slot
     flops = (2 * n * k * (o + 2 * ROUTED_RANKS * g)
              + 2 * runs * bm * ROUTED_RANKS * o
              + 2 * n * o * ROUTED_RANKS + 2 * n * k * 2 * ROUTED_RANKS * g)
     bytes_ = (ELEM * (n * o + o * k + o * R + g * (R + L) * k + n * k + g * n * k)
               + F32 * g * (n * (R + L) + n * L)
-              + F32 * row_tiles * (o * R + g * (R + L) * k))
+              + F32 * (row_tiles + added) * (o * R + g * (R + L) * k))
     return Cost.kernel(flops, bytes_, tiles, efficiency, WGMMA_FRACTION,
                        serial_us=most_runs * g * ROUTE_STEP_US, dependent=dependent)
 
@@ -370,10 +383,11 @@ def cuda_bwd(n, k, o, g, hopper=True) -> Cost:
                          ELEM * (n * o + o * k + n * s + s * k + n * k), rate=MMA_SYNC_FRACTION)
     # The token reductions: split-K partials in fp32 (about two waves of blocks), then one
     # launch sums them and dc's per-block partials of the routing kernel.
-    # (The routed input gradient wrote all of them, one per row tile: only the sum is left.)
+    # (The routed input gradient wrote all of them, one per slot, dc's per row tile: only the
+    # sum is left.)
     splits = 8
-    row_tiles = math.ceil(n / SM90_TILE[0])
-    dw_splits, db_splits = (row_tiles, row_tiles) if routed else (splits, splits)
+    row_tiles, slots = math.ceil(n / SM90_TILE[0]), dgrad_slots(n, k, o, g)
+    dw_splits, db_splits = (slots, slots) if routed else (splits, splits)
     dc_splits = row_tiles if routed else math.ceil(n * g / 128)
     dw = Cost() if routed else Cost.kernel(
         2 * _pad(s, TALL_N) * k * n, ELEM * (n * s + n * k) + F32 * splits * s * k,

@@ -151,17 +151,40 @@ def test_the_routed_dgrad_adds_g_per_column_tile_two_extension_steps_and_db_once
 def test_the_grouped_routed_dgrad_routes_and_extends_once_per_group():
     """qkv: the same tiles over dy and W, g and dB as for one group, but two extension steps,
     [A_cat; R]'s rows, u, p, [du | dl], a read of x for d[A_cat; R] and one routing step per
-    wave for each group."""
+    wave for each group. Round-robin, each CTA's 3 tiles share a column tile and one partial
+    slot: the 99 row tiles' partials written, 66 of them added (the slot read back)."""
     n, k, o, g = 12608, 768, 2304, 3
     dgrad = kernel_model.sm90_routed_dgrad(n, k, o, g)
     assert not kernel_model.routed_dgrad_walks_in_runs(o, g)  # several groups: round-robin
     assert dgrad.flops == (2 * n * k * (o + 32 * g) + 2 * 99 * 4 * 128 * 16 * o
                            + 2 * n * o * 16 + 2 * n * k * 32 * g)
     assert dgrad.bytes == (2 * (n * o + o * k + o * 14 + g * 18 * k + n * k + g * n * k)
-                           + 4 * (g * (n * 18 + n * 4) + 99 * (o * 14 + g * 18 * k)))
+                           + 4 * (g * (n * 18 + n * 4) + (99 + 66) * (o * 14 + g * 18 * k)))
     one_group = kernel_model.sm90_routed_dgrad(n, k, o)  # O = 2304: round-robin too
     assert dgrad.programs == one_group.programs == 99 * 4
     assert dgrad.us(1e30, 1e30, 0) == pytest.approx(3 * one_group.us(1e30, 1e30, 0))
+
+
+@pytest.mark.parametrize("runs", [True, False])
+def test_the_routed_dgrad_shares_partial_slots_round_robin_over_a_multiple_of_its_columns(
+        monkeypatch, runs):
+    """As csrc/sm90_walks.cuh's segment_launch on 132 SMs: 4 column tiles (K = 768) walked
+    round-robin (qkv, fc1; proj without runs) give each CTA one column tile and 33 slots for
+    99 row tiles, 6 (K = 1000) 22; in runs (proj), at 16 column tiles (fc2: 132 is no
+    multiple) or with no more tiles than SMs, one slot per row tile. The sum after reads the slots."""
+    monkeypatch.setattr(kernel_model, "RUNS", runs)
+    n = 12608
+    assert kernel_model.dgrad_slots(n, 768, 2304, 3) == 33
+    assert kernel_model.dgrad_slots(n, 768, 3072, 1) == 33
+    assert kernel_model.dgrad_slots(n, 768, 768, 1) == (99 if runs else 33)
+    assert kernel_model.dgrad_slots(n, 3072, 768, 1) == 99
+    assert kernel_model.dgrad_slots(1576, 768, 2304, 3) == 13  # 52 tiles
+    # 24 row tiles x 6 column tiles, round-robin either way (O = 1000: dy's row blocks in
+    # flight take over half the L2)
+    assert kernel_model.dgrad_slots(2949, 1000, 1000, 1) == 22
+    sums = kernel_model.cuda_bwd(n, 768, 3072, 1).kernels[-1]
+    assert sums[1] == (4 * 33 * (18 * 768 + 3072 * 14) + 2 * (18 * 768 + 3072 * 14)
+                       + 4 * 99 * 4)
 
 
 def test_paired_slots_are_those_one_sweep_after_an_even_sweep():

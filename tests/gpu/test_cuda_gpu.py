@@ -9,11 +9,12 @@ with the switch EI_KERNELS_CUDA_SM90=0, the sm_90a GEMM without the routed kerne
 EI_KERNELS_CUDA_SM90=unrouted, and the routed input gradient without d[A_cat; R] with
 EI_KERNELS_CUDA_SM90=unfolded; persistent CTAs against one CTA per tile
 (EI_KERNELS_CUDA_SM90_PERSISTENT=0) bit for bit, the routed kernels walked in runs or
-round-robin (EI_KERNELS_CUDA_SM90_RUNS), and the backward's launches as programmatic
+round-robin (EI_KERNELS_CUDA_SM90_RUNS; bit for bit but for the token reductions where the
+input gradient's walks add its partials in different slots), the backward's launches as programmatic
 dependents or plain (EI_KERNELS_CUDA_PDL), also inside a CUDA graph; the routed forward's
 shrink shared out in clusters of 1, 2 and 4 column tiles (EI_KERNELS_CUDA_SM90_CLUSTER); the
-routed input gradient's B rows for odd and full ranks, a B it cannot bulk-copy, and grouped
-layers."""
+routed input gradient's B rows for odd and full ranks, a B it cannot bulk-copy, grouped
+layers, and its partials added in slots shared by each CTA's row tiles."""
 
 import pytest
 import torch
@@ -113,9 +114,19 @@ def test_both_gemm_paths_match_torch_and_fp64(monkeypatch, switch, n, k, o, cfg,
     check_against_torch_and_fp64("cuda", n, k, o, cfg, DTYPES[dtype], ulps=4)
 
 
-def _same_bits_under(monkeypatch, variable, values, n, k, o, groups, cfg=None):
+# The gradients that the routed input gradient sums from partials in slots: one per row tile,
+# or, where its CTAs walk round-robin over a grid that is a multiple of the column tiles (on a
+# 132-SM H100/H200: 4 column tiles at K = 768, 6 at K = 1000), one per CTA of a column tile,
+# which adds its row tiles' partials (csrc/sm90_walks.cuh, SegmentWalk::slots). Two walks with
+# different slots add the row tiles in another order.
+SLOT_SUMS = ("lora_a", "lora_b", "router_weight")
+
+
+def _same_bits_under(monkeypatch, variable, values, n, k, o, groups, cfg=None, reordered=()):
     """y, p and every gradient of one bf16 forward + backward (groups, and the flags of cfg),
-    run once with the environment variable at each of `values` in turn, agree bit for bit."""
+    run once with the environment variable at each of `values` in turn, agree bit for bit;
+    but for the gradients in `reordered` (SLOT_SUMS where the walks' slots differ), which each
+    run must get right against the torch backend and fp64 instead."""
     cfg = {**(cfg or {}), "groups": groups}
     inputs, dy = make_inputs(n, k, o, cfg, torch.bfloat16)
     results = []
@@ -126,46 +137,59 @@ def _same_bits_under(monkeypatch, variable, values, n, k, o, groups, cfg=None):
     for y, p, g in rest:
         assert torch.equal(y, y0) and torch.equal(p, p0)
         for name in g0:
-            assert torch.equal(g[name], g0[name]), name
+            assert name in reordered or torch.equal(g[name], g0[name]), name
+    if reordered:
+        _, _, grads_t = run("torch", inputs, dy, cfg)
+        _, _, grads_x = run("torch", inputs, dy, cfg, dtype=torch.float64)
+        for _, _, g in results:
+            for name in reordered:
+                check(name, g[name], grads_t[name], grads_x[name], ulps=4)
 
 
 @pytest.mark.parametrize("switch", ["1", "unfolded", "unrouted"],
                          ids=["routed", "routed-unfolded", "unrouted"])
-@pytest.mark.parametrize("n, k, o, groups", [
-    pytest.param(12608, 768, 768, 1, id="proj-12608-3-tiles-per-sm"),
-    pytest.param(12608, 768, 2304, 3, id="qkv-12608-9-tiles-per-sm"),
-    pytest.param(333, 104, 40, 1, id="odd-K104-O40-fewer-tiles-than-sms"),
+@pytest.mark.parametrize("n, k, o, groups, reordered", [
+    pytest.param(12608, 768, 768, 1, (), id="proj-12608-3-tiles-per-sm"),
+    # round-robin (3 groups): 33 shared slots against one per row tile
+    pytest.param(12608, 768, 2304, 3, SLOT_SUMS, id="qkv-12608-9-tiles-per-sm"),
+    pytest.param(333, 104, 40, 1, (), id="odd-K104-O40-fewer-tiles-than-sms"),
 ])
 @pytest.mark.usefixtures("sm90_kernels")
 def test_persistent_ctas_give_the_same_bits_as_one_cta_per_tile(monkeypatch, switch, n, k, o,
-                                                                groups):
+                                                                groups, reordered):
     """One persistent CTA per SM walking the tiles and one CTA per tile compute every tile
     the same way: y and every gradient agree bit for bit (and a tile left unwritten or
-    written twice by the walk would show)."""
+    written twice by the walk would show), but where the persistent walk shares the partials'
+    slots (then those gradients are right against fp64 both ways)."""
     monkeypatch.setenv("EI_KERNELS_CUDA_SM90", switch)
-    _same_bits_under(monkeypatch, "EI_KERNELS_CUDA_SM90_PERSISTENT", ("1", "0"), n, k, o, groups)
+    _same_bits_under(monkeypatch, "EI_KERNELS_CUDA_SM90_PERSISTENT", ("1", "0"), n, k, o, groups,
+                     reordered=reordered)
 
 
 @pytest.mark.parametrize("cluster", ["1", "2", "4"])
-@pytest.mark.parametrize("n, k, o, groups", [
-    pytest.param(12608, 768, 768, 1, id="proj-12608-3-tiles-per-sm"),
-    pytest.param(12608, 768, 3072, 1, id="fc1-12608-12-tiles-per-sm"),
-    pytest.param(12608, 3072, 768, 1, id="fc2-12608-round-robin-by-default"),
-    pytest.param(1576, 768, 2304, 3, id="qkv-runs-end-at-each-group"),
-    pytest.param(4100, 1000, 1000, 1, id="N4100-O1000-6-column-tiles"),
-    pytest.param(333, 104, 40, 1, id="odd-K104-O40-fewer-tiles-than-sms"),
+@pytest.mark.parametrize("n, k, o, groups, reordered", [
+    # the input gradient round-robin over 4 (6) column tiles: 33 (22) shared slots
+    pytest.param(12608, 768, 768, 1, SLOT_SUMS, id="proj-12608-3-tiles-per-sm"),
+    pytest.param(12608, 768, 3072, 1, SLOT_SUMS, id="fc1-12608-12-tiles-per-sm"),
+    pytest.param(12608, 3072, 768, 1, (), id="fc2-12608-round-robin-by-default"),
+    pytest.param(1576, 768, 2304, 3, (), id="qkv-runs-end-at-each-group"),
+    pytest.param(4100, 1000, 1000, 1, SLOT_SUMS, id="N4100-O1000-6-column-tiles"),
+    pytest.param(333, 104, 40, 1, (), id="odd-K104-O40-fewer-tiles-than-sms"),
 ])
 @pytest.mark.usefixtures("sm90_kernels")
 def test_the_kernels_walked_in_runs_give_the_same_bits_as_round_robin(monkeypatch, cluster,
-                                                                      n, k, o, groups):
+                                                                      n, k, o, groups,
+                                                                      reordered):
     """The routed kernels' tiles walked in runs of one row block (and group), a run's later
     tiles reusing its first tile's z (forward) or g, du and dl (input gradient, one group)
     (EI_KERNELS_CUDA_SM90_RUNS=1), give y, p and every gradient bit for bit as walked
     round-robin with every tile computing its own (=0): z and g are the same wherever they are
     computed, and each tile sums its K steps in the same order. A run that reused another
-    group's or row block's z or g, or a tile left unwritten, would show."""
+    group's or row block's z or g, or a tile left unwritten, would show. (Where round-robin
+    shares the partials' slots, those gradients are right against fp64 both ways.)"""
     monkeypatch.setenv("EI_KERNELS_CUDA_SM90_CLUSTER", cluster)
-    _same_bits_under(monkeypatch, "EI_KERNELS_CUDA_SM90_RUNS", ("1", "0"), n, k, o, groups)
+    _same_bits_under(monkeypatch, "EI_KERNELS_CUDA_SM90_RUNS", ("1", "0"), n, k, o, groups,
+                     reordered=reordered)
 
 
 @pytest.mark.parametrize("switch, cfg", [
@@ -181,6 +205,28 @@ def test_the_input_gradient_in_runs_keeps_du_and_dl_for_every_routing(monkeypatc
     monkeypatch.setenv("EI_KERNELS_CUDA_SM90", switch)
     _same_bits_under(monkeypatch, "EI_KERNELS_CUDA_SM90_RUNS", ("1", "0"), 12608, 3072, 768, 1,
                      cfg)
+
+
+@pytest.mark.parametrize("n, k, o, cfg", [
+    pytest.param(12608, 768, 2304, {"groups": 3}, id="qkv-12608-33-slots-of-3-row-tiles"),
+    pytest.param(12608, 768, 3072, {}, id="fc1-12608-33-slots"),
+    pytest.param(12608, 768, 768, {"router": False}, id="proj-plain-lora-12608-33-slots"),
+    # 24 row tiles x 6 column tiles: 22 slots, the first two of which add a second row tile
+    # (the last one partial)
+    pytest.param(2949, 1000, 1000, {}, id="N2949-K1000-22-slots-two-adding"),
+    pytest.param(2949, 1000, 576, {"groups": 3}, id="N2949-K1000-groups3-22-slots"),
+])
+@pytest.mark.usefixtures("sm90_kernels")
+def test_the_input_gradient_adds_its_row_tiles_in_shared_slots(monkeypatch, n, k, o, cfg):
+    """Walked round-robin on a grid that is a multiple of its column tiles (on a 132-SM
+    H100/H200), each CTA of the routed input gradient adds its row tiles' partials of dB and
+    d[A_cat; R] into one slot, which it wrote first: every gradient right against torch and
+    fp64, the same bits twice. A slot left unwritten, or added to by two CTAs, would show."""
+    monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
+    monkeypatch.setenv("EI_KERNELS_CUDA_SM90_RUNS", "0")
+    check_against_torch_and_fp64("cuda", n, k, o, cfg, torch.bfloat16, ulps=4)
+    _same_bits_under(monkeypatch, "EI_KERNELS_CUDA_SM90_RUNS", ("0", "0"), n, k, o,
+                     cfg.get("groups", 1), cfg)
 
 
 @pytest.mark.parametrize("n, k, o, groups", [
@@ -216,7 +262,9 @@ def test_the_forward_shares_the_shrink_in_a_cluster_and_stays_right(monkeypatch,
     """The routed forward's column tiles of a row block, in clusters of 1, 2 or 4 CTAs (fewer
     where the group's column tiles are not a multiple), each multiply x by [A_cat; R] in their
     share of the K steps and sum the partials through distributed shared memory: y, p and every
-    gradient stay right, twice the same bits, and persistent CTAs agree with one per tile."""
+    gradient stay right, twice the same bits, and persistent CTAs agree with one per tile (bit
+    for bit, but where the input gradient's persistent walk shares the partials' slots: then
+    right against fp64 both ways)."""
     monkeypatch.delenv("EI_KERNELS_CUDA_SM90", raising=False)
     monkeypatch.setenv("EI_KERNELS_CUDA_SM90_CLUSTER", cluster)
     check_against_torch_and_fp64("cuda", n, k, o, {"groups": groups}, torch.bfloat16, ulps=4)
@@ -226,10 +274,15 @@ def test_the_forward_shares_the_shrink_in_a_cluster_and_stays_right(monkeypatch,
         monkeypatch.setenv("EI_KERNELS_CUDA_SM90_PERSISTENT", persistent)
         results.append(run("cuda", inputs, dy, {"groups": groups}))
     (y, p, g), *others = results
+    # (N4100: the input gradient walks 198 tiles round-robin, 132 CTAs over 6 column tiles
+    # sharing 22 slots, one CTA per tile 33: the two add dB and d[A_cat; R] in other orders)
+    reordered = SLOT_SUMS if n == 4100 else ()
     for y_other, p_other, g_other in others:
         assert torch.equal(y, y_other) and torch.equal(p, p_other)
         for name in g:
-            assert torch.equal(g[name], g_other[name]), name
+            assert name in reordered or torch.equal(g[name], g_other[name]), name
+    if reordered:  # one CTA per tile's sums right as well
+        check_against_torch_and_fp64("cuda", n, k, o, {"groups": groups}, torch.bfloat16, ulps=4)
 
 
 @pytest.mark.parametrize("switch", ["1", "unfolded", "unrouted", "0"],
