@@ -34,7 +34,8 @@ CASES = [
     ("lora-K104-O200", 333, 104, 200, 1, False),  # no router: plain LoRA
     ("portable-K100-O37", 333, 100, 37, 1, True),  # rows TMA cannot load: portable kernels
     ("one-token-K104-O200", 1, 104, 200, 1, True),
-    # 198 tiles each way, more than an H100/H200 has SMs: persistent CTAs walk several tiles
+    # 198 tiles each way, more than an H100/H200 has SMs: persistent CTAs walk several tiles,
+    # and the input gradient's (round-robin over 6 column tiles) add them in 22 shared slots
     ("persistent-N4100-K1000-O1000", 4100, 1000, 1000, 1, True),
 ]
 
