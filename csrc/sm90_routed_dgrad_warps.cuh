@@ -354,18 +354,21 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc);
   };
-  // acc's values into a partial slot (SegmentWalk::slots), element(v) where value v goes or
-  // null: stored by the CTA's first tile of the slot, added by its later ones to what it
-  // stored (this thread holds the same elements in every tile of the CTA's column tile, so it
-  // reads back only its own stores; all loads first, their latencies overlapping).
-  const auto put = [&](bool adds, const auto& element) {
-    constexpr int kValues = decltype(size(acc))::value;
-    float earlier[kValues];
+  // acc's values go into a partial slot (SegmentWalk::slots), element(v) where value v goes
+  // or null: stored by the CTA's first tile of the slot, added by its later ones to what it
+  // stored. This thread holds the same elements in every tile of the CTA's column tile, so it
+  // reads back only its own stores: `earlier` loads them before the MMAs (their latencies
+  // overlapping those and each other), `put` adds and stores after.
+  constexpr int kValues = decltype(size(acc))::value;
+  float earlier[kValues];
+  const auto load_earlier = [&](bool adds, const auto& element) {
     CUTE_UNROLL
     for (int v = 0; v < kValues; ++v) {
       const float* const at = element(v);
       earlier[v] = adds && at != nullptr ? *at : 0.0f;
     }
+  };
+  const auto put = [&](bool adds, const auto& element) {
     CUTE_UNROLL
     for (int v = 0; v < kValues; ++v) {
       float* const at = element(v);
@@ -377,8 +380,8 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
   int share = 0;  // the tile's next K step to multiply
   for_each_segment(col_tiles, d.groups, walk, [&](int row_tile, int col, int group,
                                                             int segment, bool) {
-    const int64_t slot = row_tile % walk.slots;  // the row tile's partial slot
-    const bool adds = row_tile >= walk.slots;
+    const int64_t slot = walk.slot(row_tile);
+    const bool adds = walk.adds(row_tile);
     float* const partial = ptr.lora_b_partial + slot * d.out_features * d.rank;
     if (group == 0) share = col;
     const int buffer = segment & 1;
@@ -390,14 +393,16 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
         share += col_tiles;
         if (!z_ready) Barrier::wait(&smem.z_full[buffer], (segment >> 1) & 1);  // z's rows
         z_ready = true;
-        multiply(stage, tB(_, _, _, buffer));
-        Barrier::arrive(&smem.empty[stage]);
-        put(adds, [&](int v) -> float* {
+        const auto element = [&](int v) -> float* {
           const auto [o, j] = tC(v);
           const int column = kt * Cfg::kBK + o;
           return column < d.out_features && j < d.rank ? partial + int64_t(column) * d.rank + j
                                                        : nullptr;
-        });
+        };
+        load_earlier(adds, element);
+        multiply(stage, tB(_, _, _, buffer));
+        Barrier::arrive(&smem.empty[stage]);
+        put(adds, element);
       } else {
         Barrier::arrive(&smem.empty[stage]);
       }
@@ -416,26 +421,29 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
     if (ptr.shrink_partial == nullptr) return;
     const int n = d.in_features;
     float* const shrink_partial = ptr.shrink_partial + slot * d.shrink_width() * n;
-    // acc's columns of the chunk from `first_column` on, as `rows` rows of [A_cat; R] from
-    // `first_row` on
-    const auto store = [&](int first_column, int first_row, int rows) {
-      put(adds, [&](int v) -> float* {
+    // acc = x^T (du or dl) of the stage, into `rows` rows of [A_cat; R] from `first_row` on,
+    // the chunk's columns from `first_column` on
+    const auto multiply_into = [&](int at, const auto& b, int first_column, int first_row,
+                                   int rows) {
+      const auto element = [&](int v) -> float* {
         const auto [o, j] = tC(v);
         const int column = first_column + o;
         return column < n && j < rows ? shrink_partial + int64_t(first_row + j) * n + column
                                       : nullptr;
-      });
+      };
+      load_earlier(adds, element);
+      multiply(at, b);
+      put(adds, element);
     };
     for (int c = 0; c < Cfg::kXChunks; ++c) {
       TxBarrier::wait(&smem.full[stage], phase);
       if (c == 0) Barrier::wait(&smem.du_ready, segment & 1);
       const int first_column = (col * Cfg::kXChunks + c) * Cfg::kBK;
       if (first_column < n) {  // the group's r rows of A_cat, then its L of R after A_cat
-        multiply(stage, tDu);
-        store(first_column, group * d.rank, d.rank);
+        multiply_into(stage, tDu, first_column, group * d.rank, d.rank);
         if (d.router) {
-          multiply(stage, tDl);
-          store(first_column, d.groups * d.rank + group * d.logits, d.logits);
+          multiply_into(stage, tDl, first_column, d.groups * d.rank + group * d.logits,
+                        d.logits);
         }
       }
       Barrier::arrive(&smem.empty[stage]);

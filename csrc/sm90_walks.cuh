@@ -112,6 +112,10 @@ struct SegmentWalk {
   // later row tiles' partials to its first's (row tiles from `slots` on add), so the sum after
   // reads a fraction of them, and each slot element has one writer, adding in walk order.
   int slots;
+  // Row tile `row`'s slot, and whether its partials add to what the CTA stored there for an
+  // earlier row tile (the reducer's and segment_walk_is_sound's one definition)
+  __host__ __device__ constexpr int slot(int row) const { return row % slots; }
+  __host__ __device__ constexpr bool adds(int row) const { return row >= slots; }
   // Whether the CTA's tile of step `step`, in column tile col, computes its g and routes:
   // everywhere but where the CTA's last tile, just before, lay in the same row block (one
   // group).
@@ -179,8 +183,8 @@ constexpr bool segment_walk_is_sound(int row_tiles, int col_tiles, int ctas, boo
       if (!launch.walk.starts_run(step, col, 1) && (last != tile - 1 || col == 0)) return false;
       ++seen[tile];
       last = tile;
-      int& slot_writer = writer[row % slots * col_tiles + col];
-      if (row < slots) {
+      int& slot_writer = writer[launch.walk.slot(row) * col_tiles + col];
+      if (!launch.walk.adds(row)) {
         if (slot_writer != 0) return false;
         slot_writer = 1 + cta;
       } else if (slot_writer != 1 + cta) {
