@@ -355,24 +355,22 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
     warpgroup_fence_operand(acc);
   };
   // acc's values go into a partial slot (SegmentWalk::slots), element(v) where value v goes
-  // or null: stored by the CTA's first tile of the slot, added by its later ones to what it
-  // stored. This thread holds the same elements in every tile of the CTA's column tile, so it
-  // reads back only its own stores: `earlier` loads them before the MMAs (their latencies
-  // overlapping those and each other), `put` adds and stores after.
-  constexpr int kValues = decltype(size(acc))::value;
-  float earlier[kValues];
-  const auto load_earlier = [&](bool adds, const auto& element) {
-    CUTE_UNROLL
-    for (int v = 0; v < kValues; ++v) {
-      const float* const at = element(v);
-      earlier[v] = adds && at != nullptr ? *at : 0.0f;
-    }
-  };
+  // or null: stored by the CTA's first tile of the slot, added by its later ones with a
+  // reduction that the L2 carries out (red.global.add: fire and forget, as the store is; a load
+  // of the sum back would hold this warp group, and with it the ring, for the load's latency).
+  // Every slot element has this one thread as its only writer, in walk order (its tiles of
+  // one column tile hold the same elements), so the order of the additions, and the bits, are
+  // fixed. (The L2's float additions flush subnormal sums to zero.)
   const auto put = [&](bool adds, const auto& element) {
     CUTE_UNROLL
-    for (int v = 0; v < kValues; ++v) {
+    for (int v = 0; v < size(acc); ++v) {
       float* const at = element(v);
-      if (at != nullptr) *at = adds ? earlier[v] + acc(v) : acc(v);
+      if (at == nullptr) continue;
+      if (adds) {
+        asm volatile("red.global.add.f32 [%0], %1;" ::"l"(at), "f"(acc(v)) : "memory");
+      } else {
+        *at = acc(v);
+      }
     }
   };
 
@@ -399,7 +397,6 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
           return column < d.out_features && j < d.rank ? partial + int64_t(column) * d.rank + j
                                                        : nullptr;
         };
-        load_earlier(adds, element);
         multiply(stage, tB(_, _, _, buffer));
         Barrier::arrive(&smem.empty[stage]);
         put(adds, element);
@@ -431,7 +428,6 @@ __device__ void reduce_lora_b(Shared& smem, const MorDims& d,
         return column < n && j < rows ? shrink_partial + int64_t(first_row + j) * n + column
                                       : nullptr;
       };
-      load_earlier(adds, element);
       multiply(at, b);
       put(adds, element);
     };

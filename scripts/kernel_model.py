@@ -323,8 +323,8 @@ def sm90_routed_dgrad(n, k, o, g=1, dependent=False) -> Cost:
     Its reducer warp group runs dB's dy^T z (16 columns) on the same dy tiles, each row tile's
     K steps shared among its column tiles, and after each group's steps d[A_cat; R]'s x^T du
     and x^T dl (16 columns each) on the tile's x, loaded then: fp32 partials, each row tile's
-    written into its slot (dgrad_slots), or added to it where a CTA's earlier row tile wrote
-    the slot (read back). dy, W, B, A_cat and R read once, x once per group, u and p read (by
+    written into its slot (dgrad_slots), or added to it by L2 reductions where a CTA's earlier
+    row tile wrote the slot (its lines read back). dy, W, B, A_cat and R read once, x once per group, u and p read (by
     consumers and the z warp), dx written."""
     bm, bn, _ = SM90_TILE
     col_tiles = math.ceil(k / bn)
