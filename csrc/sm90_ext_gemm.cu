@@ -153,15 +153,9 @@ bool sm90_gemm_accepts(DType dtype, const ExtGemmArgs& g) {
 }
 
 cudaError_t sm90_ext_gemm(DType dtype, const ExtGemmArgs& g, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kHalf:
-      return launch_majors<cutlass::half_t>(g, stream);
-    case DType::kBFloat16:
-      return launch_majors<cutlass::bfloat16_t>(g, stream);
-    case DType::kFloat:
-      break;
-  }
-  return cudaErrorInvalidValue;
+  return with_16bit_type(dtype, [&](auto type) {
+    return launch_majors<decltype(type)>(g, stream);
+  });
 }
 
 }  // namespace ei

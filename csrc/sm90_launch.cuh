@@ -1,13 +1,15 @@
 // The host launch helpers of the sm_90a kernels (the routed forward's cluster launch and its
 // cluster size are in sm90_routed_forward.cu): how many CTAs (one per SM, or one per tile), the
 // shared-memory opt-in, plain and programmatic-dependent launches, whether the routed kernels
-// walk in runs, and TMA's alignment test. Only attribute queries, cached per device, so every
-// launch is also safe during CUDA graph capture. The kernel is a template argument throughout,
-// so that each kernel has caches of its own (keyed by the pointer's type, two kernels of the
-// same signature would share one, and the second would skip its shared-memory opt-in).
+// walk in runs, the dispatch on the 16-bit dtype, and TMA's alignment test. Only attribute
+// queries, cached per device, so every launch is also safe during CUDA graph capture. The
+// kernel is a template argument throughout, so that each kernel has caches of its own (keyed
+// by the pointer's type, two kernels of the same signature would share one, and the second
+// would skip its shared-memory opt-in).
 #pragma once
 
 #include <cuda_runtime.h>
+#include <cutlass/numeric_types.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -16,6 +18,7 @@
 
 #include "dependent_launch.cuh"
 #include "device_cache.h"
+#include "mor_kernels.h"
 
 namespace ei {
 namespace sm90 {
@@ -95,6 +98,21 @@ inline cudaError_t walks_in_runs(int cluster, int64_t row_block_bytes, bool* run
   if (err == cudaSuccess) err = l2_cache_bytes(device, &l2_bytes);
   *runs = err == cudaSuccess && int64_t(sms / cluster) * row_block_bytes <= l2_bytes / 2;
   return err;
+}
+
+// launch(cutlass::half_t{}) or launch(cutlass::bfloat16_t{}): a kernel's launcher for the
+// 16-bit dtype that it runs in (float, which the sm_90a kernels do not take: an invalid value).
+template <class Launch>
+cudaError_t with_16bit_type(DType dtype, Launch&& launch) {
+  switch (dtype) {
+    case DType::kHalf:
+      return launch(cutlass::half_t{});
+    case DType::kBFloat16:
+      return launch(cutlass::bfloat16_t{});
+    case DType::kFloat:
+      break;
+  }
+  return cudaErrorInvalidValue;
 }
 
 // TMA's base alignment.

@@ -471,15 +471,9 @@ bool sm90_routed_dgrad_accepts(DType dtype, const MorDims& d, const MorBackwardA
 
 cudaError_t sm90_routed_dgrad(DType dtype, const MorDims& dims, const MorBackwardArgs& args,
                               cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kHalf:
-      return launch_routed_dgrad<cutlass::half_t>(dims, args, stream);
-    case DType::kBFloat16:
-      return launch_routed_dgrad<cutlass::bfloat16_t>(dims, args, stream);
-    case DType::kFloat:
-      break;
-  }
-  return cudaErrorInvalidValue;
+  return with_16bit_type(dtype, [&](auto type) {
+    return launch_routed_dgrad<decltype(type)>(dims, args, stream);
+  });
 }
 
 }  // namespace ei

@@ -583,15 +583,9 @@ bool sm90_routed_accepts(DType dtype, const MorDims& d, const MorForwardArgs& a)
 
 cudaError_t sm90_routed_gemm(DType dtype, const MorDims& dims, const MorForwardArgs& args,
                              cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kHalf:
-      return launch_routed<cutlass::half_t>(dims, args, stream);
-    case DType::kBFloat16:
-      return launch_routed<cutlass::bfloat16_t>(dims, args, stream);
-    case DType::kFloat:
-      break;
-  }
-  return cudaErrorInvalidValue;
+  return with_16bit_type(dtype, [&](auto type) {
+    return launch_routed<decltype(type)>(dims, args, stream);
+  });
 }
 
 }  // namespace ei
