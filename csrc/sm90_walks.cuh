@@ -165,6 +165,11 @@ __device__ void for_each_segment(int col_tiles, int groups, const SegmentWalk wa
 // every tile exactly once; a tile that does not compute its g right after the same CTA's tile
 // to its left (the same row block); every partial slot's share of each column tile written
 // once, by a tile of a row tile below `slots`, and added to only by that tile's CTA, after.
+// Per element that takes one more fact, of the reducer (sm90_routed_dgrad_warps.cuh): its
+// addresses depend only on the thread, the slot, the column tile and the group (whose K steps
+// the column tile picks), so the store and every later add to an element come from one
+// thread, in walk order, and need no barrier.
+// Groups change neither the tiles nor the slots (each tile runs all of them), hence one here.
 constexpr bool segment_walk_is_sound(int row_tiles, int col_tiles, int ctas, bool runs) {
   constexpr int kMaxTiles = 2048;
   int seen[kMaxTiles] = {};
