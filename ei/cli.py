@@ -56,9 +56,11 @@ def resolve_config(name: str | None) -> Path:
     path = Path(name)
     if path.is_file():
         return path
-    bundled = CONFIG_DIR / f"{name}.yaml"
-    if bundled.is_file():
-        return bundled
+    # a bundled config by name, or by its path in the repository (the README's
+    # `configs/derm7pt.yaml`, typed in another directory)
+    for bundled in (CONFIG_DIR / f"{name}.yaml", CONFIG_DIR.parent / path):
+        if not path.is_absolute() and bundled.is_file():
+            return bundled
     known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     raise ConfigError(f"config {name!r}: no such file, nor a bundled config "
                       f"(in {CONFIG_DIR}: {', '.join(known) or 'none'})")
@@ -262,10 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing, so that --help does not wait for torch.
     from ei.data import DataError
     from ei.train.config import ConfigError
+    from ei.train.diverged import TrainingDiverged
 
     try:
         args.func(args)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, TrainingDiverged) as err:
         print(f"ei {args.command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # missing, unwritable or full: the path and the cause, no traceback

@@ -12,6 +12,8 @@ specificity, F1, one-vs-rest accuracy and support (number of positives).
 - ``mAP``: the mean of AP over classes that have at least one positive (nan-mean).
   ``mAUC`` and the macro ``sensitivity``, ``specificity`` and ``f1`` are nan-means too.
 - Undefined values (AUC with one class present, sensitivity with no positive, ...) are nan.
+- A sample whose scores are not all finite (a diverged model) predicts no class, so it counts
+  as wrong, and the AP and AUC of every class are nan: never a ranking of nan scores.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
     the distinct score thresholds, high to low (tied scores form one threshold)."""
     y_true = np.asarray(y_true, dtype=bool)
     positives = int(y_true.sum())
-    if positives == 0:
+    if positives == 0 or not np.isfinite(scores).all():
         return math.nan
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
     sorted_scores, hits = np.asarray(scores)[order], y_true[order]
@@ -48,7 +50,7 @@ def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
     which equals the trapezoidal area under the ROC curve."""
     y_true = np.asarray(y_true, dtype=bool)
     positives, negatives = int(y_true.sum()), int((~y_true).sum())
-    if positives == 0 or negatives == 0:
+    if positives == 0 or negatives == 0 or not np.isfinite(scores).all():
         return math.nan
     return float((_average_ranks(scores)[y_true].sum() - positives * (positives + 1) / 2)
                  / (positives * negatives))
@@ -99,6 +101,7 @@ def compute_metrics(
         labels = np.asarray(targets).astype(np.int64)
         truth = np.eye(k, dtype=bool)[labels]
         predicted = np.eye(k, dtype=bool)[scores.argmax(axis=1)]
+    predicted &= np.isfinite(scores).all(axis=1, keepdims=True)
     if truth.shape != (n, k):
         raise ValueError(f"targets of shape {np.shape(targets)} do not match scores {scores.shape}")
     names = list(class_names) if class_names is not None else [str(c) for c in range(k)]

@@ -64,7 +64,9 @@ def predict(run_path: str | Path, annotations: str | Path, root: str | Path | No
                          *(f"p_{n}" for n in names), "predicted"])
         for row, i in zip(scores, indices):
             sample = dataset.samples[i]
-            if preset.multi_label:
+            if not np.isfinite(row).all():
+                predicted = ""  # no prediction from nan or inf scores
+            elif preset.multi_label:
                 predicted = ",".join(n for n, p in zip(names, row) if p >= 0.5)
             else:
                 predicted = names[int(np.argmax(row))]

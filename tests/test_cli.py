@@ -11,6 +11,7 @@ import pytest
 
 from ei.cli import main, resolve_config
 from ei.data import ensure_synthetic_dataset
+from ei.model.checkpoint import torch_load
 from ei.train.config import load_config
 from ei.train.rundir import RunDir
 from micro_run import MICRO, write_micro_config
@@ -91,6 +92,17 @@ def test_missing_run_and_checkpoint_name_the_path(capsys, tmp_path, untrained_ru
            str(untrained_run / "ei" / "best.pt"))
     _fails(["attention", str(untrained_run), "--out", str(tmp_path / "a"), "--stage", "nope"],
            capsys, "stage: 'nope' is not a stage of this run")
+
+
+def test_a_device_that_does_not_exist_is_named():
+    from ei.train.config import ConfigError
+    from ei.train.distributed import pick_device
+
+    assert pick_device("cpu", 0, "--device").type == "cpu"
+    for bad in ("foo", "cpu:3", "cuda:x"):
+        with pytest.raises(ConfigError, match=f"--device: expected auto, cpu, cuda or cuda:N, "
+                                              f"got '{bad}'"):
+            pick_device(bad, 0, "--device")
 
 
 def test_damaged_checkpoints_are_one_line_errors_naming_the_file(capsys, untrained_run):
@@ -176,12 +188,53 @@ def test_synthetic_preset_never_writes_into_a_users_data(capsys, tmp_path, monke
     ("model.mor.backend=bogus", "model.mor.backend: expected 'auto' or one of"),
     ("model.mor.targets=[nothing]", "model.mor.targets: no nn.Linear"),
     ("model.timm_kwargs={embed_dim: 30}", "model ("),
+    ("model.adapter_hidden=0", "model.adapter_hidden: must be >= 1"),
+    ("model.mor.alphas=[0,0,0]", "model.mor.alphas: expected finite numbers > 0"),
+    ("loss.aux_weight=nan", "loss.aux_weight: must be a finite number >= 0"),
+    ("loss.prior_low=2", "loss.prior_low: must be in [0, 1]"),
+    ("seed=-1", "seed: must be an integer in [0, 2**32)"),
+    ("data.synthetic.seed=-1", "data.synthetic.seed: must be an integer in [0, 2**32)"),
 ])
 def test_model_settings_fail_before_a_run_directory_exists(capsys, tmp_path, data_root,
                                                            override, message):
     config = write_micro_config(tmp_path, data_root)
     _fails(["train", str(config), override, "--run-dir", str(tmp_path / "r")], capsys, message)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_checkpoint_of_another_model_fails_before_a_run_directory_exists(capsys, tmp_path,
+                                                                            data_root):
+    import torch
+
+    from ei.model import BackboneConfig, SingleModalityModel
+
+    # the micro backbone, but twice as wide: loaded on the meta device, refused by its shapes
+    kwargs = {**MICRO["model"]["timm_kwargs"], "embed_dim": 64}
+    wider = SingleModalityModel.build(BackboneConfig(name="tiny", img_size=16,
+                                                     timm_kwargs=kwargs), 2)
+    plain = {k: v for k, v in wider.backbone.vit.state_dict().items()
+             if "lora_" not in k and "router_" not in k}  # a timm file has no MoR
+    torch.save(plain, tmp_path / "wider.pt")
+    config = write_micro_config(tmp_path, data_root)
+    _fails(["train", str(config), f"model.checkpoint={tmp_path / 'wider.pt'}", "--run-dir",
+            str(tmp_path / "r")], capsys, "model.checkpoint: checkpoint", "has shape")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_epoch(capsys, tmp_path, data_root):
+    """A nan loss stops the stage before the weights take it: no results from a diverged
+    model, and last.pt holds the epoch before."""
+    config = write_micro_config(tmp_path, data_root, single={"epochs": 3})
+    _fails(["train", str(config), "single.lr=1e4", "--run-dir", str(tmp_path / "r")], capsys,
+           "training diverged", "smaller single.lr")
+    for best in (tmp_path / "r").glob("*/best.pt"):
+        assert all(bool(t.isfinite().all()) for t in torch_load(best).values()
+                   if t.is_floating_point())
+
+
+def test_a_bundled_config_resolves_by_its_repository_path_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config("configs/mrnet.yaml") == resolve_config("mrnet")
 
 
 def test_a_failed_start_leaves_no_run_directory_behind(capsys, tmp_path, data_root):

@@ -141,3 +141,17 @@ def test_table_and_csv(tmp_path):
     assert float(rows[-1]["ap"]) == pytest.approx(m["mAP"])
     assert float(rows[-1]["accuracy"]) == pytest.approx(m["accuracy"]) == pytest.approx(0.6)
     assert int(rows[-1]["support"]) == 5 and int(rows[1]["support"]) == 2
+
+
+def test_nan_scores_give_nan_ranking_metrics_and_no_prediction():
+    """A diverged model's nan scores: AP and AUC nan (never a ranking of nan), and a sample with
+    a nan score predicts nothing, so it counts as wrong."""
+    scores = np.array([[0.9, 0.1], [np.nan, np.nan], [0.2, 0.8], [0.3, 0.7]])
+    targets = np.array([0, 0, 1, 1])
+    assert math.isnan(average_precision(targets == 0, scores[:, 0]))
+    assert math.isnan(roc_auc(targets == 0, scores[:, 0]))
+    metrics = compute_metrics(targets, scores, multi_label=False)
+    assert math.isnan(metrics["mAP"]) and math.isnan(metrics["mAUC"])
+    assert metrics["accuracy"] == 0.75
+    multi = compute_metrics(np.eye(2)[targets], scores, multi_label=True)
+    assert multi["accuracy"] == 0.75 and math.isnan(multi["mAP"])

@@ -7,6 +7,7 @@ torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (and the rendezvous address); a pl
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -32,12 +33,19 @@ class World:
         return self.size > 1
 
 
-def pick_device(requested: str, local_rank: int) -> torch.device:
+def pick_device(requested: str, local_rank: int, key: str = "runtime.device") -> torch.device:
+    """`requested` (auto, cpu, cuda or cuda:N) as a device; `key` names it in errors."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested != "cpu" and re.fullmatch(r"cuda(:\d+)?", requested) is None:
+        raise ConfigError(f"{key}: expected auto, cpu, cuda or cuda:N, got {requested!r}")
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"runtime.device: {requested!r} asked for, but CUDA is not available")
+            raise ConfigError(f"{key}: {requested!r} asked for, but CUDA is not available")
+        index = int(requested.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"{key}: {requested!r} asked for, but this machine has "
+                              f"{torch.cuda.device_count()} CUDA devices")
         # Under torchrun each process takes the GPU of its local rank.
         return torch.device(requested if ":" in requested else f"cuda:{local_rank}")
     return torch.device("cpu")
@@ -59,6 +67,16 @@ def init(requested_device: str = "auto") -> World:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+def all_ranks(flag: bool, world: World, device: torch.device) -> bool:
+    """Whether `flag` holds on every rank: a decision all ranks act on together, so none is
+    left waiting in a collective the others have left."""
+    if not world.distributed:
+        return flag
+    value = torch.tensor(int(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def all_gather_objects(obj, world: World) -> list:

@@ -33,7 +33,8 @@ from tqdm import tqdm
 from . import checkpoint
 from .config import OptimConfig
 from .curves import plot_curves
-from .distributed import World, barrier
+from .distributed import World, all_ranks, barrier
+from .diverged import TrainingDiverged
 from .inference import autocast, loader_metrics
 from .progress import progress_bar
 from .schedule import IterationSchedule
@@ -56,6 +57,7 @@ class StageSpec:
     # batch) + 1 iterations and before the first (the authors' cadence; protocol.validation).
     validation: str = "epoch"
     schedule: str = "warmup_cosine"  # or "cyclic" (protocol.schedule, ei.train.schedule)
+    section: str = "ei"  # the config section of its optimiser settings (ei or single)
 
 
 def _metrics_summary(metrics: dict) -> dict:
@@ -216,6 +218,7 @@ class StageTrainer:
                 batch = to_device(batch, world.device)
                 with autocast(world.device, spec.precision):
                     loss, terms = spec.task.loss(self.net, batch)
+                self._check_finite(loss, terms, step)
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
@@ -242,6 +245,24 @@ class StageTrainer:
                 record.update({f"val_{k}": v for k, v in validations[-1].items()
                                if k not in ("iteration", "at")})
         return record
+
+    def _check_finite(self, loss: torch.Tensor, terms: dict, step: int) -> None:
+        """Stop before a nan or inf loss reaches the weights (fp16's loss scaling would skip
+        such steps one by one, never saying so): last.pt and best.pt keep the last good state,
+        and the run's results are never computed from a diverged model."""
+        if all_ranks(bool(torch.isfinite(loss.detach())), self.spec.world, loss.device):
+            return
+        spec, value = self.spec, float(loss.detach())
+        parts = ", ".join(f"{k} {float(v):.4g}" for k, v in terms.items())
+        what = (f"the training loss is {value:.4g}" + (f" ({parts})" if parts else "")
+                if not math.isfinite(value) else "another rank's training loss is not finite")
+        raise TrainingDiverged(
+            f"{spec.name}: {what} at epoch {self.epoch + 1}, step {step + 1},"
+            f" learning rate {self.scheduler.lr:.4g}: training diverged. Nothing of this epoch"
+            " was saved" + (f" ({self.last_path.name} holds epoch {self.epoch})" if self.epoch
+                            else "") + f". Start a new run with a smaller {spec.section}.lr"
+            + (", or runtime.precision=bf16 (fp16 overflows sooner)" if spec.precision == "fp16"
+               else "") + ".")
 
     def validate(self) -> dict:
         bar = self._bar(len(self.val_loader.sampler), f"{self.spec.name} validation")

@@ -98,6 +98,7 @@ def run_stage(stage: str, config: Config, splits: Splits, run: RunDir, world: Wo
     spec = StageSpec(
         name=stage, directory=directory, task=task, optim=optim, world=world,
         precision=precision, progress=config.runtime.progress,
+        section="single" if stage.startswith(SINGLE_PREFIX) else "ei",
         validation=config.protocol.validation, schedule=config.protocol.schedule,
         # Without L_aa the auxiliary classifiers get no gradient, which DDP must be told.
         find_unused_parameters=not stage.startswith(SINGLE_PREFIX) and not config.loss.use_aux,

@@ -34,6 +34,7 @@ def trained_stages(run: RunDir, config: Config, preset: Preset) -> list[str]:
 
 def restore(run_path, stage: str, device: str = "auto") -> Restored:
     """The best checkpoint of `stage` in the run at `run_path`, on `device`, in eval mode."""
+    world = World(device=pick_device(device, 0, "--device"))
     run = RunDir.open(run_path)
     config = run.load_config()
     preset = resolve_preset(config)
@@ -49,6 +50,10 @@ def restore(run_path, stage: str, device: str = "auto") -> Restored:
     except (KeyError, ValueError, TypeError) as err:  # another run's or another model's file
         raise ConfigError(f"{err.args[0] if err.args else err} (not this run's checkpoint?)") \
             from None
-    world = World(device=pick_device(device, 0))
+    broken = [name for name, value in state.items()
+              if value.is_floating_point() and not bool(value.isfinite().all())]
+    if broken:  # a diverged run's weights: every score from them would be nan
+        raise ConfigError(f"{stage} checkpoint {path}: {len(broken)} tensors hold nan or inf "
+                          f"(first: {broken[0]}); the run diverged, nothing to evaluate")
     model.to(world.device).eval()
     return Restored(run, config, preset, stage, model, build_task(config, preset, stage), world)
