@@ -129,6 +129,36 @@ def test_duplicate_label_multi_label(tmp_path):
         read_annotations(ann, {"abnormal": 0, "meniscus": 1, "acl": 2}, "xyz", multi_label=True)
 
 
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path):
+    ann = tmp_path / "a.txt"
+    ann.write_bytes("a.png,b.png\tnevus\nc.png,d.png\tnévus\n".encode("latin-1"))
+    with pytest.raises(AnnotationError, match=r"a\.txt:2: not UTF-8 text \(byte 0xe9"):
+        read_annotations(ann, DERM_LABELS, DERM.modalities, multi_label=False)
+    labels = tmp_path / "labels.json"
+    labels.write_bytes('{"névus": 0}'.encode("latin-1"))
+    with pytest.raises(AnnotationError, match=r"labels\.json:1: not UTF-8"):
+        load_label_map(labels)
+
+
+def test_deep_greyscale_images_keep_their_scale(tmp_path):
+    """16-bit scans (OCT, X-ray) on 0..65535 and float images on [0, 1], not clipped to 8 bits;
+    float values outside [0, 1] have no known scale and are refused, naming the file."""
+    from ei.data.io import load_image
+
+    sixteen = (np.arange(12 * 10).reshape(12, 10) * 500).astype(np.uint16)
+    Image.fromarray(sixteen).save(tmp_path / "scan.png")
+    image = load_image(tmp_path / "scan.png")
+    assert image.shape == (3, 12, 10)
+    torch.testing.assert_close(image[1].double(), torch.from_numpy(sixteen / 65535.0),
+                               rtol=0, atol=1e-7)
+    floats = np.linspace(0, 1, 120, dtype=np.float32).reshape(12, 10)
+    Image.fromarray(floats).save(tmp_path / "map.tiff")
+    torch.testing.assert_close(load_image(tmp_path / "map.tiff")[2], torch.from_numpy(floats))
+    Image.fromarray(floats * 4 - 1).save(tmp_path / "raw.tiff")
+    with pytest.raises(ImageError, match=r"raw\.tiff: pixel values from -1 to 3 in a mode F"):
+        load_image(tmp_path / "raw.tiff")
+
+
 def test_empty_annotation_file(tmp_path):
     ann = write(tmp_path / "a.txt", "\n\n")
     with pytest.raises(AnnotationError, match="no samples"):

@@ -14,6 +14,8 @@ so a bad split fails before training starts rather than hours into it.
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +32,21 @@ class AnnotationError(DataError):
 
 class ImageError(DataError):
     """A referenced image or volume is missing or cannot be read."""
+
+
+def read_utf8(path: Path, error: type[ValueError] = AnnotationError) -> str:
+    """The text of a UTF-8 file, without the byte-order mark some Windows editors write. Bytes
+    that are not UTF-8 (a file saved as Latin-1 or Windows-1252) raise `error` naming the
+    file, line and column."""
+    data = Path(path).read_bytes()
+    data = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        raise error(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at column "
+                    f"{column}); save the file as UTF-8") from None
 
 
 @dataclass(frozen=True)
@@ -50,7 +67,7 @@ def load_label_map(path: str | Path) -> dict[str, int]:
     """Read a {"label": index} JSON file; indices must be exactly 0..K-1."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise AnnotationError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict) or not data:
@@ -141,8 +158,8 @@ def read_annotations(
     ``unlabeled``: lines may be paths alone (parse_line)."""
     path = Path(path)
     samples = []
-    # utf-8-sig: files saved by some Windows editors start with a byte-order mark.
-    with open(path, encoding="utf-8-sig") as f:
+    # (universal newlines, as a file opened as text: \n, \r\n and a lone \r end lines)
+    with io.StringIO(read_utf8(path), newline=None) as f:
         for number, raw in enumerate(f, start=1):
             text = raw.rstrip("\r\n")
             if text.strip():

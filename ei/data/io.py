@@ -54,13 +54,37 @@ def check_file(path: Path, kind: str, where: str = "") -> None:
         raise _error(path, where, f"cannot read image ({e})") from e
 
 
+# Greyscale modes deeper than 8 bits (16-bit PNG and TIFF scans: OCT, X-ray), which
+# convert("RGB") would clip to 255 (nearly all white) or truncate (floats nearly all black).
+_DEEP_GREY = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535,
+              "F": 1}
+
+
+def _deep_grey(array: np.ndarray, mode: str, path: Path, where: str) -> torch.Tensor:
+    """(3, H, W) in [0, 1] from a deep greyscale image: 16-bit values over 65535, 32-bit
+    integers (PIL's mode for many 16-bit PNGs) likewise when they lie in 0..65535, floats as
+    they are when they lie in [0, 1]; anything else has no scale we could know, so it is refused
+    rather than guessed."""
+    values = array.astype(np.float32)
+    top = _DEEP_GREY[mode]
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not (np.isfinite(values).all() and low >= 0 and high <= top):
+        raise _error(path, where, f"pixel values from {low:g} to {high:g} in a mode {mode} image; "
+                                  f"expected 0 to {top} (save it scaled, or as 8 or 16 bits)")
+    return torch.from_numpy(values / top).expand(3, *values.shape).contiguous()
+
+
 def load_image(path: Path, where: str = "") -> torch.Tensor:
-    """An RGB image as float (3, H, W) in [0, 1]."""
+    """An RGB image as float (3, H, W) in [0, 1]; a greyscale one repeated over the channels,
+    on its own depth's scale (8 bits: / 255, 16 bits: / 65535, float: as it is)."""
     try:
         with Image.open(path) as img:
-            array = np.array(img.convert("RGB"))
+            mode = img.mode
+            array = np.array(img if mode in _DEEP_GREY else img.convert("RGB"))
     except Exception as e:
         raise _error(path, where, f"cannot read image ({e})") from e
+    if mode in _DEEP_GREY:
+        return _deep_grey(array, mode, path, where)
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 
