@@ -178,6 +178,11 @@ class _EagerMoRFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dprobs):
+        if torch.is_grad_enabled():
+            # (autograd enables grad here only for create_graph=True; gradients built from
+            # fused kernels would reach a second derivative as constants, a wrong answer)
+            raise RuntimeError("mor_linear: create_graph=True (second derivatives, gradient "
+                               "penalties) is not supported: its backward is not differentiable")
         return (*_input_grads(ctx, dy, _run_backward), None, None, None, None, None)
 
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from . import reference_layout
 from .backends import BACKENDS
 from .functional import mor_linear, mor_linear_with_routing
-from .spec import MoRSpec, check_ranks
+from .spec import MoRSpec, check_ranks, is_finite_real, is_integer
 
 
 def _scalings(ranks: Sequence[int], alphas: Sequence[float]) -> list[float]:
@@ -21,7 +21,9 @@ def _scalings(ranks: Sequence[int], alphas: Sequence[float]) -> list[float]:
             f"alphas: expected one alpha per rank ({len(ranks)} for ranks={tuple(ranks)}), "
             f"got {len(alphas)}"
         )
-    return [a / r for a, r in zip(alphas, ranks)]
+    if not all(is_finite_real(a) for a in alphas):
+        raise ValueError(f"alphas: expected finite numbers, got {tuple(alphas)!r}")
+    return [float(a) / r for a, r in zip(alphas, ranks)]
 
 
 class FusedMoRLinear(nn.Module):
@@ -53,6 +55,9 @@ class FusedMoRLinear(nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        for name, size in (("in_features", in_features), ("out_features", out_features)):
+            if not is_integer(size) or size <= 0:
+                raise ValueError(f"{name}: expected a positive integer, got {size!r}")
         self.spec = MoRSpec.build(ranks, _scalings(ranks, alphas), bypass=bypass, router=router,
                                   groups=groups)
         if out_features % groups:

@@ -7,6 +7,7 @@ build per call and constant under torch.compile.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -16,10 +17,27 @@ def check_ranks(ranks: Sequence[int]) -> tuple[int, ...]:
     ranks = tuple(ranks)
     if len(ranks) == 0:
         raise ValueError("ranks: expected at least one LoRA branch, got an empty sequence")
-    for r in ranks:
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"ranks: expected positive integers, got {ranks!r}")
-    return ranks
+    if not all(is_integer(r) and r > 0 for r in ranks):
+        raise ValueError(f"ranks: expected positive integers, got {ranks!r}")
+    return tuple(int(r) for r in ranks)
+
+
+def is_integer(value) -> bool:
+    """An integer, numpy's included; not a bool (True is no rank)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_finite_real(value) -> bool:
+    """A finite real number, numpy's included; not a bool."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def check_flag(value, name: str) -> bool:
+    """True or False (numpy's too), never a truthy string such as "no"."""
+    if type(value).__name__ not in ("bool", "bool_"):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
 
 
 @dataclass(frozen=True)
@@ -48,11 +66,12 @@ class MoRSpec:
                 f"scalings: expected one value per branch ({len(ranks)} for ranks={ranks}), "
                 f"got {len(scalings)}"
             )
-        for s in scalings:
-            if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s):
-                raise ValueError(f"scalings: expected finite numbers, got {scalings!r}")
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+        if not all(is_finite_real(s) for s in scalings):
+            raise ValueError(f"scalings: expected finite numbers, got {scalings!r}")
+        if not is_integer(groups) or groups <= 0:
             raise ValueError(f"groups: expected a positive integer, got {groups!r}")
+        bypass, router, groups = check_flag(bypass, "bypass"), check_flag(router, "router"), \
+            int(groups)
         if not router and bypass:
             # Without a router there is no bypass probability to drop: plain LoRA.
             bypass = False

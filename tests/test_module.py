@@ -210,3 +210,45 @@ def test_authors_qkv_checkpoint_adapting_only_q_and_v_loads_and_writes_back():
     partial = {**state, "lora_as_k.0.weight": source.reference_state_dict()["lora_as_k.0.weight"]}
     with pytest.raises(KeyError, match="lora_bs_k.0.weight"):
         FusedMoRLinear(16, 48, groups=3).load_reference_state_dict(partial)
+
+
+def test_a_failed_injection_leaves_the_model_as_it_was():
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, num_classes=0)
+    trainable = trainable_parameter_count(vit)
+    for targets, config in ((("fc_1",), {}), (("fc1",), {"ranks": (0,)})):
+        with pytest.raises(ValueError, match="targets|ranks"):
+            inject_mor(vit, targets, **config)
+        assert trainable_parameter_count(vit) == trainable
+        assert isinstance(vit.blocks[0].mlp.fc1, nn.Linear)
+    # a second call adds its branches and keeps the first call's trainable
+    inject_mor(vit, ("fc1",))
+    first = trainable_parameter_count(vit)
+    inject_mor(vit, ("fc2",))
+    assert trainable_parameter_count(vit) > first
+    assert vit.blocks[0].mlp.fc1.lora_a.requires_grad
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"bypass": "no"}, "bypass: expected True or False"),
+    ({"alphas": ("4", 8, 16)}, "alphas: expected finite numbers"),
+    ({"in_features": -1}, "in_features: expected a positive integer"),
+], ids=["bypass-string", "alpha-string", "negative-size"])
+def test_bad_layer_arguments_are_named(config, message):
+    sizes = {"in_features": config.pop("in_features", 8), "out_features": 6}
+    with pytest.raises(ValueError, match=message):
+        FusedMoRLinear(**sizes, **config)
+
+
+def test_numpy_numbers_are_accepted_as_ranks_and_alphas():
+    import numpy as np
+
+    layer = FusedMoRLinear(8, 6, ranks=(np.int64(2), np.int64(4)),
+                           alphas=(np.float32(4), np.float64(8)))
+    assert layer.spec.ranks == (2, 4) and layer.spec.scalings == (2.0, 2.0)
+
+
+def test_second_derivatives_are_refused_not_silently_wrong():
+    layer = FusedMoRLinear(8, 6, backend="torch")
+    x = torch.randn(5, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="create_graph=True .* is not supported"):
+        torch.autograd.grad(layer(x).sum(), x, create_graph=True)

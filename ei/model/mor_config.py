@@ -41,5 +41,6 @@ class MoRConfig:
             raise ValueError(f"mor.alphas: expected one alpha per rank ({len(self.ranks)}), "
                              f"got {list(self.alphas)}")
         if any(isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a)
-               for a in self.alphas):
-            raise ValueError(f"mor.alphas: expected finite numbers, got {list(self.alphas)}")
+               or a <= 0 for a in self.alphas):
+            # (alpha 0 would switch its branch off without a word; drop the rank instead)
+            raise ValueError(f"mor.alphas: expected finite numbers > 0, got {list(self.alphas)}")

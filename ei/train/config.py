@@ -9,6 +9,7 @@ model created: an unknown key or a bad value raises :class:`ConfigError` naming 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any, Optional, Union
 import yaml
 
 # Light modules only (no torch, no timm): a config error must show within a second.
+from ei.data.annotations import read_utf8
 from ei.data.presets import get_preset
 from ei.model.aliases import ALIASES
 from ei.model.mor_config import MoRConfig
@@ -40,6 +42,11 @@ def _check_counts(section: Any, *names: str) -> None:
         _check(getattr(section, name) >= 1, name, f"must be >= 1, got {getattr(section, name)}")
 
 
+def _check_seed(seed: int, key: str = "seed") -> None:
+    # numpy's generators take seeds in [0, 2**32)
+    _check(0 <= seed < 2**32, key, f"must be an integer in [0, 2**32), got {seed}")
+
+
 @dataclass
 class SyntheticConfig:
     """Parameters of the bundled synthetic dataset (``data.preset: synthetic`` only)."""
@@ -51,6 +58,7 @@ class SyntheticConfig:
     noise: float = 0.1
 
     def __post_init__(self) -> None:
+        _check_seed(self.seed)
         _check_counts(self, "n_train", "n_val", "n_test")
         _check(self.noise >= 0, "noise", f"must be >= 0, got {self.noise}")
 
@@ -103,6 +111,7 @@ class SyntheticPretrainingConfig:
     noise: float = 0.1
 
     def __post_init__(self) -> None:
+        _check_seed(self.seed)
         _check_counts(self, "images", "epochs", "batch_size")
         _check(self.batch_size <= self.images, "batch_size",
                f"must be <= images ({self.images}), got {self.batch_size}")
@@ -144,6 +153,8 @@ class ModelConfig:
                f"must be a block index >= 0 or null (late fusion), got {self.inject_layer}")
         _check(self.int_position in ("append", "prepend"), "int_position",
                f"expected 'append' or 'prepend', got {self.int_position!r}")
+        _check(self.adapter_hidden >= 1, "adapter_hidden",
+               f"must be >= 1 (the [INT] adapters' hidden width), got {self.adapter_hidden}")
 
 
 @dataclass
@@ -161,6 +172,14 @@ class LossConfig:
     # authors' code does.
     best_modality: Optional[str] = None
     prior_low: float = 1e-3
+
+    def __post_init__(self) -> None:
+        for name in ("fused_weight", "main_weight", "aux_weight", "gate_weight"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, name,
+                   f"must be a finite number >= 0, got {value}")
+        # a factor on the best modality's loss when the gate's target is ranked: 1 is no prior
+        _check(0 <= self.prior_low <= 1, "prior_low", f"must be in [0, 1], got {self.prior_low}")
 
 
 # The evaluation protocols (docs/REPRODUCING.md): "ours" and "paper", the authors' public code
@@ -306,6 +325,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
+        _check_seed(self.seed)
         for stage in ("single", "ei"):
             optim = getattr(self, stage)
             for key, value in SCHEDULE_DEFAULTS[self.protocol.schedule].items():
@@ -473,7 +493,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_utf8(path, ConfigError))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if data is None:

@@ -50,13 +50,17 @@ def check_data_files(config: Config) -> None:
 
 
 def check_models(config: Config) -> None:
-    """Build each stage's model on the meta device; its errors become config errors."""
+    """Build each stage's model on the meta device; its errors become config errors. A
+    model.checkpoint is read and loaded into a meta backbone too: a file of another model is
+    then refused before the run starts (timm's own weights are not fetched here)."""
     import torch
 
     from .data import resolve_preset
     from .models import build_model, stage_names
 
     preset = resolve_preset(config)
+    if config.model.checkpoint is not None:
+        _check_checkpoint(config, preset)
     for stage in stage_names(config, preset):
         try:
             with torch.device("meta"):
@@ -66,3 +70,25 @@ def check_models(config: Config) -> None:
             field, _, rest = text.partition(":")
             key = _MODEL_KEYS.get(field.strip())
             raise ConfigError(f"{key}:{rest}" if key else f"model ({stage}): {text}") from None
+
+
+def _check_checkpoint(config: Config, preset) -> None:
+    import dataclasses
+    import warnings
+
+    import torch
+
+    from ei.model import SingleModalityModel
+
+    from .models import backbone_config
+
+    backbone = dataclasses.replace(backbone_config(config, with_weights=False),
+                                   checkpoint=config.model.checkpoint)
+    try:
+        # (loading real tensors into meta ones only compares shapes: torch warns it copies none)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            SingleModalityModel.build(backbone, preset.num_classes)
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:
+        text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        raise ConfigError(f"model.checkpoint: {text}") from None
