@@ -193,6 +193,7 @@ def test_synthetic_preset_never_writes_into_a_users_data(capsys, tmp_path, monke
     ("loss.aux_weight=nan", "loss.aux_weight: must be a finite number >= 0"),
     ("loss.prior_low=2", "loss.prior_low: must be in [0, 1]"),
     ("seed=-1", "seed: must be an integer in [0, 2**32)"),
+    ("model.timm_kwargs={embed_dim:32}", "model.timm_kwargs: 'embed_dim:32' is one key without"),
     ("data.synthetic.seed=-1", "data.synthetic.seed: must be an integer in [0, 2**32)"),
 ])
 def test_model_settings_fail_before_a_run_directory_exists(capsys, tmp_path, data_root,

@@ -412,6 +412,12 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     if hint is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        for name, item in value.items():
+            # YAML reads {embed_dim:32} as the key "embed_dim:32" with no value
+            if isinstance(name, str) and ":" in name and item is None:
+                field, _, text = name.partition(":")
+                raise ConfigError(f"{key}: {name!r} is one key without a value; for the value "
+                                  f"{text!r} write a space after the colon ({field}: {text})")
         return dict(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
