@@ -429,3 +429,21 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad for p in backbone.parameters() if p.requires_grad])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_weights_that_cannot_be_fetched_say_how_to_load_a_local_file(monkeypatch):
+    import timm
+
+    from ei.model.backbone import create_vit
+
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("cannot reach the hub")  # as huggingface_hub's errors offline
+        return real(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(OSError, match=r"could not be fetched \(cannot reach the hub\); .*"
+                                      r"model\.checkpoint=FILE"):
+        create_vit("vit_tiny_patch16_224", 32, pretrained=True)

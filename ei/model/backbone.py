@@ -57,14 +57,22 @@ def create_vit(name: str, img_size=224, *, pretrained: bool = False,
     # The patch size, known once built, decides the padded size; the downloaded weights are
     # resampled by timm to the grid of the model they are loaded into, so build that one.
     padded = padded_size(size, vit.patch_embed.patch_size)
-    if pretrained and not antialias:
-        # timm's own loading resamples with antialiasing: load the weights at their own grid,
-        # then resample them here.
-        native = timm.create_model(model_name, pretrained=True, **kwargs)
-        vit = timm.create_model(model_name, pretrained=False, img_size=padded, **kwargs)
-        _load_filtered(vit, native.state_dict(), antialias, f"timm's weights of {model_name}")
-    elif padded != size or pretrained:
-        vit = timm.create_model(model_name, pretrained=pretrained, img_size=padded, **kwargs)
+    try:
+        if pretrained and not antialias:
+            # timm's own loading resamples with antialiasing: load the weights at their own
+            # grid, then resample them here.
+            native = timm.create_model(model_name, pretrained=True, **kwargs)
+            vit = timm.create_model(model_name, pretrained=False, img_size=padded, **kwargs)
+            _load_filtered(vit, native.state_dict(), antialias, f"timm's weights of {model_name}")
+        elif padded != size or pretrained:
+            vit = timm.create_model(model_name, pretrained=pretrained, img_size=padded, **kwargs)
+    except OSError as err:  # the hub's errors offline are OSErrors that never say what to do
+        if not pretrained:
+            raise
+        cause = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise OSError(f"timm's pretrained weights of {model_name} could not be fetched "
+                      f"({cause}); without network, load a local weight file instead "
+                      f"(model.checkpoint=FILE model.pretrained=false)") from err
     if checkpoint is not None:
         load_vit_weights(vit, checkpoint, antialias)
     return vit
