@@ -69,9 +69,10 @@ class StepMemory:
 
 def parse_memory(text: str) -> int:
     """'16GB', '16 GiB', '12.5G', '24000MB' -> bytes (GB read as GiB, as cards are sold)."""
-    found = re.fullmatch(r"\s*([0-9.]+)\s*([GM])i?B?\s*", text, re.IGNORECASE)
-    if not found:
-        raise ConfigError(f"--gpu-memory: expected a size such as 16GB or 24000MB, got {text!r}")
+    found = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([GM])i?B?\s*", text, re.IGNORECASE)
+    if not found or float(found.group(1)) <= 0:
+        raise ConfigError(f"--gpu-memory: expected a size above 0 such as 16GB or 24000MB, "
+                          f"got {text!r}")
     scale = 2 ** 30 if found.group(2).upper() == "G" else MiB
     return int(float(found.group(1)) * scale)
 

@@ -73,8 +73,9 @@ def test_plan_rows_and_largest_batch(tmp_path):
 def test_memory_sizes_parse_and_bad_ones_name_the_option():
     assert parse_memory("16GB") == parse_memory("16 GiB") == 16 * 2 ** 30
     assert parse_memory("24000MB") == 24000 * 2 ** 20
-    with pytest.raises(ConfigError, match="--gpu-memory"):
-        parse_memory("lots")
+    for bad in ("lots", "0GB", "1.2.3G", "-5GB"):  # 0 would drop the column without a word
+        with pytest.raises(ConfigError, match="--gpu-memory: expected a size above 0"):
+            parse_memory(bad)
 
 
 def test_a_fake_run_neither_uses_nor_leaves_cached_constants():
