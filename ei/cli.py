@@ -3,7 +3,7 @@
     ei train                                # the demonstration on the bundled synthetic data
     ei train configs/derm7pt.yaml data.root=/data/derm7pt data.splits=EI/datasplit
     ei train --resume runs/synthetic-20260101-120000
-    torchrun --nproc_per_node 4 -m ei.cli train configs/mrnet.yaml data.root=/data/mrnet \
+    torchrun --nproc_per_node 4 -m ei.cli train configs/mrnet.yaml data.root=/data/mrnet \\
         data.splits=EI/datasplit
     ei evaluate RUN [--split test] [--stage ei]
     ei predict RUN --annotations FILE [--out probs.csv]
@@ -153,9 +153,21 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print("\nNot counted: the CUDA context (about 0.5 GB) and allocator fragmentation.")
 
 
+def _note_if_training(run_path: str) -> None:
+    """A run being trained has a best.pt per stage so far, some stages none yet: say so."""
+    from ei.train.rundir import RunDir
+
+    if (Path(run_path) / "config.yaml").is_file():
+        holder = RunDir(Path(run_path)).trainer()
+        if holder is not None:
+            print(f"note: {run_path} is being trained right now by {holder}: its checkpoints "
+                  f"are the best so far, not the final ones", file=sys.stderr)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from ei.evaluate import evaluate_run
 
+    _note_if_training(args.run)
     evaluate_run(args.run, args.split, None if args.stage == "all" else [args.stage], args.device,
                  args.out)
 
@@ -165,6 +177,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise FileNotFoundError(errno.ENOENT, "--annotations: no such file", args.annotations)
     from ei.predict import predict
 
+    _note_if_training(args.run)
     path = predict(args.run, args.annotations, args.root, args.stage, args.out, args.device,
                    args.batch_size)
     print(f"Predictions: {path}")
@@ -173,6 +186,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_attention(args: argparse.Namespace) -> None:
     from ei.attention import draw
 
+    _note_if_training(args.run)
     paths = draw(args.run, args.out, args.split, args.count, args.stage, args.device)
     print(f"{len(paths)} attention overlays in {args.out}")
 

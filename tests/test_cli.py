@@ -66,6 +66,7 @@ def test_the_default_config_is_the_synthetic_demo():
 def test_bad_override_names_the_key(capsys):
     _fails(["train", "single.lrr=0.1"], capsys, "single.lrr: unknown key")
     _fails(["train", "ei.epochs=many"], capsys, "ei.epochs: expected an integer")
+    _fails(["train", "single.epochs="], capsys, "single.epochs: no value after '='")
 
 
 def test_unknown_config_file_is_named(capsys, tmp_path):
@@ -265,6 +266,10 @@ def test_one_process_trains_a_run_at_a_time(capsys, untrained_run):
     with run.training_lock():
         _fails(["train", "--resume", str(untrained_run)], capsys,
                f"{untrained_run} is being trained right now by process")
+        # evaluating meanwhile works on the checkpoints so far, and says so
+        _fails(["evaluate", str(untrained_run)], capsys,
+               f"note: {untrained_run} is being trained right now by process")
+    assert run.trainer() is None
     assert (untrained_run / "config.yaml").is_file()  # a resumed run is never discarded
 
 

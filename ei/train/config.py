@@ -479,6 +479,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. single.epochs=3")
+        if not text.strip():  # YAML reads nothing as null, which may mean "the default"
+            raise ConfigError(f"{key}: no value after '='; write {key}=null for null")
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as err:

@@ -142,6 +142,23 @@ class RunDir:
         finally:
             f.close()
 
+    def trainer(self) -> str | None:
+        """Who holds training_lock right now ("process N on HOST"), or None. Read-only: a
+        run someone else wrote, or on a read-only disk, can be asked too."""
+        import fcntl
+
+        try:
+            f = open(self.path / LOCK_FILE, encoding="utf-8")
+        except OSError:
+            return None  # never trained here, or unreadable: nobody we could name
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return f.read().strip() or "another process"
+            fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+
     def discard_if_untrained(self) -> bool:
         """After a failed start: remove what this program wrote if no epoch was trained (only
         config.yaml, classes.json, the lock and empty folders), so that the same command can
