@@ -155,13 +155,15 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 def _note_if_training(run_path: str) -> None:
     """A run being trained has a best.pt per stage so far, some stages none yet: say so."""
-    from ei.train.rundir import RunDir
+    from ei.train.rundir import RunDir, RunDirError
 
-    if (Path(run_path) / "config.yaml").is_file():
-        holder = RunDir(Path(run_path)).trainer()
-        if holder is not None:
-            print(f"note: {run_path} is being trained right now by {holder}: its checkpoints "
-                  f"are the best so far, not the final ones", file=sys.stderr)
+    try:
+        holder = RunDir.open(run_path).trainer()
+    except RunDirError:
+        return  # the command itself says what is missing
+    if holder is not None:
+        print(f"note: {run_path} is being trained right now by {holder}: its checkpoints "
+              f"are the best so far, not the final ones", file=sys.stderr)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -59,17 +59,22 @@ def check_models(config: Config) -> None:
     from .models import build_model, stage_names
 
     preset = resolve_preset(config)
-    if config.model.checkpoint is not None:
-        _check_checkpoint(config, preset)
     for stage in stage_names(config, preset):
         try:
             with torch.device("meta"):
                 build_model(config, preset, stage, with_weights=False)
         except (ValueError, TypeError, KeyError, AssertionError) as err:  # timm asserts too
-            text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            text = _message(err)
             field, _, rest = text.partition(":")
             key = _MODEL_KEYS.get(field.strip())
             raise ConfigError(f"{key}:{rest}" if key else f"model ({stage}): {text}") from None
+    if config.model.checkpoint is not None:  # (the model itself is sound by now)
+        _check_checkpoint(config, preset)
+
+
+def _message(err: Exception) -> str:
+    # a KeyError's str() is its message quoted
+    return err.args[0] if isinstance(err, KeyError) and err.args else str(err)
 
 
 def _check_checkpoint(config: Config, preset) -> None:
@@ -90,5 +95,4 @@ def _check_checkpoint(config: Config, preset) -> None:
             warnings.simplefilter("ignore", UserWarning)
             SingleModalityModel.build(backbone, preset.num_classes)
     except (ValueError, TypeError, KeyError, RuntimeError) as err:
-        text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        raise ConfigError(f"model.checkpoint: {text}") from None
+        raise ConfigError(f"model.checkpoint: {_message(err)}") from None
